@@ -1,0 +1,39 @@
+"""Optimisers for generator and discriminator: Adam, schedule, clipping, accumulation."""
+
+import optax
+
+from ldm_jax.config import ConfigError
+
+
+def learning_rate_schedule(peak, train_cfg):
+    """Constant or cosine decay, both with an optional linear warm-up."""
+    warmup = int(train_cfg.warmup_steps)
+    if train_cfg.schedule == "constant":
+        if warmup <= 0:
+            return peak
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+    if train_cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, max(warmup, 0), max(int(train_cfg.num_steps), warmup + 1))
+    raise ConfigError(
+        f"train.schedule={train_cfg.schedule!r} is not known; use 'constant' or 'cosine'.")
+
+
+def make_optimizer(peak_lr, train_cfg):
+    """Adam with global-norm clipping, wrapped in MultiSteps for gradient accumulation.
+
+    The schedule counts optimizer updates, not micro-batches: MultiSteps only advances
+    the inner optimizer every `grad_accum_steps` calls.
+    """
+    parts = []
+    if train_cfg.grad_clip_norm and train_cfg.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip_norm)))
+    parts.append(optax.adam(learning_rate_schedule(float(peak_lr), train_cfg),
+                            b1=float(train_cfg.b1), b2=float(train_cfg.b2),
+                            eps=float(train_cfg.eps)))
+    tx = optax.chain(*parts)
+    k = int(train_cfg.grad_accum_steps)
+    if k < 1:
+        raise ConfigError(f"train.grad_accum_steps must be >= 1, got {k}.")
+    return optax.MultiSteps(tx, every_k_schedule=k)

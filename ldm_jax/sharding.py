@@ -1,0 +1,77 @@
+"""Device mesh and shardings: batches split over "data" and, optionally, over "spatial".
+
+The mesh has two axes, ("data", "spatial"). Params and optimiser states are replicated;
+a batch `(B, X, Y, Z, C)` is split over "data" on B and over "spatial" on X, so a volume
+too big for one device is cut into slabs along its first spatial axis. XLA's SPMD
+partitioner inserts the halo exchanges the convolutions need.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from ldm_jax.config import ConfigError
+
+MESH_AXES = ("data", "spatial")
+
+
+def mesh_shape(mesh_cfg, num_devices):
+    """Resolves -1 entries of config.mesh against the device count."""
+    data, spatial = int(mesh_cfg.data), int(mesh_cfg.spatial)
+    if spatial == -1 and data == -1:
+        raise ConfigError("mesh.data and mesh.spatial cannot both be -1; set one of them.")
+    if spatial == -1:
+        spatial = num_devices // max(data, 1)
+    if data == -1:
+        data = num_devices // max(spatial, 1)
+    if data < 1 or spatial < 1 or data * spatial != num_devices:
+        raise ConfigError(
+            f"mesh data={mesh_cfg.data} x spatial={mesh_cfg.spatial} does not fit the "
+            f"{num_devices} available devices: their product must equal the device count. "
+            "Use -1 for one axis to fill the remaining devices."
+        )
+    return data, spatial
+
+
+def make_mesh(mesh_cfg, devices=None):
+    """Builds the ("data", "spatial") mesh with Auto axes (Flax linen needs them)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_spec(mesh):
+    """PartitionSpec of a (B, X, Y, Z, C) batch on this mesh."""
+    if mesh.shape["spatial"] > 1:
+        return P("data", "spatial")
+    return P("data")
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, batch_spec(mesh))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def check_batch_fits(mesh, global_batch, volume_size):
+    """Fails early, with a fix, when the batch or volume cannot be split over the mesh."""
+    data, spatial = mesh.shape["data"], mesh.shape["spatial"]
+    if global_batch % data:
+        raise ConfigError(
+            f"train.batch_size={global_batch} is not divisible by the {data} devices on the "
+            f"'data' mesh axis. Use a multiple of {data} or set --config.mesh.data.")
+    if volume_size[0] % spatial:
+        raise ConfigError(
+            f"data.volume_size[0]={volume_size[0]} (X) is not divisible by mesh.spatial="
+            f"{spatial}. Use an X size that is a multiple of {spatial}.")
+
+
+def put_global_batch(array, mesh):
+    """Places a host-local batch on the mesh as one global array (multi-host aware)."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(array, sharding)
+    return jax.make_array_from_process_local_data(sharding, array)

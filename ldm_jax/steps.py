@@ -1,0 +1,160 @@
+"""Train state and the jitted step functions of stage 1 (autoencoder + PatchGAN).
+
+One step updates generator and discriminator: params and optimiser states of both live in
+one pytree (`TrainState`), so one `jax.jit` with in/out shardings and buffer donation
+covers the whole update.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ldm_jax import losses, metrics
+from ldm_jax.optim import make_optimizer
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # micro-steps taken (a skipped step counts too)
+    g_params: Any
+    d_params: Any
+    d_stats: Any  # discriminator batch_stats ({} for instance norm)
+    g_opt: Any
+    d_opt: Any
+    rng: jax.Array  # raw uint32 key, checkpointable
+    bad_steps: jax.Array  # consecutive non-finite steps
+    skipped_steps: jax.Array  # all non-finite steps so far
+
+
+def _all_finite(tree):
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+class Stage1:
+    """Builds the autoencoder/discriminator step functions from a config."""
+
+    def __init__(self, config, autoencoder, discriminator, perceptual_fn=None):
+        self.config = config
+        self.ae = autoencoder
+        self.disc = discriminator
+        self.perceptual_fn = perceptual_fn  # fn(recon, target, rng, params) -> scalar
+        self.g_tx = make_optimizer(config.train.learning_rate, config.train)
+        self.d_tx = make_optimizer(config.train.disc_learning_rate, config.train)
+
+    # ---------------------------------------------------------------- initialisation
+    def init_state(self, rng, sample_shape):
+        """Initial state for inputs of shape (B, X, Y, Z, C); works under jax.eval_shape."""
+        g_rng, d_rng, s_rng, run_rng = jax.random.split(rng, 4)
+        x = jnp.zeros(sample_shape, jnp.float32)
+        g_params = self.ae.init({"params": g_rng, "sample": s_rng}, x)["params"]
+        d_vars = self.disc.init(d_rng, x, train=False)
+        d_params = d_vars["params"]
+        d_stats = d_vars.get("batch_stats", {})
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), g_params=g_params, d_params=d_params,
+            d_stats=d_stats, g_opt=self.g_tx.init(g_params), d_opt=self.d_tx.init(d_params),
+            rng=run_rng, bad_steps=jnp.zeros((), jnp.int32),
+            skipped_steps=jnp.zeros((), jnp.int32))
+
+    # ---------------------------------------------------------------- training
+    def _disc_apply(self, d_params, d_stats, x):
+        variables = {"params": d_params}
+        if d_stats:
+            variables["batch_stats"] = d_stats
+            out, new_vars = self.disc.apply(variables, x, train=True, mutable=["batch_stats"])
+            return out, new_vars["batch_stats"]
+        return self.disc.apply(variables, x, train=True), d_stats
+
+    def train_step(self, state, batch, perceptual_params=None):
+        """One micro-step: generator update, then discriminator update after warm-up."""
+        loss_cfg = self.config.loss
+        rng, noise_rng, sample_rng, perc_rng = jax.random.split(state.rng, 4)
+        target = batch["image"].astype(jnp.float32)
+        x_in = losses.add_noise(target, noise_rng, loss_cfg)
+        adv_w = losses.adv_weight_at(state.step, loss_cfg)
+        adversarial_on = adv_w > 0
+
+        def generator_loss(g_params):
+            recon, z_mu, z_sigma = self.ae.apply(
+                {"params": g_params}, x_in, rngs={"sample": sample_rng})
+            rec = losses.reconstruction_loss(recon, target, loss_cfg)
+            kl = losses.kl_loss(z_mu, z_sigma)
+            total = rec + loss_cfg.kl_weight * kl
+            perc = jnp.zeros((), jnp.float32)
+            if self.perceptual_fn is not None and loss_cfg.perceptual_weight > 0:
+                perc = self.perceptual_fn(recon, target, perc_rng, perceptual_params)
+                total = total + loss_cfg.perceptual_weight * perc
+
+            def adv_term(recon):
+                outputs, _ = self._disc_apply(state.d_params, state.d_stats, recon)
+                return losses.generator_adv_loss(outputs)
+
+            gen_adv = jax.lax.cond(adversarial_on, adv_term,
+                                   lambda r: jnp.zeros((), jnp.float32), recon)
+            total = total + adv_w * gen_adv
+            return total, dict(loss=total, recon_loss=rec, kl_loss=kl,
+                               perceptual_loss=perc, gen_adv_loss=gen_adv, recon=recon)
+
+        (_, aux), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.g_params)
+        recon = jax.lax.stop_gradient(aux.pop("recon"))
+
+        def disc_update(_):
+            def disc_loss(d_params):
+                fake, stats = self._disc_apply(d_params, state.d_stats, recon)
+                real, stats = self._disc_apply(d_params, stats, target)
+                return losses.discriminator_loss(fake, real), stats
+
+            (d_loss, stats), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
+                state.d_params)
+            return d_loss, d_grads, stats
+
+        def no_disc_update(_):
+            zeros = jax.tree.map(jnp.zeros_like, state.d_params)
+            return jnp.zeros((), jnp.float32), zeros, state.d_stats
+
+        d_loss, d_grads, d_stats = jax.lax.cond(adversarial_on, disc_update, no_disc_update,
+                                                None)
+
+        finite = _all_finite((aux["loss"], g_grads, d_loss, d_grads))
+        g_updates, g_opt = self.g_tx.update(g_grads, state.g_opt, state.g_params)
+        g_params = optax.apply_updates(state.g_params, g_updates)
+        d_updates, d_opt = self.d_tx.update(d_grads, state.d_opt, state.d_params)
+        d_params = optax.apply_updates(state.d_params, d_updates)
+        # Before warm-up the discriminator is frozen: its optimiser must not even count.
+        d_params, d_opt, d_stats = _select(adversarial_on, (d_params, d_opt, d_stats),
+                                           (state.d_params, state.d_opt, state.d_stats))
+        new, old = (g_params, g_opt, d_params, d_opt, d_stats), (
+            state.g_params, state.g_opt, state.d_params, state.d_opt, state.d_stats)
+        g_params, g_opt, d_params, d_opt, d_stats = _select(finite, new, old)
+
+        new_state = state.replace(
+            step=state.step + 1, g_params=g_params, g_opt=g_opt, d_params=d_params,
+            d_opt=d_opt, d_stats=d_stats, rng=rng,
+            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+        step_metrics = dict(aux, disc_loss=d_loss, adv_weight=adv_w,
+                            finite=finite.astype(jnp.float32))
+        return new_state, step_metrics
+
+    # ---------------------------------------------------------------- evaluation
+    def eval_step(self, g_params, batch):
+        """Validation on mu (no sampling): L1, KL, PSNR and 3D SSIM per batch mean."""
+        data_cfg = self.config.data
+        data_range = float(data_cfg.b_max - data_cfg.b_min)
+        x = batch["image"].astype(jnp.float32)
+        z_mu, z_sigma = self.ae.apply({"params": g_params}, x, method="encode")
+        recon = self.ae.apply({"params": g_params}, z_mu, method="decode")
+        out = dict(
+            val_l1=jnp.mean(jnp.abs(recon - x)),
+            val_kl=losses.kl_loss(z_mu, z_sigma),
+            val_psnr=jnp.mean(metrics.psnr(recon, x, data_range=data_range)),
+            val_ssim=jnp.mean(metrics.ssim3d(recon, x, data_range=data_range)),
+        )
+        return out, recon
+
+
+def _select(pred, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
