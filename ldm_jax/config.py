@@ -362,8 +362,19 @@ def level_shapes(config) -> list[dict]:
                         shape=_div(vol, level_factor[i]), channels=channels[i],
                         factor=level_factor[i]))
     head = _get(ae, "upsample_head", "nearest_conv")
-    out.append(dict(path="decoder", name=f"output ({head} x{_step(init)})",
-                    shape=vol, channels=int(ae.out_channels), factor=(1, 1, 1)))
+    out_c = int(ae.out_channels)
+    if init != (1, 1, 1) and head == "nearest_conv":
+        # The seed's head: nearest-upsample the level-0 features, then convolve them at
+        # full resolution -- usually the largest activation in the network.
+        out.append(dict(path="decoder", name=f"head: nearest x{_step(init)}, conv",
+                        shape=vol, channels=channels[0], factor=(1, 1, 1)))
+    elif init != (1, 1, 1) and head == "subpixel":
+        # Mirror of the strided stem: one conv at the coarse grid, then depth-to-space.
+        out.append(dict(path="decoder", name=f"head: conv to {out_c}x{init[0] * init[1] * init[2]}"
+                        f" (subpixel)", shape=_div(vol, init),
+                        channels=out_c * init[0] * init[1] * init[2], factor=init))
+    out.append(dict(path="decoder", name="output", shape=vol, channels=out_c,
+                    factor=(1, 1, 1)))
     return out
 
 
