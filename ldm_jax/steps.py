@@ -118,11 +118,13 @@ class Stage1:
         d_loss, d_grads, d_stats = jax.lax.cond(adversarial_on, disc_update, no_disc_update,
                                                 None)
 
-        finite = _all_finite((aux["loss"], g_grads, d_loss, d_grads))
         g_updates, g_opt = self.g_tx.update(g_grads, state.g_opt, state.g_params)
         g_params = optax.apply_updates(state.g_params, g_updates)
         d_updates, d_opt = self.d_tx.update(d_grads, state.d_opt, state.d_params)
         d_params = optax.apply_updates(state.d_params, d_updates)
+        # Checking the new params too catches what finite gradients can still cause
+        # (a NaN learning rate, an overflowing optimiser state).
+        finite = _all_finite((aux["loss"], g_grads, d_loss, d_grads, g_params, d_params))
         # Before warm-up the discriminator is frozen: its optimiser must not even count.
         d_params, d_opt, d_stats = _select(adversarial_on, (d_params, d_opt, d_stats),
                                            (state.d_params, state.d_opt, state.d_stats))

@@ -1,0 +1,36 @@
+"""A tiny but complete config for fast tests: 16x16x8 volumes, 8/16 channels."""
+
+from configs import default
+
+
+def tiny_config():
+    config = default.get_config()
+    ae = config.autoencoder
+    ae.num_channels = (8, 16)
+    ae.norm_num_groups = 4
+    ae.latent_channels = 2
+    ae.num_res_blocks = 1
+    ae.attention_levels = (False, False)
+    ae.with_encoder_nonlocal_attn = False
+    ae.with_decoder_nonlocal_attn = False
+    ae.initial_downsample_factor = 1
+    ae.downsample_factors = (2,)
+    ae.dtype = "float32"
+    d = config.discriminator
+    d.num_layers_d = 2
+    d.num_channels = 8
+    d.dtype = "float32"
+    config.data.volume_size = (16, 16, 8)
+    config.data.num_train_volumes = 8
+    config.data.num_val_volumes = 2
+    config.data.num_filaments = (2, 4)
+    config.loss.adv_warmup_steps = 0
+    config.train.batch_size = 2
+    config.train.num_steps = 4
+    config.train.learning_rate = 1e-3
+    config.train.log_every_steps = 1
+    config.train.eval_every_steps = 2
+    config.train.save_every_steps = 2
+    config.train.num_eval_batches = 1
+    config.mesh.data = 1
+    return config
