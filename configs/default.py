@@ -16,14 +16,16 @@ def get_config():
     ae.out_channels = 1
     ae.num_channels = (32, 64, 64)
     ae.latent_channels = 3
-    ae.num_res_blocks = 1  # int, or one per level
+    # Fields that take "an int or a sequence" are object-typed FieldReferences: a plain int
+    # default would make ConfigDict reject a tuple, in a config file and on the command line.
+    ae.num_res_blocks = ml_collections.FieldReference(1, field_type=object)  # int, or one per level
     ae.norm_num_groups = 32
     ae.norm_eps = 1e-6
     ae.attention_levels = (False, False, False)
     ae.with_encoder_nonlocal_attn = True
     ae.with_decoder_nonlocal_attn = True
     # Downsampling done already by the first conv: int or (fx, fy, fz).
-    ae.initial_downsample_factor = 1
+    ae.initial_downsample_factor = ml_collections.FieldReference(1, field_type=object)
     # One factor per level transition (len(num_channels) - 1), each int or 3-tuple.
     # None means 2 everywhere (MONAI's model).
     ae.downsample_factors = ml_collections.config_dict.placeholder(tuple)
