@@ -199,12 +199,15 @@ def add_noise(x: jax.Array, rng: jax.Array, loss_cfg: Any) -> jax.Array:
     std = float(_get(loss_cfg, "noise_std", 0.1))
     p = float(_get(loss_cfg, "noise_dropout", 0.1))
     k_gauss, k_drop, k_pick = jax.random.split(rng, 3)
+    # Draw (B, rest) then reshape: XLA:CPU compiles threefry over a 5D shape several
+    # times slower, and keeping the batch axis leaves data-parallel sharding intact.
+    flat = (x.shape[0], x.size // max(x.shape[0], 1))
 
     def gaussian():
-        return x + std * jax.random.normal(k_gauss, x.shape, jnp.float32)
+        return x + std * jax.random.normal(k_gauss, flat, jnp.float32).reshape(x.shape)
 
     def dropout():
-        keep = jax.random.uniform(k_drop, x.shape) >= p
+        keep = jax.random.uniform(k_drop, flat).reshape(x.shape) >= p
         return jnp.where(keep, x, jnp.zeros_like(x))
 
     if mode == "gaussian":
