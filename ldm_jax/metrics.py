@@ -8,6 +8,8 @@ sigma=1.5, use_sample_covariance=False).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -84,6 +86,13 @@ def ssim3d(x, y, data_range: float = 1.0, win_size: int = 7, sigma: float = 1.5,
         raise ValueError(
             f"ssim3d window {win_size} is larger than the volume {x.shape[1:4]}; pass a "
             f"smaller odd win_size (e.g. 3)")
+    return _ssim3d(x, y, float(data_range), int(win_size), float(sigma), float(k1),
+                   float(k2))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _ssim3d(x, y, data_range, win_size, sigma, k1, k2):
+    # Jitted so eager callers pay one compile, not one per shifted slice.
     taps = gaussian_window(win_size, sigma)
     # One filtering pass over the five stacked statistics maps.
     stats = jnp.stack([x, y, x * x, y * y, x * y], axis=-1)
