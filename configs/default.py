@@ -71,12 +71,19 @@ def get_config():
     data.skip_bad_files = False
     data.nan_to_num = False
     data.num_workers = 0  # grain worker processes; 0 = in process
-    data.seed = 0
+    data.read_threads = 2  # threads reading volumes per process/worker (read-ahead 2 batches)
+    data.recursive = False  # also search subdirectories of train_dir / val_dir
+    data.seed = 0  # which synthetic volumes exist and the val_fraction split (not the order)
     # Built-in sources.
     data.num_train_volumes = 64
     data.num_val_volumes = 4
     data.num_filaments = (8, 24)  # (min, max) per volume
     data.filament_width = (0.8, 2.0)  # gaussian sigma in voxels, (min, max)
+    data.filament_noise = 0.0  # std of additive gaussian noise, 0..255 units
+    data.mni152_resolution = 1  # 1 mm (197x233x189) or 2 mm (99x117x95) template
+    data.mni152_rotation = 10.0  # max random rotation per axis, degrees
+    data.mni152_scale = 0.1  # max random zoom, fraction
+    data.mni152_intensity_jitter = 0.1  # random gamma / contrast amount
 
     # --- Losses. ---
     loss = config.loss = ml_collections.ConfigDict()

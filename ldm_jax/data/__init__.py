@@ -1,0 +1,41 @@
+"""Data for ldm-jax: NIfTI / npy folders, synthetic filaments, the MNI152 template.
+
+Public API (used by the trainer and latent extraction):
+  make_train_loader(config, *, batch_size, seed, process_index=None, process_count=None)
+  make_eval_batches(config, *, batch_size)
+  load_volume(path, config) -> (volume (X, Y, Z, C) float32, affine)
+  list_volume_files(dir_or_glob) -> sorted paths
+Batches are {"image": float32 (batch, X, Y, Z, C)}.
+"""
+
+from ldm_jax.data.errors import (
+    BadFileError,
+    DataError,
+    DataWarning,
+    NoFilesError,
+    NonFiniteError,
+    VolumeShapeError,
+)
+from ldm_jax.data.pipeline import (
+    EvalBatches,
+    TrainLoader,
+    list_volume_files,
+    load_volume,
+    make_eval_batches,
+    make_train_loader,
+)
+
+__all__ = [
+    "BadFileError",
+    "DataError",
+    "DataWarning",
+    "EvalBatches",
+    "NoFilesError",
+    "NonFiniteError",
+    "TrainLoader",
+    "VolumeShapeError",
+    "list_volume_files",
+    "load_volume",
+    "make_eval_batches",
+    "make_train_loader",
+]

@@ -1,0 +1,228 @@
+"""The public data API: training loader (grain), evaluation batches, whole-volume loading.
+
+Training: grain DataLoader over a random-access source, an IndexSampler that shuffles
+with a new permutation every epoch and repeats forever, sharded by process (each process
+reads a disjoint, contiguous block of records, `drop_remainder` so every process has as
+many), random augmentation with grain's per-record rng (deterministic in the seed and the
+record's position in the stream), then batching to the per-process batch. The iterator is
+grain's DataLoaderIterator: get_state()/set_state() and orbax's
+`grain.python.PyGrainCheckpointSave(it)` / `PyGrainCheckpointRestore(it)` resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import grain.python as gp
+import numpy as np
+
+from ldm_jax.data import io, sources
+from ldm_jax.data.errors import DataError
+from ldm_jax.data.transforms import Prep, crop_or_pad, flip_rot, preprocess
+
+
+class DropBadFiles(gp.FilterTransform):
+    """grain filter: drop records of files skipped at read time (data.skip_bad_files)."""
+
+    def filter(self, element) -> bool:
+        return "image" in element
+
+
+class Augment(gp.RandomMapTransform):
+    """grain random map: random crop (or MNI152 affine crop), flips, rot90 -> {"image"}."""
+
+    def __init__(self, prep: Prep):
+        self.prep = prep
+
+    def random_map(self, element, rng: np.random.Generator):
+        p = self.prep
+        vol = element["image"]
+        if p.source == "mni152":
+            vol = _mni_sample(vol, p, rng)
+        else:
+            vol = crop_or_pad(vol, p.volume_size, rng, p.background, element.get("name", "volume"))
+        vol = flip_rot(vol, rng, p.flip_prob, p.rot90_prob)
+        return {"image": np.ascontiguousarray(vol, dtype=np.float32)}
+
+
+def _mni_sample(template: np.ndarray, p: Prep, rng: np.random.Generator) -> np.ndarray:
+    from ldm_jax.data import mni152
+    from ldm_jax.data.transforms import warn_once
+
+    if any(n < s for n, s in zip(template.shape[:3], p.volume_size)):
+        warn_once(
+            ("pad", "mni152", template.shape, p.volume_size),
+            f"mni152: template shape {template.shape[:3]} (after preprocessing) is smaller than "
+            f"data.volume_size {p.volume_size} on some axes; outside the brain is padded with "
+            f"{p.background}. Lower volume_size or set data.mni152_resolution / voxel_resize.",
+        )
+    vol = mni152.random_affine_crop(
+        template, p.volume_size, rng, max_rotation_deg=p.mni152_rotation,
+        max_scale=p.mni152_scale, pad_value=p.background,
+    )
+    return mni152.intensity_jitter(vol, rng, p.mni152_intensity_jitter, p.background, p.foreground)
+
+
+class TrainLoader:
+    """Infinite, per-epoch reshuffled, process-sharded training batches.
+
+    `iter(loader)` returns grain's DataLoaderIterator yielding {"image": float32
+    (batch, X, Y, Z, C)}; it has get_state()/set_state() and works with
+    `grain.python.PyGrainCheckpointSave(it)` / `PyGrainCheckpointRestore(it)` in an orbax
+    Composite. A restored state must come from a loader with the same data, seed,
+    process index/count and data.num_workers (grain checks this).
+    """
+
+    def __init__(self, data_loader, source, batch_size: int, shard_index: int, shard_count: int, records_per_shard: int):
+        self.data_loader = data_loader
+        self.source = source
+        self.batch_size = batch_size
+        self.shard_index = shard_index
+        self.shard_count = shard_count
+        self.records_per_shard = records_per_shard
+
+    def __iter__(self):
+        return iter(self.data_loader)
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainLoader({self.source!r}, batch_size={self.batch_size}, "
+            f"shard={self.shard_index}/{self.shard_count}, records_per_shard={self.records_per_shard})"
+        )
+
+
+def _process_index_count(process_index, process_count):
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    process_index, process_count = int(process_index), int(process_count)
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    return process_index, process_count
+
+
+def make_train_loader(config, *, batch_size: int, seed: int, process_index: Optional[int] = None,
+                      process_count: Optional[int] = None) -> TrainLoader:
+    """Training batches for this process; batch_size is the per-process batch.
+
+    process_index / process_count default to jax.process_index() / jax.process_count();
+    pass them to simulate several hosts. `seed` sets the shuffle order and augmentation;
+    config.data.seed sets which synthetic volumes exist and the train/val file split.
+    """
+    prep = Prep.from_config(config)
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}.")
+    seed = int(seed)
+    if not 0 <= seed < 2**32:
+        raise DataError(f"seed must be in [0, 2**32) for grain, got {seed}.")
+    pi, pc = _process_index_count(process_index, process_count)
+    source = sources.build_source(config, prep, "train")
+    n = len(source)
+    if n < pc:
+        raise DataError(
+            f"{n} training volume(s) cannot be split over {pc} processes (each needs at least "
+            f"one). Add volumes (or raise data.num_train_volumes) or use fewer processes."
+        )
+    shard = gp.ShardOptions(shard_index=pi, shard_count=pc, drop_remainder=True)
+    sampler = gp.IndexSampler(
+        num_records=n, shard_options=shard, shuffle=True, num_epochs=None, seed=seed
+    )
+    workers = int(config.data.get("num_workers", 0))
+    if workers < 0:
+        raise DataError(f"data.num_workers must be >= 0, got {workers}.")
+    # grain's default read-ahead (500 records, 16 threads) would hold gigabytes of volumes.
+    threads = max(1, int(config.data.get("read_threads", 2)))
+    read_options = gp.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(2 * int(batch_size), threads)
+    )
+    loader = gp.DataLoader(
+        data_source=source,
+        read_options=read_options,
+        sampler=sampler,
+        operations=[DropBadFiles(), Augment(prep), gp.Batch(int(batch_size), drop_remainder=True)],
+        worker_count=workers,
+        shard_options=shard,
+    )
+    return TrainLoader(loader, source, int(batch_size), pi, pc, n // pc)
+
+
+class EvalBatches:
+    """Deterministic validation batches {"image": float32 (batch, X, Y, Z, C)}, re-iterable.
+
+    Centre crops (pad when smaller), no augmentation. Volumes are read lazily on every
+    pass (a big validation set never sits in memory). The last batch is filled up by
+    wrapping around to the first volumes, so every batch has `batch_size` (fixed shapes for
+    jit); `num_volumes` tells how many distinct volumes there are. Files skipped at read
+    time (data.skip_bad_files) shorten the pass.
+    """
+
+    def __init__(self, source, prep: Prep, batch_size: int, seed: int):
+        self.source, self.prep, self.batch_size, self.seed = source, prep, int(batch_size), seed
+        self.num_volumes = len(source)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_volumes / self.batch_size)
+
+    def volume(self, index: int) -> Optional[np.ndarray]:
+        """Validation volume `index` (volume_size crop), or None if skipped as unreadable."""
+        p = self.prep
+        rec = self.source[index]
+        if "image" not in rec:
+            return None
+        vol = rec["image"]
+        if p.source == "mni152" and index > 0:
+            # One template: validation volumes 1.. are fixed augmentations (0 is the plain crop).
+            rng = np.random.default_rng([self.seed, sources.VAL, index])
+            return _mni_sample(vol, p, rng)
+        return np.ascontiguousarray(crop_or_pad(vol, p.volume_size, None, p.background, rec["name"]))
+
+    def __iter__(self):
+        first, pending = [], []
+        for i in range(self.num_volumes):
+            vol = self.volume(i)
+            if vol is None:
+                continue
+            if len(first) < self.batch_size:
+                first.append(vol)
+            pending.append(vol)
+            if len(pending) == self.batch_size:
+                yield {"image": np.stack(pending).astype(np.float32, copy=False)}
+                pending = []
+        if pending:
+            k = 0
+            while len(pending) < self.batch_size:
+                pending.append(first[k % len(first)])
+                k += 1
+            yield {"image": np.stack(pending).astype(np.float32, copy=False)}
+
+
+def make_eval_batches(config, *, batch_size: int) -> EvalBatches:
+    """Deterministic validation batches (see EvalBatches); synthetic sources use
+    config.data.num_val_volumes volumes that never occur in training."""
+    prep = Prep.from_config(config)
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}.")
+    source = sources.build_source(config, prep, "val")
+    return EvalBatches(source, prep, batch_size, int(config.data.get("seed", 0)))
+
+
+def load_volume(path: str, config):
+    """One whole file -> ((X, Y, Z, C) float32, 4x4 affine of that grid), no cropping.
+
+    Same deterministic preprocessing as validation (resampling, resize, window,
+    inversion); the affine follows resampling so latents can be placed in scanner space.
+    Errors are raised even with data.skip_bad_files (the caller asked for this file).
+    """
+    prep = Prep.from_config(config)
+    info = io.read_header(str(path))
+    io.check_dtype(info)
+    arr = io.read_array(info, prep.frame, prep.channels)
+    return preprocess(arr, prep, info.path, info.zooms, info.affine)
+
+
+def list_volume_files(dir_or_glob: str, patterns=None, recursive: bool = False) -> list:
+    """Sorted .nii/.nii.gz/.npy paths in a directory, a glob, or a single file."""
+    return io.list_volume_files(dir_or_glob, patterns, recursive)
