@@ -1,0 +1,69 @@
+"""Models: the KL autoencoder and the PatchGAN discriminator, built from config sections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from ldm_jax.config import ConfigError
+from ldm_jax.models.autoencoder import AutoencoderKL
+from ldm_jax.models.discriminator import PatchDiscriminator
+
+__all__ = ["AutoencoderKL", "PatchDiscriminator", "build_autoencoder", "build_discriminator"]
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _tuple(v):
+    """ConfigDict fields may hold lists; module fields should be (nested) tuples."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_tuple(x) for x in v)
+    return v
+
+
+def _dtype_name(d, where: str) -> str:
+    try:
+        name = jnp.dtype(d).name
+    except TypeError:
+        name = None
+    if name not in _DTYPES:
+        raise ConfigError(f"{where}.dtype must be one of {_DTYPES}; got {d!r}")
+    return name
+
+
+def build_autoencoder(ae_cfg: Any, remat: str | None = None) -> AutoencoderKL:
+    """AutoencoderKL from `config.autoencoder` (a ConfigDict or dict).
+
+    `remat` overrides `ae_cfg.remat` (the trainer passes `config.train.remat` when set).
+    """
+    get = ae_cfg.get if hasattr(ae_cfg, "get") else lambda k, d=None: getattr(ae_cfg, k, d)
+    fields = {}
+    for name in AutoencoderKL.__dataclass_fields__:
+        if name in ("parent", "name"):
+            continue
+        value = get(name, None)
+        if value is not None or name in ("downsample_factors", "strided_kernel"):
+            fields[name] = _tuple(value)
+    fields["dtype"] = _dtype_name(fields.get("dtype", "float32"), "autoencoder")
+    if remat is not None:
+        fields["remat"] = remat
+    model = AutoencoderKL(**fields)
+    model.check()
+    return model
+
+
+def build_discriminator(disc_cfg: Any) -> PatchDiscriminator:
+    """PatchDiscriminator from `config.discriminator` (a ConfigDict or dict)."""
+    get = disc_cfg.get if hasattr(disc_cfg, "get") else lambda k, d=None: getattr(disc_cfg, k, d)
+    fields = {}
+    for name in PatchDiscriminator.__dataclass_fields__:
+        if name in ("parent", "name"):
+            continue
+        value = get(name, None)
+        if value is not None:
+            fields[name] = value
+    fields["dtype"] = _dtype_name(fields.get("dtype", "float32"), "discriminator")
+    if fields.get("norm", "batch") not in ("batch", "instance"):
+        raise ConfigError(f"discriminator.norm must be 'batch' or 'instance'; got {fields['norm']!r}")
+    return PatchDiscriminator(**fields)
