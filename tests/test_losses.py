@@ -245,3 +245,24 @@ def test_mixed_noise_picks_one_mode_per_sample():
         assert is_dropout != is_gauss, "each sample is exactly one of the two modes"
         modes.append(is_dropout)
     assert 0 < sum(modes) < len(modes)
+
+
+def test_noise_and_losses_equal_on_sharded_batch():
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 (simulated) devices")
+    mesh = jax.make_mesh((2, 2), ("data", "spatial"), axis_types=(AxisType.Auto,) * 2,
+                         devices=jax.devices()[:4])
+    sh = NamedSharding(mesh, P("data", "spatial"))
+    r, t = _pair(shape=(2, 8, 4, 4, 1))
+    cfg = _cfg(noise="mixed", recon="combined", mse_weight=0.5)
+
+    def f(a, b, k):
+        return losses.add_noise(b, k, cfg), losses.reconstruction_loss(a, b, cfg)
+
+    key = jax.random.key(5)
+    ref = jax.jit(f)(r, t, key)
+    got = jax.jit(f)(jax.device_put(r, sh), jax.device_put(t, sh), key)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5)

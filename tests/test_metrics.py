@@ -94,3 +94,18 @@ def test_ssim_rejects_window_larger_than_volume():
     x = np.zeros((1, 16, 16, 5, 1), np.float32)
     with pytest.raises(ValueError, match="win_size"):
         metrics.ssim3d(x, x, win_size=7)
+
+
+def test_metrics_equal_on_data_and_spatially_sharded_inputs():
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 (simulated) devices")
+    mesh = jax.make_mesh((2, 2), ("data", "spatial"), axis_types=(AxisType.Auto,) * 2,
+                         devices=jax.devices()[:4])
+    x = _vol(6, shape=(2, 16, 14, 12, 1))
+    y = np.clip(x + 0.1 * np.random.RandomState(7).randn(*x.shape), 0, 1).astype(np.float32)
+    sh = NamedSharding(mesh, P("data", "spatial"))
+    xs, ys = jax.device_put(x, sh), jax.device_put(y, sh)
+    for f in (metrics.ssim3d, metrics.psnr, metrics.mae, metrics.dice_score):
+        np.testing.assert_allclose(jax.jit(f)(ys, xs), f(y, x), rtol=1e-5, atol=1e-6)
