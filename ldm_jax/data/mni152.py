@@ -34,7 +34,7 @@ def _load_nilearn(resolution: int):
     """Same template and grid as nilearn.datasets.load_mni152_template(resolution).
 
     Reading the file with nibabel avoids importing nilearn.datasets (~7 s, in every grain
-    worker). nilearn rescales to 0..1 and, for 2 mm, samples the 1 mm grid at every second
+    worker). nilearn rescales to 0..1 (by the 1 mm maximum) and, for 2 mm, samples the 1 mm grid at every second
     voxel (identical to vol[::2, ::2, ::2], checked in tests); we do the same. Falls back
     to nilearn's function if the file moves in a future nilearn.
     """
@@ -48,6 +48,7 @@ def _load_nilearn(resolution: int):
 
     img = nib.load(path)
     vol = img.get_fdata(dtype=np.float32)
+    vol /= vol.max()  # before subsampling, like nilearn
     affine = np.asarray(img.affine, np.float64)
     if resolution == 2:
         vol = np.ascontiguousarray(vol[::2, ::2, ::2])
@@ -66,10 +67,20 @@ def load_template(resolution: int = 1):
         from ldm_jax.data.errors import DataError
 
         raise DataError(f"data.mni152_resolution must be 1 or 2 (mm), got {resolution!r}.")
-    vol, affine = _load_nilearn(resolution)
-    vol = np.asarray(vol, np.float32) * np.float32(255.0 / max(float(vol.max()), 1e-12))
+    vol, affine = _load_nilearn(resolution)  # 0..1 like nilearn
+    vol = np.asarray(vol, np.float32) * np.float32(255.0)
     zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
     return vol, affine, zooms
+
+
+def foreground_bounds(vol: np.ndarray, fraction: float = 0.1):
+    """(lo, hi) voxel bounds of where `vol` (X, Y, Z, C) exceeds `fraction` of its range."""
+    v = vol[..., 0]
+    mask = v > v.min() + fraction * (v.max() - v.min())
+    if not mask.any():
+        return np.zeros(3), np.array(v.shape, np.float64) - 1
+    idx = [np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))[0] for ax in range(3)]
+    return np.array([i[0] for i in idx], np.float64), np.array([i[-1] for i in idx], np.float64)
 
 
 def _rotation(angles_rad: Sequence[float]) -> np.ndarray:
@@ -88,12 +99,15 @@ def random_affine_crop(
     max_rotation_deg: float,
     max_scale: float,
     pad_value: float,
+    centre_bounds=None,
 ) -> np.ndarray:
     """Sample a `size` crop of (X, Y, Z, C) `vol` through a random small rotation + zoom.
 
     One trilinear resampling (scipy.ndimage.affine_transform) does rotation, zoom and the
     random crop together, evaluated only on the output grid. Where the crop is larger than
     the volume, the centre is kept near the middle and the outside is `pad_value`.
+    centre_bounds=(lo, hi) (input voxels, e.g. the brain's bounding box) further limits
+    the crop centre so small crops land on the object rather than on the background.
     """
     from scipy.ndimage import affine_transform
 
@@ -106,6 +120,11 @@ def random_affine_crop(
     half = (size - 1) / 2
     lo = np.where(size <= shape, half, (shape - 1) / 2 - 0.05 * shape)
     hi = np.where(size <= shape, shape - 1 - half, (shape - 1) / 2 + 0.05 * shape)
+    if centre_bounds is not None:
+        b_lo, b_hi = (np.asarray(b, np.float64) for b in centre_bounds)
+        new_lo, new_hi = np.maximum(lo, b_lo), np.minimum(hi, b_hi)
+        ok = new_lo <= new_hi
+        lo, hi = np.where(ok, new_lo, lo), np.where(ok, new_hi, hi)
     centre = rng.uniform(lo, hi)
     offset = centre - matrix @ half  # input = matrix @ output + offset
     out = np.empty(tuple(int(s) for s in size) + (vol.shape[3],), np.float32)

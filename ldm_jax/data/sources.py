@@ -165,32 +165,34 @@ class MNI152Source:
         return f"MNI152Source(num={self._num}, resolution={self._prep.mni152_resolution})"
 
     def template(self) -> np.ndarray:
-        return _preprocessed_template(self._prep)
+        return _preprocessed_template(self._prep)[0]
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self._num:
             raise IndexError(index)
-        return {"image": self.template(), "name": "mni152"}
+        vol, (lo, hi) = _preprocessed_template(self._prep)
+        return {"image": vol, "name": "mni152", "fg_lo": lo, "fg_hi": hi}
 
 
 _TEMPLATE_CACHE: dict = {}
 _TEMPLATE_LOCK = threading.Lock()  # grain reads records from several threads
 
 
-def _preprocessed_template(prep: Prep) -> np.ndarray:
-    """The template after preprocessing, computed once per process (read-only)."""
+def _preprocessed_template(prep: Prep):
+    """(template after preprocessing (read-only), brain bounds), once per process."""
     with _TEMPLATE_LOCK:
         return _template_locked(prep)
 
 
-def _template_locked(prep: Prep) -> np.ndarray:
+def _template_locked(prep: Prep):
     if prep not in _TEMPLATE_CACHE:
-        from ldm_jax.data.mni152 import load_template
+        from ldm_jax.data.mni152 import foreground_bounds, load_template
 
         vol, affine, zooms = load_template(prep.mni152_resolution)
         out, _ = preprocess(vol[..., None], prep, "mni152", zooms, affine)
+        bounds = foreground_bounds(out if not prep.invert else -out)
         out.setflags(write=False)
-        _TEMPLATE_CACHE[prep] = out
+        _TEMPLATE_CACHE[prep] = (out, bounds)
     return _TEMPLATE_CACHE[prep]
 
 
