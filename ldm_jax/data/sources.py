@@ -56,7 +56,7 @@ def scan_files(paths: Sequence[str], prep: Prep, where: str) -> list:
             continue
         infos.append(info)
     if bad:
-        lines = "\n  ".join(f"{p}: {e}" for p, e in bad[:10])
+        lines = "\n  ".join(str(e) for _, e in bad[:10])  # each message names its file
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         warnings.warn(
             f"Skipped {len(bad)} of {len(paths)} file(s) in {where} (data.skip_bad_files=True):"
