@@ -114,3 +114,29 @@ def restore_raw_state(manager, step):
     """The state as saved, as nested dicts of arrays, without building a target."""
     out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return out["state"]
+
+
+def restore_state_item(manager, step, key="g_params"):
+    """One top-level entry of the saved state (e.g. the autoencoder params), on one device.
+
+    Extraction and inference need only `g_params`; restoring the whole TrainState would
+    also read both optimiser states and the discriminator (about 3x the params) and would
+    need a target built from the training setup. The target here comes from the saved
+    metadata, so the checkpoint alone is enough.
+    """
+    import jax
+
+    path = ocp.step.find_step_path(manager.directory, ocp.step.standard_name_format(),
+                                   step=int(step)) / "state"
+    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
+    if key not in tree:
+        raise CheckpointNotFoundError(
+            f"The state saved at step {step} in {manager.directory} has no {key!r} entry "
+            f"(it has {', '.join(sorted(tree))}); it was not written by ldm-jax's trainer.")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          tree[key])
+    args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={key: target}, restore_args={key: args}, partial_restore=True)))
+    return out["state"][key]

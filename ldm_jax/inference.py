@@ -1,0 +1,387 @@
+"""A trained autoencoder from its checkpoint alone, with volume-level encode and decode.
+
+`load_autoencoder(workdir, step="best")` is the entry point for the diffusion stage and
+for the extract / reconstruct / decode commands. The model is rebuilt from the config
+saved IN the checkpoint (so its factors and strides are the ones it was trained with;
+the seed rebuilt it from a config file and could silently load the wrong strides), and
+only the autoencoder params are read.
+
+`encode_volume` / `decode_volume` take one volume of any size: sizes that are not a
+multiple of the total factor are padded at the end (and cropped back after decoding);
+volumes larger than the window (by default the training patch) go through
+`ldm_jax.sliding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ldm_jax import checkpoint as ckpt
+from ldm_jax import config as config_lib
+from ldm_jax.config import ConfigError
+from ldm_jax.sliding import sliding_apply, tiles
+
+# Data fields that change what a file looks like after preprocessing: a --config that
+# disagrees with the checkpoint on these would feed the model different intensities/grids.
+PREPROCESS_FIELDS = ("spacing", "voxel_resize", "a_min", "a_max", "b_min", "b_max", "clip",
+                     "invert", "frame", "nan_to_num")
+# Autoencoder fields that do not change the function the params compute.
+_NON_MODEL_FIELDS = ("remat",)
+
+
+class ChannelMismatchError(ValueError):
+    """A volume's channel count differs from the model's in_channels / latent_channels."""
+
+
+# ----------------------------------------------------------------------------------------
+# Config helpers.
+
+
+def _plain(value):
+    """JSON round trip: tuples -> lists, ConfigDict -> dict (so saved and given compare)."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return json.loads(json.dumps(value))
+
+
+def model_config_hash(config) -> str:
+    """Short sha256 of the autoencoder section (minus remat): equal hash, same function."""
+    ae = {k: v for k, v in _plain(config["autoencoder"]).items() if k not in _NON_MODEL_FIELDS}
+    blob = json.dumps(ae, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_differences(saved, given) -> list[str]:
+    """'section.field: checkpoint X vs --config Y' for model and preprocessing fields."""
+    saved, given = _plain(saved), _plain(given)
+    out = []
+    s_ae, g_ae = saved.get("autoencoder", {}), given.get("autoencoder", {})
+    for k in sorted(set(s_ae) | set(g_ae)):
+        if k not in _NON_MODEL_FIELDS and s_ae.get(k) != g_ae.get(k):
+            out.append(f"autoencoder.{k}: checkpoint {s_ae.get(k)!r} vs --config {g_ae.get(k)!r}")
+    s_d, g_d = saved.get("data", {}), given.get("data", {})
+    for k in PREPROCESS_FIELDS:
+        if s_d.get(k) != g_d.get(k):
+            out.append(f"data.{k}: checkpoint {s_d.get(k)!r} vs --config {g_d.get(k)!r}")
+    return out
+
+
+def parse_window(window, factor) -> Optional[tuple[int, int, int]]:
+    """None/'whole'/0 -> None (whole volume); int or 3 ints -> a window checked against
+    the total factor (every window must map onto whole latent voxels)."""
+    if window is None or (isinstance(window, str) and window.strip().lower() == "whole"):
+        return None
+    if isinstance(window, str):
+        window = [int(v) for v in window.replace("x", ",").split(",") if v.strip()]
+    if isinstance(window, (int, np.integer)):
+        if int(window) == 0:
+            return None
+        window = (int(window),) * 3
+    window = tuple(int(w) for w in window)
+    if len(window) != 3 or min(window) < 1:
+        raise ConfigError(f"window must be 'whole' or 3 positive sizes (X, Y, Z); got {window!r}")
+    bad = [a for a in range(3) if window[a] % factor[a]]
+    if bad:
+        fixed = tuple(max(w // f, 1) * f for w, f in zip(window, factor))
+        raise ConfigError(
+            f"window {window} is not a multiple of the model's total factor {tuple(factor)} on "
+            f"axes {bad}; windows must cover whole latent voxels. Try {fixed}.")
+    return window
+
+
+# ----------------------------------------------------------------------------------------
+# Geometry.
+
+
+def latent_affine(affine, factor) -> np.ndarray:
+    """Affine of the latent grid: voxel sizes times the factor, and the origin moved to the
+    centre of the first f-voxel block (latent voxel i covers input voxels i*f .. i*f+f-1)."""
+    f = np.asarray(factor, np.float64)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(f)
+    m[:3, 3] = (f - 1) / 2.0
+    return np.asarray(affine, np.float64) @ m
+
+
+def volume_affine(lat_affine, factor) -> np.ndarray:
+    """Inverse of `latent_affine`: the full-resolution grid a latent decodes to."""
+    f = np.asarray(factor, np.float64)
+    m = np.eye(4)
+    m[:3, :3] = np.diag(1.0 / f)
+    m[:3, 3] = -(f - 1) / (2.0 * f)
+    return np.asarray(lat_affine, np.float64) @ m
+
+
+def denormalize(vol, data_cfg) -> np.ndarray:
+    """Model intensities back to the file's: undoes data.invert, then the b_min..b_max ->
+    a_min..a_max window (values the window clipped stay clipped)."""
+    d = data_cfg
+    out = np.asarray(vol, np.float32)
+    if d.get("invert", False):
+        out = np.float32(d.b_max + d.b_min) - out
+    scale = (float(d.a_max) - float(d.a_min)) / (float(d.b_max) - float(d.b_min))
+    return ((out - np.float32(d.b_min)) * np.float32(scale) + np.float32(d.a_min)).astype(
+        np.float32)
+
+
+def pad_to_multiple(vol: np.ndarray, factor, value: float) -> np.ndarray:
+    """Pads the END of each spatial axis up to a multiple of `factor` with `value`."""
+    pads = [(0, -s % f) for s, f in zip(vol.shape[:3], factor)]
+    if not any(p for _, p in pads):
+        return vol
+    return np.pad(vol, pads + [(0, 0)] * (vol.ndim - 3), constant_values=value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one volume is encoded: padding and whole-volume vs sliding windows."""
+
+    shape: tuple  # (X, Y, Z) as given
+    padded: tuple  # up to a multiple of the total factor
+    latent: tuple  # latent (X, Y, Z)
+    window: Optional[tuple]  # None: one whole-volume pass
+    num_windows: int
+
+    @property
+    def was_padded(self) -> bool:
+        return self.padded != self.shape
+
+    def describe(self) -> str:
+        parts = []
+        if self.was_padded:
+            parts.append(f"padded {self.shape} -> {self.padded} at the end (not a multiple of "
+                         f"the total factor; cropped back after decoding)")
+        if self.window is None:
+            parts.append("whole volume in one pass")
+        else:
+            parts.append(f"{self.num_windows} sliding windows of {self.window}")
+        return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------
+# The loaded model.
+
+
+@dataclasses.dataclass
+class Autoencoder:
+    """A trained autoencoder: flax `model`, its `params`, the checkpoint's `config`.
+
+    `encode(x) -> (z_mu, z_sigma)` and `decode(z) -> x` are jitted and take batches
+    (B, X, Y, Z, C) whose sizes are multiples of `factor`; `encode_volume` and
+    `decode_volume` take one volume of any size (padding, sliding windows, blending).
+    """
+
+    model: Any
+    params: Any
+    config: ml_collections.ConfigDict
+    step: int
+    workdir: str
+    window: Optional[tuple] = None  # default window (input voxels); None = whole volume
+    overlap: float = 0.25
+    windows_per_batch: int = 1
+
+    def __post_init__(self):
+        self.factor = tuple(config_lib.total_factor(self.config.autoencoder))
+        self.in_channels = int(self.config.autoencoder.in_channels)
+        self.latent_channels = int(self.config.autoencoder.latent_channels)
+        self.config_hash = model_config_hash(self.config)
+        d = self.config.data
+        self.background = float(d.b_max if d.get("invert", False) else d.b_min)
+        model = self.model
+        self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
+        self._decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode"))
+        self._sample = jax.jit(lambda mu, sigma, key: mu + sigma * jax.random.normal(
+            key, mu.shape, jnp.float32))
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def encode(self, x):
+        """(B, X, Y, Z, in_channels) -> (z_mu, z_sigma), each (B, X/fx, Y/fy, Z/fz, C)."""
+        return self._encode(self.params, x)
+
+    def decode(self, z):
+        """(B, x, y, z, latent_channels) -> (B, x*fx, y*fy, z*fz, out_channels)."""
+        return self._decode(self.params, z)
+
+    def sample(self, z_mu, z_sigma, key):
+        """z_mu + z_sigma * eps, eps ~ N(0, 1) drawn from `key`."""
+        return self._sample(z_mu, z_sigma, key)
+
+    # -- volumes ---------------------------------------------------------------------------
+
+    def layout(self, shape, window="default") -> Layout:
+        """Padding and tiling `encode_volume` will use for a volume of spatial `shape`."""
+        shape = tuple(int(s) for s in shape[:3])
+        window = self._window(window)
+        padded = tuple(s + (-s % f) for s, f in zip(shape, self.factor))
+        latent = tuple(p // f for p, f in zip(padded, self.factor))
+        if window is None or all(p <= w for p, w in zip(padded, window)):
+            return Layout(shape, padded, latent, None, 1)
+        n = len(tiles(padded, [min(w, p) for w, p in zip(window, padded)], self.overlap,
+                      self.factor))
+        return Layout(shape, padded, latent, window, n)
+
+    def encode_volume(self, volume, *, sample: bool = False, key=None, window="default",
+                      overlap: Optional[float] = None, windows_per_batch: Optional[int] = None,
+                      return_sigma: bool = False):
+        """One volume (X, Y, Z, C) (or (X, Y, Z) for one channel) -> latent (x, y, z, C).
+
+        mu by default; `sample=True` draws mu + sigma * eps with `key` (a jax PRNG key).
+        With `return_sigma` returns (latent, sigma). Numpy float32 out.
+        """
+        vol = self._as_volume(volume, self.in_channels, "volume", "in_channels")
+        lay = self.layout(vol.shape, window)
+        vol = pad_to_multiple(vol, self.factor, self.background)
+        if lay.window is None:
+            mu, sigma = self.encode(vol[None])
+            mu, sigma = mu[0], sigma[0]
+        else:
+            mu, sigma = sliding_apply(
+                self.encode, vol, lay.window, overlap=self._overlap(overlap),
+                batch_size=windows_per_batch or self.windows_per_batch,
+                scale=[(1, f) for f in self.factor])
+        z = mu
+        if sample:
+            if key is None:
+                raise ValueError("encode_volume(sample=True) needs key=jax.random.PRNGKey(seed)")
+            z = self.sample(jnp.asarray(mu), jnp.asarray(sigma), key)
+        z = np.asarray(jax.device_get(z), np.float32)
+        if return_sigma:
+            return z, np.asarray(jax.device_get(sigma), np.float32)
+        return z
+
+    def decode_volume(self, latent, *, shape: Optional[Sequence[int]] = None, window="default",
+                      overlap: Optional[float] = None, windows_per_batch: Optional[int] = None):
+        """One latent (x, y, z, C) -> volume (X, Y, Z, out_channels), cropped to `shape`
+        (the input's (X, Y, Z) before padding) when given. Numpy float32 out."""
+        z = self._as_volume(latent, self.latent_channels, "latent", "latent_channels")
+        window = self._window(window)
+        lat_window = None if window is None else tuple(w // f for w, f in zip(window, self.factor))
+        if lat_window is None or all(s <= w for s, w in zip(z.shape[:3], lat_window)):
+            out = np.asarray(jax.device_get(self.decode(z[None])[0]), np.float32)
+        else:
+            (out,) = sliding_apply(
+                self.decode, z, lat_window, overlap=self._overlap(overlap),
+                batch_size=windows_per_batch or self.windows_per_batch,
+                scale=[(f, 1) for f in self.factor])
+        if shape is not None:
+            full = out.shape[:3]
+            shape = tuple(int(s) for s in shape[:3])
+            if any(s > n for s, n in zip(shape, full)):
+                raise ValueError(f"cannot crop the decoded volume {full} to the larger {shape}")
+            out = out[:shape[0], :shape[1], :shape[2]]
+        return out
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _window(self, window):
+        if isinstance(window, str) and window == "default":
+            return self.window
+        return parse_window(window, self.factor)
+
+    def _overlap(self, overlap):
+        overlap = self.overlap if overlap is None else float(overlap)
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1); got {overlap}")
+        return overlap
+
+    @staticmethod
+    def _as_volume(x, channels, what, field):
+        x = np.asarray(jax.device_get(x), np.float32)
+        if x.ndim == 3 and channels == 1:
+            x = x[..., None]
+        if x.ndim != 4:
+            raise ChannelMismatchError(
+                f"{what} must be (X, Y, Z, C) channels-last (one {what} without a batch axis); "
+                f"got shape {x.shape}")
+        if x.shape[-1] != channels:
+            raise ChannelMismatchError(
+                f"{what} has {x.shape[-1]} channel(s) (last axis of shape {x.shape}) but the "
+                f"model's {field} is {channels}. Use volumes with {channels} channel(s) "
+                f"(channels-last), or the checkpoint trained for them.")
+        return x
+
+
+# ----------------------------------------------------------------------------------------
+# Loading.
+
+
+def _check_params(model, params, config, workdir, step):
+    """Clear error when the saved params do not fit the model the saved config builds."""
+    shape = (1, *(max(f, 1) for f in config_lib.total_factor(config.autoencoder)),
+             int(config.autoencoder.in_channels))
+    expected = jax.eval_shape(
+        lambda: model.init({"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(0)},
+                           jnp.zeros(shape, jnp.float32))["params"])
+    flat_e = {jax.tree_util.keystr(k): v.shape for k, v in
+              jax.tree_util.tree_flatten_with_path(expected)[0]}
+    flat_s = {jax.tree_util.keystr(k): v.shape for k, v in
+              jax.tree_util.tree_flatten_with_path(params)[0]}
+    diffs = [f"{k}: saved {flat_s.get(k)} vs model {flat_e.get(k)}"
+             for k in sorted(set(flat_e) | set(flat_s)) if flat_e.get(k) != flat_s.get(k)]
+    if diffs:
+        raise ConfigError(
+            f"The autoencoder params at step {step} in {workdir} do not match the model built "
+            f"from the config saved with them ({len(diffs)} difference(s), first: "
+            f"{'; '.join(diffs[:5])}). The checkpoint was written by an incompatible version.")
+
+
+def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, config=None,
+                     window="training", overlap: float = 0.25,
+                     windows_per_batch: int = 1) -> Autoencoder:
+    """Rebuilds the autoencoder of `<workdir>/checkpoints` at `step` ('best' | 'latest' | N).
+
+    Only the config saved in the checkpoint is used; if `config` (a ConfigDict or a path
+    to a configs/*.py) is given it must agree on every model and preprocessing field, or
+    a ConfigError lists the fields that differ. `dtype` overrides the compute dtype
+    ('float32' is often faster on CPU than the trained 'bfloat16'). `window` is the
+    default sliding window in input voxels: 'training' (the training patch,
+    data.volume_size), 'whole' (never slide) or (X, Y, Z).
+    """
+    workdir = os.path.abspath(os.path.expanduser(str(workdir)))
+    if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
+        what = "does not exist" if not os.path.exists(workdir) else "has no 'checkpoints' folder"
+        raise ckpt.CheckpointNotFoundError(
+            f"Workdir {workdir} {what}. Pass the --workdir a training run wrote (python "
+            "train.py --workdir ...); it holds checkpoints/<step>/.")
+    manager = ckpt.make_manager(workdir, read_only=True)
+    try:
+        step = ckpt.resolve_step(manager, step)
+        saved = ckpt.restore_config(manager, step)
+        if config is not None:
+            if isinstance(config, (str, os.PathLike)):
+                config = config_lib.load_config(config)
+            diffs = config_differences(saved, config)
+            if diffs:
+                raise ConfigError(
+                    f"--config disagrees with the config saved in the checkpoint (step {step} "
+                    f"of {workdir}) on {len(diffs)} field(s):\n"
+                    + "\n".join(f"  - {d}" for d in diffs)
+                    + "\nThe checkpoint's own config is always used; drop --config, or pass "
+                    "the config this run was trained with.")
+        params = ckpt.restore_state_item(manager, step, "g_params")
+    finally:
+        manager.close()
+    cfg = ml_collections.ConfigDict(saved)
+    config_lib.total_factor(cfg.autoencoder)  # validates the factors
+    ae_cfg = ml_collections.ConfigDict(saved["autoencoder"])
+    if dtype is not None:
+        ae_cfg.dtype = str(dtype)
+    from ldm_jax.models import build_autoencoder
+    model = build_autoencoder(ae_cfg, remat="none")
+    _check_params(model, params, cfg, workdir, step)
+    factor = config_lib.total_factor(cfg.autoencoder)
+    if isinstance(window, str) and window == "training":
+        window = tuple(int(v) for v in cfg.data.volume_size)
+    return Autoencoder(model=model, params=params, config=cfg, step=int(step), workdir=workdir,
+                       window=parse_window(window, factor), overlap=float(overlap),
+                       windows_per_batch=int(windows_per_batch))
