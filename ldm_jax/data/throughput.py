@@ -1,0 +1,69 @@
+"""Measure the training loader's volumes/s for a config (compile-free: numpy + grain only).
+
+  python -m ldm_jax.data.throughput --config configs/balanced.py --num_batches 20
+  python -m ldm_jax.data.throughput --config configs/balanced.py \\
+      --config.data.source=nifti --config.data.train_dir=/data/vols --config.data.num_workers=2
+
+The first batches (worker start-up, imports, caches) are excluded: timing starts after
+`--warmup` batches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+
+def measure(config, batch_size: int, num_batches: int, warmup: int = 2) -> dict:
+    """{'volumes_per_s', 'batches', 'batch_shape', 'startup_s'} for the training loader."""
+    from ldm_jax.data.pipeline import make_train_loader
+
+    t0 = time.perf_counter()
+    it = iter(make_train_loader(config, batch_size=batch_size, seed=0, process_index=0, process_count=1))
+    try:
+        for _ in range(warmup):
+            shape = next(it)["image"].shape
+        startup = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(num_batches):
+            shape = next(it)["image"].shape
+        dt = time.perf_counter() - t1
+    finally:
+        it.close()
+    return {
+        "volumes_per_s": num_batches * batch_size / dt,
+        "batches": num_batches,
+        "batch_shape": shape,
+        "startup_s": startup,
+    }
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    cfg = f.config
+    r = measure(cfg, f.batch_size, f.num_batches, f.warmup)
+    print(
+        f"data.source={cfg.data.source!r} num_workers={cfg.data.num_workers}: "
+        f"{r['volumes_per_s']:.2f} volumes/s over {r['batches']} batches of {r['batch_shape']} "
+        f"(first {f.warmup} batches took {r['startup_s']:.1f} s, excluded)"
+    )
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/balanced.py.", lock_config=True)
+    flags.DEFINE_integer("batch_size", 2, "Per-process batch size.")
+    flags.DEFINE_integer("num_batches", 20, "Batches timed after warm-up.")
+    flags.DEFINE_integer("warmup", 2, "Batches before timing starts.")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
