@@ -75,6 +75,9 @@ def test_4d_volume_needs_frame_or_channels(tmp_path):
     np.testing.assert_allclose(channels[0, 0, 0], [0, 50 / 255, 100 / 255], rtol=1e-6)
     with pytest.raises(data.VolumeShapeError, match="out of range"):
         data.load_volume(path, nifti_config(tmp_path, frame=3))
+    # A layout problem is the user's choice to make, so skip_bad_files does not hide it.
+    with pytest.raises(data.VolumeShapeError, match="data.frame"):
+        data.make_eval_batches(nifti_config(tmp_path, skip_bad_files=True), batch_size=1)
 
 
 def test_nan_inf_error_or_replaced(tmp_path):

@@ -42,18 +42,23 @@ def skipped_files() -> list:
 
 
 def scan_files(paths: Sequence[str], prep: Prep, where: str) -> list:
-    """Header-check every file so bad ones fail (or are skipped) before training starts."""
+    """Header-check every file so bad ones fail (or are skipped) before training starts.
+
+    data.skip_bad_files skips unreadable files (BadFileError); layout errors always raise.
+    """
     infos, bad = [], []
     for path in paths:
         try:
             info = io.read_header(path)
             io.check_dtype(info)
-            io.channel_layout(info, prep.frame, prep.channels)
-        except DataError as e:
+        except BadFileError as e:  # unreadable: skippable
             if not prep.skip_bad_files:
                 raise
             bad.append((path, e))
             continue
+        # A readable file of the wrong layout (4D without data.frame, 2D) is a config
+        # decision, not damage: always an error, never silently skipped.
+        io.channel_layout(info, prep.frame, prep.channels)
         infos.append(info)
     if bad:
         lines = "\n  ".join(str(e) for _, e in bad[:10])  # each message names its file
