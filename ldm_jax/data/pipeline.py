@@ -4,9 +4,10 @@ Training: grain DataLoader over a random-access source, an IndexSampler that shu
 with a new permutation every epoch and repeats forever, sharded by process (each process
 reads a disjoint, contiguous block of records, `drop_remainder` so every process has as
 many), random augmentation with grain's per-record rng (deterministic in the seed and the
-record's position in the stream), then batching to the per-process batch. The iterator is
-grain's DataLoaderIterator: get_state()/set_state() and orbax's
-`grain.python.PyGrainCheckpointSave(it)` / `PyGrainCheckpointRestore(it)` resume exactly.
+record's position in the stream), then batching to the per-process batch. The iterator
+(BatchIterator, a thin wrapper of grain's DataLoaderIterator) has get_state()/set_state()
+and works with orbax via `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`
+(same classes as grain.python.PyGrainCheckpointSave / Restore): resume is exact.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ if _REPO_ROOT not in sys.path:
 
 
 def measure(config, batch_size: int, num_batches: int, warmup: int = 2) -> dict:
-    """{'volumes_per_s', 'batches', 'batch_shape', 'startup_s'} for the training loader."""
+    """{'volumes_per_s', 'batches', 'batch_shape', 'startup_s', 'cpu_s_per_volume'}."""
     from ldm_jax.data.pipeline import make_train_loader
 
     t0 = time.perf_counter()
@@ -29,10 +29,10 @@ def measure(config, batch_size: int, num_batches: int, warmup: int = 2) -> dict:
         for _ in range(warmup):
             shape = next(it)["image"].shape
         startup = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for _ in range(num_batches):
             shape = next(it)["image"].shape
-        dt = time.perf_counter() - t1
+        dt, cpu = time.perf_counter() - t1, time.process_time() - c1
     finally:
         it.close()
     return {
@@ -40,6 +40,9 @@ def measure(config, batch_size: int, num_batches: int, warmup: int = 2) -> dict:
         "batches": num_batches,
         "batch_shape": shape,
         "startup_s": startup,
+        # CPU seconds of this process (all its threads) per volume; with num_workers=0 it
+        # is the whole cost, independent of other load on the machine.
+        "cpu_s_per_volume": cpu / (num_batches * batch_size),
     }
 
 
@@ -53,7 +56,8 @@ def main(argv):
     print(
         f"data.source={cfg.data.source!r} num_workers={cfg.data.num_workers}: "
         f"{r['volumes_per_s']:.2f} volumes/s over {r['batches']} batches of {r['batch_shape']} "
-        f"(first {f.warmup} batches took {r['startup_s']:.1f} s, excluded)"
+        f"(first {f.warmup} batches took {r['startup_s']:.1f} s, excluded); "
+        f"{r['cpu_s_per_volume']:.3f} CPU-s/volume in this process"
     )
 
 
