@@ -5,6 +5,7 @@ A second run on the same workdir resumes from the latest checkpoint, exactly: th
 state (params, optimiser states, step, rng) and the data iterator are both restored.
 """
 
+import functools
 import json
 import os
 import sys
@@ -65,10 +66,11 @@ def compile_train_step(stage, mesh, abstract_state):
 def init_train_state(stage, config, mesh):
     rng = jax.random.PRNGKey(int(config.train.seed))
     shape = _init_shape(config)
-    abstract = jax.eval_shape(stage.init_state, rng, shape)
+    init = functools.partial(stage.init_state, sample_shape=shape)
+    abstract = jax.eval_shape(init, rng)
     repl = sharding.replicated(mesh)
     state_sh = jax.tree.map(lambda _: repl, abstract)
-    state = jax.jit(stage.init_state, static_argnums=1, out_shardings=state_sh)(rng, shape)
+    state = jax.jit(init, out_shardings=state_sh)(rng)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, state_sh)
     return state, abstract

@@ -17,7 +17,7 @@ def tiny_config():
     ae.downsample_factors = (2,)
     ae.dtype = "float32"
     d = config.discriminator
-    d.num_layers_d = 2
+    d.num_layers_d = 1
     d.num_channels = 8
     d.dtype = "float32"
     config.data.volume_size = (16, 16, 8)
