@@ -164,6 +164,22 @@ class ResBlock(nn.Module):
         return x + h
 
 
+def attention(q, k, v, implementation: str | None = None):
+    """Softmax attention, (B, T, heads, D). `None` picks cuDNN flash attention on GPU for
+    bf16/fp16 with head dims it supports (O(T) memory instead of a T x T matrix) and XLA
+    otherwise; jax's own default (None) is always XLA."""
+    if implementation is None:
+        d = q.shape[-1]
+        if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+                and d % 8 == 0 and d <= 128):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except Exception as e:  # unsupported cuDNN version/shape: XLA is always correct
+                log.debug("cuDNN attention unavailable (%s); using XLA", e)
+        implementation = "xla"
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
 class AttentionBlock(nn.Module):
     """MONAI SpatialAttentionBlock: GN -> one head over all voxels (raster order) -> proj, + x.
 
@@ -174,7 +190,7 @@ class AttentionBlock(nn.Module):
     norm_num_groups: int
     norm_eps: float
     dtype: Any = jnp.float32
-    attention_impl: str | None = None  # None/"xla" | "cudnn"
+    attention_impl: str | None = None  # None: cuDNN flash where it applies, else "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -187,7 +203,7 @@ class AttentionBlock(nn.Module):
                             kernel_init=torch_like_init, name=name)
 
         q, k, v = (dense(n)(h)[:, :, None, :] for n in ("to_q", "to_k", "to_v"))
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        o = attention(q, k, v, self.attention_impl)
         o = dense("out_proj")(o[:, :, 0, :])
         return x + o.reshape(b, X, Y, Z, c).astype(x.dtype)
 
