@@ -41,6 +41,13 @@ def abstract_init(module, *shapes, **kw):
     return jax.eval_shape(lambda *a: module.init(keys, *a, **kw), *args)
 
 
+def compiled(f, *args):
+    """jit + compile with XLA's cheap backend optimisation: these tests compile far more
+    than they run, and the numerics they compare are compiled the same way."""
+    return jax.jit(f).lower(*args).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+
+
 def numpy_params(module, *shapes, seed=0, **kw):
     """Random params with init-like scales, without compiling an initialiser."""
     rng = np.random.default_rng(seed)
@@ -226,7 +233,8 @@ def test_bfloat16_close_to_float32_with_float32_params():
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     out = {}
     for name, m in (("f32", m32), ("bf16", m16)):
-        out[name] = jax.jit(lambda p, x: m.apply(p, x, sample=False))(params, x)
+        fwd = lambda p, x: m.apply(p, x, sample=False)  # noqa: E731
+        out[name] = compiled(fwd, params, x)(params, x)
     for a, b in zip(out["bf16"], out["f32"]):
         assert a.dtype == jnp.float32
         assert np.all(np.isfinite(a))
@@ -248,13 +256,16 @@ def test_remat_variants_give_identical_outputs_and_gradients():
             rec, mu, sigma = m.apply(p, x, sample=False)
             return jnp.mean(jnp.abs(rec - x)) + jnp.mean(mu ** 2 + sigma ** 2)
 
-        results[mode] = jax.jit(jax.value_and_grad(loss))(params)
+        results[mode] = compiled(jax.value_and_grad(loss), params)(params)
     ref_val, ref_grad = results["none"]
     for mode in ("res_blocks", "levels"):
         val, grad = results[mode]
         np.testing.assert_allclose(val, ref_val, rtol=1e-6)
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                                       atol=1e-7), grad, ref_grad)
+        # Same math; recomputation may round differently in the last bits (gradients that
+        # are mathematically zero, e.g. of a conv bias feeding a GroupNorm, are pure noise).
+        scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(ref_grad))
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=1e-5, atol=1e-6 * scale), grad, ref_grad)
 
 
 def test_sampling_uses_the_sample_rng():
