@@ -236,6 +236,10 @@ class AutoencoderKL(nn.Module):
     `encode(x) -> (z_mu, z_sigma)`, `sampling(z_mu, z_sigma, rng)`, `decode(z)`,
     `reconstruct(x)` (decodes mu) and `__call__(x, sample=True) -> (recon, z_mu, z_sigma)`
     (sample=True needs `rngs={"sample": key}`). Outputs are float32 whatever `dtype` is.
+
+    `remat`: "res_blocks" recomputes each ResBlock in the backward pass; "levels" recomputes
+    each encoder/decoder level, both mid blocks and the decoder head (coarser: less memory,
+    more recompute). Param names are the same in every mode, so checkpoints interchange.
     """
 
     in_channels: int = 1
