@@ -60,11 +60,11 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
+    ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
+                                    overlap=overlap, windows_per_batch=windows_per_batch)
     files = _prefer_npy(data_lib.list_volume_files(input))
     names = vf.output_names(files)
     out_dir = vf.prepare_output_dir(output, files)
-    ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
-                                    overlap=overlap, windows_per_batch=windows_per_batch)
     meta = _load_meta(latents_json, files, log)
     if meta is not None:
         saved_hash = meta.get("checkpoint", {}).get("config_hash")

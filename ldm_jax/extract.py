@@ -115,15 +115,16 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
     from tqdm import tqdm
 
     from ldm_jax import data as data_lib
-    from ldm_jax.inference import PREPROCESS_FIELDS, latent_affine, load_autoencoder
+    from ldm_jax.inference import (PREPROCESS_FIELDS, ChannelMismatchError, latent_affine,
+                                   load_autoencoder)
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
+    ae = load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
+                          overlap=overlap, windows_per_batch=windows_per_batch)
     files = data_lib.list_volume_files(input)
     names = vf.output_names(files)
     out_dir = vf.prepare_output_dir(output, files)
-    ae = load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
-                          overlap=overlap, windows_per_batch=windows_per_batch)
     log(f"Checkpoint step {ae.step} of {ae.workdir} (model hash {ae.config_hash}); total factor "
         f"{ae.factor}, {ae.latent_channels} latent channels; window "
         f"{ae.window or 'whole volume'}, overlap {ae.overlap}; {len(files)} input file(s).")
@@ -160,6 +161,9 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
         t0 = time.perf_counter()
         try:
             vol, affine = data_lib.load_volume(path, ae.config)
+        except data_lib.VolumeShapeError as e:  # a layout the model cannot take: not skipped
+            raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
+                                       f"{ae.in_channels}) volumes.") from None
         except data_lib.DataError as e:
             if not skip_bad_files:
                 raise data_lib.DataError(f"{e}\n(--skip_bad_files skips unreadable files and "
@@ -212,9 +216,10 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
         if len(times) > 1:  # the first volume includes compilation
             rate += f"; {(len(times) - 1) / sum(times[1:]):.2f} volumes/s after the first"
         rate += ")"
+    sf = result.get("scale_factor")
     log(f"Encoded {n_encoded} volume(s){rate}, reused {n_reused} existing, skipped "
         f"{len(bad)} unreadable. Wrote {json_path} (scale_factor "
-        f"{result['scale_factor']:.6g}).")
+        f"{'undefined: all latents are constant' if sf is None else f'{sf:.6g}'}).")
     return result
 
 

@@ -15,6 +15,7 @@ volumes larger than the window (by default the training patch) go through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -171,6 +172,18 @@ class Layout:
 # The loaded model.
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_method(model, method):
+    """One compiled function per (model, method): flax modules are hashable by their
+    fields, so every Autoencoder of the same architecture shares compilations."""
+    return jax.jit(lambda params, x: model.apply({"params": params}, x, method=method))
+
+
+@jax.jit
+def _sample(z_mu, z_sigma, key):
+    return z_mu + z_sigma * jax.random.normal(key, z_mu.shape, jnp.float32)
+
+
 @dataclasses.dataclass
 class Autoencoder:
     """A trained autoencoder: flax `model`, its `params`, the checkpoint's `config`.
@@ -186,7 +199,7 @@ class Autoencoder:
     step: int
     workdir: str
     window: Optional[tuple] = None  # default window (input voxels); None = whole volume
-    overlap: float = 0.25
+    overlap: float = 0.5
     windows_per_batch: int = 1
 
     def __post_init__(self):
@@ -196,11 +209,8 @@ class Autoencoder:
         self.config_hash = model_config_hash(self.config)
         d = self.config.data
         self.background = float(d.b_max if d.get("invert", False) else d.b_min)
-        model = self.model
-        self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
-        self._decode = jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode"))
-        self._sample = jax.jit(lambda mu, sigma, key: mu + sigma * jax.random.normal(
-            key, mu.shape, jnp.float32))
+        self._encode = _jitted_method(self.model, "encode")
+        self._decode = _jitted_method(self.model, "decode")
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -214,7 +224,7 @@ class Autoencoder:
 
     def sample(self, z_mu, z_sigma, key):
         """z_mu + z_sigma * eps, eps ~ N(0, 1) drawn from `key`."""
-        return self._sample(z_mu, z_sigma, key)
+        return _sample(z_mu, z_sigma, key)
 
     # -- volumes ---------------------------------------------------------------------------
 
@@ -336,7 +346,7 @@ def _check_params(model, params, config, workdir, step):
 
 
 def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, config=None,
-                     window="training", overlap: float = 0.25,
+                     window="training", overlap: float = 0.5,
                      windows_per_batch: int = 1) -> Autoencoder:
     """Rebuilds the autoencoder of `<workdir>/checkpoints` at `step` ('best' | 'latest' | N).
 

@@ -44,13 +44,14 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
 
     from ldm_jax import data as data_lib
     from ldm_jax import inference, visualize
+    from ldm_jax.inference import ChannelMismatchError
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
+    ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
+                                    overlap=overlap, windows_per_batch=windows_per_batch)
     files = data_lib.list_volume_files(input)
     names = vf.output_names(files)
     out_dir = vf.prepare_output_dir(output, files)
-    ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
-                                    overlap=overlap, windows_per_batch=windows_per_batch)
     d = ae.config.data
     data_range = (float(d.b_min), float(d.b_max))
     log(f"Checkpoint step {ae.step} of {ae.workdir}; {len(files)} input file(s).")
@@ -75,6 +76,9 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
             continue
         try:
             vol, affine = data_lib.load_volume(path, ae.config)
+        except data_lib.VolumeShapeError as e:  # a layout the model cannot take: not skipped
+            raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
+                                       f"{ae.in_channels}) volumes.") from None
         except data_lib.DataError as e:
             if not skip_bad_files:
                 raise data_lib.DataError(f"{e}\n(--skip_bad_files skips unreadable files and "
