@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# GPU measurements for benchmarks/RESULTS.md, in priority order, within a time budget.
+#
+#   OUT=/some/dir bash benchmarks/gpu_run.sh          # from the repository root
+#
+# What it measures (each configuration in a fresh process, real bf16 steps, memory_stats):
+#   1. MONAI vs ours: configs/monai_3d_ldm.py at 96x96x64 (--vs-monai)
+#   2. the seed table: A-D at 256x256x64 + aggressive 512x512x128, both decoder heads
+#   3. remat res_blocks / levels for configs/balanced.py and configs/aggressive.py
+#      (remat=none of both is in the seed table: "B nearest_conv", "aggressive nearest_conv")
+#   4. if time is left: 1024x1024x128, aggressive model, subpixel head, one GPU
+# It needs no network: it uses the python found (PY=..., default python3) and whatever
+# jax / flax / optax / ml_collections / torch / monai it can import (PYTHONPATH may add a
+# folder of pure-Python packages carried along). Missing packages are reported, and the
+# sections that need them are skipped.
+#
+# Budget: BUDGET_S (default 330) seconds in all; a section starts only if enough is left,
+# and every configuration is killed after ROW_TIMEOUT_S (default 100). JSON rows are
+# written after every configuration, so a cut run keeps what it measured.
+
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/gpu_out}"
+mkdir -p "$OUT"
+PY="${PY:-python3}"
+BUDGET_S="${BUDGET_S:-330}"
+ROW_TIMEOUT_S="${ROW_TIMEOUT_S:-100}"
+START=$(date +%s)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # memory_stats peaks are per process anyway
+export TF_CPP_MIN_LOG_LEVEL=2
+LOG="$OUT/gpu_run.log"
+
+say() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+
+say "python: $($PY --version 2>&1) at $(command -v $PY)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+
+# --- What is installed? -----------------------------------------------------------------
+$PY - <<'EOF' 2>&1 | tee "$OUT/env.txt" | tee -a "$LOG"
+import importlib
+for name in ["jax", "jaxlib", "flax", "optax", "ml_collections", "orbax.checkpoint", "grain",
+             "numpy", "PIL", "torch", "monai"]:
+    try:
+        m = importlib.import_module(name)
+        print(f"ok      {name} {getattr(m, '__version__', '')}")
+    except Exception as e:
+        print(f"MISSING {name}: {type(e).__name__}: {e}")
+try:
+    import jax
+    print("jax devices:", jax.devices())
+except Exception as e:
+    print("MISSING jax GPU backend:", e)
+try:
+    import torch
+    print("torch cuda:", torch.cuda.is_available(),
+          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+except Exception as e:
+    print("torch unavailable:", e)
+EOF
+
+if ! $PY -c "import jax, flax, optax, ml_collections, ldm_jax.bench" 2>>"$LOG"; then
+    say "FATAL: cannot import jax/flax/optax/ml_collections/ldm_jax.bench (see env.txt above)."
+    say "Carry a folder of the missing pure-Python packages and set PYTHONPATH to it."
+    exit 2
+fi
+if ! $PY -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then
+    say "WARNING: JAX sees no GPU (backend $($PY -c 'import jax; print(jax.default_backend())'))."
+    say "The numbers below would be CPU numbers; stopping to save the lease."
+    exit 3
+fi
+HAVE_MONAI=1
+$PY -c "import torch, monai, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null || HAVE_MONAI=0
+
+bench() {  # bench NAME MIN_SECONDS_LEFT ARGS...
+    local name="$1" need="$2"; shift 2
+    if [ "$(left)" -lt "$need" ]; then
+        say "SKIP $name: $(left) s left, it needs about $need s"
+        return
+    fi
+    say "START $name: $*"
+    timeout $(( $(left) > 10 ? $(left) : 10 )) \
+        $PY -m ldm_jax.bench "$@" --row-timeout "$ROW_TIMEOUT_S" --json "$OUT/$name.json" \
+        > "$OUT/$name.md" 2>> "$LOG"
+    say "END $name (exit $?)"
+    cat "$OUT/$name.md" | tee -a "$LOG"
+}
+
+# --- 1. MONAI vs ours, same GPU, bf16 (autocast on the MONAI side). -----------------------
+if [ "$HAVE_MONAI" = 1 ]; then
+    bench monai_vs_ours 60 --config configs/monai_3d_ldm.py --vs-monai --steps 5 --warmup 2
+else
+    say "SKIP monai_vs_ours: torch with CUDA and monai are needed"
+fi
+
+# --- 2. The seed table with real steps. --------------------------------------------------
+bench seed_table 120 --table seed --steps 3
+
+# --- 3. Gradient checkpointing (the none rows are in the seed table). --------------------
+bench remat 60 --config configs/balanced.py --config configs/aggressive.py \
+    --remat res_blocks,levels --steps 3
+
+# --- 4. Native microtubule resolution on one GPU. ----------------------------------------
+bench native_1024 60 --config configs/aggressive.py --volume 1024,1024,128 \
+    --head subpixel --steps 3
+
+say "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

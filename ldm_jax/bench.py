@@ -1,0 +1,628 @@
+"""What a configuration costs -- memory, FLOPs, speed -- measured before you rent a GPU.
+
+    python -m ldm_jax.bench --config configs/balanced.py [--volume 256,256,64] [--batch 1]
+        [--steps 3] [--compile-only] [--vs-monai] [--json out.json]
+    python -m ldm_jax.bench --table seed --compile-only        # the seed's comparison
+    python -m ldm_jax.bench --config configs/aggressive.py --volume 1024,1024,128 \\
+        --head subpixel --spatial 1,8 --compile-only               # per-device memory
+
+Why: users choose a configuration by its memory and speed, and the seed's memory tables
+were never measured. This builds the real stage-1 training step (autoencoder +
+PatchGAN discriminator, the config's losses and optimisers, state donation, the trainer's
+shardings) from abstract shapes, compiles it without allocating, and reads XLA's memory
+and cost analyses; then, unless --compile-only, it runs real steps.
+
+What the numbers are (also printed under every table):
+- peak_memory_bytes: XLA memory analysis of the compiled step, per device:
+  argument + output - alias + temp bytes. Arguments are the train state and the batch,
+  outputs the new state and metrics, alias the donated state (counted once), temp the
+  arena of intermediates. Generated code is not included.
+- device_peak_bytes (GPU, real steps): max over the mesh's devices of
+  memory_stats()["peak_bytes_in_use"], each row in a fresh process.
+- host_peak_bytes (CPU, real steps): peak RSS delta (see ldm_jax.bench_monai.HostPeak).
+- flops: XLA cost analysis of the compiled step (per device for a sharded step).
+- step_s: median wall time of --steps real steps after --warmup steps, each blocked on.
+The discriminator is trained from the first step (loss.adv_warmup_steps = 0), so the step
+measured is the full one a run reaches after its warm-up.
+
+Each configuration runs in a fresh worker process (python -m ldm_jax.bench --_worker):
+device peak counters cannot be reset within a process, and a simulated device count
+(--spatial on CPU) must be set before JAX starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ldm_jax import config as config_lib
+from ldm_jax.bench_monai import HOST_METHOD, HostPeak, limit_threads, unsupported_reasons
+from ldm_jax.config import ConfigError
+
+# JAX is imported inside functions on purpose: XLA_FLAGS (simulated devices for --spatial)
+# must be set before the first `import jax` of the process.
+
+MEMORY_METHOD = "XLA memory analysis: argument + output - alias + temp bytes, per device"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REMAT_MODES = config_lib.REMAT_MODES
+HEADS = config_lib.UPSAMPLE_HEADS
+
+# The seed's table (256x256x64, batch 1, mixed precision), GB as printed. Its second table
+# gives other numbers for the same settings (3.1 GB for "8x" = row A here, 1.8 GB for
+# "16x" = row B) and 2.3 GB for 512^3 with stem 4 and levels (4, 2).
+SEED_ROWS = (
+    ("A", 1, (4, 2), 3.1),
+    ("B", 2, (4, 2), 1.8),
+    ("C", 4, (4, 2), 1.2),
+    ("D", 2, (8, 2), 1.3),
+)
+SEED_AGGRESSIVE_CLAIM_GB = 2.3
+
+
+# ----------------------------------------------------------------------------------------
+# Building the list of configurations.
+
+
+def _parse_ints(text, name, count=None):
+    try:
+        values = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or (count is not None and len(values) != count) or min(values) < 1:
+        want = f"{count} positive ints" if count else "positive ints"
+        raise ConfigError(f"{name} must be {want} separated by commas, like "
+                          f"{'256,256,64' if count == 3 else '1,2,4,8'}; got {text!r}")
+    return values
+
+
+def load(path):
+    """A config file's get_config(); paths relative to the cwd or the repository root."""
+    p = Path(path)
+    if not p.is_file() and (REPO_ROOT / p).is_file():
+        p = REPO_ROOT / p
+    return config_lib.load_config(str(p))
+
+
+def bench_config(config, *, volume=None, batch=None, head=None, remat=None, dtype=None):
+    """A copy of `config` with the bench's overrides applied (None keeps the config's)."""
+    config = config.copy_and_resolve_references()
+    if volume is not None:
+        config.data.volume_size = tuple(int(v) for v in volume)
+    if batch is not None:
+        config.train.batch_size = int(batch)
+    if head is not None:
+        config.autoencoder.upsample_head = head
+    if remat is not None:
+        config.train.remat = remat
+    if dtype is not None:
+        config.autoencoder.dtype = dtype
+        config.discriminator.dtype = dtype
+    # The full step: discriminator updated and the generator's adversarial term on.
+    config.loss.adv_warmup_steps = 0
+    return config
+
+
+def seed_table_configs(heads=HEADS):
+    """The seed's comparison as (name, config, claimed GB) rows, one per decoder head.
+
+    A-D: configs/default.py's model (channels 32/64/64, latent 3) at 256x256x64, batch 1,
+    bf16, with the seed's stem and level factors; plus configs/aggressive.py at
+    512x512x128. Row A has stem factor 1, where both heads are the same GN -> conv, so it
+    appears once.
+    """
+    rows = []
+    base = load(REPO_ROOT / "configs" / "default.py")
+    for letter, init, factors, claim in SEED_ROWS:
+        for head in (heads[:1] if init == 1 else heads):
+            c = bench_config(base, volume=(256, 256, 64), batch=1, head=head, dtype="bfloat16")
+            c.autoencoder.initial_downsample_factor = init
+            c.autoencoder.downsample_factors = factors
+            rows.append((_row_name(letter, c), c, claim))
+    agg = load(REPO_ROOT / "configs" / "aggressive.py")
+    for head in heads:
+        c = bench_config(agg, batch=1, head=head, dtype="bfloat16")
+        rows.append((_row_name("aggressive", c), c, SEED_AGGRESSIVE_CLAIM_GB))
+    return rows
+
+
+def _row_name(base, config, spatial=1):
+    ae = config.autoencoder
+    parts = [base]
+    if config_lib.initial_factor(ae) != (1, 1, 1):
+        parts.append(ae.upsample_head)
+    remat = config.train.get("remat") or ae.remat
+    if remat != "none":
+        parts.append(f"remat={remat}")
+    if spatial > 1:
+        parts.append(f"spatial={spatial}")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring one configuration (in this process).
+
+
+def _devices(n):
+    """n devices of the default backend, else n (simulated) CPU devices; and whether simulated."""
+    import jax
+    devs = jax.devices()
+    if len(devs) >= n:
+        return devs[:n], False
+    cpus = jax.devices("cpu")
+    if len(cpus) >= n:
+        return cpus[:n], devs[0].platform != "cpu"
+    raise ConfigError(
+        f"--spatial {n} needs {n} devices but {len(devs)} {devs[0].platform} device(s) are "
+        f"visible. On CPU simulate them: XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+        "(the bench's worker processes set it for you).")
+
+
+def _count(tree):
+    import jax
+    return int(sum(int(x.size) for x in jax.tree.leaves(tree)))
+
+
+def _cost(compiled):
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    flops = cost.get("flops")
+    return (None if flops is None else float(flops),
+            None if cost.get("bytes accessed") is None else float(cost["bytes accessed"]))
+
+
+def _memory(compiled):
+    m = compiled.memory_analysis()
+    if m is None:
+        return None, {}
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
+    raw = {f.replace("_size_in_bytes", "").replace("_in_bytes", ""): int(getattr(m, f))
+           for f in fields if getattr(m, f, None) is not None}
+    peak = raw["argument"] + raw["output"] - raw["alias"] + raw["temp"]
+    return peak, raw
+
+
+def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spatial=1,
+            threads=None):
+    """Compiles (and unless compile_only, runs) the training step of `config`; one result row.
+
+    `config` should come from `bench_config`. Needs `spatial` devices (simulated on CPU).
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from ldm_jax import sharding
+    from ldm_jax.train import build_stage1, compile_train_step, prepare_config
+
+    config = prepare_config(config)
+    config.mesh.data, config.mesh.spatial = 1, int(spatial)
+    devices, simulated = _devices(int(spatial))
+    mesh = sharding.make_mesh(config.mesh, devices)
+    batch_size = int(config.train.batch_size)
+    volume = tuple(int(v) for v in config.data.volume_size)
+    sharding.check_batch_fits(mesh, batch_size, volume)
+    ae = config.autoencoder
+    batch_shape = (batch_size, *volume, int(ae.in_channels))
+
+    stage, perceptual_params = build_stage1(config)
+    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    init = functools.partial(stage.init_state, sample_shape=batch_shape)
+    rng = jax.random.PRNGKey(int(config.train.seed))
+    abstract = jax.eval_shape(init, rng)
+    state_sh = jax.tree.map(lambda _: repl, abstract)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                            abstract)
+    abstract_batch = {"image": jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=batch_sh)}
+    abstract_perc = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), perceptual_params)
+
+    step_fn = compile_train_step(stage, mesh, abstract)
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(abstract, abstract_batch, abstract_perc)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    peak, raw = _memory(compiled)
+    flops, bytes_accessed = _cost(compiled)
+
+    dev0 = devices[0]
+    row = dict(
+        name=name,
+        volume=list(volume),
+        batch=batch_size,
+        dtype=str(ae.dtype),
+        upsample_head=str(ae.upsample_head),
+        remat=str(ae.remat),
+        spatial=int(spatial),
+        initial_factor=list(config_lib.initial_factor(ae)),
+        downsample_factors=[list(f) for f in config_lib.level_factors(ae)],
+        total_factor=list(config_lib.total_factor(ae)),
+        latent_shape=list(config_lib.latent_shape(config)),
+        params=_count(abstract.g_params),
+        disc_params=_count(abstract.d_params),
+        flops=flops,
+        bytes_accessed=bytes_accessed,
+        peak_memory_bytes=peak,
+        memory_method=MEMORY_METHOD,
+        xla_memory=raw,
+        lower_s=round(t1 - t0, 3),
+        compile_s=round(t2 - t1, 3),
+        step_s=None,
+        step_times=[],
+        device_peak_bytes=None,
+        host_peak_bytes=None,
+        backend=dev0.platform,
+        device_kind=dev0.device_kind,
+        simulated_devices=bool(simulated or (dev0.platform == "cpu" and spatial > 1)),
+        jax_version=jax.__version__,
+        machine=_machine(dev0),
+        threads=(threads or len(os.sched_getaffinity(0))) if dev0.platform == "cpu" else None,
+        date=datetime.date.today().isoformat(),
+    )
+    if compile_only or steps <= 0:
+        return row
+    if simulated:
+        row["note"] = "real steps skipped: simulated CPU devices on a non-CPU machine"
+        return row
+
+    host = HostPeak()
+    host.baseline()
+    # Params do not depend on the volume: initialise on a small crop (cheaper to compile).
+    tf = config_lib.total_factor(ae)
+    small = tuple(min(v, -(-max(32, f) // f) * f) for v, f in zip(volume, tf))
+    small_init = functools.partial(stage.init_state, sample_shape=(1, *small, batch_shape[-1]))
+    state = jax.jit(small_init, out_shardings=state_sh)(rng)
+    make_batch = jax.jit(lambda k: jax.random.uniform(k, batch_shape, jnp.float32),
+                         out_shardings=batch_sh)
+    batch = {"image": make_batch(jax.random.PRNGKey(1))}
+    for _ in range(max(int(warmup), 0)):
+        state, metrics = compiled(state, batch, perceptual_params)
+        jax.block_until_ready((state, metrics))
+    host.start()
+    times = []
+    for _ in range(int(steps)):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch, perceptual_params)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t)
+    row["step_times"] = [round(t, 4) for t in times]
+    row["step_s"] = round(statistics.median(times), 4)
+    row["loss"] = float(metrics["loss"])
+    stats = [d.memory_stats() for d in devices]
+    if all(s and "peak_bytes_in_use" in s for s in stats):
+        row["device_peak_bytes"] = max(int(s["peak_bytes_in_use"]) for s in stats)
+    elif dev0.platform == "cpu":
+        row["host_peak_bytes"] = host.peak_delta()
+        row["host_memory_method"] = HOST_METHOD
+    return row
+
+
+def _machine(dev):
+    if dev.platform == "cpu":
+        return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    return dev.device_kind
+
+
+# ----------------------------------------------------------------------------------------
+# Worker processes: one fresh process per configuration.
+
+
+def _run_worker(spec_path):
+    with open(spec_path) as f:
+        spec = json.load(f)
+    threads = limit_threads(spec.get("threads"))  # before JAX sizes its thread pools
+    import ml_collections
+    config = ml_collections.ConfigDict(spec["config"])
+    try:
+        row = measure(config, name=spec["name"], steps=spec["steps"], warmup=spec["warmup"],
+                      compile_only=spec["compile_only"], spatial=spec["spatial"],
+                      threads=threads)
+    except ConfigError as e:
+        row = dict(name=spec["name"], error=f"ConfigError: {e}")
+    except Exception as e:  # report the row as failed (e.g. out of memory) and go on
+        row = dict(name=spec["name"], error=f"{type(e).__name__}: {str(e)[:2000]}")
+    print("BENCH_JSON " + json.dumps(row), flush=True)
+
+
+def _set_device_count(env, n):
+    flags = env.get("XLA_FLAGS", "")
+    key = "--xla_force_host_platform_device_count"
+    parts = [p for p in flags.split() if not p.startswith(key)]
+    have = [int(p.split("=")[1]) for p in flags.split() if p.startswith(key + "=")]
+    parts.append(f"{key}={max([n] + have)}")
+    env["XLA_FLAGS"] = " ".join(parts)
+    return env
+
+
+def _subprocess_json(cmd, marker, env=None, timeout=None):
+    """Runs cmd, streams its stderr, returns the JSON after `marker` on stdout (or an error)."""
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
+                              timeout=timeout, cwd=str(REPO_ROOT))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(marker + " "):
+            return json.loads(line[len(marker) + 1:])
+    tail = proc.stdout[-1500:]
+    return {"error": f"exit code {proc.returncode} without a result (killed, out of memory?). "
+                     f"Output tail: {tail}"}
+
+
+def measure_isolated(config, *, name, steps, warmup, compile_only, spatial, threads=None,
+                     timeout=None):
+    """`measure` in a fresh `python -m ldm_jax.bench --_worker` process."""
+    spec = dict(config=config.to_dict(), name=name, steps=steps, warmup=warmup,
+                compile_only=compile_only, spatial=spatial, threads=threads)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    env = dict(os.environ)
+    if spatial > 1:
+        _set_device_count(env, spatial)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [
+        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    try:
+        row = _subprocess_json([sys.executable, "-m", "ldm_jax.bench", "--_worker", f.name],
+                               "BENCH_JSON", env=env, timeout=timeout)
+    finally:
+        os.unlink(f.name)
+    row.setdefault("name", name)
+    return row
+
+
+def measure_monai(config, *, steps, warmup, threads=None, timeout=None):
+    """MONAI's step for the same config in a fresh process; {"error": ...} when not comparable."""
+    reasons = unsupported_reasons(config)
+    if reasons:
+        return {"error": "not comparable: MONAI supports initial factor 1 and factors 2 only; "
+                         + "; ".join(reasons)}
+    spec = dict(config=config.to_dict(), volume=list(config.data.volume_size),
+                batch=int(config.train.batch_size), steps=steps, warmup=warmup,
+                dtype=str(config.autoencoder.dtype), device="auto", threads=threads)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [
+        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    try:
+        return _subprocess_json([sys.executable, "-m", "ldm_jax.bench_monai", "--spec", f.name],
+                                "BENCH_MONAI_JSON", env=env, timeout=timeout)
+    finally:
+        os.unlink(f.name)
+
+
+def add_monai_ratios(row, monai):
+    """MONAI / ours for step time and for peak memory measured the same way."""
+    row["monai"] = monai
+    if "error" in monai:
+        return row
+    ours = row.get("device_peak_bytes") or row.get("host_peak_bytes")
+    if row.get("step_s") and monai.get("step_s"):
+        row["monai_step_ratio"] = round(monai["step_s"] / row["step_s"], 3)
+    if ours and monai.get("peak_memory_bytes"):
+        row["monai_memory_ratio"] = round(monai["peak_memory_bytes"] / ours, 3)
+    return row
+
+
+# ----------------------------------------------------------------------------------------
+# Output.
+
+
+def _gb(b):
+    return "-" if b is None else f"{b / 1e9:.2f}"
+
+
+def _s(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _fmt_factor(t):
+    return config_lib.format_factor(tuple(t)) if t else "-"
+
+
+def format_table(rows):
+    """Markdown table of result rows, plus the definitions of its columns."""
+    seed = any("seed_claim_gb" in r for r in rows)
+    monai = any("monai" in r for r in rows)
+    head = ["config", "volume", "batch", "total factor", "latent", "params", "GFLOP/step",
+            "peak GB (XLA)", "device/host peak GB", "compile s", "step s"]
+    if seed:
+        head.append("seed claim GB")
+    if monai:
+        head += ["MONAI step s", "MONAI peak GB", "MONAI/ours time", "MONAI/ours memory"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r and "params" not in r:
+            lines.append(f"| {r['name']} | error: {r['error'][:200]} |")
+            continue
+        measured = r.get("device_peak_bytes") or r.get("host_peak_bytes")
+        cells = [r["name"], "x".join(map(str, r["volume"])), str(r["batch"]),
+                 _fmt_factor(r["total_factor"]), "x".join(map(str, r["latent_shape"])),
+                 f"{r['params'] / 1e6:.2f} M",
+                 "-" if r["flops"] is None else f"{r['flops'] / 1e9:,.0f}",
+                 _gb(r["peak_memory_bytes"]), _gb(measured), _s(r["compile_s"], 1),
+                 _s(r["step_s"], 3)]
+        if seed:
+            cells.append(_s(r.get("seed_claim_gb"), 1))
+        if monai:
+            m = r.get("monai") or {}
+            if "error" in m:
+                cells += [m["error"][:120], "", "", ""]
+            else:
+                cells += [_s(m.get("step_s"), 3), _gb(m.get("peak_memory_bytes")),
+                          _s(r.get("monai_step_ratio")), _s(r.get("monai_memory_ratio"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(notes(rows))
+    return "\n".join(lines)
+
+
+def notes(rows):
+    ok = [r for r in rows if "backend" in r]
+    where = sorted({f"{r['machine']} ({r['backend']}, jax {r['jax_version']}), {r['date']}"
+                    for r in ok})
+    text = [f"Measured on: {'; '.join(where) or '-'}.",
+            f"peak GB (XLA) = {MEMORY_METHOD} (GB = 1e9 bytes).",
+            "device/host peak GB = after real steps: GPU memory_stats()['peak_bytes_in_use'] "
+            f"(fresh process); CPU {HOST_METHOD}.",
+            "Step = full stage-1 update: autoencoder + PatchGAN (adversarial term on), "
+            "config losses, Adam, state donated."]
+    if any(r.get("simulated_devices") for r in ok):
+        text.append("spatial=N rows: N simulated CPU devices "
+                    "(--xla_force_host_platform_device_count); memory is per device.")
+    if any("monai" in r for r in rows):
+        text.append("MONAI side: same architecture and losses in PyTorch, separate process; "
+                    "ratios are MONAI / ours (>1: ours is faster / smaller), memory measured "
+                    "the same way on both sides.")
+    return "\n".join(text)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line.
+
+
+def _parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m ldm_jax.bench",
+        description="Memory, FLOPs and speed of the stage-1 training step for configurations.")
+    p.add_argument("--config", action="append", default=[],
+                   help="config file (repeatable), e.g. configs/balanced.py")
+    p.add_argument("--table", choices=["seed"],
+                   help="seed: the seed's A-D comparison at 256x256x64 plus aggressive 512^3")
+    p.add_argument("--volume", help="X,Y,Z override of data.volume_size, e.g. 256,256,64")
+    p.add_argument("--batch", type=int, help="global batch size (default: the config's)")
+    p.add_argument("--steps", type=int, default=3, help="timed real steps (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile and analyse only; no real steps (step_s is null)")
+    p.add_argument("--head", choices=list(HEADS) + ["both"],
+                   help="decoder head override; 'both' measures each")
+    p.add_argument("--remat", help="comma list of remat policies: none,res_blocks,levels")
+    p.add_argument("--spatial", default="1",
+                   help="comma list of spatial shard counts, e.g. 1,2,4,8 (per-device memory)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="compute dtype override for autoencoder and discriminator")
+    p.add_argument("--vs-monai", action="store_true",
+                   help="also time MONAI's PyTorch AutoencoderKL + PatchDiscriminator "
+                        "(initial factor 1, factors 2 only)")
+    p.add_argument("--json", help="write the result rows to this JSON file")
+    p.add_argument("--threads", type=int,
+                   help="CPU only: pin each measurement (ours and MONAI's) to this many cores")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process (no fresh worker per configuration)")
+    p.add_argument("--row-timeout", type=float, default=None,
+                   help="seconds allowed per configuration (worker killed after)")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.config and not args.table and not args._worker:
+        p.error("give --config FILE (repeatable) or --table seed")
+    return args
+
+
+def plan_rows(args):
+    """(name, config, seed claim or None, spatial) for every measurement the args ask for."""
+    volume = _parse_ints(args.volume, "--volume", 3) if args.volume else None
+    spatials = _parse_ints(args.spatial, "--spatial")
+    remats = [None]
+    if args.remat:
+        remats = [r.strip() for r in args.remat.split(",") if r.strip()]
+        bad = [r for r in remats if r not in REMAT_MODES]
+        if bad:
+            raise ConfigError(f"--remat {','.join(bad)} is not a policy; use a comma list of "
+                              f"{', '.join(REMAT_MODES)}")
+    heads = [None] if args.head is None else (list(HEADS) if args.head == "both" else [args.head])
+    base = []
+    if args.table == "seed":
+        base += [(n, c, claim) for n, c, claim in seed_table_configs(
+            HEADS if args.head in (None, "both") else (args.head,))]
+    for path in args.config:
+        cfg = load(path)
+        stem = Path(path).stem
+        for head in heads:
+            base.append((stem, bench_config(cfg, head=head), None))
+    rows = []
+    for stem, cfg, claim in base:
+        cfg = bench_config(cfg, volume=volume, batch=args.batch, dtype=args.dtype)
+        config_lib.validate(cfg)
+        for remat in remats:
+            c = bench_config(cfg, remat=remat)
+            if c.train.get("remat") is not None:
+                c.autoencoder.remat = c.train.remat
+            for n in spatials:
+                rows.append((_row_name(stem.split(" ")[0], c, n), c, claim, n))
+    return rows
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    if args._worker:
+        _run_worker(args._worker)
+        return 0
+    try:
+        todo = plan_rows(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.in_process:
+        if max(n for *_, n in todo) > 1:
+            _set_device_count(os.environ, max(n for *_, n in todo))
+        args.threads = limit_threads(args.threads)
+    results = []
+    for name, cfg, claim, spatial in todo:
+        print(f"[bench] {name}: volume {tuple(cfg.data.volume_size)}, batch "
+              f"{cfg.train.batch_size}, spatial {spatial} ...", file=sys.stderr, flush=True)
+        kw = dict(name=name, steps=args.steps, warmup=args.warmup,
+                  compile_only=args.compile_only, spatial=spatial, threads=args.threads)
+        if args.in_process:
+            try:
+                row = measure(cfg, **kw)
+            except ValueError as e:  # ConfigError or a model's size check
+                row = dict(name=name, error=f"{type(e).__name__}: {e}")
+        else:
+            row = measure_isolated(cfg, timeout=args.row_timeout, **kw)
+        if claim is not None:
+            row["seed_claim_gb"] = claim
+        if args.vs_monai:
+            if args.compile_only or args.steps <= 0:
+                row["monai"] = {"error": "skipped: --vs-monai compares real steps; drop "
+                                         "--compile-only"}
+            elif "error" in row:
+                row["monai"] = {"error": "skipped: our side failed"}
+            else:
+                add_monai_ratios(row, measure_monai(cfg, steps=args.steps, warmup=args.warmup,
+                                                    threads=args.threads,
+                                                    timeout=args.row_timeout))
+        results.append(row)
+        print(f"[bench] {name}: " + (row["error"][:300] if "error" in row and "params" not in row
+                                     else f"peak {_gb(row['peak_memory_bytes'])} GB (XLA), "
+                                          f"compile {row['compile_s']} s, step {row['step_s']} s"),
+              file=sys.stderr, flush=True)
+        if args.json:  # after every row: a killed run keeps what it measured
+            _write_json(args.json, results)
+    print(format_table(results))
+    return 0 if all("error" not in r or "params" in r for r in results) else 1
+
+
+def _write_json(path, rows):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
