@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import zlib
@@ -75,10 +76,17 @@ def _sample_key(seed: int, name: str):
     return jax.random.fold_in(jax.random.PRNGKey(int(seed)), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
+def dumps(obj) -> str:
+    """Indented JSON with lists of numbers on one line (shapes, means, affine rows)."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s*([-+0-9.eE,\s]*?|null|true|false)\s*\]",
+                  lambda m: "[" + re.sub(r"\s*,\s*", ", ", m.group(1).strip()) + "]", text)
+
+
 def _write_json(path, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(dumps(obj) + "\n")
     vf._atomic(path, write)
 
 

