@@ -13,6 +13,7 @@ diffusion stage multiplies latents by (the LDM convention for unit-variance late
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -149,68 +150,84 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
     json_path = os.path.join(out_dir, LATENTS_JSON)
 
     stats, entries, bad = LatentStats(), {}, []
-    n_encoded, n_reused, times = 0, 0, []
-    last_save = time.perf_counter()
-    bar = tqdm(list(zip(files, names)), desc="extract", unit="vol", disable=not progress,
-               file=sys.stdout, dynamic_ncols=True)
-    for path, name in bar:
+    n_encoded, n_reused, done_at = 0, 0, []
+    last_save = t_start = time.perf_counter()
+    plan = []  # (path, name, targets, formats to write, earlier entry)
+    for path, name in zip(files, names):
         targets = {f: os.path.join(out_dir, name + vf.SUFFIXES[f]) for f in fmts}
         missing = [f for f in fmts if overwrite or not os.path.exists(targets[f])]
-        entry = previous.get(name)
-        if not missing and entry is not None:
-            z, _ = vf.read_latent(targets["npy" if "npy" in fmts else "nifti"])
-            if z.shape[-1] != ae.latent_channels:
-                raise ValueError(f"{targets[fmts[0]]} has {z.shape[-1]} channels, not the "
-                                 f"model's {ae.latent_channels}; use --overwrite or a new --output")
-            stats.update(z)
-            entries[name] = entry
-            n_reused += 1
-            continue
-        t0 = time.perf_counter()
-        try:
-            vol, affine = data_lib.load_volume(path, ae.config)
-        except data_lib.VolumeShapeError as e:  # a layout the model cannot take: not skipped
-            raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
-                                       f"{ae.in_channels}) volumes.") from None
-        except data_lib.DataError as e:
-            if not skip_bad_files:
-                raise data_lib.DataError(f"{e}\n(--skip_bad_files skips unreadable files and "
-                                         "counts them.)") from None
-            bad.append({"input": os.path.abspath(path), "reason": str(e)})
-            log(f"skipped {path}: {e}")
-            continue
-        lay = ae.layout(vol.shape)
-        if lay.was_padded or lay.window is not None:
-            log(f"{name}: {lay.describe()}")
-        if not missing:  # outputs exist from an interrupted run: reuse, just record them
-            z, _ = vf.read_latent(targets["npy" if "npy" in fmts else "nifti"])
-            n_reused += 1
-        else:
+        plan.append((path, name, targets, missing, previous.get(name)))
+    needs_load = [bool(m) or e is None for _, _, _, m, e in plan]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    loads = {}
+
+    def prefetch(i):  # read + preprocess the next volume while this one is encoded
+        if i < len(plan) and needs_load[i] and i not in loads:
+            loads[i] = pool.submit(data_lib.load_volume, plan[i][0], ae.config)
+
+    bar = tqdm(range(len(plan)), desc="extract", unit="vol", disable=not progress,
+               file=sys.stdout, dynamic_ncols=True)
+    try:
+        for i in bar:
+            path, name, targets, missing, entry = plan[i]
+            if not needs_load[i]:
+                z, _ = vf.read_latent(targets["npy" if "npy" in fmts else "nifti"])
+                if z.shape[-1] != ae.latent_channels:
+                    raise ValueError(f"{targets[fmts[0]]} has {z.shape[-1]} channels, not "
+                                     f"the model's {ae.latent_channels}; use --overwrite or "
+                                     "a new --output")
+                stats.update(z)
+                entries[name] = entry
+                n_reused += 1
+                continue
+            prefetch(i)
+            prefetch(i + 1)
             try:
-                z = ae.encode_volume(vol, sample=sample,
-                                     key=_sample_key(seed, name) if sample else None)
-            except ValueError as e:
-                raise type(e)(f"{path}: {e}") from None
-            lat_affine = latent_affine(affine, ae.factor)
-            for f in missing:
-                vf.save(os.path.join(out_dir, name), f, z, lat_affine)
-            n_encoded += 1
-            times.append(time.perf_counter() - t0)
-        stats.update(z)
-        entries[name] = {
-            "input": os.path.abspath(path),
-            "input_shape": list(lay.shape),
-            "padded_shape": list(lay.padded),
-            "latent_shape": list(z.shape),
-            "windows": lay.num_windows,
-            "affine": np.asarray(affine, float).round(9).tolist(),
-            "latent_affine": latent_affine(affine, ae.factor).round(9).tolist(),
-            "outputs": [os.path.basename(t) for t in targets.values()],
-        }
-        if time.perf_counter() - last_save > _SAVE_EVERY_S:  # resumable record
-            _write_json(json_path, dict(meta, files=entries, complete=False))
-            last_save = time.perf_counter()
-    bar.close()
+                vol, affine = loads.pop(i).result()
+            except data_lib.VolumeShapeError as e:  # a layout the model cannot take
+                raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
+                                           f"{ae.in_channels}) volumes.") from None
+            except data_lib.DataError as e:
+                if not skip_bad_files:
+                    raise data_lib.DataError(f"{e}\n(--skip_bad_files skips unreadable files "
+                                             "and counts them.)") from None
+                bad.append({"input": os.path.abspath(path), "reason": str(e)})
+                log(f"skipped {path}: {e}")
+                continue
+            lay = ae.layout(vol.shape)
+            if lay.was_padded or lay.window is not None:
+                log(f"{name}: {lay.describe()}")
+            if not missing:  # outputs exist from an interrupted run: reuse, just record them
+                z, _ = vf.read_latent(targets["npy" if "npy" in fmts else "nifti"])
+                n_reused += 1
+            else:
+                try:
+                    z = ae.encode_volume(vol, sample=sample,
+                                         key=_sample_key(seed, name) if sample else None)
+                except ValueError as e:
+                    raise type(e)(f"{path}: {e}") from None
+                lat_affine = latent_affine(affine, ae.factor)
+                for f in missing:
+                    vf.save(os.path.join(out_dir, name), f, z, lat_affine)
+                n_encoded += 1
+                done_at.append(time.perf_counter())
+            stats.update(z)
+            entries[name] = {
+                "input": os.path.abspath(path),
+                "input_shape": list(lay.shape),
+                "padded_shape": list(lay.padded),
+                "latent_shape": list(z.shape),
+                "windows": lay.num_windows,
+                "affine": np.asarray(affine, float).round(9).tolist(),
+                "latent_affine": latent_affine(affine, ae.factor).round(9).tolist(),
+                "outputs": [os.path.basename(t) for t in targets.values()],
+            }
+            if time.perf_counter() - last_save > _SAVE_EVERY_S:  # resumable record
+                _write_json(json_path, dict(meta, files=entries, complete=False))
+                last_save = time.perf_counter()
+    finally:
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
 
     if not entries:
         raise data_lib.DataError(
@@ -219,10 +236,12 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
                   skipped_bad_files=bad, complete=True)
     _write_json(json_path, result)
     rate = ""
-    if times:
-        rate = f" in {sum(times):.1f} s ({len(times) / sum(times):.2f} volumes/s"
-        if len(times) > 1:  # the first volume includes compilation
-            rate += f"; {(len(times) - 1) / sum(times[1:]):.2f} volumes/s after the first"
+    if done_at:
+        total = done_at[-1] - t_start
+        rate = f" in {total:.1f} s ({len(done_at) / total:.2f} volumes/s"
+        if len(done_at) > 1:  # the first volume includes compilation
+            rate += (f"; {(len(done_at) - 1) / (done_at[-1] - done_at[0]):.2f} volumes/s "
+                     "after the first")
         rate += ")"
     sf = result.get("scale_factor")
     log(f"Encoded {n_encoded} volume(s){rate}, reused {n_reused} existing, skipped "
