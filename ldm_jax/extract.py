@@ -1,4 +1,4 @@
-"""Turn a dataset into latents for the diffusion stage.
+r"""Turn a dataset into latents for the diffusion stage.
 
   python -m ldm_jax.extract --workdir runs/x --input DIR_OR_GLOB --output latents/ \
       [--step best|latest|N] [--format npy|nifti|both] [--sample --seed S] [--overwrite]

@@ -1,4 +1,4 @@
-"""See what the autoencoder keeps: volume -> latent (mu) -> reconstruction, with scores.
+r"""See what the autoencoder keeps: volume -> latent (mu) -> reconstruction, with scores.
 
   python -m ldm_jax.reconstruct --workdir runs/x --input DIR_OR_GLOB --output recon/ \
       [--step best|latest|N] [--denormalize] [--overwrite]
