@@ -88,7 +88,7 @@ def _write_json(path, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(dumps(obj) + "\n")
-    vf._atomic(path, write)
+    vf.atomic_write(path, write)
 
 
 def _previous(out_dir, meta, overwrite, log):

@@ -115,7 +115,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     def write_json(tmp):
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
-    vf._atomic(metrics_path, write_json)
+    vf.atomic_write(metrics_path, write_json)
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
@@ -123,7 +123,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
             w.writerow(["name", "psnr", "ssim", "mae", "input"])
             for n, r in sorted(rows.items()):
                 w.writerow([n, r.get("psnr", ""), r.get("ssim", ""), r.get("mae", ""), r["input"]])
-    vf._atomic(os.path.join(out_dir, "metrics.csv"), write_csv)
+    vf.atomic_write(os.path.join(out_dir, "metrics.csv"), write_csv)
     means = ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
     log(f"Reconstructed {n_done}, skipped {n_skipped} existing and {len(bad)} unreadable. "
         f"Mean over {len(scored)} file(s): {means or 'n/a'}. Wrote {metrics_path}.")

@@ -86,7 +86,8 @@ def prepare_output_dir(output: str, input_paths=()) -> str:
     return out
 
 
-def _atomic(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """Calls write(tmp_path) then renames tmp_path to `path` (no half-written outputs)."""
     d, base = os.path.split(path)
     tmp = os.path.join(d, f".{base}.{uuid.uuid4().hex[:8]}.partial")
     if base.endswith(".nii.gz"):
@@ -103,7 +104,7 @@ def save_npy(path: str, arr) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(arr, np.float32))
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def save_nifti(path: str, arr, affine) -> None:
@@ -117,7 +118,7 @@ def save_nifti(path: str, arr, affine) -> None:
     img.header.set_data_dtype(np.float32)
     img.set_qform(np.asarray(affine, np.float64), code=1)
     img.set_sform(np.asarray(affine, np.float64), code=1)
-    _atomic(path, lambda tmp: nib.save(img, tmp))
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def save(path_stem: str, fmt: str, arr, affine) -> str:
