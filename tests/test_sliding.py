@@ -119,3 +119,13 @@ def test_padding_and_affines_round_trip():
     # Latent voxel 0 sits at the centre of input voxels 0..f-1.
     np.testing.assert_allclose(lat @ [0, 0, 0, 1], aff @ [0.5, 0.5, 1.5, 1])
     np.testing.assert_allclose(volume_affine(lat, (2, 2, 4)), aff, atol=1e-12)
+
+
+def test_parse_window():
+    from ldm_jax.config import ConfigError
+    from ldm_jax.inference import parse_window
+    assert parse_window("whole", (2, 2, 2)) is None and parse_window(0, (2, 2, 2)) is None
+    assert parse_window("64,64,32", (16, 16, 16)) == (64, 64, 32)
+    assert parse_window(32, (2, 2, 1)) == (32, 32, 32)
+    with pytest.raises(ConfigError, match=r"Try \(48, 48, 32\)"):
+        parse_window((50, 48, 32), (16, 16, 16))
