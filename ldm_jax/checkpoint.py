@@ -31,6 +31,9 @@ def make_manager(workdir, keep=3, read_only=False, item_names=None):
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=not read_only, read_only=read_only,
+        # best_fn only makes orbax write each step's metrics (for best_step after a
+        # restart); which steps survive is decided by the policy above.
+        best_fn=lambda m: m[BEST_METRIC], best_mode="min",
         enable_async_checkpointing=False)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                  item_names=item_names)

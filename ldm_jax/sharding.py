@@ -34,8 +34,15 @@ def mesh_shape(mesh_cfg, num_devices):
 
 
 def make_mesh(mesh_cfg, devices=None):
-    """Builds the ("data", "spatial") mesh with Auto axes (Flax linen needs them)."""
+    """Builds the ("data", "spatial") mesh with Auto axes (Flax linen needs them).
+
+    With both axes given explicitly (no -1) and fewer devices asked for than exist, the
+    mesh takes the first data*spatial devices: `mesh.data=1` means one device.
+    """
     devices = jax.devices() if devices is None else list(devices)
+    data, spatial = int(mesh_cfg.data), int(mesh_cfg.spatial)
+    if data > 0 and spatial > 0 and data * spatial < len(devices):
+        devices = devices[: data * spatial]
     shape = mesh_shape(mesh_cfg, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))

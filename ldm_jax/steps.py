@@ -79,7 +79,8 @@ class Stage1:
 
         def generator_loss(g_params):
             recon, z_mu, z_sigma = self.ae.apply(
-                {"params": g_params}, x_in, rngs={"sample": sample_rng})
+                {"params": g_params}, x_in, sample=bool(loss_cfg.sample_posterior),
+                rngs={"sample": sample_rng})
             rec = losses.reconstruction_loss(recon, target, loss_cfg)
             kl = losses.kl_loss(z_mu, z_sigma)
             total = rec + loss_cfg.kl_weight * kl

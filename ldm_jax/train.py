@@ -157,8 +157,8 @@ def train_and_evaluate(config, workdir, progress=True):
     from ldm_jax.plan import format_plan
     _say(format_plan(config))
     _say(f"Mesh: data={mesh.shape['data']} x spatial={mesh.shape['spatial']} over "
-         f"{len(jax.devices())} {jax.devices()[0].platform} device(s), "
-         f"{jax.process_count()} process(es)")
+         f"{mesh.devices.size} of {len(jax.devices())} {jax.devices()[0].platform} "
+         f"device(s), {jax.process_count()} process(es)")
 
     stage, perceptual_params = build_stage1(config)
     state, abstract_state = init_train_state(stage, config, mesh)

@@ -17,8 +17,15 @@ def _params(state):
     return jax.tree.leaves(jax.device_get(state.g_params))
 
 
-def test_run_writes_outputs_and_resume_is_exact(tmp_path, capsys):
+def _bf16_tiny():
     config = tiny_config()
+    config.autoencoder.dtype = "bfloat16"
+    config.discriminator.dtype = "bfloat16"
+    return config
+
+
+def test_run_writes_outputs_and_resume_is_exact(tmp_path, capsys):
+    config = _bf16_tiny()
     one_run = train_and_evaluate(config, tmp_path / "a", progress=False)
 
     config.train.num_steps = 2
@@ -63,14 +70,47 @@ def _tree_hash(path):
     return h.hexdigest()
 
 
-def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
-    config = tiny_config()
+class _Poisoned:
+    """Wraps the data iterator (state and all) but puts a NaN into every batch."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self.it))
+        batch["image"] = np.array(batch["image"])
+        batch["image"][..., 0, 0, 0, :] = np.nan
+        return batch
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    config = _bf16_tiny()
     config.train.num_steps = 2
     train_and_evaluate(config, tmp_path, progress=False)
     before = _tree_hash(tmp_path / "checkpoints")
+
+    import ldm_jax.data
+    real = ldm_jax.data.make_train_loader
+
+    class PoisonedLoader:
+        def __init__(self, *a, **k):
+            self.loader = real(*a, **k)
+
+        def __iter__(self):
+            return _Poisoned(iter(self.loader))
+
+    monkeypatch.setattr(ldm_jax.data, "make_train_loader", PoisonedLoader)
     config.train.num_steps = 20
     config.train.max_bad_steps = 3
-    config.loss.kl_weight = float("nan")
     with pytest.raises(TrainingDivergedError, match="3 steps in a row"):
         train_and_evaluate(config, tmp_path, progress=False)
     assert _tree_hash(tmp_path / "checkpoints") == before
