@@ -224,7 +224,9 @@ def train_and_evaluate(config, workdir, progress=True):
                 writers.write(step, val)
                 last_metrics.update(val)
                 _say(f"\nstep {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
-            if step % int(config.train.save_every_steps) == 0 or step == num_steps:
+            # No checkpoint during a streak of skipped steps: the last good one stays latest.
+            if bad == 0 and (step % int(config.train.save_every_steps) == 0
+                             or step == num_steps):
                 ckpt.save(manager, step, state, config, train_iter,
                           dict(last_metrics, **(val or {})) if val else last_metrics)
             if bar is not None:

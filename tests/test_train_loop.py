@@ -63,11 +63,13 @@ def test_keep_policy_keeps_latest_and_best(tmp_path):
 
 
 def _tree_hash(path):
-    h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(path)):
-        for f in sorted(files):
-            h.update(open(os.path.join(root, f), "rb").read())
-    return h.hexdigest()
+    """{relative file path: sha256} of everything under `path`."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            out[os.path.relpath(full, path)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
+    return out
 
 
 class _Poisoned:
@@ -90,6 +92,9 @@ class _Poisoned:
 
     def set_state(self, state):
         self.it.set_state(state)
+
+    def start_prefetch(self):
+        self.it.start_prefetch()
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
