@@ -95,7 +95,7 @@ else
 fi
 
 # --- 2. The seed table with real steps. --------------------------------------------------
-bench seed_table 120 --table seed --steps 3
+bench seed_table 120 --table seed --steps 3 --plot "$OUT/seed_memory_gpu.png"
 
 # --- 3. Gradient checkpointing (the none rows are in the seed table). --------------------
 bench remat 60 --config configs/balanced.py --config configs/aggressive.py \

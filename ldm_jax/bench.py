@@ -324,6 +324,7 @@ def _run_worker(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
     threads = limit_threads(spec.get("threads"))  # before JAX sizes its thread pools
+    _like_train_py()
     import ml_collections
     config = ml_collections.ConfigDict(spec["config"])
     try:
@@ -335,6 +336,13 @@ def _run_worker(spec_path):
     except Exception as e:  # report the row as failed (e.g. out of memory) and go on
         row = dict(name=spec["name"], error=f"{type(e).__name__}: {str(e)[:2000]}")
     print("BENCH_JSON " + json.dumps(row), flush=True)
+
+
+def _like_train_py():
+    """The process-wide JAX settings train.py makes, so the step measured is the one trained."""
+    import jax
+    if jax.default_backend() == "cpu":
+        jax.config.update("jax_threefry_partitionable", False)
 
 
 def _set_device_count(env, n):
@@ -519,16 +527,22 @@ def _parse_args(argv):
                    help="also time MONAI's PyTorch AutoencoderKL + PatchDiscriminator "
                         "(initial factor 1, factors 2 only)")
     p.add_argument("--json", help="write the result rows to this JSON file")
+    p.add_argument("--only", help="comma list: measure only rows whose name starts with one "
+                                  "of these, e.g. 'B,C nearest_conv'")
     p.add_argument("--threads", type=int,
                    help="CPU only: pin each measurement (ours and MONAI's) to this many cores")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (no fresh worker per configuration)")
     p.add_argument("--row-timeout", type=float, default=None,
                    help="seconds allowed per configuration (worker killed after)")
+    p.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="print the table (and --plot) of rows saved earlier with --json")
+    p.add_argument("--plot", metavar="PNG",
+                   help="also draw peak memory against total factor per head (256x256x64 rows)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not args.config and not args.table and not args._worker:
-        p.error("give --config FILE (repeatable) or --table seed")
+    if not args.config and not args.table and not args._worker and not args.from_json:
+        p.error("give --config FILE (repeatable), --table seed or --from-json FILE")
     return args
 
 
@@ -563,6 +577,12 @@ def plan_rows(args):
                 c.autoencoder.remat = c.train.remat
             for n in spatials:
                 rows.append((_row_name(stem.split(" ")[0], c, n), c, claim, n))
+    if args.only:
+        keep = [k.strip() for k in args.only.split(",") if k.strip()]
+        rows = [r for r in rows if any(r[0].startswith(k) for k in keep)]
+        if not rows:
+            raise ConfigError(f"--only {args.only!r} matches no row; names look like "
+                              "'B subpixel' or 'balanced remat=levels'")
     return rows
 
 
@@ -570,6 +590,14 @@ def main(argv=None):
     args = _parse_args(argv)
     if args._worker:
         _run_worker(args._worker)
+        return 0
+    if args.from_json:
+        rows = []
+        for path in args.from_json:
+            with open(path) as f:
+                rows += json.load(f)
+        print(format_table(rows))
+        _maybe_plot(args.plot, rows)
         return 0
     try:
         todo = plan_rows(args)
@@ -580,6 +608,7 @@ def main(argv=None):
         if max(n for *_, n in todo) > 1:
             _set_device_count(os.environ, max(n for *_, n in todo))
         args.threads = limit_threads(args.threads)
+        _like_train_py()
     results = []
     for name, cfg, claim, spatial in todo:
         print(f"[bench] {name}: volume {tuple(cfg.data.volume_size)}, batch "
@@ -613,7 +642,23 @@ def main(argv=None):
         if args.json:  # after every row: a killed run keeps what it measured
             _write_json(args.json, results)
     print(format_table(results))
+    _maybe_plot(args.plot, results)
     return 0 if all("error" not in r or "params" in r for r in results) else 1
+
+
+def _maybe_plot(path, rows):
+    if not path:
+        return
+    from ldm_jax.bench_plot import plot_memory
+    ok = [r for r in rows if "backend" in r]
+    gpu = any(r.get("device_peak_bytes") for r in ok)
+    key = "device_peak_bytes" if gpu else "peak_memory_bytes"
+    where = "; ".join(sorted({f"{r['machine']} ({r['backend']}), {r['date']}" for r in ok}))
+    what = ("memory_stats peak_bytes_in_use" if gpu else "XLA memory analysis "
+            "(argument + output - alias + temp)")
+    plot_memory(rows, path, "Peak memory of one training step, 256x256x64, batch 1",
+                note=f"{what}; measured on {where}", key=key)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _write_json(path, rows):

@@ -119,6 +119,13 @@ def test_plan_rows_expand_heads_remat_and_spatial(tmp_path):
         assert spatial == (4 if "spatial=4" in name else 1)
 
 
+def test_only_filters_rows_by_name_prefix():
+    args = bench._parse_args(["--table", "seed", "--only", "A,C sub"])
+    assert [r[0] for r in bench.plan_rows(args)] == ["A", "C subpixel"]
+    with pytest.raises(ConfigError, match="matches no row"):
+        bench.plan_rows(bench._parse_args(["--table", "seed", "--only", "Z"]))
+
+
 def test_bad_arguments_fail_with_a_message(capsys):
     assert bench.main(["--config", "configs/balanced.py", "--volume", "250,256,64"]) == 2
     err = capsys.readouterr().err
