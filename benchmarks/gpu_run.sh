@@ -37,41 +37,51 @@ left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 say "python: $($PY --version 2>&1) at $(command -v $PY)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 
-# --- What is installed? -----------------------------------------------------------------
-$PY - <<'EOF' 2>&1 | tee "$OUT/env.txt" | tee -a "$LOG"
-import importlib
+# --- What is installed? (one process; its verdicts go to $OUT/env.sh) ----------------------
+OUT="$OUT" $PY - <<'EOF' 2>&1 | tee "$OUT/env.txt" | tee -a "$LOG"
+import importlib, os
+ok = {}
 for name in ["jax", "jaxlib", "flax", "optax", "ml_collections", "orbax.checkpoint", "grain",
-             "numpy", "PIL", "torch", "monai"]:
+             "absl", "numpy", "PIL", "torch", "monai"]:
     try:
         m = importlib.import_module(name)
+        ok[name] = True
         print(f"ok      {name} {getattr(m, '__version__', '')}")
     except Exception as e:
+        ok[name] = False
         print(f"MISSING {name}: {type(e).__name__}: {e}")
+backend, train_ok, cuda = "none", 0, 0
 try:
     import jax
+    backend = jax.default_backend()
     print("jax devices:", jax.devices())
 except Exception as e:
-    print("MISSING jax GPU backend:", e)
-try:
-    import torch
-    print("torch cuda:", torch.cuda.is_available(),
-          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+    print("MISSING jax backend:", e)
+try:  # ldm_jax.train (the step measured) pulls in flax, optax, orbax, grain, absl, PIL
+    import ldm_jax.bench, ldm_jax.train  # noqa: F401
+    train_ok = 1
 except Exception as e:
-    print("torch unavailable:", e)
+    print(f"MISSING for ldm_jax.train: {type(e).__name__}: {e}")
+if ok.get("torch"):
+    import torch
+    cuda = int(torch.cuda.is_available())
+    print("torch cuda:", bool(cuda), torch.cuda.get_device_name(0) if cuda else "")
+with open(os.path.join(os.environ["OUT"], "env.sh"), "w") as f:
+    f.write(f"JAX_BACKEND={backend}\nTRAIN_OK={train_ok}\n"
+            f"HAVE_MONAI={int(bool(cuda and ok.get('monai')))}\n")
 EOF
-
-if ! $PY -c "import jax, flax, optax, ml_collections, ldm_jax.bench" 2>>"$LOG"; then
-    say "FATAL: cannot import jax/flax/optax/ml_collections/ldm_jax.bench (see env.txt above)."
+JAX_BACKEND=none; TRAIN_OK=0; HAVE_MONAI=0
+[ -f "$OUT/env.sh" ] && . "$OUT/env.sh"
+if [ "$TRAIN_OK" != 1 ]; then
+    say "FATAL: cannot import ldm_jax.train (missing package above; see env.txt)."
     say "Carry a folder of the missing pure-Python packages and set PYTHONPATH to it."
     exit 2
 fi
-if ! $PY -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then
-    say "WARNING: JAX sees no GPU (backend $($PY -c 'import jax; print(jax.default_backend())'))."
-    say "The numbers below would be CPU numbers; stopping to save the lease."
+if [ "$JAX_BACKEND" != gpu ] && [ "${ALLOW_CPU:-0}" != 1 ]; then
+    say "WARNING: JAX sees no GPU (backend $JAX_BACKEND)."
+    say "The numbers would be CPU numbers; stopping (ALLOW_CPU=1 runs anyway)."
     exit 3
 fi
-HAVE_MONAI=1
-$PY -c "import torch, monai, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null || HAVE_MONAI=0
 
 bench() {  # bench NAME MIN_SECONDS_LEFT ARGS...
     local name="$1" need="$2"; shift 2

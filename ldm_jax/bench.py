@@ -37,10 +37,12 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -357,15 +359,22 @@ def _set_device_count(env, n):
 
 def _subprocess_json(cmd, marker, env=None, timeout=None):
     """Runs cmd, streams its stderr, returns the JSON after `marker` on stdout (or an error)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
+                            cwd=str(REPO_ROOT))
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
-                              timeout=timeout, cwd=str(REPO_ROOT))
+        stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return {"error": f"timed out after {timeout} s"}
-    for line in reversed(proc.stdout.splitlines()):
+    finally:  # also on SIGTERM / Ctrl-C of the bench: never leave a worker holding a GPU
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for line in reversed(stdout.splitlines()):
         if line.startswith(marker + " "):
             return json.loads(line[len(marker) + 1:])
-    tail = proc.stdout[-1500:]
+    tail = stdout[-1500:]
     return {"error": f"exit code {proc.returncode} without a result (killed, out of memory?). "
                      f"Output tail: {tail}"}
 
@@ -588,6 +597,17 @@ def plan_rows(args):
 
 def main(argv=None):
     args = _parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    # `timeout` sends SIGTERM: exit through the finally blocks that stop workers.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args):
     if args._worker:
         _run_worker(args._worker)
         return 0
