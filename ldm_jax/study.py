@@ -399,7 +399,7 @@ def _load_strip(path: Path):
     return np.asarray(Image.open(path).convert("L"))
 
 
-def _label(strip, text: str, width: int = 230):
+def _label(strip, text: str, width: int = 180):
     """A strip with `text` written in a white margin on its left (PIL's built-in font)."""
     from PIL import Image, ImageDraw
 
@@ -558,13 +558,18 @@ def write_report(out: Path, bench_json: Sequence[str] = ()) -> dict:
         input_png = out / "runs" / f"{dataset}__input.png"
         if not runs or not input_png.exists():
             continue
-        rows = [_label(_load_strip(input_png), "held-out input\nXY | XZ | YZ | XY MIP")]
+        rows = [_label(_load_strip(input_png), "held-out volume 0 (input)\nmid-slices XY | XZ | YZ"
+                       "\nand the XY max projection")]
         for r in runs:
             strip = out / "runs" / f"{dataset}__{r['variant']}.png"
             if strip.exists():
                 p = r["summary"]["psnr"]
-                rows.append(_label(_load_strip(strip), f"{r['label']}\nPSNR {p['mean']:.2f} dB"
-                                   " (all held-out)"))
+                init, factors = BASES[r["base"]]
+                stem = "seed kernel 3" if r["strided_kernel"] == SEED_KERNEL else "voxel-complete"
+                text = (f"{r['base']}: stem {init}, levels {factors}\n"
+                        f"{r['head'] if init > 1 else 'head: conv'}, {stem}\n"
+                        f"PSNR {p['mean']:.2f} dB (held-out mean)")
+                rows.append(_label(_load_strip(strip), text))
         from ldm_jax import visualize
         visualize.save_grid(rows, out / f"recon_{dataset}.png")
     return study
