@@ -6,7 +6,7 @@ configured it trains on built-in synthetic filament volumes.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/balanced.py", "Config file (.py).",
@@ -22,6 +22,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax/jax INFO lines drown the progress
     import jax
     if FLAGS.multihost:
         jax.distributed.initialize()
