@@ -1,8 +1,10 @@
-"""Reconstruction quality against downsampling: the seed's configurations A-D, measured.
+r"""Reconstruction quality against downsampling: the seed's configurations A-D, measured.
 
     python -m ldm_jax.study --out benchmarks/quality                  # CPU-sized defaults
-    python -m ldm_jax.study --out runs/q --volume 128,128,64 --steps 3000 --dtype bfloat16
-    python -m ldm_jax.study --out runs/q --shard 0/4 & ... ; python -m ldm_jax.study --out runs/q --report
+    python -m ldm_jax.study --out runs/q --volume 128,128,64 --channels 32,64,64 \
+        --norm-groups 32 --dtype bfloat16 --batch 2 --steps 3000          # on a GPU
+    SHARDS=8 bash benchmarks/quality/gpu_study.sh runs/q 600 [same args]  # parallel shards
+    python -m ldm_jax.study --out runs/q --report --bench-json bench.json  # tables, PNGs
 
 Why: the seed claims the stem factor 2 costs "< 2%" reconstruction quality but never
 computed a PSNR. A user trading memory for quality needs the measured trade-off, and the
@@ -21,7 +23,9 @@ Each run writes `<out>/runs/<dataset>__<variant>.json` (+ a PNG strip of one hel
 reconstruction) as soon as it finishes; a rerun with the same settings skips finished
 runs, so an interrupted study resumes and shards (`--shard i/n`) can run in parallel
 processes. `--report` (also run at the end of an unsharded study) gathers the runs into
-`<out>/study.json` and `<out>/recon_<dataset>.png`.
+`<out>/study.json`, `<out>/table.md` and `<out>/recon_<dataset>.png`; the peak-memory
+column comes from `--memory` (the bench's compile-only analysis, per variant) or from
+`python -m ldm_jax.bench --json` files given with `--bench-json`.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def variants() -> list:
 class Settings:
     """Everything that makes two runs comparable; stored in every run's JSON."""
 
-    steps: int = 300
+    steps: int = 150
     volume: tuple = (64, 64, 32)
     channels: tuple = (16, 32, 32)
     norm_groups: int = 8
@@ -590,7 +594,8 @@ def _ints(text: str, name: str) -> tuple:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ldm_jax.study", description=__doc__.split("\n\n")[2],
+    p = argparse.ArgumentParser(prog="python -m ldm_jax.study",
+                                description="\n\n".join(__doc__.split("\n\n")[:3]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Settings()
     p.add_argument("--out", default="benchmarks/quality", help="output folder")
