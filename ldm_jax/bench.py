@@ -113,6 +113,28 @@ def bench_config(config, *, volume=None, batch=None, head=None, remat=None, dtyp
     return config
 
 
+def apply_override(config, item):
+    """Sets one `section.field=value` (value parsed as a Python literal, else a string)."""
+    import ast
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = config
+    for p in parts[:-1]:
+        node = node.get(p) if hasattr(node, "get") else None
+        if node is None:
+            break
+    if not sep or node is None or parts[-1] not in node:
+        raise ConfigError(f"--set {item!r}: expected an existing field as section.field=value, "
+                          "e.g. discriminator.num_channels=16 (see configs/default.py)")
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        value = text.strip()
+    with config.ignore_type():
+        node[parts[-1]] = value
+    return config
+
+
 def seed_table_configs(heads=HEADS):
     """The seed's comparison as (name, config, claimed GB) rows, one per decoder head.
 
@@ -530,6 +552,9 @@ def _parse_args(argv):
     p.add_argument("--remat", help="comma list of remat policies: none,res_blocks,levels")
     p.add_argument("--spatial", default="1",
                    help="comma list of spatial shard counts, e.g. 1,2,4,8 (per-device memory)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field (repeatable), e.g. "
+                        "--set discriminator.num_channels=16 --set loss.recon=mse")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype override for autoencoder and discriminator")
     p.add_argument("--vs-monai", action="store_true",
@@ -579,13 +604,16 @@ def plan_rows(args):
     rows = []
     for stem, cfg, claim in base:
         cfg = bench_config(cfg, volume=volume, batch=args.batch, dtype=args.dtype)
+        for item in args.set:
+            apply_override(cfg, item)
         config_lib.validate(cfg)
         for remat in remats:
             c = bench_config(cfg, remat=remat)
             if c.train.get("remat") is not None:
                 c.autoencoder.remat = c.train.remat
             for n in spatials:
-                rows.append((_row_name(stem.split(" ")[0], c, n), c, claim, n))
+                name = " ".join([_row_name(stem.split(" ")[0], c, n)] + list(args.set))
+                rows.append((name, c, claim, n))
     if args.only:
         keep = [k.strip() for k in args.only.split(",") if k.strip()]
         rows = [r for r in rows if any(r[0].startswith(k) for k in keep)]

@@ -126,6 +126,16 @@ def test_only_filters_rows_by_name_prefix():
         bench.plan_rows(bench._parse_args(["--table", "seed", "--only", "Z"]))
 
 
+def test_set_overrides_fields_and_names_the_row():
+    args = bench._parse_args(["--config", "configs/aggressive.py", "--set",
+                              "discriminator.num_channels=16", "--set", "loss.recon=mse"])
+    [(name, c, _, _)] = bench.plan_rows(args)
+    assert c.discriminator.num_channels == 16 and c.loss.recon == "mse"
+    assert name == "aggressive nearest_conv discriminator.num_channels=16 loss.recon=mse"
+    with pytest.raises(ConfigError, match="existing field"):
+        bench.apply_override(c, "discriminator.channels=16")
+
+
 def test_bad_arguments_fail_with_a_message(capsys):
     assert bench.main(["--config", "configs/balanced.py", "--volume", "250,256,64"]) == 2
     err = capsys.readouterr().err
