@@ -21,7 +21,9 @@ What the numbers are (also printed under every table):
   memory_stats()["peak_bytes_in_use"], each row in a fresh process.
 - host_peak_bytes (CPU, real steps): peak RSS delta (see ldm_jax.bench_monai.HostPeak).
 - flops: XLA cost analysis of the compiled step (per device for a sharded step).
-- step_s: median wall time of --steps real steps after --warmup steps, each blocked on.
+- step_s: median wall time of --steps real steps after --warmup steps, each blocked on;
+  step_cpu_s: the same steps' median process CPU time (all threads), steadier than wall
+  time on a shared CPU.
 The discriminator is trained from the first step (loss.adv_warmup_steps = 0), so the step
 measured is the full one a run reaches after its warm-up.
 
@@ -316,14 +318,17 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
         state, metrics = compiled(state, batch, perceptual_params)
         jax.block_until_ready((state, metrics))
     host.start()
-    times = []
+    times, cpu_times = [], []
     for _ in range(int(steps)):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         state, metrics = compiled(state, batch, perceptual_params)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
     row["step_times"] = [round(t, 4) for t in times]
     row["step_s"] = round(statistics.median(times), 4)
+    # CPU seconds of this process per step: on a shared CPU less noisy than wall time.
+    row["step_cpu_s"] = round(statistics.median(cpu_times), 4)
     row["loss"] = float(metrics["loss"])
     stats = [d.memory_stats() for d in devices]
     if all(s and "peak_bytes_in_use" in s for s in stats):
@@ -451,6 +456,8 @@ def add_monai_ratios(row, monai):
     ours = row.get("device_peak_bytes") or row.get("host_peak_bytes")
     if row.get("step_s") and monai.get("step_s"):
         row["monai_step_ratio"] = round(monai["step_s"] / row["step_s"], 3)
+    if row.get("step_cpu_s") and monai.get("step_cpu_s"):
+        row["monai_step_cpu_ratio"] = round(monai["step_cpu_s"] / row["step_cpu_s"], 3)
     if ours and monai.get("peak_memory_bytes"):
         row["monai_memory_ratio"] = round(monai["peak_memory_bytes"] / ours, 3)
     return row

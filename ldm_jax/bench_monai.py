@@ -288,12 +288,13 @@ def _run(spec, torch):
         losses.append(step())
     sync()
     host.start()
-    times = []
+    times, cpu_times = [], []
     for _ in range(int(spec["steps"])):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(step())
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     out = dict(
         framework=f"monai {__import__('monai').__version__} / torch {torch.__version__}",
         device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
@@ -304,6 +305,7 @@ def _run(spec, torch):
         disc_params=sum(p.numel() for p in disc.parameters()),
         step_s=statistics.median(times) if times else None,
         step_times=times,
+        step_cpu_s=statistics.median(cpu_times) if cpu_times else None,
         loss_finite=all(l == l and abs(l) != float("inf") for l in losses),
     )
     if dev.type == "cuda":

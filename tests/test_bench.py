@@ -66,7 +66,7 @@ def test_cli_json_and_table_with_real_steps(tmp_path, capsys):
                                         + mem["temp"])
     assert mem["alias"] >= state_bytes  # the state is donated
     assert row["flops"] > 0 and row["compile_s"] > 0
-    assert row["step_s"] > 0 and len(row["step_times"]) == 2
+    assert row["step_s"] > 0 and len(row["step_times"]) == 2 and row["step_cpu_s"] > 0
     assert np.isfinite(row["loss"])
     assert row["backend"] == "cpu" and row["device_peak_bytes"] is None
     if os.path.exists("/proc/self/status"):
@@ -230,16 +230,17 @@ def test_monai_step_runs_and_reports_memory():
     config = bench.bench_config(tiny_config())
     out = bench_monai.run(dict(config=config.to_dict(), volume=[16, 16, 8], batch=1, steps=1,
                                warmup=0, dtype="float32", device="cpu", threads=1))
-    assert out["step_s"] > 0 and out["loss_finite"]
+    assert out["step_s"] > 0 and out["step_cpu_s"] > 0 and out["loss_finite"]
     assert out["params"] == _monai_counts(config)[0]
     if os.path.exists("/proc/self/status"):
         assert out["peak_memory_bytes"] is not None and out["peak_memory_bytes"] >= 0
 
 
 def test_ratios_compare_like_with_like():
-    row = {"step_s": 2.0, "host_peak_bytes": 100}
-    bench.add_monai_ratios(row, {"step_s": 5.0, "peak_memory_bytes": 300})
+    row = {"step_s": 2.0, "step_cpu_s": 4.0, "host_peak_bytes": 100}
+    bench.add_monai_ratios(row, {"step_s": 5.0, "step_cpu_s": 2.0, "peak_memory_bytes": 300})
     assert row["monai_step_ratio"] == 2.5 and row["monai_memory_ratio"] == 3.0
+    assert row["monai_step_cpu_ratio"] == 0.5
     row = {"step_s": None, "host_peak_bytes": None}
     bench.add_monai_ratios(row, {"error": "not comparable"})
     assert "monai_step_ratio" not in row and row["monai"]["error"] == "not comparable"
