@@ -49,7 +49,7 @@ def memory_series(rows, volume=(256, 256, 64), key="peak_memory_bytes"):
 
 
 def plot_memory(rows, path, title, note="", volume=(256, 256, 64), key="peak_memory_bytes"):
-    """Writes a PNG: x = total downsampling factor (log2 axis), y = peak memory in GB."""
+    """Writes a PNG: x = total downsampling factor (log2 axis), y = peak memory in GB (log)."""
     series = memory_series(rows, volume, key)
     if not series:
         raise ValueError(f"no rows at volume {volume} with {key} to plot")
@@ -60,28 +60,26 @@ def plot_memory(rows, path, title, note="", volume=(256, 256, 64), key="peak_mem
     xs = [p[0] for pts in series.values() for p in pts]
     ys = [p[1] for pts in series.values() for p in pts]
     x0, x1 = math.log2(min(xs)) - 0.5, math.log2(max(xs)) + 0.5
-    y1 = max(ys) * 1.15
-    step = _nice_step(y1 / 6)
+    # Log memory axis: rows differ by 20x, and ratios are what a reader compares.
+    y0, y1 = math.log10(min(ys)) - 0.15, math.log10(max(ys)) + 0.15
 
     def px(x, y):
         return (left + (math.log2(x) - x0) / (x1 - x0) * (w - left - right),
-                h - bottom - y / y1 * (h - top - bottom))
+                h - bottom - (math.log10(y) - y0) / (y1 - y0) * (h - top - bottom))
 
     d.text((left, 18), title, fill="black", font=f_mid)
     d.rectangle([left, top, w - right, h - bottom], outline="black")
-    y = 0.0
-    while y <= y1:
+    for y in _log_ticks(10 ** y0, 10 ** y1):
         _, py = px(min(xs), y)
         d.line([left, py, w - right, py], fill=(225, 225, 225))
         d.text((left - 10, py), f"{y:g}", fill="black", font=f_small, anchor="rm")
-        y += step
     for f in sorted(set(xs)):
-        pxx, _ = px(f, 0)
+        pxx, _ = px(f, min(ys))
         d.line([pxx, top, pxx, h - bottom], fill=(235, 235, 235))
         d.text((pxx, h - bottom + 8), f"{f}x", fill="black", font=f_small, anchor="mt")
     d.text(((left + w - right) / 2, h - bottom + 30), "total downsampling factor per axis",
            fill="black", font=f_small, anchor="mt")
-    d.text((20, (top + h - bottom) / 2), "GB", fill="black", font=f_small, anchor="lm")
+    d.text((20, (top + h - bottom) / 2), "GB (log)", fill="black", font=f_small, anchor="lm")
     for i, (name, pts) in enumerate(series.items()):
         color = COLORS.get(name, (44, 160, 44))
         offset = (i - 1) * 6  # keep coincident points visible
@@ -103,11 +101,14 @@ def plot_memory(rows, path, title, note="", volume=(256, 256, 64), key="peak_mem
     return path
 
 
-def _nice_step(raw):
-    if raw <= 0:
-        return 1.0
-    exp = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * exp:
-            return m * exp
-    return 10 * exp
+def _log_ticks(lo, hi):
+    """1-2-5 ticks between lo and hi."""
+    ticks = []
+    e = math.floor(math.log10(lo))
+    while 10 ** e <= hi:
+        for m in (1, 2, 5):
+            v = m * 10 ** e
+            if lo <= v <= hi:
+                ticks.append(round(v, 6))
+        e += 1
+    return ticks
