@@ -5,9 +5,9 @@
 #
 # What it measures (each configuration in a fresh process, real bf16 steps, memory_stats):
 #   1. MONAI vs ours: configs/monai_3d_ldm.py at 96x96x64 (--vs-monai)
-#   2. the seed table: A-D at 256x256x64 + aggressive 512x512x128, both decoder heads
-#   3. remat res_blocks / levels for configs/balanced.py and configs/aggressive.py
-#      (remat=none of both is in the seed table: "B nearest_conv", "aggressive nearest_conv")
+#   2. remat none / res_blocks / levels for configs/balanced.py and configs/aggressive.py
+#   3. the seed table: A-D at 256x256x64 + aggressive 512x512x128, both decoder heads
+#      (balanced = seed B nearest_conv and aggressive = its nearest_conv row, from 2.)
 #   4. if time is left: 1024x1024x128, aggressive model, subpixel head, one GPU
 # It needs no network: it uses the python found (PY=..., default python3) and whatever
 # jax / flax / optax / ml_collections / torch / monai it can import (PYTHONPATH may add a
@@ -104,12 +104,14 @@ else
     say "SKIP monai_vs_ours: torch with CUDA and monai are needed"
 fi
 
-# --- 2. The seed table with real steps. --------------------------------------------------
-bench seed_table 120 --table seed --steps 3 --plot "$OUT/seed_memory_gpu.png"
+# --- 2. Gradient checkpointing: only a GPU shows what it saves. --------------------------
+bench remat 90 --config configs/balanced.py --config configs/aggressive.py \
+    --remat none,res_blocks,levels --steps 3
 
-# --- 3. Gradient checkpointing (the none rows are in the seed table). --------------------
-bench remat 60 --config configs/balanced.py --config configs/aggressive.py \
-    --remat res_blocks,levels --steps 3
+# --- 3. The seed table with real steps (its "B nearest_conv" is balanced remat=none and
+#        "aggressive nearest_conv" is aggressive remat=none, measured above). ------------
+bench seed_table 90 --table seed --steps 3 --only "A,B subpixel,C,D,aggressive subpixel" \
+    --plot "$OUT/seed_memory_gpu.png"
 
 # --- 4. Native microtubule resolution on one GPU. ----------------------------------------
 bench native_1024 60 --config configs/aggressive.py --volume 1024,1024,128 \
