@@ -7,7 +7,7 @@
 #   1. MONAI vs ours: configs/monai_3d_ldm.py at 96x96x64 (--vs-monai)
 #   2. remat none / res_blocks / levels for configs/balanced.py and configs/aggressive.py
 #   3. the seed table: A-D at 256x256x64 + aggressive 512x512x128, both decoder heads
-#      (balanced = seed B nearest_conv and aggressive = its nearest_conv row, from 2.)
+#      (balanced = seed B subpixel and aggressive = its subpixel row, from 2.)
 #   4. if time is left: 1024x1024x128, aggressive model, subpixel head, one GPU
 # It needs no network: it uses the python found (PY=..., default python3) and whatever
 # jax / flax / optax / ml_collections / torch / monai it can import (PYTHONPATH may add a
@@ -108,9 +108,9 @@ fi
 bench remat 90 --config configs/balanced.py --config configs/aggressive.py \
     --remat none,res_blocks,levels --steps 3
 
-# --- 3. The seed table with real steps (its "B nearest_conv" is balanced remat=none and
-#        "aggressive nearest_conv" is aggressive remat=none, measured above). ------------
-bench seed_table 90 --table seed --steps 3 --only "A,B subpixel,C,D,aggressive subpixel" \
+# --- 3. The seed table with real steps (its "B subpixel" is balanced remat=none and
+#        "aggressive subpixel" is aggressive remat=none, measured above). ----------------
+bench seed_table 90 --table seed --steps 3 --only "A,B nearest_conv,C,D,aggressive nearest_conv" \
     --plot "$OUT/seed_memory_gpu.png"
 
 # --- 4. Native microtubule resolution on one GPU. ----------------------------------------

@@ -9,6 +9,6 @@ def get_config():
     config.autoencoder.initial_downsample_factor = 2
     config.autoencoder.downsample_factors = (4, 2)
     config.autoencoder.latent_channels = 3
-    config.autoencoder.upsample_head = "nearest_conv"
+    config.autoencoder.upsample_head = "subpixel"  # measured: benchmarks/QUALITY.md
     config.data.volume_size = (256, 256, 64)
     return config

@@ -31,8 +31,10 @@ def get_config():
     ae.downsample_factors = ml_collections.config_dict.placeholder(tuple)
     ae.use_conv_downsample = True  # False: average pooling
     ae.use_convtranspose = False  # False: nearest upsample then conv (MONAI default)
-    # Decoder's final upsample by the initial factor: "nearest_conv" (seed) | "subpixel".
-    ae.upsample_head = "nearest_conv"
+    # Decoder's final upsample by the initial factor: "subpixel" (conv at the coarse grid,
+    # depth-to-space) | "nearest_conv" (the seed's). Subpixel measured better and smaller
+    # (benchmarks/QUALITY.md, RESULTS.md); with a stem of 1 the two are the same.
+    ae.upsample_head = "subpixel"
     # Kernel of strided stages; None = voxel-complete (kernel >= stride on every axis).
     # 3 reproduces the seed's stem, which skips input voxels for strides > 3.
     ae.strided_kernel = ml_collections.config_dict.placeholder(int)

@@ -131,7 +131,7 @@ def test_set_overrides_fields_and_names_the_row():
                               "discriminator.num_channels=16", "--set", "loss.recon=mse"])
     [(name, c, _, _)] = bench.plan_rows(args)
     assert c.discriminator.num_channels == 16 and c.loss.recon == "mse"
-    assert name == "aggressive nearest_conv discriminator.num_channels=16 loss.recon=mse"
+    assert name == "aggressive subpixel discriminator.num_channels=16 loss.recon=mse"
     with pytest.raises(ConfigError, match="existing field"):
         bench.apply_override(c, "discriminator.channels=16")
 

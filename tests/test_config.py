@@ -99,7 +99,7 @@ def test_format_factor():
 
 def test_configs_found():
     names = {os.path.basename(p)[:-3] for p in CONFIGS}
-    assert {"default", "balanced", "balanced_lean", "conservative", "aggressive", "extreme",
+    assert {"default", "balanced", "balanced_nearest", "conservative", "aggressive", "extreme",
             "monai_3d_ldm"} <= names
 
 
@@ -113,7 +113,7 @@ def test_every_config_validates(path):
 
 @pytest.mark.parametrize("name, want, total", [
     ("balanced", (16, 16, 4, 3), (16, 16, 16)),
-    ("balanced_lean", (16, 16, 4, 3), (16, 16, 16)),
+    ("balanced_nearest", (16, 16, 4, 3), (16, 16, 16)),
     ("conservative", (32, 32, 8, 3), (8, 8, 8)),
     ("aggressive", (16, 16, 4, 3), (32, 32, 32)),
     ("extreme", (8, 8, 2, 8), (64, 64, 64)),
@@ -126,7 +126,7 @@ def test_latent_shapes(name, want, total):
 
 
 def test_level_shapes_balanced():
-    rows = level_shapes(cfg("balanced"))
+    rows = level_shapes(cfg("balanced_nearest"))
     enc = [(r["shape"], r["channels"]) for r in rows if r["path"] == "encoder"]
     assert enc == [((256, 256, 64), 1), ((128, 128, 32), 32), ((128, 128, 32), 32),
                    ((32, 32, 8), 64), ((16, 16, 4), 64)]
@@ -138,7 +138,7 @@ def test_level_shapes_balanced():
 
 
 def test_level_shapes_subpixel_head_and_anisotropic():
-    c = cfg("balanced_lean")
+    c = cfg("balanced")
     c.autoencoder.initial_downsample_factor = (2, 2, 1)
     c.data.volume_size = (256, 256, 32)
     rows = level_shapes(c)

@@ -28,7 +28,7 @@ def test_human_bytes():
 
 
 def test_format_plan_balanced_shapes():
-    text = format_plan(cfg("balanced"), with_params=False)
+    text = format_plan(cfg("balanced_nearest"), with_params=False)
     assert "latent: 16x16x4 x 3 channels" in text
     assert "total downsampling factor: 16x" in text
     lines = text.splitlines()
@@ -41,7 +41,7 @@ def test_format_plan_balanced_shapes():
 
 
 def test_format_plan_anisotropic_and_invalid():
-    c = cfg("balanced_lean")
+    c = cfg("balanced")
     c.autoencoder.initial_downsample_factor = (2, 2, 1)
     c.data.volume_size = (256, 256, 32)
     text = format_plan(c, with_params=False)
