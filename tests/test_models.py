@@ -347,3 +347,20 @@ def test_discriminator_too_small_input_raises():
     with pytest.raises(ValueError, match="too small"):
         jax.eval_shape(lambda x: d.init(jax.random.key(0), x),
                        jax.ShapeDtypeStruct((1, 16, 16, 8, 1), jnp.float32))
+
+
+def test_attention_over_one_voxel_is_v_and_compiles_in_bf16():
+    # One key: softmax is exactly 1, the output is v. XLA:CPU cannot compile that bf16
+    # dot (ALG_DOT_BF16_BF16_F32), which broke bf16 steps of configs whose attention
+    # level is 1x1x1; the shortcut must give XLA's own result and a bf16 gradient.
+    from ldm_jax.models.layers import attention
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 1, 1, 8)), jnp.float32) for _ in range(3))
+    ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(np.asarray(attention(q, k, v)), np.asarray(ref), rtol=1e-6)
+    q4 = jnp.asarray(rng.normal(size=(2, 4, 1, 8)), jnp.float32)
+    ref4 = jax.nn.dot_product_attention(q4, k, v, implementation="xla")  # 4 queries, 1 key
+    np.testing.assert_allclose(np.asarray(attention(q4, k, v)), np.asarray(ref4), rtol=1e-6)
+    grad = jax.jit(jax.grad(lambda x: attention(x, x, x).astype(jnp.float32).sum()))
+    g = grad(v.astype(jnp.bfloat16))
+    assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))

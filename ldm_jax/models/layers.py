@@ -167,7 +167,13 @@ class ResBlock(nn.Module):
 def attention(q, k, v, implementation: str | None = None):
     """Softmax attention, (B, T, heads, D). `None` picks cuDNN flash attention on GPU for
     bf16/fp16 with head dims it supports (O(T) memory instead of a T x T matrix) and XLA
-    otherwise; jax's own default (None) is always XLA."""
+    otherwise; jax's own default (None) is always XLA.
+
+    With a single key the softmax is exactly 1, so the output is `v`: returned directly,
+    which also avoids XLA:CPU failing to compile that bf16 dot ("Algorithm not supported
+    by the ElementalIrEmitter: ALG_DOT_BF16_BF16_F32") for a 1-voxel attention level."""
+    if k.shape[1] == 1:
+        return jnp.broadcast_to(v, q.shape[:2] + v.shape[2:]).astype(q.dtype)
     if implementation is None:
         d = q.shape[-1]
         if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
