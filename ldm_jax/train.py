@@ -133,9 +133,10 @@ def _say(msg):
         print(msg, flush=True)
 
 
-def _cpu_hint(config, seconds):
+def _cpu_hint(config, seconds, first_seconds):
     steps = int(config.train.num_steps) * int(config.train.grad_accum_steps)
-    _say(f"CPU only: measured {seconds:.2f} s per step, about {seconds * steps / 3600:.1f} h "
+    _say(f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
+         f"{seconds:.2f} s per step: about {seconds * steps / 3600:.1f} h "
          f"for {steps} steps. For a quick run on a CPU try:\n"
          f"  python train.py --config <config> --workdir runs/quick "
          f"--config.data.volume_size='(64,64,32)' --config.train.num_steps=300")
@@ -205,7 +206,7 @@ def train_and_evaluate(config, workdir, progress=True):
                     "train.learning_rate, check the data for extreme values, or raise "
                     "train.grad_clip_norm strictness.")
             if step == start + 3 and jax.devices()[0].platform == "cpu":
-                _cpu_hint(config, float(np.median(step_times[1:])))
+                _cpu_hint(config, float(np.median(step_times[1:])), step_times[0])
             n_log += 1
             if step % int(config.train.log_every_steps) == 0 or step == num_steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -27,6 +28,9 @@ def _bf16_tiny():
 def test_run_writes_outputs_and_resume_is_exact(tmp_path, capsys):
     config = _bf16_tiny()
     one_run = train_and_evaluate(config, tmp_path / "a", progress=False)
+    # On a CPU the trainer says what the first (compiling) and later steps cost.
+    assert re.search(r"CPU only: the first step \(compiling it\) took \d+ s, then "
+                     r"\d+\.\d\d s per step", capsys.readouterr().out)
 
     config.train.num_steps = 2
     train_and_evaluate(config, tmp_path / "b", progress=False)
