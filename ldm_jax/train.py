@@ -133,13 +133,20 @@ def _say(msg):
         print(msg, flush=True)
 
 
+def quick_volume(config, smallest=32):
+    """Smallest volume of at least `smallest` voxels per axis that the config's total factor
+    divides: what a CPU can train in minutes per hundred steps."""
+    return tuple(-(-max(smallest, f) // f) * f for f in config_lib.total_factor(config.autoencoder))
+
+
 def _cpu_hint(config, seconds, first_seconds):
     steps = int(config.train.num_steps) * int(config.train.grad_accum_steps)
+    vol = ",".join(str(v) for v in quick_volume(config))
     _say(f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
          f"{seconds:.2f} s per step: about {seconds * steps / 3600:.1f} h "
          f"for {steps} steps. For a quick run on a CPU try:\n"
          f"  python train.py --config <config> --workdir runs/quick "
-         f"--config.data.volume_size='(64,64,32)' --config.train.num_steps=300")
+         f"--config.data.volume_size='({vol})' --config.train.num_steps=300")
 
 
 def train_and_evaluate(config, workdir, progress=True):

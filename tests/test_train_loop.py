@@ -29,8 +29,10 @@ def test_run_writes_outputs_and_resume_is_exact(tmp_path, capsys):
     config = _bf16_tiny()
     one_run = train_and_evaluate(config, tmp_path / "a", progress=False)
     # On a CPU the trainer says what the first (compiling) and later steps cost.
+    out = capsys.readouterr().out
     assert re.search(r"CPU only: the first step \(compiling it\) took \d+ s, then "
-                     r"\d+\.\d\d s per step", capsys.readouterr().out)
+                     r"\d+\.\d\d s per step", out)
+    assert "--config.data.volume_size='(32,32,32)'" in out  # tiny's factor 2 divides 32
 
     config.train.num_steps = 2
     train_and_evaluate(config, tmp_path / "b", progress=False)
@@ -123,3 +125,16 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(TrainingDivergedError, match="3 steps in a row"):
         train_and_evaluate(config, tmp_path, progress=False)
     assert _tree_hash(tmp_path / "checkpoints") == before
+
+
+def test_quick_volume_is_small_and_divisible():
+    from ldm_jax.config import load_config
+    from ldm_jax.train import quick_volume
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    vol = {name: quick_volume(load_config(os.path.join(root, "configs", f"{name}.py")))
+           for name in ("monai_3d_ldm", "balanced", "extreme")}
+    assert vol == {"monai_3d_ldm": (32, 32, 32), "balanced": (32, 32, 32),
+                   "extreme": (64, 64, 64)}
+    config = load_config(os.path.join(root, "configs", "balanced.py"))
+    config.autoencoder.initial_downsample_factor = (2, 2, 1)  # thick slices: Z factor 8
+    assert quick_volume(config, smallest=20) == (32, 32, 24)
