@@ -23,6 +23,12 @@ ALL_PATTERNS = NIFTI_PATTERNS + NPY_PATTERNS
 _SKIP_HINT = "or set data.skip_bad_files=True to skip unreadable files with a warning"
 
 
+def skipped_reason(err: Exception) -> str:
+    """An error's message for a warning about skipping the file: without the hint to set
+    data.skip_bad_files=True, which is already set when a file is skipped."""
+    return str(err).replace(f", {_SKIP_HINT}", "").replace(f" {_SKIP_HINT}", "")
+
+
 def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 

@@ -29,7 +29,8 @@ _SKIPPED: set = set()
 def _warn_skip(path: str, err: Exception) -> None:
     _SKIPPED.add(path)
     warnings.warn(
-        f"Skipping {path}: {err} ({len(_SKIPPED)} file(s) skipped at read time in this "
+        f"Skipping {path}: {io.skipped_reason(err)} "
+        f"({len(_SKIPPED)} file(s) skipped at read time in this "
         f"process; data.skip_bad_files=True).",
         DataWarning,
         stacklevel=2,
@@ -61,7 +62,7 @@ def scan_files(paths: Sequence[str], prep: Prep, where: str) -> list:
         io.channel_layout(info, prep.frame, prep.channels)
         infos.append(info)
     if bad:
-        lines = "\n  ".join(str(e) for _, e in bad[:10])  # each message names its file
+        lines = "\n  ".join(io.skipped_reason(e) for _, e in bad[:10])  # each message names its file
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         warnings.warn(
             f"Skipped {len(bad)} of {len(paths)} file(s) in {where} (data.skip_bad_files=True):"
