@@ -57,11 +57,11 @@ try:
     print("jax devices:", jax.devices())
 except Exception as e:
     print("MISSING jax backend:", e)
-try:  # ldm_jax.train (the step measured) pulls in flax, optax, orbax, grain, absl, PIL
-    import ldm_jax.bench, ldm_jax.train  # noqa: F401
+try:  # ldm_jax.trainer (the step measured) pulls in flax, optax, orbax, grain, absl, PIL
+    import benchmarks.bench, ldm_jax.trainer  # noqa: F401
     train_ok = 1
 except Exception as e:
-    print(f"MISSING for ldm_jax.train: {type(e).__name__}: {e}")
+    print(f"MISSING for ldm_jax.trainer: {type(e).__name__}: {e}")
 if ok.get("torch"):
     import torch
     cuda = int(torch.cuda.is_available())
@@ -73,7 +73,7 @@ EOF
 JAX_BACKEND=none; TRAIN_OK=0; HAVE_MONAI=0
 [ -f "$OUT/env.sh" ] && . "$OUT/env.sh"
 if [ "$TRAIN_OK" != 1 ]; then
-    say "FATAL: cannot import ldm_jax.train (missing package above; see env.txt)."
+    say "FATAL: cannot import ldm_jax.trainer (missing package above; see env.txt)."
     say "Carry a folder of the missing pure-Python packages and set PYTHONPATH to it."
     exit 2
 fi
@@ -91,7 +91,7 @@ bench() {  # bench NAME MIN_SECONDS_LEFT ARGS...
     fi
     say "START $name: $*"
     timeout $(( $(left) > 10 ? $(left) : 10 )) \
-        $PY -m ldm_jax.bench "$@" --row-timeout "$ROW_TIMEOUT_S" --json "$OUT/$name.json" \
+        $PY -m benchmarks.bench "$@" --row-timeout "$ROW_TIMEOUT_S" --json "$OUT/$name.json" \
         > "$OUT/$name.md" 2>> "$LOG"
     say "END $name (exit $?)"
     cat "$OUT/$name.md" | tee -a "$LOG"

@@ -9,6 +9,9 @@ import ml_collections
 
 def get_config():
     config = ml_collections.ConfigDict()
+    # Which stage train.py trains: "autoencoder" (stage 1, these configs) or "diffusion"
+    # (stage 2, configs/diffusion/*.py).
+    config.stage = "autoencoder"
 
     # --- Autoencoder (MONAI AutoencoderKL names, plus the seed's downsampling levers). ---
     ae = config.autoencoder = ml_collections.ConfigDict()

@@ -2,7 +2,9 @@
 
 The config travels with every checkpoint so that a checkpoint alone rebuilds its model
 (extraction reads it back). The keep policy is the only thing that removes checkpoints:
-the latest `train.keep_checkpoints` plus the one with the lowest validation L1.
+the latest `train.keep_checkpoints` plus the one with the lowest value of the task's
+best metric (stage 1: validation L1; stage 2: validation denoising loss). Only that one
+metric is recorded with each step, under its own name, so `best_step` needs no stage.
 """
 
 import json
@@ -11,7 +13,7 @@ import os
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-BEST_METRIC = "val_l1"
+DEFAULT_BEST_METRIC = "val_l1"  # checkpoints written before tasks named their own
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -22,40 +24,45 @@ def checkpoint_dir(workdir):
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir, keep=3, read_only=False, item_names=None):
-    """CheckpointManager keeping the latest `keep` steps and the best by validation L1."""
+def _only_value(metrics):
+    """The one recorded best-metric value of a step (see `save`)."""
+    return float(next(iter(metrics.values())))
+
+
+def make_manager(workdir, keep=3, read_only=False, item_names=None,
+                 best_metric=DEFAULT_BEST_METRIC):
+    """CheckpointManager keeping the latest `keep` steps and the best by `best_metric`
+    (lowest wins)."""
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=max(int(keep), 1)),
-        pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+        pp.BestN(get_metric_fn=_only_value, reverse=True, n=1,
                  keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=not read_only, read_only=read_only,
         # best_fn only makes orbax write each step's metrics (for best_step after a
         # restart); which steps survive is decided by the policy above.
-        best_fn=lambda m: m[BEST_METRIC], best_mode="min",
+        best_fn=_only_value, best_mode="min",
         enable_async_checkpointing=False)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_names=item_names)
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                    item_names=item_names)
+    manager.best_metric = best_metric
+    return manager
 
 
 def save(manager, step, state, config, data_iter=None, metrics=None):
-    """Saves one step. `metrics` with a `val_l1` entry makes it a candidate for best."""
+    """Saves one step. `metrics` holding the manager's best metric make it a candidate
+    for best."""
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(json.loads(config.to_json())))
     if data_iter is not None:
         items["data"] = _grain_save(data_iter)
     if metrics:
         items["last_metrics"] = ocp.args.JsonSave({k: float(v) for k, v in metrics.items()})
-    manager.save(step, args=ocp.args.Composite(**items),
-                 metrics=_best_metrics(metrics), force=True)
+    name = getattr(manager, "best_metric", DEFAULT_BEST_METRIC)
+    best = {name: float(metrics[name])} if metrics and name in metrics else None
+    manager.save(step, args=ocp.args.Composite(**items), metrics=best, force=True)
     manager.wait_until_finished()
-
-
-def _best_metrics(metrics):
-    if metrics and BEST_METRIC in metrics:
-        return {BEST_METRIC: float(metrics[BEST_METRIC])}
-    return None
 
 
 def _grain_save(data_iter):
@@ -64,12 +71,12 @@ def _grain_save(data_iter):
 
 
 def best_step(manager):
-    """Step with the lowest validation L1 among those saved with metrics, else None."""
+    """Step with the lowest recorded best-metric value, else None."""
     best, best_value = None, None
     for step in manager.all_steps():
         m = manager.metrics(step)
-        if m and BEST_METRIC in m and (best_value is None or m[BEST_METRIC] < best_value):
-            best, best_value = step, m[BEST_METRIC]
+        if m and (best_value is None or _only_value(m) < best_value):
+            best, best_value = step, _only_value(m)
     return best
 
 
@@ -119,10 +126,10 @@ def restore_raw_state(manager, step):
     return out["state"]
 
 
-def restore_state_item(manager, step, key="g_params"):
+def restore_state_item(manager, step, key):
     """One top-level entry of the saved state (e.g. the autoencoder params), on one device.
 
-    Extraction and inference need only `g_params`; restoring the whole TrainState would
+    Inference needs only the model params (stage 1: `g_params`); restoring the whole TrainState would
     also read both optimiser states and the discriminator (about 3x the params) and would
     need a target built from the training setup. The target here comes from the saved
     metadata, so the checkpoint alone is enough.

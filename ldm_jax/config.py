@@ -127,6 +127,13 @@ def total_factor(ae_cfg) -> tuple[int, int, int]:
 # Validation.
 
 
+def smallest_volume(total, minimum: int = 32) -> tuple[int, int, int]:
+    """Smallest volume (voxels per axis) of at least `minimum` voxels that the per-axis
+    total factor `total` divides: (32, 32, 32) for 16x; (64, 64, 64) for 64x. Used for
+    shape-only inits (params do not depend on the volume) and the quick-run hints."""
+    return tuple(-(-max(int(minimum), f) // f) * f for f in as_triple(total))
+
+
 def _check_choice(problems, value, name, choices):
     if value not in choices:
         problems.append(
@@ -391,11 +398,11 @@ def latent_shape(config) -> tuple[int, int, int, int]:
 def load_config(path, arg: str | None = None):
     """Load a configs/*.py file by path and return its get_config() (get_config(arg) if given).
 
-    The parent of the file's directory (the repo root for configs/x.py) goes on sys.path so
-    that `from configs import default` works from any working directory.
+    Config files import `configs.default`: the `configs` package must be importable
+    (`pip install -e .`, or run from the repository root). Raises ConfigError for a
+    missing file, an import failure or a file without get_config().
     """
     import importlib.util
-    import sys
     from pathlib import Path
 
     p = Path(path).expanduser()
@@ -410,14 +417,6 @@ def load_config(path, arg: str | None = None):
             f"get_config() function, like configs/balanced.py.{hint}"
         )
     p = p.resolve()
-    roots = [str(p.parent.parent)]
-    # The ldm-jax checkout's own configs/ package, for config files kept elsewhere.
-    here = Path(__file__).resolve().parent.parent
-    if (here / "configs" / "default.py").is_file():
-        roots.append(str(here))
-    for root in reversed(roots):
-        if root not in sys.path:
-            sys.path.insert(0, root)
     name = f"_ldm_jax_config_{p.stem}_{abs(hash(str(p)))}"
     spec = importlib.util.spec_from_file_location(name, p)
     if spec is None or spec.loader is None:

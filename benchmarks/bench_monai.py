@@ -1,11 +1,11 @@
-"""MONAI (PyTorch) side of `python -m ldm_jax.bench --vs-monai`: the same stage-1 step, timed.
+"""MONAI (PyTorch) side of `python -m benchmarks.bench --vs-monai`: the same stage-1 step, timed.
 
 Why a separate module and process: the comparison must run both frameworks on the same
 machine without either allocator seeing the other's memory (JAX preallocates most of a GPU;
-peak counters cannot be reset across frameworks). `python -m ldm_jax.bench_monai --spec
+peak counters cannot be reset across frameworks). `python -m benchmarks.bench_monai --spec
 FILE.json` imports torch and MONAI only, never JAX, and prints one JSON line.
 
-The step mirrors `ldm_jax.steps.Stage1.train_step` as MONAI's 3D LDM tutorial writes it:
+The step mirrors `ldm_jax.autoencoder.task.AutoencoderTask.train_step` as MONAI's 3D LDM tutorial writes it:
 AutoencoderKL forward (sampled latent) -> reconstruction loss + kl_weight * KL +
 adv_weight * least-squares generator loss on PatchDiscriminator(recon) -> backward ->
 Adam (with the same global-norm clipping); then the discriminator on detached fake and
@@ -320,8 +320,8 @@ def _run(spec, torch):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Time MONAI's AutoencoderKL + PatchDiscriminator training step "
-                    "(called by `python -m ldm_jax.bench --vs-monai`).")
-    parser.add_argument("--spec", required=True, help="JSON file written by ldm_jax.bench")
+                    "(called by `python -m benchmarks.bench --vs-monai`).")
+    parser.add_argument("--spec", required=True, help="JSON file written by benchmarks.bench")
     args = parser.parse_args(argv)
     with open(args.spec) as f:
         spec = json.load(f)

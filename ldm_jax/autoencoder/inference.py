@@ -29,7 +29,7 @@ import numpy as np
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import config as config_lib
 from ldm_jax.config import ConfigError
-from ldm_jax.sliding import sliding_apply, tiles
+from ldm_jax.autoencoder.sliding import sliding_apply, tiles
 
 # Data fields that change what a file looks like after preprocessing: a --config that
 # disagrees with the checkpoint on these would feed the model different intensities/grids.

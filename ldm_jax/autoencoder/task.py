@@ -1,18 +1,23 @@
-"""Train state and the jitted step functions of stage 1 (autoencoder + PatchGAN).
+"""Stage 1 as a trainer task: the autoencoder + PatchGAN state, step and evaluation.
 
 One step updates generator and discriminator: params and optimiser states of both live in
 one pytree (`TrainState`), so one `jax.jit` with in/out shardings and buffer donation
-covers the whole update.
+covers the whole update (`ldm_jax.trainer` runs it; see its docstring for the contract).
 """
 
+import os
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from ldm_jax import losses, metrics
+from ldm_jax import config as config_lib
+from ldm_jax import metrics, visualize
+from ldm_jax.autoencoder import losses
+from ldm_jax.models import build_autoencoder, build_discriminator
 from ldm_jax.optim import make_optimizer
 
 
@@ -28,27 +33,109 @@ class TrainState(flax.struct.PyTreeNode):
     skipped_steps: jax.Array  # all non-finite steps so far
 
 
-def _all_finite(tree):
+def all_finite(tree):
     """True iff every entry of every tree is finite, from one L2 norm per tree (non-finite
     iff some entry is). Per-leaf isfinite reductions, and equally a hand-written sum of
     squares over all trees, made XLA:CPU compile the step several times slower."""
     return jnp.all(jnp.stack([jnp.isfinite(optax.tree_utils.tree_norm(t)) for t in tree]))
 
 
-class Stage1:
-    """Builds the autoencoder/discriminator step functions from a config."""
+def prepare_config(config):
+    """A resolved copy of a stage-1 config with `train.remat` applied to the model,
+    validated (raises ConfigError)."""
+    config = config.copy_and_resolve_references()
+    if config.train.get("remat") is not None:
+        config.autoencoder.remat = config.train.remat
+    config_lib.validate(config)
+    return config
 
-    def __init__(self, config, autoencoder, discriminator, perceptual_fn=None):
+
+class AutoencoderTask:
+    """Stage 1 for `ldm_jax.trainer.train`: AutoencoderKL + PatchDiscriminator from a
+    validated config (see `prepare_config`); batches are {"image": (B, X, Y, Z, C)}."""
+
+    best_metric = "val_l1"
+    params_key = "g_params"  # the state entry inference restores
+    progress_keys = {"loss": "loss", "rec": "recon_loss"}
+
+    def __init__(self, config, autoencoder=None, discriminator=None, perceptual_fn=None,
+                 perceptual_params=None):
         self.config = config
-        self.ae = autoencoder
-        self.disc = discriminator
+        self.ae = autoencoder if autoencoder is not None else build_autoencoder(
+            config.autoencoder)
+        self.disc = discriminator if discriminator is not None else build_discriminator(
+            config.discriminator)
+        if perceptual_fn is None and config.loss.perceptual_weight > 0:
+            from ldm_jax.autoencoder import perceptual
+            perceptual_fn, perceptual_params = perceptual.make_perceptual_loss(config.loss)
         self.perceptual_fn = perceptual_fn  # fn(recon, target, rng, params) -> scalar
+        self.perceptual_params = perceptual_params
         self.g_tx = make_optimizer(config.train.learning_rate, config.train)
         self.d_tx = make_optimizer(config.train.disc_learning_rate, config.train)
+        self._eval_fn = None
+
+    # ---------------------------------------------------------------- trainer contract
+    def sample_shape(self):
+        """(1, X, Y, Z, C) of one training input."""
+        return (1, *self.config.data.volume_size, int(self.config.autoencoder.in_channels))
+
+    def step_consts(self):
+        return self.perceptual_params
+
+    def describe(self) -> str:
+        from ldm_jax.autoencoder.plan import format_plan
+        return format_plan(self.config)
+
+    def train_loader(self, batch_size):
+        from ldm_jax import data as data_lib
+        return data_lib.make_train_loader(self.config, batch_size=batch_size,
+                                          seed=int(self.config.data.seed))
+
+    def eval_batches(self, batch_size):
+        from ldm_jax import data as data_lib
+        return data_lib.make_eval_batches(self.config, batch_size=batch_size)
+
+    def quick_run_hint(self, seconds, first_seconds, steps) -> str:
+        vol = ",".join(str(v) for v in config_lib.smallest_volume(
+            config_lib.total_factor(self.config.autoencoder)))
+        return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
+                f"{seconds:.2f} s per step: about {seconds * steps / 3600:.1f} h "
+                f"for {steps} steps. For a quick run on a CPU try:\n"
+                f"  python train.py --config <config> --workdir runs/quick "
+                f"--config.data.volume_size='({vol})' --config.train.num_steps=300")
+
+    def evaluate(self, state, batches, put, image_path):
+        """Validation metrics averaged over `batches`; up to 4 volumes drawn as input |
+        reconstruction | |error| rows to `image_path` (process 0)."""
+        if self._eval_fn is None:
+            self._eval_fn = jax.jit(self.eval_step)
+        totals, count, shown_x, shown_r = {}, 0, [], []
+        for batch in batches:
+            out, recon = self._eval_fn(state.g_params, put({"image": batch["image"]}))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += 1
+            if len(shown_x) < 4:
+                shown_x += list(batch["image"])
+                shown_r += list(np.asarray(jax.device_get(recon)))
+        if count == 0:
+            return {}
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(image_path), exist_ok=True)
+            d = self.config.data
+            rows = visualize.comparison_rows(shown_x, shown_r, (float(d.b_min), float(d.b_max)))
+            visualize.save_grid(rows, image_path)
+        return {k: v / count for k, v in totals.items()}
 
     # ---------------------------------------------------------------- initialisation
-    def init_state(self, rng, sample_shape):
-        """Initial state for inputs of shape (B, X, Y, Z, C); works under jax.eval_shape."""
+    def init_state(self, rng, sample_shape=None):
+        """Initial state; works under jax.eval_shape. Params do not depend on the volume
+        size, so the default init input is the smallest volume the factors allow (>= 32)."""
+        if sample_shape is None:
+            vol = tuple(min(v, s) for v, s in zip(
+                self.config.data.volume_size,
+                config_lib.smallest_volume(config_lib.total_factor(self.config.autoencoder))))
+            sample_shape = (1, *vol, int(self.config.autoencoder.in_channels))
         g_rng, d_rng, s_rng, run_rng = jax.random.split(rng, 4)
         x = jnp.zeros(sample_shape, jnp.float32)
         g_params = self.ae.init({"params": g_rng, "sample": s_rng}, x)["params"]
@@ -71,6 +158,7 @@ class Stage1:
         return self.disc.apply(variables, x, train=True), d_stats
 
     def train_step(self, state, batch, perceptual_params=None):
+        # `perceptual_params` are the trainer's step constants (see `step_consts`).
         """One micro-step: generator update, then discriminator update after warm-up."""
         loss_cfg = self.config.loss
         rng, noise_rng, sample_rng, perc_rng = jax.random.split(state.rng, 4)
@@ -78,6 +166,7 @@ class Stage1:
         x_in = losses.add_noise(target, noise_rng, loss_cfg)
         adv_w = losses.adv_weight_at(state.step, loss_cfg)
         adversarial_on = adv_w > 0
+        adversary = float(loss_cfg.adv_weight) > 0  # static: 0 leaves the GAN out
 
         def generator_loss(g_params):
             recon, z_mu, z_sigma = self.ae.apply(
@@ -95,8 +184,10 @@ class Stage1:
                 outputs, _ = self._disc_apply(state.d_params, state.d_stats, recon)
                 return losses.generator_adv_loss(outputs)
 
-            gen_adv = jax.lax.cond(adversarial_on, adv_term,
-                                   lambda r: jnp.zeros((), jnp.float32), recon)
+            gen_adv = jnp.zeros((), jnp.float32)
+            if adversary:
+                gen_adv = jax.lax.cond(adversarial_on, adv_term,
+                                       lambda r: jnp.zeros((), jnp.float32), recon)
             total = total + adv_w * gen_adv
             return total, dict(loss=total, recon_loss=rec, kl_loss=kl,
                                perceptual_loss=perc, gen_adv_loss=gen_adv, recon=recon)
@@ -118,19 +209,23 @@ class Stage1:
             zeros = jax.tree.map(jnp.zeros_like, state.d_params)
             return jnp.zeros((), jnp.float32), zeros, state.d_stats
 
-        d_loss, d_grads, d_stats = jax.lax.cond(adversarial_on, disc_update, no_disc_update,
-                                                None)
-
         g_updates, g_opt = self.g_tx.update(g_grads, state.g_opt, state.g_params)
         g_params = optax.apply_updates(state.g_params, g_updates)
-        d_updates, d_opt = self.d_tx.update(d_grads, state.d_opt, state.d_params)
-        d_params = optax.apply_updates(state.d_params, d_updates)
-        # Checking the new params too catches what finite gradients can still cause
-        # (a NaN learning rate, an overflowing optimiser state).
-        finite = _all_finite((aux["loss"], g_grads, d_loss, d_grads, g_params, d_params))
-        # Before warm-up the discriminator is frozen: its optimiser must not even count.
-        d_params, d_opt, d_stats = _select(adversarial_on, (d_params, d_opt, d_stats),
-                                           (state.d_params, state.d_opt, state.d_stats))
+        if adversary:
+            d_loss, d_grads, d_stats = jax.lax.cond(adversarial_on, disc_update,
+                                                    no_disc_update, None)
+            d_updates, d_opt = self.d_tx.update(d_grads, state.d_opt, state.d_params)
+            d_params = optax.apply_updates(state.d_params, d_updates)
+            # Checking the new params too catches what finite gradients can still cause
+            # (a NaN learning rate, an overflowing optimiser state).
+            finite = all_finite((aux["loss"], g_grads, d_loss, d_grads, g_params, d_params))
+            # Before warm-up the discriminator is frozen: its optimiser must not even count.
+            d_params, d_opt, d_stats = _select(adversarial_on, (d_params, d_opt, d_stats),
+                                               (state.d_params, state.d_opt, state.d_stats))
+        else:  # loss.adv_weight == 0: no discriminator in the program at all
+            d_loss = jnp.zeros((), jnp.float32)
+            d_params, d_opt, d_stats = state.d_params, state.d_opt, state.d_stats
+            finite = all_finite((aux["loss"], g_grads, g_params))
         new, old = (g_params, g_opt, d_params, d_opt, d_stats), (
             state.g_params, state.g_opt, state.d_params, state.d_opt, state.d_stats)
         g_params, g_opt, d_params, d_opt, d_stats = _select(finite, new, old)

@@ -1,10 +1,10 @@
 r"""Reconstruction quality against downsampling: the seed's configurations A-D, measured.
 
-    python -m ldm_jax.study --out benchmarks/quality                  # CPU-sized defaults
-    python -m ldm_jax.study --out runs/q --volume 128,128,64 --channels 32,64,64 \
+    python -m benchmarks.study --out benchmarks/quality                  # CPU-sized defaults
+    python -m benchmarks.study --out runs/q --volume 128,128,64 --channels 32,64,64 \
         --norm-groups 32 --dtype bfloat16 --batch 2 --steps 3000          # on a GPU
     SHARDS=8 bash benchmarks/quality/gpu_study.sh runs/q 600 [same args]  # parallel shards
-    python -m ldm_jax.study --out runs/q --report --bench-json bench.json  # tables, PNGs
+    python -m benchmarks.study --out runs/q --report --bench-json bench.json  # tables, PNGs
 
 Why: the seed claims the stem factor 2 costs "< 2%" reconstruction quality but never
 computed a PSNR. A user trading memory for quality needs the measured trade-off, and the
@@ -25,7 +25,7 @@ runs, so an interrupted study resumes and shards (`--shard i/n`) can run in para
 processes. `--report` (also run at the end of an unsharded study) gathers the runs into
 `<out>/study.json`, `<out>/table.md` and `<out>/recon_<dataset>.png`; the peak-memory
 column comes from `--memory` (the bench's compile-only analysis, per variant) or from
-`python -m ldm_jax.bench --json` files given with `--bench-json`.
+`python -m benchmarks.bench --json` files given with `--bench-json`.
 """
 
 from __future__ import annotations
@@ -228,51 +228,11 @@ def _jit(fn, fast_compile: bool, **kw):
 
 
 def make_train_step(stage, fast_compile: bool = False):
-    """jit((params, opt_state, rng, x)) -> (params, opt_state, rng, recon_loss).
-
-    The generator half of Stage1.train_step with its adversarial weight at 0 -- the same
-    loss functions (config.loss.recon + kl_weight * KL on a sampled latent) and the same
-    optimiser (stage.g_tx: clipping, Adam, schedule). Without the discriminator's branches
-    and the per-leaf finite guard it compiles ~10x faster on CPU (see QUALITY.md); a
-    non-finite loss stops the run instead.
-    """
-    import jax
-    import optax
-
-    from ldm_jax import losses
-
-    loss_cfg = stage.config.loss
-    sample = bool(loss_cfg.get("sample_posterior", True))
-
-    def step(params, opt_state, rng, x):
-        rng, sample_rng = jax.random.split(rng)
-
-        def loss_fn(p):
-            recon, z_mu, z_sigma = stage.ae.apply({"params": p}, x, sample=sample,
-                                                  rngs={"sample": sample_rng})
-            rec = losses.reconstruction_loss(recon, x, loss_cfg)
-            return rec + loss_cfg.kl_weight * losses.kl_loss(z_mu, z_sigma), rec
-
-        (_, rec), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = stage.g_tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, rng, rec
-
-    return _jit(step, fast_compile, donate_argnums=(0, 1))
-
-
-def init_params(stage, config):
-    """Autoencoder params and optimiser state (params do not depend on the volume size,
-    so a volume of one latent voxel is enough)."""
-    import jax
-    import jax.numpy as jnp
-
-    ae = config.autoencoder
-    shape = (1, *config_lib.total_factor(ae), int(ae.in_channels))
-    g_rng, s_rng = jax.random.split(jax.random.PRNGKey(int(config.train.seed)))
-    init = jax.jit(lambda: stage.ae.init({"params": g_rng, "sample": s_rng},
-                                         jnp.zeros(shape, jnp.float32))["params"])
-    params = init()
-    return params, stage.g_tx.init(params)
+    """jit((state, batch)) -> (state, metrics): the stage-1 task's own step. The study
+    sets loss.adv_weight = 0, so the task leaves the discriminator out of the program
+    (the step then compiles several times faster on CPU than the adversarial one)."""
+    return _jit(lambda state, batch: stage.train_step(state, batch, None), fast_compile,
+                donate_argnums=(0,))
 
 
 def train_and_score(variant: Variant, dataset: str, s: Settings, log=print):
@@ -283,19 +243,19 @@ def train_and_score(variant: Variant, dataset: str, s: Settings, log=print):
     import jax
 
     from ldm_jax import data as data_lib
-    from ldm_jax.train import build_stage1, prepare_config
+    from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
 
     config = prepare_config(study_config(variant, dataset, s))
+    config.loss.adv_weight = 0.0  # reconstruction + KL only (see make_train_step)
     warn = _WarningLog()
     model_log = logging.getLogger("ldm_jax.models")
     model_log.addHandler(warn)
     try:
-        stage, _ = build_stage1(config)
-        params, opt_state = init_params(stage, config)
+        stage = AutoencoderTask(config)
+        state = jax.jit(stage.init_state)(jax.random.PRNGKey(int(config.train.seed)))
     finally:
         model_log.removeHandler(warn)
     step_fn = make_train_step(stage, s.fast_compile)
-    rng = jax.random.PRNGKey(int(config.train.seed) + 1)
     loader = data_lib.make_train_loader(config, batch_size=s.batch, seed=s.seed)
     it = iter(loader)
     curve, times = [], []
@@ -303,10 +263,10 @@ def train_and_score(variant: Variant, dataset: str, s: Settings, log=print):
     for step in range(1, s.steps + 1):
         batch = next(it)
         t = time.perf_counter()
-        params, opt_state, rng, rec = step_fn(params, opt_state, rng, batch["image"])
-        loss = float(rec)  # blocks: the step time is real
+        state, metrics = step_fn(state, {"image": batch["image"]})
+        loss = float(metrics["recon_loss"])  # blocks: the step time is real
         times.append(time.perf_counter() - t)
-        if not math.isfinite(loss):
+        if not math.isfinite(loss) or not float(metrics["finite"]):
             raise FloatingPointError(f"{variant.key} on {dataset}: non-finite loss at step "
                                      f"{step}; lower --lr")
         if step == 1 or step % max(1, s.steps // 20) == 0 or step == s.steps:
@@ -321,6 +281,7 @@ def train_and_score(variant: Variant, dataset: str, s: Settings, log=print):
     evals = data_lib.make_eval_batches(config, batch_size=1)
     per_volume = {k: [] for k in METRICS if with_dice or k != "dice"}
     shown = None
+    params = state.g_params
     for batch in evals:
         recon, out = eval_fn(params, batch["image"])
         for k, v in out.items():
@@ -353,8 +314,8 @@ def train_and_score(variant: Variant, dataset: str, s: Settings, log=print):
 
 def peak_memory(variant: Variant, volume, channels, dtype="bfloat16", batch=1) -> dict:
     """The bench's peak memory (XLA memory analysis, compile only) of a variant's full
-    training step at a given size; ldm_jax.bench enables the discriminator step."""
-    from ldm_jax import bench
+    training step at a given size; benchmarks.bench enables the discriminator step."""
+    from benchmarks import bench
 
     s = Settings(channels=tuple(channels), volume=tuple(volume), dtype=dtype, batch=batch)
     base = study_config(variant, "filaments", s)
@@ -594,7 +555,7 @@ def _ints(text: str, name: str) -> tuple:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ldm_jax.study",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.study",
                                 description="\n\n".join(__doc__.split("\n\n")[:3]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Settings()
@@ -624,7 +585,7 @@ def parse_args(argv=None):
                    help="also compute the bench's peak memory per variant (compile only)")
     p.add_argument("--memory-volume", default="256,256,64")
     p.add_argument("--memory-channels", default="32,64,64")
-    p.add_argument("--bench-json", default="", help="comma list of `python -m ldm_jax.bench "
+    p.add_argument("--bench-json", default="", help="comma list of `python -m benchmarks.bench "
                    "--json` outputs to take the peak-memory column from")
     return p.parse_args(argv)
 

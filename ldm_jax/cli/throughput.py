@@ -1,0 +1,67 @@
+"""Measure the training loader's volumes/s for a config (compile-free: numpy + grain only).
+
+  python -m ldm_jax.throughput --config configs/balanced.py --num_batches 20
+  python -m ldm_jax.throughput --config configs/balanced.py \\
+      --config.data.source=nifti --config.data.train_dir=/data/vols --config.data.num_workers=2
+
+The first batches (worker start-up, imports, caches) are excluded: timing starts after
+`--warmup` batches.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def measure(config, batch_size: int, num_batches: int, warmup: int = 2) -> dict:
+    """{'volumes_per_s', 'batches', 'batch_shape', 'startup_s', 'cpu_s_per_volume'}."""
+    from ldm_jax.data.pipeline import make_train_loader
+
+    t0 = time.perf_counter()
+    it = iter(make_train_loader(config, batch_size=batch_size, seed=0, process_index=0, process_count=1))
+    try:
+        for _ in range(warmup):
+            shape = next(it)["image"].shape
+        startup = time.perf_counter() - t0
+        t1, c1 = time.perf_counter(), time.process_time()
+        for _ in range(num_batches):
+            shape = next(it)["image"].shape
+        dt, cpu = time.perf_counter() - t1, time.process_time() - c1
+    finally:
+        it.close()
+    return {
+        "volumes_per_s": num_batches * batch_size / dt,
+        "batches": num_batches,
+        "batch_shape": shape,
+        "startup_s": startup,
+        # CPU seconds of this process (all its threads) per volume; with num_workers=0 it
+        # is the whole cost, independent of other load on the machine.
+        "cpu_s_per_volume": cpu / (num_batches * batch_size),
+    }
+
+
+def _body(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    cfg = f.config
+    r = measure(cfg, f.batch_size, f.num_batches, f.warmup)
+    print(
+        f"data.source={cfg.data.source!r} num_workers={cfg.data.num_workers}: "
+        f"{r['volumes_per_s']:.2f} volumes/s over {r['batches']} batches of {r['batch_shape']} "
+        f"(first {f.warmup} batches took {r['startup_s']:.1f} s, excluded); "
+        f"{r['cpu_s_per_volume']:.3f} CPU-s/volume in this process"
+    )
+
+
+def main(argv=None):
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/balanced.py.", lock_config=True)
+    flags.DEFINE_integer("batch_size", 2, "Per-process batch size.")
+    flags.DEFINE_integer("num_batches", 20, "Batches timed after warm-up.")
+    flags.DEFINE_integer("warmup", 2, "Batches before timing starts.")
+    flags.mark_flags_as_required(["config"])
+    app.run(_body, argv=argv)

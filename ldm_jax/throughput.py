@@ -1,0 +1,6 @@
+"""`python -m ldm_jax.throughput`: see `ldm_jax.cli.throughput`."""
+
+from ldm_jax.cli.throughput import main
+
+if __name__ == "__main__":
+    main()
