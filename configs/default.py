@@ -128,7 +128,7 @@ def get_config():
     train.log_every_steps = 10
     train.save_every_steps = 500
     train.eval_every_steps = 500
-    train.num_eval_batches = 4
+    train.num_eval_batches = 4  # validation batches per evaluation; 0 = the whole set
     train.keep_checkpoints = 3
     train.seed = 0
     train.remat = ml_collections.config_dict.placeholder(str)  # overrides autoencoder.remat

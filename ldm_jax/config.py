@@ -322,10 +322,26 @@ def _validate_shapes(config) -> None:
 
 
 def validate(config) -> None:
-    """Raise ConfigError listing every problem found; return None for a valid config."""
-    ae_problems = _autoencoder_problems(_get(config, "autoencoder"))
-    _raise(ae_problems + _volume_problems(config)
-           + _other_problems(config))
+    """Raise ConfigError listing every problem found in every section; None when valid.
+
+    Sections whose rules live with the code that uses them are asked for their problems
+    (`ldm_jax.optim.train_problems`, `ldm_jax.autoencoder.losses.loss_problems`); they are
+    imported here, at call time, so this module stays importable by everything.
+    """
+    from ldm_jax.optim import train_problems
+
+    problems = []
+    if _get(config, "autoencoder") is not None:
+        problems += _autoencoder_problems(_get(config, "autoencoder"))
+        if _get(config, "data") is not None:
+            problems += _volume_problems(config)
+    problems += _other_problems(config)
+    if _get(config, "train") is not None:
+        problems += train_problems(config.train)
+    if _get(config, "loss") is not None:
+        from ldm_jax.autoencoder.losses import loss_problems
+        problems += loss_problems(config.loss)
+    _raise(problems)
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,6 +4,31 @@ import optax
 
 from ldm_jax.config import ConfigError
 
+SCHEDULES = ("constant", "cosine")
+
+
+def train_problems(train_cfg) -> list[str]:
+    """One-line problems of a `config.train` section (empty when valid)."""
+    problems = []
+    if train_cfg.get("schedule", "constant") not in SCHEDULES:
+        problems.append(f"train.schedule={train_cfg.schedule!r} is not known; use "
+                        f"{' or '.join(repr(s) for s in SCHEDULES)}.")
+    for name in ("num_steps", "batch_size", "grad_accum_steps", "max_bad_steps",
+                 "log_every_steps", "save_every_steps", "eval_every_steps",
+                 "keep_checkpoints"):
+        v = train_cfg.get(name, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            problems.append(f"train.{name} must be a positive int, got {v!r}.")
+    v = train_cfg.get("num_eval_batches", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        problems.append(f"train.num_eval_batches must be an int >= 0 (0: the whole "
+                        f"validation set), got {v!r}.")
+    for name in ("learning_rate", "disc_learning_rate", "warmup_steps", "grad_clip_norm"):
+        v = train_cfg.get(name, 0)
+        if v is not None and float(v) < 0:
+            problems.append(f"train.{name} must be >= 0, got {v!r}.")
+    return problems
+
 
 def learning_rate_schedule(peak, train_cfg):
     """Constant or cosine decay, both with an optional linear warm-up."""

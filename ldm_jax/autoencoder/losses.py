@@ -32,31 +32,39 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def check_loss_config(loss_cfg: Any) -> None:
-    """Raise ConfigError for a loss config the functions below would reject at trace time."""
+def loss_problems(loss_cfg: Any) -> list[str]:
+    """Every problem of a `config.loss` section that the functions below would reject at
+    trace time, as one-line messages (empty when valid)."""
+    problems = []
     recon = _get(loss_cfg, "recon", "l1")
     if recon not in RECON_LOSSES:
-        raise ConfigError(
+        problems.append(
             f"config.loss.recon={recon!r} is not a known reconstruction loss; valid: "
             f"{', '.join(RECON_LOSSES)} (e.g. --config.loss.recon=l1)")
     noise = _get(loss_cfg, "noise", None)
     if noise is not None and noise not in NOISE_MODES:
-        raise ConfigError(
+        problems.append(
             f"config.loss.noise={noise!r} is not a known noise mode; valid: None (no "
             f"denoising), {', '.join(NOISE_MODES)}")
-    for name in ("noise_dropout",):
-        p = _get(loss_cfg, name, 0.0)
-        if not 0.0 <= float(p) < 1.0:
-            raise ConfigError(f"config.loss.{name} must be in [0, 1), got {p!r}")
+    p = _get(loss_cfg, "noise_dropout", 0.0)
+    if not 0.0 <= float(p) < 1.0:
+        problems.append(f"config.loss.noise_dropout must be in [0, 1), got {p!r}")
     for name in ("noise_std", "fg_weight", "dice_smooth", "kl_weight", "adv_weight",
                  "perceptual_weight", "l1_weight", "mse_weight", "dice_weight"):
         v = _get(loss_cfg, name, 0.0)
         if v is not None and float(v) < 0:
-            raise ConfigError(f"config.loss.{name} must be >= 0, got {v!r}")
+            problems.append(f"config.loss.{name} must be >= 0, got {v!r}")
     frac = _get(loss_cfg, "perceptual_fraction", 0.25)
     if not 0.0 < float(frac) <= 1.0:
-        raise ConfigError(
-            f"config.loss.perceptual_fraction must be in (0, 1], got {frac!r}")
+        problems.append(f"config.loss.perceptual_fraction must be in (0, 1], got {frac!r}")
+    return problems
+
+
+def check_loss_config(loss_cfg: Any) -> None:
+    """Raises ConfigError (the first problem of `loss_problems`) for an invalid section."""
+    problems = loss_problems(loss_cfg)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 # ---------------------------------------------------------------------------------------

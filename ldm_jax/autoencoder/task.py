@@ -92,8 +92,11 @@ class AutoencoderTask:
                                           seed=int(self.config.data.seed))
 
     def eval_batches(self, batch_size):
+        """The validation batches, at most `train.num_eval_batches` of them (0: all)."""
         from ldm_jax import data as data_lib
-        return data_lib.make_eval_batches(self.config, batch_size=batch_size)
+        batches = data_lib.make_eval_batches(self.config, batch_size=batch_size)
+        limit = int(self.config.train.get("num_eval_batches", 0) or 0)
+        return list(batches)[:limit] if limit else batches
 
     def quick_run_hint(self, seconds, first_seconds, steps) -> str:
         vol = ",".join(str(v) for v in config_lib.smallest_volume(
