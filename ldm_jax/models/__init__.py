@@ -1,4 +1,5 @@
-"""Models: the KL autoencoder and the PatchGAN discriminator, built from config sections."""
+"""Models: the KL autoencoder, the PatchGAN discriminator and the diffusion UNet, built from
+config sections."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import jax.numpy as jnp
 from ldm_jax.config import ConfigError
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.discriminator import PatchDiscriminator
+from ldm_jax.models.unet import DiffusionModelUNet, unet_padded_shape, validate_unet
 
-__all__ = ["AutoencoderKL", "PatchDiscriminator", "build_autoencoder", "build_discriminator"]
+__all__ = ["AutoencoderKL", "DiffusionModelUNet", "PatchDiscriminator", "build_autoencoder",
+           "build_discriminator", "build_unet", "unet_padded_shape", "validate_unet"]
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -67,3 +70,21 @@ def build_discriminator(disc_cfg: Any) -> PatchDiscriminator:
     if fields.get("norm", "batch") not in ("batch", "instance"):
         raise ConfigError(f"discriminator.norm must be 'batch' or 'instance'; got {fields['norm']!r}")
     return PatchDiscriminator(**fields)
+
+
+def build_unet(unet_cfg: Any, remat: str | None = None) -> DiffusionModelUNet:
+    """DiffusionModelUNet from `config.unet` (a ConfigDict or dict), validated first
+    (ConfigError naming every problem). `remat` overrides `unet_cfg.remat`."""
+    validate_unet(unet_cfg)
+    get = unet_cfg.get if hasattr(unet_cfg, "get") else lambda k, d=None: getattr(unet_cfg, k, d)
+    fields = {}
+    for name in DiffusionModelUNet.__dataclass_fields__:
+        if name in ("parent", "name"):
+            continue
+        value = get(name, None)
+        if value is not None:
+            fields[name] = _tuple(value)
+    fields["dtype"] = _dtype_name(fields.get("dtype", "float32"), "unet")
+    if remat is not None:
+        fields["remat"] = remat
+    return DiffusionModelUNet(**fields)

@@ -125,14 +125,17 @@ def avg_pool(x: jax.Array, factor) -> jax.Array:
 
 
 def conv(features: int, kernel=3, strides=1, padding=None, dtype: Any = jnp.float32,
-         name: str | None = None) -> nn.Conv:
-    """3D conv with explicit padding; default k3 p1 (MONAI's `Convolution(conv_only=True)`)."""
+         name: str | None = None, kernel_init=torch_like_init) -> nn.Conv:
+    """3D conv with explicit padding; default k3 p1 (MONAI's `Convolution(conv_only=True)`).
+
+    `kernel_init=nn.initializers.zeros` gives MONAI's `zero_module` (bias is zero-initialised
+    either way)."""
     k = as_triple(kernel)
     if padding is None:
         padding = tuple(((kk - 1) // 2, kk // 2) for kk in k)
     return nn.Conv(
         features, kernel_size=k, strides=as_triple(strides), padding=tuple(padding),
-        dtype=dtype, param_dtype=jnp.float32, kernel_init=torch_like_init, name=name,
+        dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init, name=name,
     )
 
 
