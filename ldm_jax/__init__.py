@@ -13,4 +13,7 @@ def __getattr__(name):
     if name == "load_autoencoder":
         from ldm_jax.autoencoder.inference import load_autoencoder
         return load_autoencoder
+    if name == "load_pipeline":
+        from ldm_jax.diffusion.pipeline import load_pipeline
+        return load_pipeline
     raise AttributeError(f"module 'ldm_jax' has no attribute {name!r}")

@@ -37,6 +37,25 @@ def _prepare(argv) -> None:
         sys.exit(2)
 
 
+def diffusion_plan(config) -> str:
+    """The stage-2 plan of a diffusion config, on `latents.latent_shape` (the paired
+    stage-1 config's latent; no checkpoint is read)."""
+    from ldm_jax.config import ConfigError
+    from ldm_jax.diffusion.plan import format_unet_plan
+    from ldm_jax.diffusion.task import prepare_config
+    from ldm_jax.models import unet_padded_shape
+
+    config = prepare_config(config)
+    shape = config.latents.get("latent_shape")
+    if not shape:
+        raise ConfigError("latents.latent_shape is not set; pair the config with its stage-1 "
+                          "config (configs/diffusion/balanced.py shows how) or set "
+                          "--config.latents.latent_shape='(x,y,z,C)'.")
+    padded = unet_padded_shape(tuple(shape)[:3], config.unet)
+    return format_unet_plan(config, tuple(shape), padded,
+                            extra=f"autoencoder: {config.latents.autoencoder_workdir}")
+
+
 def main(argv=None) -> None:
     _prepare(sys.argv[1:] if argv is None else argv[1:])
     from absl import app, flags
@@ -56,9 +75,13 @@ def main(argv=None) -> None:
             logging.set_verbosity(logging.WARNING)  # hide jax's backend probing at INFO
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        title = f"plan for {_config_path_from_argv(sys.argv[1:])}"
         try:
-            text = format_plan(config_flag.value,
-                               title=f"plan for {_config_path_from_argv(sys.argv[1:])}")
+            config = config_flag.value
+            if config.get("stage", "autoencoder") == "diffusion":
+                text = title + "\n" + diffusion_plan(config)
+            else:
+                text = format_plan(config, title=title)
         except ConfigError as e:
             print(f"error: invalid config: {e}", file=sys.stderr)
             sys.exit(2)

@@ -1,0 +1,150 @@
+"""Defaults for stage 2 (latent diffusion); variants import this and change a few fields.
+
+The UNet is MONAI's `DiffusionModelUNet` (names and meanings kept; `num_channels` is
+MONAI's `channels`) with the 3D LDM tutorial's settings; the scheduler fields are MONAI's
+DDPM / DDIM / RFlow scheduler arguments with the tutorial's values. Latents are
+channels-last `(batch, X, Y, Z, C)`.
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.stage = "diffusion"
+
+    # --- Diffusion UNet (MONAI DiffusionModelUNet, spatial_dims=3). ---
+    # Defaults: the MONAI 3D LDM tutorial UNet (2,974,051 parameters).
+    unet = config.unet = ml_collections.ConfigDict()
+    unet.in_channels = 3  # = the autoencoder's latent_channels
+    unet.out_channels = 3  # = in_channels for epsilon / v / sample prediction
+    # One entry per level; every entry must divide by norm_num_groups. Each latent axis must
+    # divide by 2^(levels - 1) (validate_unet says which padded shape works).
+    unet.num_channels = (32, 64, 64)
+    # Resnets per down level (up levels get one more); an int or one per level. Fields that
+    # take "an int or a sequence" are object-typed FieldReferences so both are accepted.
+    unet.num_res_blocks = ml_collections.FieldReference(1, field_type=object)
+    unet.attention_levels = (False, True, True)  # attention after each resnet of a level
+    # Channels per attention head: an int or one per level (0 where a level has no
+    # attention). The middle block always has attention, with the last entry.
+    unet.num_head_channels = ml_collections.FieldReference((0, 64, 64), field_type=object)
+    unet.norm_num_groups = 32  # GroupNorm groups everywhere
+    unet.norm_eps = 1e-6  # GroupNorm epsilon
+    unet.resblock_updown = False  # True: resample inside resnets (avg-pool / nearest)
+    # Cross-attention conditioning: SpatialTransformers instead of plain attention, keys and
+    # values from a context (B, S, cross_attention_dim). Both set, or neither.
+    unet.with_conditioning = False
+    unet.cross_attention_dim = ml_collections.config_dict.placeholder(int)
+    unet.transformer_num_layers = 1  # transformer blocks per SpatialTransformer
+    # Class conditioning: an embedding of class_labels (B,) added to the time embedding.
+    unet.num_class_embeds = ml_collections.config_dict.placeholder(int)
+    unet.upcast_attention = False  # transformer attention in float32 under bfloat16
+    unet.dtype = "bfloat16"  # compute dtype; params stay float32
+    unet.remat = "none"  # "none" | "blocks" (rematerialise resnet/attention blocks)
+
+    # --- Noise scheduler (MONAI schedulers' argument names). ---
+    sched = config.scheduler = ml_collections.ConfigDict()
+    sched.name = "ddpm"  # "ddpm" | "ddim" | "rflow" (rectified flow, MAISI)
+    sched.num_train_timesteps = 1000  # T: training timesteps 0..T-1
+    # Betas (ddpm/ddim): "linear_beta" | "scaled_linear_beta" | "sigmoid_beta" | "cosine".
+    sched.schedule = "scaled_linear_beta"
+    sched.beta_start = 0.0015  # first beta (the tutorial's; MONAI's default is 1e-4)
+    sched.beta_end = 0.0195  # last beta (MONAI's default 2e-2)
+    sched.sig_range = 6.0  # sigmoid_beta only: the sigmoid spans [-sig_range, sig_range]
+    # What the UNet predicts (ddpm/ddim): "epsilon" | "v_prediction" | "sample".
+    # rflow always predicts the velocity x0 - noise.
+    sched.prediction_type = "epsilon"
+    sched.variance_type = "fixed_small"  # ddpm: "fixed_small" | "fixed_large" | "learned" | "learned_range"
+    # Clip the predicted x0 while sampling (ddpm/ddim). MONAI's default is True; off here
+    # because latents are not confined to [-1, 1].
+    sched.clip_sample = False
+    sched.clip_sample_min = -1.0
+    sched.clip_sample_max = 1.0
+    sched.set_alpha_to_one = True  # ddim: alpha_prod of the step before 0 is 1 (else alphas_cumprod[0])
+    sched.steps_offset = 0  # ddim/rflow: added to every inference timestep
+    # Rectified flow (MONAI RFlowScheduler names and defaults).
+    sched.use_discrete_timesteps = True  # integer timesteps in training
+    sched.sample_method = "uniform"  # training t: "uniform" | "logit-normal"
+    sched.loc = 0.0  # logit-normal location
+    sched.scale = 1.0  # logit-normal scale
+    # Shift timesteps by the volume size at inference (resolution-dependent schedule).
+    sched.use_timestep_transform = False
+    sched.transform_scale = 1.0
+    sched.base_img_size_numel = 32 * 32 * 32  # reference latent voxel count for the shift
+
+    # --- Latents: the frozen stage-1 autoencoder and where its latents come from. ---
+    lat = config.latents = ml_collections.ConfigDict()
+    lat.autoencoder_workdir = "runs/balanced"  # a trained stage-1 workdir
+    # "best" | "latest" | a step; resolved to a number at start (saved in checkpoints).
+    lat.autoencoder_step = ml_collections.FieldReference("best", field_type=object)
+    # A folder written by `python -m ldm_jax.extract` (latents.json + NAME.npy); None:
+    # encode the autoencoder's own training data on the fly inside the step.
+    lat.dir = ml_collections.config_dict.placeholder(str)
+    lat.val_fraction = 0.1  # latents.dir: the first 10% of the sorted files validate
+    # On the fly: "sample" z = mu + sigma*eps (MONAI's tutorial; what the decoder saw in
+    # training) or "mu".
+    lat.encode = "sample"
+    # 1/std of the training latents (all channels); None: computed at start over
+    # scale_num_volumes volumes and stored in every checkpoint's config.
+    lat.scale_factor = ml_collections.config_dict.placeholder(float)
+    lat.scale_num_volumes = 16
+    # (x, y, z, C) of one latent; filled in at start (the paired stage-1 config's plan).
+    lat.latent_shape = ml_collections.FieldReference(None, field_type=object)
+
+    # --- Class conditioning with classifier-free guidance (latents.dir only). ---
+    cond = config.conditioning = ml_collections.ConfigDict()
+    cond.num_classes = 0  # K > 0: the UNet gets K+1 class embeddings (label K = no class)
+    cond.labels_csv = ml_collections.config_dict.placeholder(str)  # columns name,label
+    cond.drop_prob = 0.1  # label -> "no class" with this probability while training
+
+    # --- Loss. ---
+    loss = config.loss = ml_collections.ConfigDict()
+    loss.type = "mse"  # "mse" (MONAI's tutorial) | "l1", on the scheduler's target
+    loss.min_snr_gamma = 0.0  # > 0: min-SNR-gamma weighting (Hang et al. 2023; 5 is usual)
+
+    # --- Training (the same loop and fields as stage 1). ---
+    train = config.train = ml_collections.ConfigDict()
+    train.num_steps = 20000
+    train.batch_size = 2  # global batch
+    train.learning_rate = 1e-4  # MONAI's 3D LDM tutorial (Adam 1e-4)
+    train.disc_learning_rate = 0.0  # unused in stage 2
+    train.b1 = 0.9
+    train.b2 = 0.999
+    train.eps = 1e-8
+    train.schedule = "constant"  # "constant" | "cosine"
+    train.warmup_steps = 0
+    train.grad_clip_norm = 1.0  # 0 disables
+    train.grad_accum_steps = 1
+    train.ema_decay = 0.999  # EMA of the UNet params (0: none); sampling uses the EMA
+    train.max_bad_steps = 10
+    train.log_every_steps = 10
+    train.save_every_steps = 500
+    train.eval_every_steps = 500
+    train.num_eval_batches = 4  # validation latents (on the fly: volumes); 0 = all
+    train.keep_checkpoints = 3
+    train.seed = 0
+    train.remat = ml_collections.config_dict.placeholder(str)  # overrides unet.remat
+
+    # --- Evaluation: fixed-timestep validation loss and a sample sheet. ---
+    ev = config.eval = ml_collections.ConfigDict()
+    ev.num_timesteps = 10  # validation loss at linspace(0, T-1, 10), fixed noise
+    ev.num_samples = 2  # decoded samples drawn to images/step_<N>.png (0: none)
+    ev.sampling_steps = 25  # DDIM steps for those samples (rflow: Euler steps)
+    ev.seed = 0
+
+    # --- Device mesh: -1 fills the remaining devices. ---
+    mesh = config.mesh = ml_collections.ConfigDict()
+    mesh.data = -1
+    mesh.spatial = 1
+    return config
+
+
+def paired(config, stage1_config, workdir):
+    """Points a stage-2 config at a stage-1 config/workdir: latent channels and shape."""
+    from ldm_jax.config import latent_shape
+
+    shape = latent_shape(stage1_config)
+    config.latents.autoencoder_workdir = workdir
+    config.latents.latent_shape = tuple(shape)
+    config.unet.in_channels = config.unet.out_channels = int(shape[-1])
+    return config

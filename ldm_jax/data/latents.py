@@ -1,0 +1,149 @@
+"""Latents for the diffusion stage: an extracted folder, or volumes encoded at start.
+
+A latents folder is what `python -m ldm_jax.extract` writes: `NAME.npy` (x, y, z, C)
+float32 channels-last plus `latents.json` (per-file entries, the autoencoder checkpoint's
+workdir, step and model hash). `read_latent_folder` checks that hash against the
+autoencoder the diffusion run uses, so latents of another model are refused.
+
+Batches are `{"latent": float32 (B, x, y, z, C)}` (plus `"class_label": int32 (B,)` when
+labels are configured), from an infinite, per-epoch reshuffled, process-sharded grain
+loader whose iterator state goes into every checkpoint (exact resume), like stage 1's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Optional, Sequence
+
+import grain.python as gp
+import numpy as np
+
+from ldm_jax.data.errors import DataError
+
+LATENTS_JSON = "latents.json"
+
+
+def read_latent_folder(path: str, expected_hash: Optional[str] = None):
+    """(names, latents, meta) of an extracted latents folder.
+
+    Args:
+        path: folder holding latents.json and NAME.npy (or NAME.nii.gz) files.
+        expected_hash: the autoencoder's `model_config_hash`; None skips the check.
+
+    Returns:
+        names (list[str], sorted), latents (list of float32 (x, y, z, C)), meta (the
+        latents.json dict).
+
+    Raises:
+        DataError: no folder / no latents.json / no latents / unequal latent shapes /
+            latents from another autoencoder (hash mismatch).
+    """
+    from ldm_jax.data.files import read_latent
+
+    json_path = os.path.join(path, LATENTS_JSON)
+    if not os.path.isfile(json_path):
+        raise DataError(
+            f"latents.dir={path!r} has no {LATENTS_JSON}; write one with `python -m "
+            f"ldm_jax.extract --workdir AUTOENCODER_WORKDIR --input VOLUMES --output {path}`, "
+            "or unset latents.dir to encode volumes on the fly.")
+    with open(json_path) as f:
+        meta = json.load(f)
+    got = meta.get("checkpoint", {}).get("config_hash")
+    if expected_hash is not None and got != expected_hash:
+        raise DataError(
+            f"The latents in {path} come from another autoencoder (model hash {got}, "
+            f"{meta.get('checkpoint', {}).get('workdir')}) than latents.autoencoder_workdir "
+            f"(model hash {expected_hash}). Re-extract them with that autoencoder, or point "
+            "latents.autoencoder_workdir at the one that made them.")
+    names = sorted(meta.get("files", {}))
+    if not names:
+        raise DataError(f"{json_path} lists no latents; run the extraction again.")
+    latents = []
+    for name in names:
+        outputs = meta["files"][name].get("outputs") or [name + ".npy"]
+        p = os.path.join(path, outputs[0])
+        if not os.path.exists(p):
+            raise DataError(f"{p} is listed in {json_path} but missing.")
+        z, _ = read_latent(p)
+        latents.append(np.asarray(z, np.float32))
+    shapes = sorted({z.shape for z in latents})
+    if len(shapes) > 1:
+        raise DataError(
+            f"The latents in {path} have {len(shapes)} different shapes ({shapes[:3]}...); "
+            "the diffusion model trains on one shape: extract crops of one size (the "
+            "autoencoder's data.volume_size) or resample the volumes first.")
+    return names, latents, meta
+
+
+def read_labels(csv_path: str, names: Sequence[str], num_classes: int) -> np.ndarray:
+    """Class labels (int32, one per name) from a CSV with columns `name,label`.
+
+    Raises:
+        DataError: missing file or column, a name without a label, a label outside
+            [0, num_classes).
+    """
+    if not os.path.isfile(csv_path):
+        raise DataError(f"data.labels_csv={csv_path!r} does not exist; give a CSV with "
+                        "columns name,label (name = the latent's file name without suffix).")
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"name", "label"} <= set(rows[0]):
+        raise DataError(f"{csv_path} needs the columns name,label; found "
+                        f"{sorted(rows[0]) if rows else 'no rows'}.")
+    table = {r["name"]: r["label"] for r in rows}
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise DataError(f"{csv_path} has no label for {len(missing)} latent(s), e.g. "
+                        f"{missing[:3]}.")
+    labels = np.asarray([int(table[n]) for n in names], np.int32)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise DataError(f"{csv_path}: label {int(bad[0])} is outside [0, {num_classes}) "
+                        f"(conditioning.num_classes={num_classes}).")
+    return labels
+
+
+class _ArraySource(gp.RandomAccessDataSource):
+    """Records {"latent": (x, y, z, C)[, "class_label": ()]} from in-memory arrays."""
+
+    def __init__(self, latents, labels=None):
+        self.latents = latents
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        rec = {"latent": self.latents[i]}
+        if self.labels is not None:
+            rec["class_label"] = np.int32(self.labels[i])
+        return rec
+
+    def __repr__(self):
+        return f"latents({len(self.latents)})"
+
+
+def make_latent_loader(latents, labels=None, *, batch_size: int, seed: int,
+                       process_index: Optional[int] = None,
+                       process_count: Optional[int] = None):
+    """Infinite, reshuffled, process-sharded batches of in-memory latents.
+
+    Returns a `ldm_jax.data.pipeline.TrainLoader` (iterator checkpointable with grain).
+    Raises DataError when there are fewer latents than processes.
+    """
+    from ldm_jax.data.pipeline import TrainLoader, _process_index_count
+
+    pi, pc = _process_index_count(process_index, process_count)
+    source = _ArraySource(latents, labels)
+    n = len(source)
+    if n < pc:
+        raise DataError(f"{n} latent(s) cannot be split over {pc} processes.")
+    shard = gp.ShardOptions(shard_index=pi, shard_count=pc, drop_remainder=True)
+    sampler = gp.IndexSampler(num_records=n, shard_options=shard, shuffle=True,
+                              num_epochs=None, seed=int(seed))
+    loader = gp.DataLoader(data_source=source, sampler=sampler,
+                           operations=[gp.Batch(int(batch_size), drop_remainder=True)],
+                           worker_count=0, shard_options=shard)
+    return TrainLoader(loader, source, int(batch_size), pi, pc, n // pc)

@@ -1,0 +1,135 @@
+"""A trained latent diffusion model with its autoencoder: noise -> latents -> volumes.
+
+    import jax, ldm_jax
+    pipe = ldm_jax.load_pipeline("runs/ldm")          # EMA weights of the best step
+    vols = pipe.sample(4, jax.random.PRNGKey(0), steps=50)   # (4, X, Y, Z, C) float32
+    pipe.autoencoder                                   # the stage-1 model it decodes with
+
+Sampled latents are cropped back to the autoencoder's latent shape, divided by the
+run's `latents.scale_factor` (never multiplied into the decoded image: the pitfall of
+MONAI GenerativeModels #212) and decoded by the autoencoder from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import ml_collections
+import numpy as np
+
+from ldm_jax.config import ConfigError
+
+
+class Pipeline:
+    """UNet params + scheduler config + frozen autoencoder (see the module docstring).
+
+    Attributes: config (the stage-2 run's), unet, params, autoencoder, scale_factor,
+    latent_shape (x, y, z, C) and padded_shape (x, y, z), step.
+    """
+
+    def __init__(self, config, unet, params, autoencoder, step: int = 0):
+        from ldm_jax.config import latent_shape
+        from ldm_jax.diffusion.task import pad_widths
+        from ldm_jax.models import unet_padded_shape
+
+        self.config, self.unet, self.params, self.step = config, unet, params, int(step)
+        self.autoencoder = autoencoder
+        self.scale_factor = float(config.latents.scale_factor)
+        self.latent_shape = tuple(config.latents.get("latent_shape") or
+                                  latent_shape(autoencoder.config))
+        self.padded_shape = tuple(unet_padded_shape(self.latent_shape[:3], config.unet))
+        self.pad = pad_widths(self.latent_shape[:3], self.padded_shape)
+        k = int(config.get("conditioning", {}).get("num_classes", 0) or 0)
+        self.num_classes = k
+        self.null_label = k if k else None
+        self._samplers = {}  # (sampler, steps, guidance, eta) -> jitted loop
+
+    def sample_latents(self, n: int, rng, *, steps: int = 50, scheduler: Optional[str] = None,
+                       eta: float = 0.0, guidance_scale: float = 1.0,
+                       class_label: Optional[int] = None, batch_size: int = 8, on_batch=None):
+        """`n` unscaled latents (n, x, y, z, C) float32 numpy: what the autoencoder decodes.
+
+        Raises ConfigError for n < 1, steps outside [1, num_train_timesteps], a class label
+        outside [0, num_classes) or given to an unconditional model, guidance without
+        classes, or a sampler the model was not trained for.
+        """
+        from ldm_jax.diffusion.sampling import make_sampler, sample_latents, sampler_for
+        from ldm_jax.diffusion.task import crop
+
+        T = int(self.config.scheduler.num_train_timesteps)
+        if not 1 <= int(steps) <= T:
+            raise ConfigError(f"--steps={steps} must be in [1, {T}] (the model was trained on "
+                              f"{T} timesteps).")
+        if class_label is not None:
+            if not self.num_classes:
+                raise ConfigError("--class-label given, but this model is unconditional "
+                                  "(conditioning.num_classes = 0); drop --class-label.")
+            if not 0 <= int(class_label) < self.num_classes:
+                raise ConfigError(f"--class-label={class_label} is outside [0, "
+                                  f"{self.num_classes}) (the model's classes).")
+        elif self.num_classes:
+            class_label = self.null_label  # unconditional sample of a conditional model
+        key = (scheduler, int(steps), float(guidance_scale), float(eta))
+        if key not in self._samplers:
+            self._samplers[key] = make_sampler(
+                self.unet, sampler_for(self.config.scheduler, scheduler),
+                shape=(*self.padded_shape, self.latent_shape[-1]), steps=int(steps),
+                guidance_scale=guidance_scale, null_label=self.null_label, eta=eta)
+        z = sample_latents(self._samplers[key], self.params, rng, n=int(n),
+                           class_label=class_label, batch_size=batch_size, on_batch=on_batch)
+        return np.asarray(crop(z, self.pad)) / self.scale_factor
+
+    def decode(self, latents) -> np.ndarray:
+        """Unscaled latents (n, x, y, z, C) -> volumes (n, X, Y, Z, C_out) float32."""
+        return np.stack([np.asarray(self.autoencoder.decode_volume(np.asarray(z)))
+                         for z in latents])
+
+    def sample(self, n: int, rng, **kwargs) -> np.ndarray:
+        """`n` decoded volumes (n, X, Y, Z, C) float32 in the data's intensity range
+        (`sample_latents` keywords)."""
+        return self.decode(self.sample_latents(n, rng, **kwargs))
+
+
+def load_pipeline(workdir, step="best", *, use_ema: bool = True,
+                  dtype: Optional[str] = None) -> Pipeline:
+    """The stage-2 run in `workdir` at `step` ('best' | 'latest' | N) with its autoencoder.
+
+    Raises CheckpointNotFoundError (no such workdir/step, or the autoencoder it names is
+    gone) and ConfigError (the workdir is a stage-1 run).
+    """
+    from ldm_jax import checkpoint as ckpt
+    from ldm_jax.diffusion.task import load_frozen_autoencoder
+    from ldm_jax.models import build_unet
+
+    workdir = os.path.abspath(os.path.expanduser(str(workdir)))
+    if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
+        raise ckpt.CheckpointNotFoundError(
+            f"{workdir} holds no checkpoints; train stage 2 first: python train.py --config "
+            f"configs/diffusion/balanced.py --workdir {workdir}")
+    manager = ckpt.make_manager(workdir, read_only=True, best_metric="val_loss")
+    try:
+        step = ckpt.resolve_step(manager, step)
+        cfg = ml_collections.ConfigDict(ckpt.restore_config(manager, step))
+        if cfg.get("stage") != "diffusion":
+            raise ConfigError(
+                f"{workdir} is a stage-{1 if cfg.get('stage', 'autoencoder') == 'autoencoder' else '?'} "
+                "(autoencoder) run; sampling needs a diffusion run (configs/diffusion/*.py). For "
+                "reconstructions use python -m ldm_jax.reconstruct.")
+        params = ckpt.restore_state_item(manager, step, "ema_params" if use_ema else "params")
+    finally:
+        manager.close()
+    if dtype is not None:
+        cfg.unet.dtype = str(dtype)
+    ae = load_frozen_autoencoder(cfg)
+    return Pipeline(cfg, build_unet(cfg.unet), params, ae, step=step)
+
+
+def save_sheet(volumes, path: str, data_cfg) -> None:
+    """A PNG contact sheet: one row per volume (XY, XZ, YZ mid-slices and the XY maximum
+    intensity projection), grey levels over data.b_min..b_max."""
+    from ldm_jax import visualize
+
+    lo, hi = sorted((float(data_cfg.b_min), float(data_cfg.b_max)))
+    rows = [visualize.orthoview(np.asarray(v), lo, hi) for v in volumes]
+    visualize.save_grid(rows, path)

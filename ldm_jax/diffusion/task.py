@@ -1,0 +1,414 @@
+"""Stage 2 as a trainer task: a diffusion UNet on the frozen autoencoder's latents.
+
+Latents come from an extracted folder (`latents.dir`, checked against the autoencoder's
+model hash) or are encoded on the fly inside the jitted step from the stage-1 data
+pipeline (the autoencoder's own data config) with the frozen autoencoder, whose params
+are the step's constants. Default encoding: a sampled z = mu + sigma * eps, as MONAI's
+3D LDM tutorial does (`encode_stage_2_inputs`), because the decoder was trained on
+sampled latents; `latents.encode = "mu"` uses the mean.
+
+The scale factor (1/std of the training latents over all channels, LDM convention,
+Rombach et al. 2022 sec. 4.3.2) is computed once over `latents.scale_num_volumes`
+volumes, never from a single batch, written into `config.latents.scale_factor` (so every
+checkpoint's config carries it) and applied as `z * scale_factor` before noising; samples
+are divided by it before decoding (`ldm_jax.diffusion.pipeline`). Latents whose spatial
+shape the UNet cannot take are zero-padded symmetrically (MONAI's `ldm_latent_shape`) and
+samples are cropped back.
+
+Loss: MSE (or L1) between the UNet output and the scheduler's training target (noise,
+velocity or x0; rectified flow: x0 - noise), optionally min-SNR-gamma weighted (Hang et
+al. 2023), averaged over the batch. An exponential moving average of the params
+(`train.ema_decay`) is kept; evaluation, "best" and sampling use it. With
+`conditioning.num_classes = K > 0` the UNet gets K + 1 class embeddings; label K means
+"no class" and replaces a label with probability `conditioning.drop_prob` (classifier-free
+guidance, Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ldm_jax.config import ConfigError
+from ldm_jax.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt: Any
+    rng: jax.Array
+    bad_steps: jax.Array
+    skipped_steps: jax.Array
+
+
+ENCODINGS = ("sample", "mu")
+LOSSES = ("mse", "l1")
+
+
+def diffusion_problems(config) -> list[str]:
+    """One-line problems of the stage-2 sections (latents, conditioning, loss, eval)."""
+    problems = []
+    lat = config.get("latents")
+    if lat is None or not lat.get("autoencoder_workdir"):
+        problems.append("latents.autoencoder_workdir is not set; give the stage-1 workdir, "
+                        "e.g. --config.latents.autoencoder_workdir=runs/balanced")
+    elif lat.get("encode", "sample") not in ENCODINGS:
+        problems.append(f"latents.encode={lat.encode!r} is not known; use 'sample' or 'mu'.")
+    if lat is not None and lat.get("scale_factor") is not None and not float(
+            lat.scale_factor) > 0:
+        problems.append(f"latents.scale_factor must be > 0 or None, got {lat.scale_factor!r}")
+    loss = config.get("loss")
+    if loss is not None:
+        if loss.get("type", "mse") not in LOSSES:
+            problems.append(f"loss.type={loss.type!r} is not known; use 'mse' or 'l1'.")
+        if float(loss.get("min_snr_gamma", 0) or 0) < 0:
+            problems.append(f"loss.min_snr_gamma must be >= 0 (0: off), got {loss.min_snr_gamma}")
+    cond = config.get("conditioning")
+    if cond is not None:
+        k = int(cond.get("num_classes", 0) or 0)
+        if k < 0:
+            problems.append(f"conditioning.num_classes must be >= 0, got {k}")
+        if not 0.0 <= float(cond.get("drop_prob", 0.0)) < 1.0:
+            problems.append(f"conditioning.drop_prob must be in [0, 1), got {cond.drop_prob}")
+        if k and not cond.get("labels_csv"):
+            problems.append("conditioning.num_classes > 0 needs conditioning.labels_csv (a CSV "
+                            "name,label for the latents in latents.dir)")
+    decay = float(config.train.get("ema_decay", 0.0))
+    if not 0.0 <= decay < 1.0:
+        problems.append(f"train.ema_decay must be in [0, 1) (0: no averaging), got {decay}")
+    return problems
+
+
+def prepare_config(config):
+    """A resolved copy of a stage-2 config, validated (raises ConfigError listing every
+    problem): the UNet and scheduler sections by their own validators, the rest here."""
+    from ldm_jax.models import validate_unet
+    from ldm_jax.optim import train_problems
+    from ldm_jax.schedulers import build_scheduler
+
+    config = config.copy_and_resolve_references()
+    if config.train.get("remat") is not None:
+        config.unet.remat = config.train.remat
+    cond = config.get("conditioning")
+    if cond is not None and int(cond.get("num_classes", 0) or 0) > 0:
+        config.unet.num_class_embeds = int(cond.num_classes) + 1  # + the "no class" label
+    problems = diffusion_problems(config) + train_problems(config.train)
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else
+                          f"{len(problems)} problems in the config:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+    validate_unet(config.unet)
+    build_scheduler(config.scheduler)
+    return config
+
+
+def min_snr_weights(alphas_cumprod, t, gamma: float, prediction_type: str):
+    """min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v) or plain (x0); (B,) float32.
+    Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"."""
+    ac = alphas_cumprod[t]
+    snr = ac / (1.0 - ac)
+    clipped = jnp.minimum(snr, gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
+def pad_widths(shape, target):
+    """Symmetric ((lo, hi), ...) zero padding from spatial `shape` to `target` (MONAI's
+    LatentDiffusionInferer: lo = (target - n) // 2)."""
+    return tuple(((t - s) // 2, (t - s) - (t - s) // 2) for s, t in zip(shape, target))
+
+
+def crop(z, widths):
+    """Undo `pad_widths` on (B, X, Y, Z, C)."""
+    sl = tuple(slice(lo, z.shape[i + 1] - hi) for i, (lo, hi) in enumerate(widths))
+    return z[(slice(None), *sl)]
+
+
+class DiffusionTask:
+    """Stage 2 for `ldm_jax.trainer.train` (see the module docstring).
+
+    Raises (at construction) ConfigError / CheckpointNotFoundError when the autoencoder
+    workdir is missing or untrained (the message names the stage-1 command), DataError
+    for unusable latents.
+    """
+
+    best_metric = "val_loss"
+    params_key = "ema_params"
+    progress_keys = {"loss": "loss"}
+
+    def __init__(self, config, autoencoder=None):
+        from ldm_jax.models import build_unet, unet_padded_shape
+        from ldm_jax.schedulers import build_scheduler
+
+        self.config = config
+        lat = config.latents
+        self.ae = autoencoder if autoencoder is not None else load_frozen_autoencoder(config)
+        # 'best' must not drift between runs (the field keeps its str/int type).
+        lat.autoencoder_step = type(lat.get("autoencoder_step") or "")(int(self.ae.step))
+        self.on_the_fly = not lat.get("dir")
+        self.sample_z = str(lat.get("encode", "sample")) == "sample"
+        self.num_classes = int(config.get("conditioning", {}).get("num_classes", 0) or 0)
+        self.names, self.train_latents, self.val_latents, self.labels = [], None, None, None
+        if self.on_the_fly:
+            from ldm_jax.config import latent_shape
+            self.latent_shape = tuple(latent_shape(self.ae.config))
+        else:
+            self._read_folder()
+            self.latent_shape = tuple(self.train_latents[0].shape)
+        c = self.latent_shape[-1]
+        if int(config.unet.in_channels) != c:
+            raise ConfigError(
+                f"unet.in_channels={config.unet.in_channels} but the autoencoder's latents have "
+                f"{c} channels; set --config.unet.in_channels={c} --config.unet.out_channels="
+                f"{c * (2 if str(config.scheduler.get('variance_type', '')).startswith('learned') else 1)}")
+        lat.latent_shape = list(self.latent_shape)
+        self.padded_shape = tuple(unet_padded_shape(self.latent_shape[:3], config.unet))
+        self.pad = pad_widths(self.latent_shape[:3], self.padded_shape)
+        if self.padded_shape != self.latent_shape[:3]:
+            log.warning("Latents %s are padded symmetrically to %s for the UNet (MONAI's "
+                        "ldm_latent_shape); samples are cropped back.",
+                        "x".join(map(str, self.latent_shape[:3])),
+                        "x".join(map(str, self.padded_shape)))
+        self.unet = build_unet(config.unet)
+        self.scheduler = build_scheduler(config.scheduler)
+        self.sched_state = self.scheduler.create_state()
+        self.tx = make_optimizer(config.train.learning_rate, config.train)
+        if lat.get("scale_factor") is None:
+            lat.scale_factor = self._compute_scale_factor()
+        self.scale_factor = float(lat.scale_factor)
+        self._eval_fn = self._pipeline = None
+
+    # ------------------------------------------------------------------ data
+    def _read_folder(self):
+        from ldm_jax.data.latents import read_labels, read_latent_folder
+        names, latents, _ = read_latent_folder(self.config.latents.dir, self.ae.config_hash)
+        labels = None
+        if self.num_classes:
+            labels = read_labels(self.config.conditioning.labels_csv, names, self.num_classes)
+        n_val = 0 if len(latents) < 2 else max(1, int(round(
+            len(latents) * float(self.config.latents.get("val_fraction", 0.1)))))
+        self.names = names
+        self.train_latents = latents[n_val:] if n_val else latents
+        self.val_latents = latents[:n_val] if n_val else latents[:1]
+        if labels is not None:
+            self.labels = labels[n_val:] if n_val else labels
+            self.val_labels = labels[:n_val] if n_val else labels[:1]
+
+    def _encode_np(self, x, key):
+        mu, sigma = self.ae.encode(jnp.asarray(x))
+        if self.sample_z and key is not None:
+            return np.asarray(mu + sigma * jax.random.normal(key, mu.shape, mu.dtype))
+        return np.asarray(mu)
+
+    def _compute_scale_factor(self) -> float:
+        """1 / std over all values of up to `latents.scale_num_volumes` training latents."""
+        n = int(self.config.latents.get("scale_num_volumes", 16))
+        if not self.on_the_fly:
+            zs = np.stack(self.train_latents[:n])
+        else:
+            from ldm_jax import data as data_lib
+            zs = []
+            it = iter(data_lib.make_train_loader(self.ae.config, batch_size=1,
+                                                 seed=int(self.config.train.seed),
+                                                 process_index=0, process_count=1))
+            try:
+                for i in range(n):
+                    zs.append(self._encode_np(next(it)["image"], jax.random.PRNGKey(i)))
+            finally:
+                it.close()
+            zs = np.concatenate(zs)
+        std = float(np.std(zs.astype(np.float64)))
+        if not std > 0:
+            raise ConfigError("the training latents are constant (std 0): no scale factor; "
+                              "check the autoencoder and its data.")
+        log.info("scale_factor = 1/std = %.6g over %d latent(s)", 1.0 / std, len(zs))
+        return 1.0 / std
+
+    def _val_latents(self):
+        """Host validation latents (N, x, y, z, C), unscaled; computed once."""
+        if self.val_latents is None:
+            from ldm_jax import data as data_lib
+            batches = data_lib.make_eval_batches(self.ae.config, batch_size=1)
+            limit = int(self.config.train.get("num_eval_batches", 0) or 0) or len(batches)
+            zs = []
+            for i, b in enumerate(batches):
+                if i >= min(limit, batches.num_volumes):
+                    break
+                zs.append(self._encode_np(b["image"], None)[0])
+            self.val_latents = zs
+        return self.val_latents
+
+    # ------------------------------------------------------------------ trainer contract
+    def sample_shape(self):
+        return (1, *self.padded_shape, self.latent_shape[-1])
+
+    def step_consts(self):
+        return self.ae.params if self.on_the_fly else None
+
+    def train_loader(self, batch_size):
+        if self.on_the_fly:
+            from ldm_jax import data as data_lib
+            return data_lib.make_train_loader(self.ae.config, batch_size=batch_size,
+                                              seed=int(self.config.train.seed))
+        from ldm_jax.data.latents import make_latent_loader
+        return make_latent_loader(self.train_latents, self.labels, batch_size=batch_size,
+                                  seed=int(self.config.train.seed))
+
+    def eval_batches(self, batch_size):
+        z = self._val_latents()
+        return [{"latent": np.stack(z)}]
+
+    def describe(self) -> str:
+        from ldm_jax.diffusion.plan import format_unet_plan
+        return format_unet_plan(self.config, self.latent_shape, self.padded_shape,
+                                extra=f"scale_factor {self.scale_factor:.6g}; latents: "
+                                + (f"encoded on the fly ({'sampled z' if self.sample_z else 'mu'})"
+                                   f" from {self.ae.config.data.source} data by the autoencoder "
+                                   f"at step {self.ae.step} of {self.ae.workdir}"
+                                   if self.on_the_fly else
+                                   f"{len(self.train_latents)} train / {len(self.val_latents)} "
+                                   f"val from {self.config.latents.dir}"))
+
+    def quick_run_hint(self, seconds, first_seconds, steps):
+        return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
+                f"{seconds:.2f} s per step: about {seconds * steps / 3600:.1f} h for {steps} "
+                "steps.")
+
+    # ------------------------------------------------------------------ state and step
+    def init_state(self, rng):
+        p_rng, run_rng = jax.random.split(rng)
+        x = jnp.zeros(self.sample_shape(), jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        labels = jnp.zeros((1,), jnp.int32) if self.num_classes else None
+        params = self.unet.init(p_rng, x, t, class_labels=labels)["params"]
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, ema_params=params,
+                          opt=self.tx.init(params), rng=run_rng, bad_steps=zero,
+                          skipped_steps=zero)
+
+    def _latents_of(self, batch, ae_params, key):
+        """Scaled, padded latents (B, *padded, C) float32 of a batch."""
+        if "latent" in batch:
+            z = batch["latent"].astype(jnp.float32)
+        else:
+            mu, sigma = self.ae.model.apply({"params": ae_params},
+                                            batch["image"].astype(jnp.float32),
+                                            method="encode")
+            z = mu + sigma * jax.random.normal(key, mu.shape, mu.dtype) if self.sample_z else mu
+            z = jax.lax.stop_gradient(z.astype(jnp.float32))
+        z = z * self.scale_factor
+        return jnp.pad(z, ((0, 0), *self.pad, (0, 0)))
+
+    def _loss(self, params, z, noise, t, labels):
+        x_t = self.scheduler.add_noise(self.sched_state, z, noise, t)
+        target = self.scheduler.training_target(self.sched_state, z, noise, t)
+        pred = self.unet.apply({"params": params}, x_t, t, class_labels=labels)
+        pred = pred[..., :target.shape[-1]].astype(jnp.float32)  # learned variances: mean part
+        err = jnp.square(pred - target) if self.config.loss.get("type", "mse") == "mse" \
+            else jnp.abs(pred - target)
+        per_sample = jnp.mean(err, axis=tuple(range(1, err.ndim)))
+        gamma = float(self.config.loss.get("min_snr_gamma", 0) or 0)
+        if gamma > 0 and hasattr(self.sched_state, "alphas_cumprod"):
+            per_sample = per_sample * min_snr_weights(
+                self.sched_state.alphas_cumprod, t, gamma, self.scheduler.prediction_type)
+        return jnp.mean(per_sample)
+
+    def train_step(self, state, batch, ae_params=None):
+        rng, k_enc, k_noise, k_t, k_drop = jax.random.split(state.rng, 5)
+        z = self._latents_of(batch, ae_params, k_enc)
+        noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+        t = self.scheduler.sample_timesteps(k_t, z)
+        labels = None
+        if self.num_classes:
+            labels = batch["class_label"].astype(jnp.int32)
+            drop = jax.random.uniform(k_drop, labels.shape) < float(
+                self.config.conditioning.drop_prob)
+            labels = jnp.where(drop, self.num_classes, labels)
+        loss, grads = jax.value_and_grad(self._loss)(state.params, z, noise, t, labels)
+        updates, opt = self.tx.update(grads, state.opt, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = float(self.config.train.get("ema_decay", 0.0))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        from ldm_jax.autoencoder.task import all_finite
+        finite = all_finite((loss, grads, params))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = state.replace(
+            step=state.step + 1, params=keep(params, state.params),
+            ema_params=keep(ema, state.ema_params), opt=keep(opt, state.opt), rng=rng,
+            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+        return new_state, dict(loss=loss, finite=finite.astype(jnp.float32))
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_timesteps(self):
+        """The fixed timesteps of the validation loss (comparable across evaluations)."""
+        k = int(self.config.eval.get("num_timesteps", 10))
+        T = int(self.config.scheduler.num_train_timesteps)
+        return np.round(np.linspace(0, T - 1, k)).astype(np.int32)
+
+    def eval_loss(self, params, latents):
+        """Mean denoising loss of `latents` (N, x, y, z, C, unscaled) over the fixed
+        timesteps, with fixed noise (PRNGKey(0)): a curve comparable across steps."""
+        if self._eval_fn is None:
+            def fn(params, z):
+                z = jnp.pad(z * self.scale_factor, ((0, 0), *self.pad, (0, 0)))
+                noise = jax.random.normal(jax.random.PRNGKey(0), z.shape, jnp.float32)
+                labels = (jnp.full((z.shape[0],), self.num_classes, jnp.int32)
+                          if self.num_classes else None)
+                losses = [self._loss(params, z, noise, jnp.full((z.shape[0],), t, jnp.int32),
+                                     labels) for t in self.eval_timesteps()]
+                return jnp.mean(jnp.stack(losses))
+            self._eval_fn = jax.jit(fn)
+        return float(self._eval_fn(params, jnp.asarray(latents, jnp.float32)))
+
+    def evaluate(self, state, batches, put, image_path):
+        """val_loss (EMA params) and a sheet of `eval.num_samples` decoded samples drawn
+        with a fixed seed (process 0 writes `image_path`)."""
+        val = self.eval_loss(state.ema_params, np.concatenate([b["latent"] for b in batches]))
+        n = int(self.config.eval.get("num_samples", 2))
+        if n > 0 and jax.process_index() == 0:
+            from ldm_jax.diffusion.pipeline import Pipeline
+            if self._pipeline is None:
+                self._pipeline = Pipeline(self.config, self.unet, None, self.ae)
+            pipe = self._pipeline
+            pipe.params = jax.device_get(state.ema_params)
+            vols = pipe.sample(n, jax.random.PRNGKey(int(self.config.eval.get("seed", 0))),
+                               steps=int(self.config.eval.get("sampling_steps", 25)))
+            from ldm_jax.diffusion.pipeline import save_sheet
+            os.makedirs(os.path.dirname(image_path), exist_ok=True)
+            save_sheet(vols, image_path, self.ae.config.data)
+        return {"val_loss": val}
+
+
+def load_frozen_autoencoder(config):
+    """The stage-1 autoencoder named by `config.latents` (float32, whole-volume window
+    unless it does not fit). Raises CheckpointNotFoundError naming the command to run."""
+    from ldm_jax import checkpoint as ckpt
+    from ldm_jax.autoencoder.inference import load_autoencoder
+
+    lat = config.latents
+    wd = os.path.abspath(os.path.expanduser(str(lat.autoencoder_workdir)))
+    try:
+        return load_autoencoder(wd, lat.get("autoencoder_step", "best") or "best",
+                                window="training")
+    except ckpt.CheckpointNotFoundError as e:
+        raise ckpt.CheckpointNotFoundError(
+            f"No trained autoencoder for the diffusion stage: {e} Train stage 1 first: "
+            f"python train.py --config configs/balanced.py --workdir {lat.autoencoder_workdir} "
+            "(or set --config.latents.autoencoder_workdir to a trained one).") from None
+
+

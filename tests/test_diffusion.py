@@ -1,0 +1,222 @@
+"""Stage 2 end to end on tiny sizes: training (on the fly and from extracted latents),
+exact resume, sampling, guidance, padding and the user errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ldm_jax
+from ldm_jax.checkpoint import CheckpointNotFoundError
+from ldm_jax.cli import extract as extract_cli
+from ldm_jax.cli import sample as sample_cli
+from ldm_jax.cli.train import train_and_evaluate
+from ldm_jax.config import ConfigError
+from ldm_jax.data import DataError
+from ldm_jax.data.filaments import render_filaments
+from tests.tiny import tiny_config
+
+
+def tiny_diffusion_config(ae_workdir, latents_dir=None, levels=2):
+    from configs.diffusion import default
+    c = default.get_config()
+    u = c.unet
+    u.in_channels = u.out_channels = 2  # tiny_config's latent_channels
+    u.num_channels = (8, 16, 16, 16)[:levels]
+    u.attention_levels = (False, True, False, False)[:levels]
+    u.num_head_channels = (0, 8, 0, 0)[:levels]
+    u.norm_num_groups = 4
+    u.num_res_blocks = 1
+    u.dtype = "float32"
+    c.scheduler.num_train_timesteps = 100
+    c.latents.autoencoder_workdir = ae_workdir
+    c.latents.autoencoder_step = "latest"
+    c.latents.dir = latents_dir
+    c.latents.val_fraction = 0.25
+    c.latents.scale_num_volumes = 4
+    t = c.train
+    t.num_steps, t.batch_size, t.learning_rate, t.ema_decay = 4, 2, 3e-3, 0.5
+    t.log_every_steps, t.eval_every_steps, t.save_every_steps = 1, 2, 2
+    c.eval.num_samples, c.eval.sampling_steps, c.eval.num_timesteps = 1, 3, 3
+    c.mesh.data = 1
+    return c
+
+
+@pytest.fixture(scope="module")
+def ae_workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("stage1")
+    config = tiny_config()
+    config.train.num_steps = 2
+    train_and_evaluate(config, str(wd), progress=False)
+    return str(wd)
+
+
+@pytest.fixture(scope="module")
+def latents_dir(ae_workdir, tmp_path_factory):
+    vols = tmp_path_factory.mktemp("vols")
+    for i in range(6):
+        v = render_filaments((16, 16, 8), seed=i, index=0, num_filaments=(3, 3))
+        np.save(vols / f"v{i}.npy", v.astype(np.float32))
+    out = str(tmp_path_factory.mktemp("latents"))
+    assert extract_cli.main(["x", f"--workdir={ae_workdir}", f"--input={vols}",
+                             f"--output={out}", "--step=latest", "--noprogress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ldm_workdir(ae_workdir, latents_dir, tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("ldm"))
+    c = tiny_diffusion_config(ae_workdir, latents_dir)
+    c.train.num_steps = 30
+    c.train.eval_every_steps = c.train.save_every_steps = 15
+    train_and_evaluate(c, wd, progress=False)
+    return wd
+
+
+def _rows(wd):
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_loss_falls_and_writes_everything(ldm_workdir):
+    losses = [r["loss"] for r in _rows(ldm_workdir) if "loss" in r]
+    assert len(losses) == 30
+    assert np.mean(losses[-8:]) < np.mean(losses[:8])
+    vals = [r["val_loss"] for r in _rows(ldm_workdir) if "val_loss" in r]
+    assert len(vals) == 2 and all(np.isfinite(vals))
+    assert os.path.exists(os.path.join(ldm_workdir, "images", "step_30.png"))
+    from ldm_jax import checkpoint as ckpt
+    m = ckpt.make_manager(ldm_workdir, read_only=True)
+    cfg = ckpt.restore_config(m, 30)
+    m.close()
+    assert cfg["stage"] == "diffusion" and cfg["latents"]["scale_factor"] > 0
+    assert cfg["latents"]["latent_shape"] == [8, 8, 4, 2]
+
+
+def test_resume_is_exact(ae_workdir, latents_dir, tmp_path):
+    c = tiny_diffusion_config(ae_workdir, latents_dir)
+    c.eval.num_samples = 0
+    straight = train_and_evaluate(c, str(tmp_path / "a"), progress=False)
+    c2 = tiny_diffusion_config(ae_workdir, latents_dir)
+    c2.eval.num_samples = 0
+    c2.train.num_steps = 2
+    train_and_evaluate(c2, str(tmp_path / "b"), progress=False)
+    resumed = train_and_evaluate(c, str(tmp_path / "b"), progress=False)
+    for a, b in zip(jax.tree.leaves(straight.ema_params), jax.tree.leaves(resumed.ema_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_on_the_fly_encoding_trains(ae_workdir, tmp_path):
+    c = tiny_diffusion_config(ae_workdir, None)
+    c.train.num_steps = 2
+    c.eval.num_samples = 0
+    state = train_and_evaluate(c, str(tmp_path / "otf"), progress=False)
+    assert int(state.step) == 2 and int(state.skipped_steps) == 0
+    rows = _rows(str(tmp_path / "otf"))
+    assert any("val_loss" in r and np.isfinite(r["val_loss"]) for r in rows)
+
+
+def test_sampling_is_deterministic_and_cli_writes(ldm_workdir, tmp_path):
+    pipe = ldm_jax.load_pipeline(ldm_workdir, "latest")
+    a = pipe.sample(2, jax.random.PRNGKey(0), steps=3)
+    b = pipe.sample(2, jax.random.PRNGKey(0), steps=3)
+    c = pipe.sample(2, jax.random.PRNGKey(1), steps=3)
+    assert a.shape == (2, 16, 16, 8, 1)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 0
+    out = str(tmp_path / "s")
+    args = ["x", f"--workdir={ldm_workdir}", f"--output={out}", "--num-samples=3",
+            "--steps=3", "--batch-size=2", "--format=both", "--noprogress"]
+    assert sample_cli.main(args) == 0
+    rec = json.load(open(os.path.join(out, "samples.json")))
+    assert rec["num_samples"] == 3 and rec["scheduler"] == "ddim"
+    for n in rec["files"]:
+        assert os.path.exists(os.path.join(out, n + ".nii.gz"))
+        assert np.load(os.path.join(out, "latents", n + ".npy")).shape == (8, 8, 4, 2)
+    assert os.path.exists(os.path.join(out, "samples.png"))
+    assert sample_cli.main(args) == 1  # existing outputs are kept without --overwrite
+
+
+def test_scale_factor_round_trip(ldm_workdir, ae_workdir):
+    """encode -> x sf -> / sf -> decode equals the plain reconstruction."""
+    pipe = ldm_jax.load_pipeline(ldm_workdir, "latest")
+    ae = ldm_jax.load_autoencoder(ae_workdir, "latest")
+    vol = render_filaments((16, 16, 8), seed=9, index=0, num_filaments=(3, 3))[..., None]
+    z = np.asarray(ae.encode_volume(vol.astype(np.float32)))
+    plain = np.asarray(ae.decode_volume(z))
+    through = pipe.decode([(z * pipe.scale_factor) / pipe.scale_factor])[0]
+    np.testing.assert_allclose(through, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_one_equals_conditional_model():
+    from ldm_jax.diffusion.sampling import make_sampler
+    from ldm_jax.models import build_unet
+    from ldm_jax.schedulers import build_scheduler, sample_loop
+    c = tiny_diffusion_config("unused")
+    c.unet.num_class_embeds = 4
+    unet = build_unet(c.unet)
+    sched = build_scheduler(c.scheduler, name="ddim")
+    x = jnp.zeros((1, 8, 8, 4, 2))
+    params = unet.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32),
+                       class_labels=jnp.zeros((1,), jnp.int32))["params"]
+    labels = jnp.array([1, 2], jnp.int32)
+    key = jax.random.PRNGKey(3)
+    shape = (8, 8, 4, 2)
+    guided = make_sampler(unet, sched, shape=shape, steps=4, guidance_scale=1.0,
+                          null_label=3)(params, key, labels, n=2)
+    k0, k1 = jax.random.split(key)
+    x_t = jax.random.normal(k0, (2, *shape))
+    state = sched.set_timesteps(sched.create_state(), 4)
+    plain = sample_loop(sched, state, lambda x, t: unet.apply(
+        {"params": params}, x, jnp.broadcast_to(t, (2,)), class_labels=labels), x_t, k1,
+        eta=0.0)
+    np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    strong = make_sampler(unet, sched, shape=shape, steps=4, guidance_scale=3.0,
+                          null_label=3)(params, key, labels, n=2)
+    assert np.isfinite(np.asarray(strong)).all()
+
+
+def test_odd_latents_are_padded_and_cropped(ae_workdir, latents_dir, tmp_path):
+    from ldm_jax.diffusion.task import crop, pad_widths
+    w = pad_widths((6, 8, 5), (8, 8, 8))
+    assert w == ((1, 1), (0, 0), (1, 2))
+    z = np.random.rand(1, 6, 8, 5, 2)
+    np.testing.assert_array_equal(crop(np.pad(z, ((0, 0), *w, (0, 0))), w), z)
+    c = tiny_diffusion_config(ae_workdir, latents_dir, levels=4)  # factor 8: 8x8x4 -> 8x8x8
+    c.train.num_steps = 1
+    c.eval.num_samples = 0
+    wd = str(tmp_path / "pad")
+    train_and_evaluate(c, wd, progress=False)
+    pipe = ldm_jax.load_pipeline(wd, "latest")
+    assert pipe.padded_shape == (8, 8, 8)
+    z = pipe.sample_latents(1, jax.random.PRNGKey(0), steps=2)
+    assert z.shape == (1, 8, 8, 4, 2)
+
+
+def test_bad_inputs_have_clear_messages(ae_workdir, latents_dir, ldm_workdir, tmp_path):
+    from ldm_jax.cli.train import make_task
+    c = tiny_diffusion_config(str(tmp_path / "nothing"), None)
+    with pytest.raises(CheckpointNotFoundError, match="Train stage 1 first: python train.py"):
+        make_task(c)
+    other = tmp_path / "other_ae"
+    cfg = tiny_config()
+    cfg.autoencoder.num_channels = (8, 8)
+    cfg.train.num_steps = 1
+    train_and_evaluate(cfg, str(other), progress=False)
+    c = tiny_diffusion_config(str(other), latents_dir)
+    with pytest.raises(DataError, match="come from another autoencoder"):
+        make_task(c)
+    pipe = ldm_jax.load_pipeline(ldm_workdir, "latest")
+    with pytest.raises(ConfigError, match="unconditional"):
+        pipe.sample_latents(1, jax.random.PRNGKey(0), steps=2, class_label=0)
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        pipe.sample_latents(0, jax.random.PRNGKey(0), steps=2)
+    with pytest.raises(ConfigError, match=r"must be in \[1, 100\]"):
+        pipe.sample_latents(1, jax.random.PRNGKey(0), steps=101)
+    with pytest.raises(ConfigError, match="trained with the ddpm scheduler"):
+        pipe.sample_latents(1, jax.random.PRNGKey(0), steps=2, scheduler="rflow")
+    with pytest.raises(ConfigError, match="stage-1"):
+        ldm_jax.load_pipeline(ae_workdir, "latest")
