@@ -16,6 +16,7 @@ Reading accepts state dicts as people save them (`ldm_jax.models.state_dict`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Mapping
 
@@ -28,7 +29,7 @@ from ldm_jax.models.state_dict import ConversionError, load_state_dict
 
 __all__ = ["ConversionError", "from_monai", "to_monai", "discriminator_from_monai",
            "discriminator_to_monai", "monai_autoencoder_kwargs",
-           "monai_discriminator_kwargs", "old_generative_names"]
+           "monai_discriminator_kwargs", "monai_incompatibilities", "old_generative_names"]
 
 # Flax axes from torch axes per layout ("vector": as is; "count": a BatchNorm
 # num_batches_tracked buffer, written as 0 and not read).
@@ -76,7 +77,7 @@ class _Table:
 
     def attn(self, key, path):
         self.norm(f"{key}.norm", (*path, "norm"))
-        for n in ("to_q", "to_k", "to_v", "out_proj"):
+        for n in ("out_proj", "to_q", "to_k", "to_v"):  # MONAI's order
             self.conv(f"{key}.attn.{n}", (*path, n), layout="linear")
 
     def mid(self, key_of, path):
@@ -93,8 +94,10 @@ def _model(cfg, cls_name: str, build_name: str):
     return cfg if isinstance(cfg, getattr(models, cls_name)) else getattr(models, build_name)(cfg)
 
 
-def _monai_compatible(model, fn: str) -> None:
-    """ConfigError listing every field that MONAI's AutoencoderKL cannot express."""
+def monai_incompatibilities(ae_cfg) -> list[str]:
+    """'field must be X (got Y)' for every autoencoder setting MONAI's AutoencoderKL cannot
+    express; empty when the model converts both ways."""
+    model = _model(ae_cfg, "AutoencoderKL", "build_autoencoder")
     problems = []
     if model.initial_factor != (1, 1, 1):
         problems.append(f"initial_downsample_factor must be 1 (got {model.initial_factor}; "
@@ -105,13 +108,18 @@ def _monai_compatible(model, fn: str) -> None:
         problems.append("use_conv_downsample must be True (got False: average pooling)")
     if model.strided_kernel not in (None, 3):
         problems.append(f"strided_kernel must be None or 3 (got {model.strided_kernel})")
+    return problems
+
+
+def _monai_compatible(model, fn: str) -> None:
+    problems = monai_incompatibilities(model)
     if problems:
         raise ConfigError(f"{fn} needs a MONAI-compatible autoencoder config: "
                           + "; ".join(problems))
 
 
 def _autoencoder_table(model) -> list[Leaf]:
-    """Every MONAI AutoencoderKL key, in MONAI's block order, with our params path."""
+    """Every MONAI AutoencoderKL key, in MONAI's state-dict order, with our params path."""
     ch = tuple(model.num_channels)
     nrb = model.res_blocks_per_level
     att = tuple(bool(a) for a in model.attention_levels)
@@ -139,9 +147,6 @@ def _autoencoder_table(model) -> list[Leaf]:
     t.norm(f"encoder.blocks.{b}", ("encoder", "norm_out"))
     t.conv(f"encoder.blocks.{b + 1}.conv", ("encoder", "conv_out"))
 
-    for name in ("quant_conv_mu", "quant_conv_log_sigma", "post_quant_conv"):
-        t.conv(f"{name}.conv", (name,))
-
     # Decoder: levels deepest first (our level_0 is MONAI's first decoder level).
     b = 0
     t.conv(f"decoder.blocks.{b}.conv", ("decoder", "conv_in"))
@@ -168,9 +173,12 @@ def _autoencoder_table(model) -> list[Leaf]:
             b += 1
     t.norm(f"decoder.blocks.{b}", ("decoder", "head", "norm_out"))
     t.conv(f"decoder.blocks.{b + 1}.conv", ("decoder", "head", "conv_out"))
+    for name in ("quant_conv_mu", "quant_conv_log_sigma", "post_quant_conv"):
+        t.conv(f"{name}.conv", (name,))
     return t.leaves
 
 
+@functools.lru_cache(maxsize=16)  # flax modules hash by their fields; not mutated
 def _autoencoder_shapes(model) -> dict:
     x = jax.ShapeDtypeStruct((1, *model.total_factor, model.in_channels), jnp.float32)
     return jax.eval_shape(lambda x: model.init(
@@ -274,6 +282,7 @@ def _discriminator_table(model) -> list[Leaf]:
     return t.leaves
 
 
+@functools.lru_cache(maxsize=16)
 def _discriminator_shapes(model) -> dict:
     size = 2 ** (model.num_layers_d + 2)
     x = jax.ShapeDtypeStruct((1, size, size, size, model.in_channels), jnp.float32)
@@ -360,8 +369,8 @@ def _write(variables, leaves, shapes) -> dict:
                 w = w[p]
             w = _np(w)
             perm = _PERM.get(leaf.layout)
-            out[leaf.key] = np.ascontiguousarray(w if perm is None else
-                                                 w.transpose(np.argsort(perm)))
+            out[leaf.key] = np.array(w if perm is None else w.transpose(np.argsort(perm)),
+                                     order="C")  # a writable copy (torch.from_numpy shares it)
     if torch is not None:
         out = {k: torch.from_numpy(v) for k, v in out.items()}
     return out
@@ -371,21 +380,22 @@ def _check_tree(got, expected, source: str, where: str = "") -> None:
     """Same keys and shapes as the model's own init, or a ConversionError naming the first diff."""
     if isinstance(expected, Mapping):
         if not isinstance(got, Mapping):
-            raise ConversionError(f"{source} gives an array at {where or '/'}, where the model "
+            raise ConversionError(f"{source} has an array at {where or '/'}, where the model "
                                   "built from the config has a sub-tree")
         for k in expected:
             if k not in got:
-                raise ConversionError(f"{source} lacks {where}/{k}, which the model built "
-                                      "from the config has: they describe different models")
+                raise ConversionError(f"{where}/{k} is missing from {source} but the model "
+                                      "built from the config has it: they describe different "
+                                      "models")
         for k in got:
             if k not in expected:
-                raise ConversionError(f"{source} has {where}/{k}, which the model built from "
-                                      "the config does not have")
+                raise ConversionError(f"{where}/{k} is in {source} but not in the model built "
+                                      "from the config")
         for k in expected:
             _check_tree(got[k], expected[k], source, f"{where}/{k}")
         return
     if tuple(np.shape(got)) != tuple(expected.shape):
         raise ConversionError(
-            f"shape mismatch at {where}: {source} gives {tuple(np.shape(got))}, the model "
-            f"built from the config expects {tuple(expected.shape)} (check num_channels, "
+            f"shape mismatch at {where}: {tuple(np.shape(got))} in {source}, "
+            f"{tuple(expected.shape)} in the model built from the config (check num_channels, "
             "latent_channels, in/out_channels)")

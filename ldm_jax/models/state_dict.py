@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import re
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 # Sub-dict names tried first when several nested state dicts fit equally well (a training
@@ -75,16 +76,25 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n\n|$)",
+                          str(e), re.S)
+        detail = found.group(1).strip() if found else _first_line(e)
+        if "Unsupported global" not in detail:
+            raise ConversionError(f"{path} is not a checkpoint torch.load can read ({detail})"
+                                  ) from None
         raise ConversionError(
             f"torch.load(weights_only=True) refused {path}: it holds objects other than "
-            f"tensors and plain containers ({first}). If you trust the file, load it with "
+            f"tensors and plain containers ({detail}). If you trust the file, load it with "
             "torch.load(path, weights_only=False) and pass the loaded object instead of the "
             "path") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ConversionError(f"{path} is not a checkpoint torch.load can read: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
-                              ) from None
+        raise ConversionError(f"{path} is not a checkpoint torch.load can read "
+                              f"({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _forms(key: str, rename) -> set[str]:
@@ -205,13 +215,10 @@ def load_state_dict(obj_or_path: Any, expected_keys: Iterable[str],
             f"the given {type(obj).__name__}; pass model.state_dict(), a dict holding it, or "
             "the path of a file torch.save wrote")
     scored = [(*_fit(sd, expected, rename), path, sd) for path, sd in candidates]
-    count, prefix, path, sd = _choose(scored, what)
-    if count == 0:
-        largest = max(candidates, key=lambda c: len(c[1]))
-        raise ConversionError(
-            f"no key of the checkpoint fits {what}: its state dict at {_where(largest[0])} "
-            f"has {describe_keys(largest[1])}; expected keys like "
-            f"{', '.join(repr(k) for k in expected_list[:3])}. {hint}".strip())
+    if max(s[0] for s in scored) > 0:
+        _, prefix, path, sd = _choose(scored, what)
+    else:  # nothing fits: describe the largest mapping found
+        prefix, (path, sd) = "", max(candidates, key=lambda c: len(c[1]))
     original = {}
     for key in sd:
         if isinstance(key, str) and key.startswith(prefix):
