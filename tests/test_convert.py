@@ -24,7 +24,7 @@ from ldm_jax.convert import (ConversionError, discriminator_from_monai,  # noqa:
                              monai_discriminator_kwargs, monai_incompatibilities, to_monai)
 from ldm_jax.models import build_autoencoder, build_discriminator  # noqa: E402
 from ldm_jax.models.state_dict import load_state_dict  # noqa: E402
-from tests.tiny import tiny_config  # noqa: E402
+from tests.tiny import tiny_config, train_tiny  # noqa: E402
 
 TOL = 1e-5
 BASE = dict(in_channels=1, out_channels=1, latent_channels=3, norm_num_groups=4, norm_eps=1e-6,
@@ -89,11 +89,10 @@ def _assert_same_tree(a, b):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def _perturbed(tree, seed):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [np.asarray(x + 0.1 * jax.random.normal(k, x.shape))
-                                        for x, k in zip(leaves, keys)])
+def _random_like(shapes, seed):
+    """numpy N(0, 0.2) arrays in the shapes of an eval_shape tree (no eager init)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
 
 
 def _rel(a, b):
@@ -129,8 +128,9 @@ def test_monai_computes_what_our_autoencoder_computes():
     cfg = dict(_cfg("attn_mid"), use_convtranspose=True, in_channels=2, out_channels=3)
     model = build_autoencoder(cfg)
     x = np.random.default_rng(0).normal(size=(2, 16, 16, 8, 2)).astype(np.float32)
-    params = _perturbed(model.init({"params": jax.random.key(0), "sample": jax.random.key(1)},
-                                   x[:1], sample=False)["params"], 2)
+    params = _random_like(jax.eval_shape(lambda x: model.init(
+        {"params": jax.random.key(0), "sample": jax.random.key(1)}, x, sample=False), x[:1])
+        ["params"], 2)
     tm = monai_nets.AutoencoderKL(**monai_autoencoder_kwargs(cfg)).eval()
     tm.load_state_dict(to_monai(params, cfg), strict=True)
     with torch.no_grad():
@@ -153,8 +153,9 @@ def test_monai_computes_what_our_discriminator_computes():
     cfg = dict(DISC, norm="batch")
     model = build_discriminator(cfg)
     x = np.random.default_rng(0).normal(size=(2, 16, 16, 16, 1)).astype(np.float32)
-    variables = _perturbed(model.init(jax.random.key(0), x, train=False), 3)
-    variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])  # var > 0
+    variables = _random_like(jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
+                                                                 train=False), x), 3)
+    variables["batch_stats"] = jax.tree.map(lambda v: np.abs(v) + 0.5, variables["batch_stats"])
     tm = monai_nets.PatchDiscriminator(**monai_discriminator_kwargs(cfg)).eval()
     tm.load_state_dict(discriminator_to_monai(variables, cfg), strict=True)
     with torch.no_grad():
@@ -168,9 +169,10 @@ def test_monai_computes_what_our_discriminator_computes():
 def test_to_monai_errors():
     cfg = _cfg("attn_mid")
     params = from_monai(_monai_ae(cfg).state_dict(), cfg)
-    with pytest.raises(ConversionError, match=r"shape mismatch at /decoder/conv_in/kernel: \(3, 3, 3, 3, 16\) in the params"):
+    with pytest.raises(ConversionError, match=r"shape mismatch at /decoder/conv_in/kernel: "
+                       r"\(3, 3, 3, 3, 16\) in the params"):
         to_monai(params, dict(cfg, latent_channels=4))
-    with pytest.raises(ConversionError, match=r"/decoder/level_1/attn_0 is missing from the params"):
+    with pytest.raises(ConversionError, match="/decoder/level_1/attn_0 is missing from the params"):
         to_monai(params, dict(cfg, attention_levels=(True, True)))
     stem = dict(cfg, initial_downsample_factor=2, upsample_head="subpixel",
                 downsample_factors=(4,))
@@ -212,6 +214,8 @@ def _forms(sd, tmp_path):
         "autoencoder + discriminator": {"autoencoder": sd,
                                         "discriminator": _monai_disc("batch").state_dict()},
         "model preferred over ema": {"model": sd, "ema": {k: v + 1 for k, v in sd.items()}},
+        "model. preferred over ema.": {"state_dict": dict(
+            p("model."), **{"ema." + k: v + 1 for k, v in sd.items()})},
         ".pt path (str)": str(path),
         ".pt path (Path)": path,
         "nn.Module": None,  # filled by the caller
@@ -275,6 +279,9 @@ def test_state_dict_loader_edge_cases(tmp_path):
     assert list(load_state_dict({"x": sd}, ["b.weight", "a.weight"])) == ["b.weight", "a.weight"]
     with pytest.raises(ConversionError, match=r"several state dicts .*\['one'\], \['two'\]"):
         load_state_dict({"one": sd, "two": sd}, ["a.weight", "b.weight"])
+    two = {"student.a.weight": np.zeros(2), "teacher.a.weight": np.ones(2)}
+    with pytest.raises(ConversionError, match=r"keys under 'student.' and under 'teacher.'"):
+        load_state_dict(two, ["a.weight"])
     with pytest.raises(ConversionError, match="found no state dict"):
         load_state_dict({"epoch": 3}, ["a.weight"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -285,7 +292,8 @@ def test_state_dict_loader_edge_cases(tmp_path):
         load_state_dict(bad, ["a.weight"])
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"state_dict": {k: torch.zeros(2) for k in sd}, "obj": _Unsafe()}, unsafe)
-    with pytest.raises(ConversionError, match=r"weights_only=True\) refused .*Unsupported global: GLOBAL tests.test_convert._Unsafe\)"):
+    with pytest.raises(ConversionError, match=r"weights_only=True\) refused .*Unsupported "
+                       r"global: GLOBAL tests.test_convert._Unsafe\)"):
         load_state_dict(unsafe, ["a.weight"])
 
 
@@ -297,13 +305,7 @@ class _Unsafe:  # not on torch's weights_only allow-list
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """tests/test_extract.py's tiny run (same config, so compilations are cache hits)."""
-    from ldm_jax.train import train_and_evaluate
-    wd = tmp_path_factory.mktemp("run")
-    config = tiny_config()
-    config.train.num_steps = 2
-    train_and_evaluate(config, str(wd), progress=False)
-    return str(wd)
+    return train_tiny(tmp_path_factory.mktemp("run"))
 
 
 def test_export_cli_writes_what_monai_loads(workdir, tmp_path, capsys):

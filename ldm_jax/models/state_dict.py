@@ -101,11 +101,17 @@ def _forms(key: str, rename) -> set[str]:
     return {key, rename(key)} if rename else {key}
 
 
-def _fit(sd: Mapping, expected: set[str], rename) -> tuple[int, str]:
-    """(number of expected keys found, prefix) for the key prefix that fits most keys.
+def _name_rank(name) -> int:
+    return PREFERRED_NAMES.index(name) if name in PREFERRED_NAMES else len(PREFERRED_NAMES)
+
+
+def _fit(sd: Mapping, expected: set[str], rename) -> tuple[int, str, str | None]:
+    """(number of expected keys found, prefix, rival) for the key prefix that fits most keys.
 
     A prefix is whatever precedes an expected key at a '.' boundary, so wrappers of any
-    name and depth (`module._orig_mod.`) are found without a list of known ones.
+    name and depth (`module._orig_mod.`) are found without a list of known ones. Equal
+    fits go to no prefix, then a last segment in PREFERRED_NAMES (`model.` before `ema.`),
+    then the shorter; `rival` is another prefix that fits as well and ranks the same.
     """
     hits: dict[str, set[str]] = collections.defaultdict(set)
     for key in sd:
@@ -118,29 +124,37 @@ def _fit(sd: Mapping, expected: set[str], rename) -> tuple[int, str]:
                 if tail in expected:
                     hits[form[:len(form) - len(tail)]].add(tail)
     if not hits:
-        return 0, ""
-    prefix = max(hits, key=lambda p: (len(hits[p]), -len(p)))
-    return len(hits[prefix]), prefix
+        return 0, "", None
+
+    def rank(p):
+        return (len(hits[p]), -_name_rank(p[:-1].rsplit(".", 1)[-1]) if p else 1)
+
+    ranked = sorted(hits, key=lambda p: (*rank(p), -len(p)), reverse=True)
+    rival = ranked[1] if len(ranked) > 1 and rank(ranked[1]) == rank(ranked[0]) else None
+    return len(hits[ranked[0]]), ranked[0], rival
 
 
 def _choose(scored: list, what: str):
-    """The best-fitting (count, prefix, path, sd); ties go to PREFERRED_NAMES, then depth."""
+    """The best-fitting (count, prefix, rival, path, sd); ties go to PREFERRED_NAMES, then
+    the shallowest."""
     best = max(s[0] for s in scored)
     top = [s for s in scored if s[0] == best]
-    if len(top) == 1:
-        return top[0]
 
     def rank(s):
-        name = s[2][-1] if s[2] else None
-        return (PREFERRED_NAMES.index(name) if name in PREFERRED_NAMES else len(PREFERRED_NAMES),
-                len(s[2]))
+        return _name_rank(s[3][-1] if s[3] else None), len(s[3])
 
     top.sort(key=rank)
-    if rank(top[0]) == rank(top[1]):
+    if len(top) > 1 and rank(top[0]) == rank(top[1]):
         raise ConversionError(
             f"several state dicts in the checkpoint fit {what} equally well "
-            f"({', '.join(_where(s[2]) for s in top[:_SHOW])}); pass the one you want "
+            f"({', '.join(_where(s[3]) for s in top[:_SHOW])}); pass the one you want "
             "(e.g. checkpoint['ema']) instead of the whole checkpoint")
+    count, prefix, rival, path, sd = top[0]
+    if rival is not None:
+        raise ConversionError(
+            f"keys under {prefix!r} and under {rival!r} in the state dict at {_where(path)} "
+            f"fit {what} equally well; pass the ones you want, e.g. "
+            f"{{k[len({prefix!r}):]: v for k, v in sd.items() if k.startswith({prefix!r})}}")
     return top[0]
 
 
@@ -156,9 +170,9 @@ def describe_keys(keys: Iterable) -> str:
     common = os.path.commonprefix(keys)
     common = common[:common.rfind(".") + 1]
     heads = collections.Counter(k[len(common):].split(".")[0] for k in keys).most_common(_SHOW)
-    text = f"{len(keys)} keys, common prefix {common!r}" if common else \
-        f"{len(keys)} keys, no common prefix"
-    return text + "; first names after it: " + ", ".join(f"{h!r} ({n})" for h, n in heads)
+    text = (f"{len(keys)} keys, common prefix {common!r}; first names after it: " if common
+            else f"{len(keys)} keys, no common prefix; first names: ")
+    return text + ", ".join(f"{h!r} ({n})" for h, n in heads)
 
 
 def _rename_keys(sd: dict, expected: set[str], rename) -> dict:
@@ -194,12 +208,14 @@ def load_state_dict(obj_or_path: Any, expected_keys: Iterable[str],
       {key: value as stored} with exactly `expected_keys`, in their order. The nested
       mapping chosen is the one whose keys fit most expected keys (ties: PREFERRED_NAMES,
       then the shallowest); its keys lose the prefix that fits most (`module.`,
-      `_orig_mod.`, `model.`, nested combinations, any name); keys outside that prefix
-      are dropped (other sub-modules), and so are BatchNorm `num_batches_tracked` counters
+      `_orig_mod.`, `model.`, nested combinations, any name; ties: no prefix, then
+      PREFERRED_NAMES, so `model.` wins over `ema.`); keys outside that prefix are
+      dropped (other sub-modules), and so are BatchNorm `num_batches_tracked` counters
       that are not expected.
 
     Raises:
-      ConversionError: no mapping of names to arrays in the object; several fit equally;
+      ConversionError: no mapping of names to arrays in the object; several mappings or
+        prefixes fit equally;
         or keys are missing / unknown, with what the keys look like (count, common
         prefix, first names), the first unknown and the first missing keys.
       FileNotFoundError: a path that does not exist.
@@ -216,7 +232,7 @@ def load_state_dict(obj_or_path: Any, expected_keys: Iterable[str],
             "the path of a file torch.save wrote")
     scored = [(*_fit(sd, expected, rename), path, sd) for path, sd in candidates]
     if max(s[0] for s in scored) > 0:
-        _, prefix, path, sd = _choose(scored, what)
+        _, prefix, _, path, sd = _choose(scored, what)
     else:  # nothing fits: describe the largest mapping found
         prefix, (path, sd) = "", max(candidates, key=lambda c: len(c[1]))
     original = {}
