@@ -19,20 +19,15 @@ from ldm_jax.config import ConfigError
 from ldm_jax.data import load_volume
 from ldm_jax.data.filaments import render_filaments
 from ldm_jax.autoencoder.inference import ChannelMismatchError, latent_affine, model_config_hash
-from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.data.files import OutputDirError
-from tests.tiny import tiny_config
+from tests.tiny import tiny_config, train_tiny
 
 FACTOR = (2, 2, 2)  # tiny_config: stem 1, one level factor 2
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("run")
-    config = tiny_config()
-    config.train.num_steps = 2
-    train_and_evaluate(config, str(wd), progress=False)
-    return str(wd)
+    return train_tiny(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

@@ -34,3 +34,16 @@ def tiny_config():
     config.train.num_eval_batches = 1
     config.mesh.data = 1
     return config
+
+
+def train_tiny(workdir, num_steps=2):
+    """Trains tiny_config() for `num_steps` in `workdir` (a str); returns the workdir.
+
+    Every module that needs a trained checkpoint uses this same config, so the persistent
+    compilation cache turns its compilations into hits.
+    """
+    from ldm_jax.cli.train import train_and_evaluate
+    config = tiny_config()
+    config.train.num_steps = num_steps
+    train_and_evaluate(config, str(workdir), progress=False)
+    return str(workdir)

@@ -14,12 +14,17 @@ from typing import Callable
 from absl import flags
 
 
-def define_model_flags(fv: flags.FlagValues) -> None:
+def define_checkpoint_flags(fv: flags.FlagValues) -> None:
+    """--workdir, --step, --config: which checkpoint to read."""
     flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", flag_values=fv)
     flags.DEFINE_string("step", "best", "'best' (lowest validation L1; latest when none is "
                         "recorded), 'latest' or a step number.", flag_values=fv)
     flags.DEFINE_string("config", None, "Optional config file; it must agree with the config "
                         "saved in the checkpoint (which is what is used).", flag_values=fv)
+
+
+def define_model_flags(fv: flags.FlagValues) -> None:
+    define_checkpoint_flags(fv)
     flags.DEFINE_string("window", "training", "Sliding window in input voxels: 'training' (the "
                         "training patch), 'whole' (one pass per volume) or X,Y,Z.",
                         flag_values=fv)
