@@ -150,13 +150,20 @@ class DiffusionTask:
     params_key = "ema_params"
     progress_keys = {"loss": "loss"}
 
-    def __init__(self, config, autoencoder=None):
+    def __init__(self, config, autoencoder="load"):
+        """`autoencoder`: "load" (from config.latents), an `Autoencoder`, or None for a
+        shapes-only task (benchmarks: latents.latent_shape and scale 1, no data)."""
         from ldm_jax.models import build_unet, unet_padded_shape
         from ldm_jax.schedulers import build_scheduler
 
         self.config = config
         lat = config.latents
-        self.ae = autoencoder if autoencoder is not None else load_frozen_autoencoder(config)
+        if isinstance(autoencoder, str) and autoencoder == "load":
+            autoencoder = load_frozen_autoencoder(config)
+        self.ae = autoencoder
+        if autoencoder is None:
+            self._init_shapes_only(config)
+            return
         # 'best' must not drift between runs (the field keeps its str/int type).
         lat.autoencoder_step = type(lat.get("autoencoder_step") or "")(int(self.ae.step))
         self.on_the_fly = not lat.get("dir")
@@ -190,6 +197,23 @@ class DiffusionTask:
         if lat.get("scale_factor") is None:
             lat.scale_factor = self._compute_scale_factor()
         self.scale_factor = float(lat.scale_factor)
+        self._eval_fn = self._pipeline = None
+
+    def _init_shapes_only(self, config):
+        from ldm_jax.models import build_unet, unet_padded_shape
+        from ldm_jax.schedulers import build_scheduler
+        if not config.latents.get("latent_shape"):
+            raise ConfigError("a shapes-only diffusion task needs latents.latent_shape")
+        self.on_the_fly, self.sample_z, self.num_classes = False, False, int(
+            config.get("conditioning", {}).get("num_classes", 0) or 0)
+        self.latent_shape = tuple(config.latents.latent_shape)
+        self.padded_shape = tuple(unet_padded_shape(self.latent_shape[:3], config.unet))
+        self.pad = pad_widths(self.latent_shape[:3], self.padded_shape)
+        self.unet = build_unet(config.unet)
+        self.scheduler = build_scheduler(config.scheduler)
+        self.sched_state = self.scheduler.create_state()
+        self.tx = make_optimizer(config.train.learning_rate, config.train)
+        self.scale_factor = float(config.latents.get("scale_factor") or 1.0)
         self._eval_fn = self._pipeline = None
 
     # ------------------------------------------------------------------ data
