@@ -276,7 +276,8 @@ def test_ddim_chain_matches_monai(schedule):
     rng = np.random.default_rng(4)
     x = rng.standard_normal(SHAPE).astype(np.float32)
     outs = model_outputs(20, SHAPE[-1], None, rng)
-    cases = [(dict(prediction_type=p), eta, slice(0, 20)) for p in PREDICTIONS for eta in (0.0, 0.5)]
+    cases = [(dict(prediction_type=p), eta, slice(0, 20))
+             for p in PREDICTIONS for eta in (0.0, 0.5)]
     cases.append((dict(set_alpha_to_one=False, steps_offset=1, clip_sample_min=-0.3,
                        clip_sample_max=0.8), 1.0, slice(-20, None)))
     for extra, eta, ts in cases:
@@ -423,7 +424,8 @@ def test_ddpm_loop_under_jit_matches_python_loop_with_keys():
     sched = DDPMScheduler(clip_sample=False)
     st = sched.set_timesteps(sched.create_state(), 10)
     x_T = jax.random.normal(jax.random.key(0), SHAPE)
-    looped = jax.jit(lambda s, x, k: sample_loop(sched, s, toy_model, x, k))(st, x_T, jax.random.key(7))
+    loop = jax.jit(lambda s, x, k: sample_loop(sched, s, toy_model, x, k))
+    looped = loop(st, x_T, jax.random.key(7))
     step = jax.jit(lambda st, out, t, x, k, prev: sched.step(st, out, t, x, k, prev_timestep=prev))
     model = jax.jit(toy_model)
     x, k = x_T, jax.random.key(7)
@@ -490,7 +492,10 @@ def test_build_scheduler_from_config_and_kwargs():
     (dict(name="ddim", steps_offset=1000), r"scheduler.steps_offset must be an int in \[0, 999\]"),
     (dict(num_train_timesteps=0), r"scheduler.num_train_timesteps must be an int >= 1"),
     (dict(clip_sample=1), r"scheduler.clip_sample must be True or False"),
-    (dict(schedule="sigmoid_beta", sig_range=0.0), r"scheduler.sig_range must be > 0"),
+    (dict(schedule="sigmoid_beta", sig_range=0.0), r"scheduler.sig_range must be a number > 0"),
+    (dict(beta_start="1e-4"), r"scheduler.beta_start must be a number, got '1e-4'"),
+    (dict(name="rflow", prediction_type="v_prediction", scale=-1.0),
+     r"scheduler.scale must be a number > 0"),
     (dict(name="rflow"), r"prediction_type='epsilon' is not possible with rflow"),
     (dict(name="rflow", prediction_type="v_prediction", sample_method="normal"),
      r"scheduler.sample_method='normal' is not known"),

@@ -52,6 +52,12 @@ def expand_right(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim)) if v.ndim else v
 
 
+def following_timestep(timesteps: jax.Array, index, end) -> jax.Array:
+    """timesteps[index + 1], or `end` after the last one (index may be traced)."""
+    n = timesteps.shape[0]
+    return jnp.where(index + 1 < n, timesteps[jnp.minimum(index + 1, n - 1)], end)
+
+
 def check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
     """`v` as an int in [lo, hi]; ConfigError naming `scheduler.<name>` otherwise."""
     ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -66,6 +72,13 @@ def check_choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"scheduler.{name}={v!r} is not known; use one of {list(choices)}.")
 
 
+def check_number(name: str, v: Any, positive: bool = False) -> None:
+    """`v` a real number (> 0 if `positive`); ConfigError naming `scheduler.<name>` otherwise."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or (positive and not v > 0):
+        what = "a number > 0" if positive else "a number"
+        raise ConfigError(f"scheduler.{name} must be {what}, got {v!r}.")
+
+
 def check_bool(name: str, v: Any) -> None:
     if not isinstance(v, bool):
         raise ConfigError(f"scheduler.{name} must be True or False, got {v!r}.")
@@ -73,10 +86,10 @@ def check_bool(name: str, v: Any) -> None:
 
 def check_num_inference_steps(n: Any, num_train_timesteps: int) -> int:
     """n as an int in [1, T]; ConfigError otherwise (a model trained on T steps has no more)."""
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 1 <= n <= num_train_timesteps:
-        raise ConfigError(
-            f"num_inference_steps must be an int in [1, num_train_timesteps={num_train_timesteps}], "
-            f"got {n!r}; the model was trained on {num_train_timesteps} timesteps.")
+    T = num_train_timesteps
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or not 1 <= n <= T:
+        raise ConfigError(f"num_inference_steps must be an int in [1, num_train_timesteps={T}], "
+                          f"got {n!r}; the model was trained on {T} timesteps.")
     return int(n)
 
 
@@ -124,13 +137,14 @@ class DiscreteScheduler:
         check_choice("schedule", self.schedule, tuple(NOISE_SCHEDULES))
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_bool("clip_sample", self.clip_sample)
+        for name in ("beta_start", "beta_end", "clip_sample_min", "clip_sample_max"):
+            check_number(name, getattr(self, name))
+        check_number("sig_range", self.sig_range, positive=True)
         if self.schedule != "cosine":
             if not 0.0 < self.beta_start < self.beta_end < 1.0:
                 raise ConfigError(
                     f"scheduler.beta_start={self.beta_start!r} and beta_end={self.beta_end!r} must "
                     f"satisfy 0 < beta_start < beta_end < 1 (e.g. 0.0015 and 0.0195).")
-        if self.schedule == "sigmoid_beta" and not self.sig_range > 0:
-            raise ConfigError(f"scheduler.sig_range must be > 0 (e.g. 6), got {self.sig_range!r}.")
         if self.clip_sample and not self.clip_sample_min < self.clip_sample_max:
             raise ConfigError(
                 f"scheduler.clip_sample_min={self.clip_sample_min!r} must be below "

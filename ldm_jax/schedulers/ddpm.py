@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.schedulers.base import (DiffusionState, DiscreteScheduler, check_bool,
-                                     check_choice, linspace_timesteps, step_noise)
+                                     check_choice, linspace_timesteps, following_timestep,
+                                     step_noise)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 
@@ -132,8 +133,7 @@ class DDPMScheduler(DiscreteScheduler):
     def sampling_step(self, state, model_output, index, sample, key=None, **step_kwargs):
         """Step from state.timesteps[index] to the next scheduled timestep (-1 after the
         last), or to t-1 with monai_prev_timestep=True."""
-        ts = state.timesteps
         if not self.monai_prev_timestep:
-            nxt = jnp.where(index + 1 < ts.shape[0], ts[jnp.minimum(index + 1, ts.shape[0] - 1)], -1)
-            step_kwargs = {"prev_timestep": nxt, **step_kwargs}
-        return self.step(state, model_output, ts[index], sample, key, **step_kwargs)
+            prev = following_timestep(state.timesteps, index, -1)
+            step_kwargs = {"prev_timestep": prev, **step_kwargs}
+        return self.step(state, model_output, state.timesteps[index], sample, key, **step_kwargs)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ldm_jax.config import ConfigError
 from ldm_jax.schedulers.base import (check_bool, check_choice, check_int,
-                                     check_num_inference_steps, expand_right)
+                                     check_num_inference_steps, check_number, expand_right,
+                                     following_timestep)
 
 SAMPLE_METHODS = ("uniform", "logit-normal")
 
@@ -97,10 +97,9 @@ class RFlowScheduler:
         check_int("steps_offset", self.steps_offset, 0, T - 1)
         check_int("base_img_size_numel", self.base_img_size_numel, 1)
         check_int("spatial_dim", self.spatial_dim, 2, 3)
-        for name in ("scale", "transform_scale"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
-                raise ConfigError(f"scheduler.{name} must be a number > 0, got {v!r}.")
+        check_number("loc", self.loc)
+        check_number("scale", self.scale, positive=True)
+        check_number("transform_scale", self.transform_scale, positive=True)
 
     # -- state ---------------------------------------------------------------------------
     def create_state(self) -> RFlowState:
@@ -211,8 +210,6 @@ class RFlowScheduler:
 
     def sampling_step(self, state, model_output, index, sample, key=None, **step_kwargs):
         """Step from state.timesteps[index] to the next scheduled timestep (0 after the last)."""
-        ts = state.timesteps
-        n = ts.shape[0]
-        nxt = jnp.where(index + 1 < n, ts[jnp.minimum(index + 1, n - 1)], 0)
-        return self.step(state, model_output, ts[index], sample, key, next_timestep=nxt,
-                         **step_kwargs)
+        nxt = following_timestep(state.timesteps, index, 0)
+        return self.step(state, model_output, state.timesteps[index], sample, key,
+                         next_timestep=nxt, **step_kwargs)
