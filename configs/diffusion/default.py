@@ -1,0 +1,74 @@
+"""Defaults for stage 2 (latent diffusion); variants import this and change a few fields.
+
+The UNet is MONAI's `DiffusionModelUNet` (names and meanings kept; `num_channels` is
+MONAI's `channels`) with the 3D LDM tutorial's settings; the scheduler fields are MONAI's
+DDPM / DDIM / RFlow scheduler arguments with the tutorial's values. Latents are
+channels-last `(batch, X, Y, Z, C)`.
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.stage = "diffusion"
+
+    # --- Diffusion UNet (MONAI DiffusionModelUNet, spatial_dims=3). ---
+    # Defaults: the MONAI 3D LDM tutorial UNet (2,974,051 parameters).
+    unet = config.unet = ml_collections.ConfigDict()
+    unet.in_channels = 3  # = the autoencoder's latent_channels
+    unet.out_channels = 3  # = in_channels for epsilon / v / sample prediction
+    # One entry per level; every entry must divide by norm_num_groups. Each latent axis must
+    # divide by 2^(levels - 1) (validate_unet says which padded shape works).
+    unet.num_channels = (32, 64, 64)
+    # Resnets per down level (up levels get one more); an int or one per level. Fields that
+    # take "an int or a sequence" are object-typed FieldReferences so both are accepted.
+    unet.num_res_blocks = ml_collections.FieldReference(1, field_type=object)
+    unet.attention_levels = (False, True, True)  # attention after each resnet of a level
+    # Channels per attention head: an int or one per level (0 where a level has no
+    # attention). The middle block always has attention, with the last entry.
+    unet.num_head_channels = ml_collections.FieldReference((0, 64, 64), field_type=object)
+    unet.norm_num_groups = 32  # GroupNorm groups everywhere
+    unet.norm_eps = 1e-6  # GroupNorm epsilon
+    unet.resblock_updown = False  # True: resample inside resnets (avg-pool / nearest)
+    # Cross-attention conditioning: SpatialTransformers instead of plain attention, keys and
+    # values from a context (B, S, cross_attention_dim). Both set, or neither.
+    unet.with_conditioning = False
+    unet.cross_attention_dim = ml_collections.config_dict.placeholder(int)
+    unet.transformer_num_layers = 1  # transformer blocks per SpatialTransformer
+    # Class conditioning: an embedding of class_labels (B,) added to the time embedding.
+    unet.num_class_embeds = ml_collections.config_dict.placeholder(int)
+    unet.upcast_attention = False  # transformer attention in float32 under bfloat16
+    unet.dtype = "bfloat16"  # compute dtype; params stay float32
+    unet.remat = "none"  # "none" | "blocks" (rematerialise resnet/attention blocks)
+
+    # --- Noise scheduler (MONAI schedulers' argument names). ---
+    sched = config.scheduler = ml_collections.ConfigDict()
+    sched.name = "ddpm"  # "ddpm" | "ddim" | "rflow" (rectified flow, MAISI)
+    sched.num_train_timesteps = 1000  # T: training timesteps 0..T-1
+    # Betas (ddpm/ddim): "linear_beta" | "scaled_linear_beta" | "sigmoid_beta" | "cosine".
+    sched.schedule = "scaled_linear_beta"
+    sched.beta_start = 0.0015  # first beta (the tutorial's; MONAI's default is 1e-4)
+    sched.beta_end = 0.0195  # last beta (MONAI's default 2e-2)
+    sched.sig_range = 6.0  # sigmoid_beta only: the sigmoid spans [-sig_range, sig_range]
+    # What the UNet predicts (ddpm/ddim): "epsilon" | "v_prediction" | "sample".
+    # rflow always predicts the velocity x0 - noise.
+    sched.prediction_type = "epsilon"
+    sched.variance_type = "fixed_small"  # ddpm: "fixed_small" | "fixed_large" | "learned" | "learned_range"
+    # Clip the predicted x0 while sampling (ddpm/ddim). MONAI's default is True; off here
+    # because latents are not confined to [-1, 1].
+    sched.clip_sample = False
+    sched.clip_sample_min = -1.0
+    sched.clip_sample_max = 1.0
+    sched.set_alpha_to_one = True  # ddim: alpha_prod of the step before 0 is 1 (else alphas_cumprod[0])
+    sched.steps_offset = 0  # ddim/rflow: added to every inference timestep
+    # Rectified flow (MONAI RFlowScheduler names and defaults).
+    sched.use_discrete_timesteps = True  # integer timesteps in training
+    sched.sample_method = "uniform"  # training t: "uniform" | "logit-normal"
+    sched.loc = 0.0  # logit-normal location
+    sched.scale = 1.0  # logit-normal scale
+    # Shift timesteps by the volume size at inference (resolution-dependent schedule).
+    sched.use_timestep_transform = False
+    sched.transform_scale = 1.0
+    sched.base_img_size_numel = 32 * 32 * 32  # reference latent voxel count for the shift
+    return config
