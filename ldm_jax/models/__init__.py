@@ -86,5 +86,6 @@ def build_unet(unet_cfg: Any, remat: str | None = None) -> DiffusionModelUNet:
             fields[name] = _tuple(value)
     fields["dtype"] = _dtype_name(fields.get("dtype", "float32"), "unet")
     if remat is not None:
+        validate_unet({**fields, "remat": remat})
         fields["remat"] = remat
     return DiffusionModelUNet(**fields)

@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from ldm_jax.convert import ConversionError, _np
+from ldm_jax.models.convert import _np
+from ldm_jax.models.state_dict import ConversionError, load_state_dict
 
 _LISTS = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|transformer_blocks|time_embed|out)"
                     r"_(\d+)$")
@@ -107,17 +108,25 @@ def _get_path(tree: Mapping, path: tuple[str, ...]):
     return tree
 
 
-def unet_from_monai(state_dict: Mapping[str, Any], unet_cfg) -> dict:
+def unet_from_monai(state_dict: Any, unet_cfg) -> dict:
     """Params (nested dict of float32 numpy arrays) for `build_unet(unet_cfg)` from a MONAI
     `DiffusionModelUNet(spatial_dims=3, ...)` state_dict (values: torch tensors or numpy
     arrays; MONAI 1.4-1.6 or GenerativeModels key names; `unet_cfg` may also be the model).
+    As for the autoencoder (`ldm_jax.models.state_dict.load_state_dict`), the state dict
+    may be wrapped (`module.`, `_orig_mod.` ...), nested in a training checkpoint, a
+    `nn.Module` or a path to a `.pt`/`.pth` file.
 
     Use as `model.apply({"params": params}, x, timesteps, ...)`. Raises ConversionError (a
     ValueError) naming the first missing key, unexpected key or mismatched shape.
     """
     _, shapes = _model_and_shapes(unet_cfg)
-    sd, used, params = dict(state_dict), set(), {}
-    for key, path, fwd, inv in _entries(shapes):
+    entries = _entries(shapes)
+    expected = [key for key, _, _, _ in entries]
+    old_to_new = {_old_key(k): k for k in expected if _old_key(k) != k}
+    sd = load_state_dict(state_dict, expected, rename=lambda k: old_to_new.get(k, k),
+                         what="a MONAI DiffusionModelUNet built from this config", hint=_HINT)
+    used, params = set(), {}
+    for key, path, fwd, inv in entries:
         src = key if key in sd else _old_key(key)
         if src not in sd:
             raise ConversionError(f"missing key {key!r} in the MONAI state_dict: the config does "
