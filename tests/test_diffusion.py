@@ -27,7 +27,7 @@ def tiny_diffusion_config(ae_workdir, latents_dir=None, levels=2):
     u.in_channels = u.out_channels = 2  # tiny_config's latent_channels
     u.num_channels = (8, 16, 16, 16)[:levels]
     u.attention_levels = (False, True, False, False)[:levels]
-    u.num_head_channels = (0, 8, 0, 0)[:levels]
+    u.num_head_channels = (0, 8, 0, 8)[:levels]  # the middle block always attends
     u.norm_num_groups = 4
     u.num_res_blocks = 1
     u.dtype = "float32"
