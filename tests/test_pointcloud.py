@@ -13,7 +13,6 @@ from ldm_jax.data.pointcloud_metrics import chamfer_distance, emd_approx
 from ldm_jax.data.pointcloud_sample import num_points_for, sample_points
 from ldm_jax.data.smlm import SMLMParams, simulate_localisations
 
-h5py = pytest.importorskip("h5py")
 
 
 def _cloud(n=3000, seed=0):
@@ -238,6 +237,7 @@ def _picasso_locs(xyz_px_nm):
 
 
 def test_hdf5_picasso_locs_and_many_clouds(tmp_path):
+    h5py = pytest.importorskip("h5py")
     px = 130.0
     xyz = np.array([[1.0, 2.0, -50.0], [1.5, 2.5, 0.0], [3.0, 1.0, 80.0]])
     with h5py.File(tmp_path / "picasso.hdf5", "w") as f:
@@ -255,6 +255,9 @@ def test_hdf5_picasso_locs_and_many_clouds(tmp_path):
     assert len(pio.list_clouds([str(tmp_path / "cells.h5")])) == 3  # no locs: every dataset
     with pytest.raises(DataError, match=r"no HDF5 dataset or group 'nope'.*cells/c1"):
         pio.list_clouds([str(tmp_path / "cells.h5")], dataset="nope")
+    bad = _write(tmp_path / "bad.h5", "not hdf5")
+    with pytest.raises(DataError, match="bad.h5: cannot read as HDF5"):
+        pio.list_clouds([bad])
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,9 +289,6 @@ def test_bad_inputs_by_message(tmp_path):
         voxelize(POINTS, make_grid(POINTS, voxel_size=1.0), "splat")
     with pytest.raises(DataError, match="NaN/Inf"):
         CloudSpec().voxelize(np.array([[0.0, np.inf, 0.0]]), "mem")
-    bad = _write(tmp_path / "bad.h5", "not hdf5")
-    with pytest.raises(DataError, match="bad.h5: cannot read as HDF5"):
-        pio.list_clouds([bad])
 
 
 # ---------------------------------------------------------------------------------------

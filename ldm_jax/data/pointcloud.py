@@ -29,10 +29,10 @@ import numpy as np
 from ldm_jax.data import pointcloud_io as pio
 from ldm_jax.data.errors import BadFileError, DataError
 from ldm_jax.data.pointcloud_grid import Grid, make_grid, triple, voxelize
-from ldm_jax.data.pointcloud_io import CloudRef
+from ldm_jax.data.pointcloud_io import CloudRef, list_clouds, read_cloud, write_csv
 from ldm_jax.data.pointcloud_metrics import chamfer_distance, emd_approx
 from ldm_jax.data.pointcloud_sample import sample_points
-from ldm_jax.data.smlm import SMLMParams
+from ldm_jax.data.smlm import SMLMParams, simulate_localisations
 
 NIFTI_UNITS = "micron"
 NM_PER_UNIT = {"meter": 1e9, "mm": 1e6, "micron": 1e3, "nm": 1.0}
@@ -296,7 +296,6 @@ def write_demo_clouds(output: str, num: int, shape, voxel_size, *, seed: int = 0
     """Writes `num` built-in SMLM-like clouds as OUTPUT/smlm_NNN.csv (nm); returns the
     paths written (existing files are kept unless overwrite)."""
     from ldm_jax import volume_files as vf
-    from ldm_jax.data.smlm import simulate_localisations
 
     out = vf.prepare_output_dir(output)
     v = triple(voxel_size, "--voxel_size")
@@ -311,6 +310,9 @@ def write_demo_clouds(output: str, num: int, shape, voxel_size, *, seed: int = 0
     return written
 
 
-__all__ = ["CloudSpec", "NIFTI_UNITS", "SCORE_KEYS", "entry_path", "from_nifti_affine",
-           "is_cloud", "list_inputs", "load_input", "parse_columns", "parse_fov", "read_volume_nm", "round_trip_scores",
-           "save_volume", "signal", "to_nifti_affine", "write_demo_clouds"]
+__all__ = ["CloudRef", "CloudSpec", "Grid", "NIFTI_UNITS", "SCORE_KEYS", "SMLMParams",
+           "chamfer_distance", "emd_approx", "entry_path", "from_nifti_affine", "is_cloud",
+           "list_clouds", "list_inputs", "load_input", "make_grid", "parse_columns", "parse_fov",
+           "read_cloud", "read_volume_nm", "round_trip_scores", "sample_points", "save_volume",
+           "signal", "simulate_localisations", "to_nifti_affine", "voxelize", "write_csv",
+           "write_demo_clouds"]
