@@ -56,7 +56,7 @@ def get_config():
 
     # --- Data. ---
     data = config.data = ml_collections.ConfigDict()
-    # "synthetic_filaments" | "nifti" | "npy" | "mni152"
+    # "synthetic_filaments" | "nifti" | "npy" | "mni152" | "pointcloud" | "synthetic_smlm"
     data.source = "synthetic_filaments"
     data.train_dir = ml_collections.config_dict.placeholder(str)  # dir or glob
     data.val_dir = ml_collections.config_dict.placeholder(str)
@@ -89,6 +89,32 @@ def get_config():
     data.mni152_rotation = 10.0  # max random rotation per axis, degrees
     data.mni152_scale = 0.1  # max random zoom, fraction
     data.mni152_intensity_jitter = 0.1  # random gamma / contrast amount
+    # Point clouds (source "pointcloud": localisation files in train_dir, CSV / .npy / .npz /
+    # HDF5; "synthetic_smlm": built-in SMLM-like microtubules), voxelised on the fly. The
+    # intensity window applies to localisations per voxel: set a_max to about the densest
+    # voxels (~2 for synthetic_smlm with the defaults below). Lengths in nm.
+    data.pointcloud_voxel_size = ml_collections.FieldReference(20.0, field_type=object)  # nm, or (x, y, z)
+    data.pointcloud_method = "gaussian"  # "occupancy" | "density" (counts) | "gaussian"
+    data.pointcloud_sigma = ml_collections.FieldReference(10.0, field_type=object)  # gaussian sigma, nm
+    # Grid: None = each cloud's bounds (+ margin), origin on the voxel lattice; a shape
+    # (X, Y, Z) = that many voxels centred on the cloud; a fov ((x0, y0, z0), (x1, y1, z1))
+    # in nm = the same box for every cloud (points outside it are left out).
+    data.pointcloud_shape = ml_collections.config_dict.placeholder(tuple)
+    data.pointcloud_fov = ml_collections.config_dict.placeholder(tuple)
+    data.pointcloud_margin = 0.0  # nm around per-cloud bounds
+    data.pointcloud_max_gib = 2.0  # refuse grids bigger than this (float32)
+    # x, y, z columns: names (e.g. ("x [nm]", "y [nm]", "z [nm]")) or 0-based indices;
+    # None finds x/y/z by name ignoring case, quotes and unit suffixes, else columns 0-2.
+    data.pointcloud_columns = ml_collections.config_dict.placeholder(tuple)
+    # nm per file unit for x, y, z: Picasso stores x, y in camera pixels, z in nm -> (px, px, 1).
+    data.pointcloud_scale = ml_collections.FieldReference(1.0, field_type=object)
+    data.pointcloud_dataset = ml_collections.config_dict.placeholder(str)  # HDF5 dataset/group or .npz key; None: "locs" or all
+    data.smlm_label_density = 0.1  # synthetic_smlm: labels per nm of filament
+    data.smlm_precision = (10.0, 10.0, 20.0)  # localisation sigma (x, y, z), nm
+    data.smlm_blinks = 2.0  # mean localisations per label
+    data.smlm_blink_dist = "geometric"  # "geometric" (>= 1) | "poisson" (0 = label unseen)
+    data.smlm_background = 0.05  # fraction of localisations uniform in the field of view
+    data.smlm_radius = 12.5  # labels' distance from the filament axis (microtubule radius)
 
     # --- Losses. ---
     loss = config.loss = ml_collections.ConfigDict()

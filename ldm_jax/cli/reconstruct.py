@@ -7,6 +7,11 @@ Per input: NAME.nii.gz (the reconstruction on the preprocessed grid, with that g
 affine, which is the input's own unless data.spacing/voxel_resize resample), NAME.png
 (input | reconstruction | |error| as mid-slices and a MIP), and a row of metrics.json /
 metrics.csv with PSNR and 3D SSIM against the preprocessed input.
+
+Point clouds (.csv/.tsv/.npz/.h5/.hdf5, 2D .npy; see ldm_jax.data.pointcloud) are voxelised
+with the checkpoint's data.pointcloud_* settings; their rows add the Chamfer and EMD
+distances (nm) of points sampled back from the reconstruction (NAME_points.csv) and, as
+the floor, from the voxelisation alone.
 """
 
 from __future__ import annotations
@@ -50,9 +55,9 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
                                     overlap=overlap, windows_per_batch=windows_per_batch)
-    files = data_lib.list_volume_files(input)
-    names = vf.output_names(files)
-    out_dir = vf.prepare_output_dir(output, files)
+    from ldm_jax.data import pointcloud as pc
+    files, names = pc.list_inputs(input, ae.config)  # volume files and point clouds
+    out_dir = vf.prepare_output_dir(output, [pc.entry_path(f) for f in files])
     d = ae.config.data
     data_range = (float(d.b_min), float(d.b_max))
     log(f"Checkpoint step {ae.step} of {ae.workdir}; {len(files)} input file(s).")
@@ -76,7 +81,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
             n_skipped += 1
             continue
         try:
-            vol, affine = data_lib.load_volume(path, ae.config)
+            vol, affine = pc.load_input(path, ae.config)
         except data_lib.VolumeShapeError as e:  # a layout the model cannot take: not skipped
             raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
                                        f"{ae.in_channels}) volumes.") from None
@@ -84,7 +89,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
             if not skip_bad_files:
                 raise data_lib.DataError(f"{e}\n(--skip_bad_files skips unreadable files and "
                                          "counts them.)") from None
-            bad.append({"input": os.path.abspath(path), "reason": str(e)})
+            bad.append({"input": os.path.abspath(str(path)), "reason": str(e)})
             log(f"skipped {path}: {e}")
             continue
         lay = ae.layout(vol.shape)
@@ -95,20 +100,25 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
             recon = ae.decode_volume(z, shape=vol.shape)
         except ValueError as e:
             raise type(e)(f"{path}: {e}") from None
-        row = {"input": os.path.abspath(path), "shape": list(vol.shape)}
+        row = {"input": os.path.abspath(str(path)), "shape": list(vol.shape)}
         if recon.shape == vol.shape:
             row.update(_scores(vol, recon, data_range[1] - data_range[0]))
+            if pc.is_cloud(path):  # Chamfer / EMD of the points sampled back (NAME_points.csv)
+                row.update(pc.round_trip_scores(path, vol, recon, affine, ae.config, points_path=
+                                                os.path.join(out_dir, name + "_points.csv")))
         vf.save_nifti(target, inference.denormalize(recon, d) if denormalize else recon, affine)
         strips = visualize.comparison_rows([vol], [recon], data_range)
         visualize.save_grid(strips, os.path.join(out_dir, name + ".png"))
         rows[name] = row
         n_done += 1
         if "psnr" in row:
-            log(f"{name}: PSNR {row['psnr']:.2f} dB, SSIM {row.get('ssim', float('nan')):.4f}")
+            log(f"{name}: PSNR {row['psnr']:.2f} dB, SSIM {row.get('ssim', float('nan')):.4f}"
+                + (f", Chamfer {row['chamfer_nm']:.2f} nm (voxelisation alone "
+                   f"{row['chamfer_floor_nm']:.2f})" if "chamfer_nm" in row else ""))
 
     scored = [r for r in rows.values() if "psnr" in r]
-    summary = {k: float(np.mean([r[k] for r in scored if k in r])) for k in ("psnr", "ssim", "mae")
-               if any(k in r for r in scored)}
+    summary = {k: float(np.mean([r[k] for r in scored if k in r])) for k in ("psnr", "ssim", "mae",
+               *pc.SCORE_KEYS[1:]) if any(k in r for r in scored)}
     result = {"checkpoint": {"workdir": ae.workdir, "step": ae.step,
                              "config_hash": ae.config_hash},
               "mean": summary, "files": rows, "skipped_bad_files": bad}
@@ -121,9 +131,10 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["name", "psnr", "ssim", "mae", "input"])
+            keys = ["psnr", "ssim", "mae", *pc.SCORE_KEYS]
+            w.writerow(["name", *keys, "input"])
             for n, r in sorted(rows.items()):
-                w.writerow([n, r.get("psnr", ""), r.get("ssim", ""), r.get("mae", ""), r["input"]])
+                w.writerow([n, *(r.get(k, "") for k in keys), r["input"]])
     vf.atomic_write(os.path.join(out_dir, "metrics.csv"), write_csv)
     means = ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
     log(f"Reconstructed {n_done}, skipped {n_skipped} existing and {len(bad)} unreadable. "

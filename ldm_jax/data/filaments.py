@@ -76,7 +76,42 @@ def _stamp(pts: np.ndarray, sigma: float, weight: float, shape: tuple):
     return idx.ravel(), vals.ravel()
 
 
-def render_filaments(    shape: Sequence[int],
+def _ranges(num_filaments, width):
+    nmin, nmax = (int(num_filaments), int(num_filaments)) if np.isscalar(num_filaments) else map(int, num_filaments)
+    wmin, wmax = (float(width), float(width)) if np.isscalar(width) else map(float, width)
+    if nmin < 0 or nmax < nmin:
+        raise ValueError(f"data.num_filaments must be (min, max) with 0 <= min <= max, got {num_filaments}")
+    if wmin <= 0 or wmax < wmin:
+        raise ValueError(f"data.filament_width must be (min, max) with 0 < min <= max, got {width}")
+    return nmin, nmax, wmin, wmax
+
+
+def filament_curves(
+    shape: Sequence[int],
+    rng: np.random.Generator,
+    num_filaments: Sequence[int] = (8, 24),
+    width: Sequence[float] = (0.8, 2.0),
+):
+    """Yields (points (N, 3) in voxel coordinates, sigma in voxels, peak 0..255) per filament.
+
+    Points are 0.5 voxel apart along the curve, voxel k's centre at coordinate k, kept
+    within 3 sigma of the volume. `render_filaments` draws these curves (same rng, same
+    order); ldm_jax.data.smlm places localisations along them.
+    """
+    nmin, nmax, wmin, wmax = _ranges(num_filaments, width)
+    dims = np.array([int(s) for s in shape], np.float64)
+    for _ in range(int(rng.integers(nmin, nmax + 1))):
+        sigma = float(rng.uniform(wmin, wmax))
+        pts = _curve(rng, dims)
+        r = _TRUNCATE * sigma
+        pts = pts[np.all((pts > -r) & (pts < dims - 1 + r), axis=1)]
+        if not len(pts):
+            continue
+        yield pts, sigma, rng.uniform(*_BRIGHTNESS) * 255.0
+
+
+def render_filaments(
+    shape: Sequence[int],
     *,
     seed: int,
     index: int,
@@ -91,26 +126,13 @@ def render_filaments(    shape: Sequence[int],
     noise: std of additive gaussian noise in 0..255 units (0 = clean background).
     """
     shape = tuple(int(s) for s in shape)
-    nmin, nmax = (int(num_filaments), int(num_filaments)) if np.isscalar(num_filaments) else map(int, num_filaments)
-    wmin, wmax = (float(width), float(width)) if np.isscalar(width) else map(float, width)
-    if nmin < 0 or nmax < nmin:
-        raise ValueError(f"data.num_filaments must be (min, max) with 0 <= min <= max, got {num_filaments}")
-    if wmin <= 0 or wmax < wmin:
-        raise ValueError(f"data.filament_width must be (min, max) with 0 < min <= max, got {width}")
+    _ranges(num_filaments, width)
     rng = np.random.default_rng([int(seed), int(split), int(index)])
-    dims = np.array(shape, np.float64)
     idx_parts, val_parts = [], []
-    for _ in range(int(rng.integers(nmin, nmax + 1))):
-        sigma = float(rng.uniform(wmin, wmax))
-        pts = _curve(rng, dims)
-        r = _TRUNCATE * sigma
-        pts = pts[np.all((pts > -r) & (pts < dims - 1 + r), axis=1)]
+    for pts, sigma, brightness in filament_curves(shape, rng, num_filaments, width):
         # Stamps every ~1.2 sigma sum to a smooth line (ripple < 1e-5 of the peak).
         every = max(1, int(_SPACING * sigma / _STEP))
         pts = pts[::every]
-        if not len(pts):
-            continue
-        brightness = rng.uniform(*_BRIGHTNESS) * 255.0
         # Unit-peak gaussians spaced h along a line sum to sqrt(2 pi) sigma / h on its axis.
         weight = brightness * every * _STEP / (math.sqrt(2.0 * math.pi) * sigma)
         i, v = _stamp(pts, sigma, weight, shape)

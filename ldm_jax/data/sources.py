@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import warnings
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -203,6 +203,9 @@ def _template_locked(prep: Prep):
 
 
 def _patterns(prep: Prep) -> tuple:
+    if prep.source == "pointcloud":
+        from ldm_jax.data.pointcloud_io import CLOUD_PATTERNS
+        return CLOUD_PATTERNS
     return io.NPY_PATTERNS if prep.source == "npy" else io.NIFTI_PATTERNS
 
 
@@ -258,6 +261,9 @@ def build_source(config, prep: Prep, split: str):
         num = d.num_train_volumes if split == "train" else d.num_val_volumes
         num_records_check(num, f"data.num_{split}_volumes")
         return FilamentSource(num, prep, seed, TRAIN if split == "train" else VAL)
+    if prep.source in ("pointcloud", "synthetic_smlm"):
+        from ldm_jax.data.pointcloud_sources import build_cloud_source
+        return build_cloud_source(config, prep, split)
     if prep.source == "mni152":
         num = d.num_train_volumes if split == "train" else d.num_val_volumes
         num_records_check(num, f"data.num_{split}_volumes")

@@ -150,7 +150,7 @@ def flip_rot(vol: np.ndarray, rng: np.random.Generator, flip_prob: float, rot90_
 # grain worker processes get it cheaply).
 # --------------------------------------------------------------------------------------
 
-SOURCES = ("synthetic_filaments", "nifti", "npy", "mni152")
+SOURCES = ("synthetic_filaments", "nifti", "npy", "mni152", "pointcloud", "synthetic_smlm")
 
 
 def _triple(value, name, cast=float, allow_none=True):
