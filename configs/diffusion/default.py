@@ -8,6 +8,8 @@ channels-last `(batch, X, Y, Z, C)`.
 
 import ml_collections
 
+from configs import default as stage1
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -102,28 +104,19 @@ def get_config():
     loss.type = "mse"  # "mse" (MONAI's tutorial) | "l1", on the scheduler's target
     loss.min_snr_gamma = 0.0  # > 0: min-SNR-gamma weighting (Hang et al. 2023; 5 is usual)
 
-    # --- Training (the same loop and fields as stage 1). ---
-    train = config.train = ml_collections.ConfigDict()
+    # --- Training and mesh: stage 1's sections (configs/default.py documents every
+    # field), with the tutorial's optimiser and an EMA of the UNet. ---
+    shared = stage1.get_config()
+    train = config.train = shared.train
     train.num_steps = 20000
     train.batch_size = 2  # global batch
     train.learning_rate = 1e-4  # MONAI's 3D LDM tutorial (Adam 1e-4)
-    train.disc_learning_rate = 0.0  # unused in stage 2
+    train.disc_learning_rate = 0.0  # no discriminator in stage 2
     train.b1 = 0.9
-    train.b2 = 0.999
-    train.eps = 1e-8
-    train.schedule = "constant"  # "constant" | "cosine"
-    train.warmup_steps = 0
-    train.grad_clip_norm = 1.0  # 0 disables
-    train.grad_accum_steps = 1
     train.ema_decay = 0.999  # EMA of the UNet params (0: none); sampling uses the EMA
-    train.max_bad_steps = 10
-    train.log_every_steps = 10
-    train.save_every_steps = 500
-    train.eval_every_steps = 500
-    train.num_eval_batches = 4  # validation latents (on the fly: volumes); 0 = all
-    train.keep_checkpoints = 3
-    train.seed = 0
-    train.remat = ml_collections.config_dict.placeholder(str)  # overrides unet.remat
+    # train.num_eval_batches: validation latents (on the fly: volumes); 0 = all.
+    # train.remat overrides unet.remat.
+    config.mesh = shared.mesh
 
     # --- Evaluation: fixed-timestep validation loss and a sample sheet. ---
     ev = config.eval = ml_collections.ConfigDict()
@@ -132,10 +125,6 @@ def get_config():
     ev.sampling_steps = 25  # DDIM steps for those samples (rflow: Euler steps)
     ev.seed = 0
 
-    # --- Device mesh: -1 fills the remaining devices. ---
-    mesh = config.mesh = ml_collections.ConfigDict()
-    mesh.data = -1
-    mesh.spatial = 1
     return config
 
 
