@@ -1,0 +1,1 @@
+"""Stage 2: latent diffusion on the frozen autoencoder's latents (training, sampling, evaluation)."""
