@@ -5,4 +5,6 @@
 - `sampling`: the jitted denoising loop with classifier-free guidance.
 - `pipeline`: `load_pipeline(workdir)` -> UNet + its autoencoder; `.sample(n, rng)`.
 - `plan`: the UNet's level table.
+- `evaluate`: sample quality (slice-feature Frechet distance, MS-SSIM diversity, latent
+  Frechet distance, intensity distances) for `python -m ldm_jax.evaluate`.
 """
