@@ -1,7 +1,7 @@
 """Command-line entry points, one thin `main` per `python -m` command.
 
-`python -m ldm_jax.<name>` (extract, reconstruct, decode, plan, preview, throughput, ...)
-runs `ldm_jax.cli.<name>.main`; `train.py` runs `ldm_jax.cli.train.main`. Shared flag
+`python -m ldm_jax.<name>` (plan, preview, throughput, extract, reconstruct, decode, export,
+sample, evaluate, voxelize, to_points) runs `ldm_jax.cli.<name>.main`; `train.py` runs `ldm_jax.cli.train.main`. Shared flag
 plumbing is in `ldm_jax.cli.common`.
 """
 
