@@ -5,8 +5,9 @@ r"""See what the autoencoder keeps: volume -> latent (mu) -> reconstruction, wit
 
 Per input: NAME.nii.gz (the reconstruction on the preprocessed grid, with that grid's
 affine, which is the input's own unless data.spacing/voxel_resize resample), NAME.png
-(input | reconstruction | |error| as mid-slices and a MIP), and a row of metrics.json /
-metrics.csv with PSNR and 3D SSIM against the preprocessed input.
+(input / reconstruction / |error| as labelled mid-slices and a MIP, titled with the PSNR)
+and a row of metrics.json / metrics.csv with PSNR and 3D SSIM against the preprocessed
+input.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     from ldm_jax.autoencoder.inference import ChannelMismatchError
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
+    files = data_lib.list_volume_files(input, option="--input")  # before loading anything
+    names = vf.output_names(files)
     ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
                                     overlap=overlap, windows_per_batch=windows_per_batch)
-    files = data_lib.list_volume_files(input)
-    names = vf.output_names(files)
     out_dir = vf.prepare_output_dir(output, files)
     d = ae.config.data
     data_range = (float(d.b_min), float(d.b_max))
@@ -99,8 +100,8 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
         if recon.shape == vol.shape:
             row.update(_scores(vol, recon, data_range[1] - data_range[0]))
         vf.save_nifti(target, inference.denormalize(recon, d) if denormalize else recon, affine)
-        strips = visualize.comparison_rows([vol], [recon], data_range)
-        visualize.save_grid(strips, os.path.join(out_dir, name + ".png"))
+        visualize.comparison_image([vol], [recon], [name], data_range).save(
+            os.path.join(out_dir, name + ".png"))
         rows[name] = row
         n_done += 1
         if "psnr" in row:
@@ -150,7 +151,8 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.reconstruct", __doc__, _define, _body, argv)
+    return cli.run("ldm_jax.reconstruct", __doc__, _define, _body, argv,
+                   required=("workdir", "input", "output"), log_level="error")
 
 
 if __name__ == "__main__":
