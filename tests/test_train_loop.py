@@ -85,7 +85,8 @@ def test_run_writes_outputs(tiny_run):
 def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch,
                                                         capsys):
     """SIGTERM during step 3: that step finishes, is saved, training stops; a re-run
-    resumes at 3 and ends with the uninterrupted run's params; one more says finished."""
+    resumes at 3 and ends with the uninterrupted run's params; one more says finished.
+    The first run also saves by wall-clock time (step 1, not a multiple of 2)."""
     task, work = tiny_run.task, str(tmp_path / "run")
 
     def sigterm_on_third(i, batch):
@@ -95,10 +96,13 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monk
 
     _hooked_loader(monkeypatch, sigterm_on_third)
     monkeypatch.setattr(trainer, "LONG_RUN_HOURS", 0.0)  # the hint on any CPU run
+    # Checkpoints by wall-clock time too: every step here (save_every_steps is 2).
+    monkeypatch.setattr(task.config.train, "save_every_minutes", 1e-9)
     with pytest.raises(TrainingStopped) as stopped:
         trainer.train(task, work, progress=False)
     assert (stopped.value.step, stopped.value.signum, stopped.value.saved) == (
         3, signal.SIGTERM, True)
+    assert sorted(ckpt.make_manager(work, read_only=True).all_steps()) == [1, 2, 3]
     assert f"checkpoint saved in {os.path.join(work, 'checkpoints', '3')}" in str(
         stopped.value)
     out = capsys.readouterr().out

@@ -220,7 +220,11 @@ def run(prog: str, doc: str, define: Callable, body: Callable, argv=None,
     flags.DEFINE_integer("verbosity", None, "1: debug logging and tracebacks of user errors.",
                          flag_values=fv)
     if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
-        print(doc.strip() + "\n\nflags:\n" + fv.get_help(), file=sys.stdout)
+        config_help = "" if not config else (
+            f"  --config: {config} config file (configs/*.py)"
+            + (f", default {config_default}" if config_default else "")
+            + "; override any field with --config.<section>.<field>=value\n")
+        print(doc.strip() + "\n\nflags:\n" + config_help + fv.get_help(), file=sys.stdout)
         return 0
     # Read from argv, not the flag: a traceback is wanted for parse errors too.
     verbose = any(re.fullmatch(r"--verbosity=[1-9]\d*", a) for a in argv)
