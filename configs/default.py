@@ -151,8 +151,12 @@ def get_config():
     train.grad_clip_norm = 1.0  # 0 disables
     train.grad_accum_steps = 1
     train.max_bad_steps = 10
-    train.log_every_steps = 10
+    train.log_every_steps = 10  # metrics rows (and the first step's)
+    # Checkpoints (state + data iterator) every save_every_steps AND every
+    # save_every_minutes of wall-clock time (0 turns the timer off); SIGINT/SIGTERM
+    # (Ctrl-C, preemption) also save one before stopping.
     train.save_every_steps = 500
+    train.save_every_minutes = 30.0
     train.eval_every_steps = 500
     train.num_eval_batches = 4  # validation batches per evaluation; 0 = the whole set
     train.keep_checkpoints = 3

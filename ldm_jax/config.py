@@ -341,7 +341,37 @@ def validate(config) -> None:
     if _get(config, "loss") is not None:
         from ldm_jax.autoencoder.losses import loss_problems
         problems += loss_problems(config.loss)
+    if _get(config, "data") is not None:
+        from ldm_jax.data.sources import data_problems
+        problems += data_problems(config.data)
+    if not problems:  # sizes are only comparable once every section is valid
+        problems += _fit_problems(config)
     _raise(problems)
+
+
+def _fit_problems(config) -> list[str]:
+    """The training volume against the networks that see it whole: the discriminator and
+    the 2.5D perceptual network (checked here, not at trace time, so nothing is built)."""
+    size = tuple(_get(_get(config, "data"), "volume_size") or ())
+    if len(size) != 3:
+        return []
+    problems = []
+    disc = _get(config, "discriminator")
+    if disc is not None and _get(config, "autoencoder") is not None:
+        from ldm_jax.models.discriminator import size_problems
+        problems += size_problems(disc, size)
+    loss = _get(config, "loss")
+    if loss is not None and float(_get(loss, "perceptual_weight", 0) or 0) > 0:
+        from ldm_jax.autoencoder.perceptual import MIN_SLICE_SIZE
+        net = _get(loss, "perceptual_net", "alexnet")
+        need = MIN_SLICE_SIZE.get(net)
+        if need is not None and min(size) < need:
+            problems.append(
+                f"data.volume_size {size} is too small for the perceptual loss: "
+                f"LPIPS-{net} needs every axis >= {need}; use a larger volume_size, "
+                "--config.loss.perceptual_net=vgg16 (>= 16) or "
+                "--config.loss.perceptual_weight=0.")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------
@@ -449,4 +479,9 @@ def load_config(path, arg: str | None = None):
             f"config file {str(p)!r} has no get_config() function; define one that returns an "
             "ml_collections.ConfigDict (see configs/balanced.py)"
         )
-    return get_config(arg) if arg is not None else get_config()
+    try:
+        return get_config(arg) if arg is not None else get_config()
+    except Exception as e:  # a user file: say which call failed and why
+        call = f"get_config({arg!r})" if arg is not None else "get_config()"
+        raise ConfigError(f"{call} of config file {str(p)!r} failed: "
+                          f"{type(e).__name__}: {e}") from e

@@ -23,7 +23,8 @@ def train_problems(train_cfg) -> list[str]:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         problems.append(f"train.num_eval_batches must be an int >= 0 (0: the whole "
                         f"validation set), got {v!r}.")
-    for name in ("learning_rate", "disc_learning_rate", "warmup_steps", "grad_clip_norm"):
+    for name in ("learning_rate", "disc_learning_rate", "warmup_steps", "grad_clip_norm",
+                 "save_every_minutes"):
         v = train_cfg.get(name, 0)
         if v is not None and float(v) < 0:
             problems.append(f"train.{name} must be >= 0, got {v!r}.")

@@ -16,3 +16,37 @@ os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "ldm_jax_test_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import pytest  # noqa: E402  (after the environment above, before jax is imported)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny run shared by the tests that need a trained workdir (they copy it before
+    writing): tests/tiny.py's float32 config, 4 steps, checkpoints at steps 2 and 4.
+
+    `.task` is the trainer task: tests that train the same config again pass it to
+    `ldm_jax.trainer.train`, which then reuses its traced and compiled step (the slow
+    part of a tiny run). `.output` is what the run printed, `.params` the final
+    autoencoder params, `.config_path` the path given for hints.
+    """
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    import jax
+
+    from ldm_jax import trainer
+    from ldm_jax.cli.train import make_task
+    from tests.tiny import tiny_config
+
+    config = tiny_config()
+    config.train.max_bad_steps = 2
+    task = make_task(config, config_path="tests/tiny.py")
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        state = trainer.train(task, workdir, progress=False)
+    return SimpleNamespace(task=task, workdir=workdir, output=out.getvalue(),
+                           params=jax.device_get(state.g_params), config_path="tests/tiny.py")

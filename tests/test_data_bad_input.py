@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import warnings
 
 import numpy as np
@@ -40,6 +41,15 @@ def test_corrupt_file_errors_or_is_skipped(tmp_path):
     assert not any("set data.skip_bad_files=True" in str(w.message) for w in rec)
     assert len(loader.source) == 4
     assert take(nifti_config(tmp_path, skip_bad_files=True), 1)[0].shape == (2,) + SIZE + (1,)
+    # Split 3 + 2: the warning counts the files of the bad file's split and names it.
+    config = make_config(source="nifti", train_dir=str(tmp_path), val_fraction=0.4,
+                         skip_bad_files=True)
+    with pytest.warns(data.DataWarning) as rec:
+        data.make_train_loader(config, batch_size=1, seed=0, process_index=0, process_count=1)
+        data.make_eval_batches(config, batch_size=1)
+    [skipped] = [str(w.message) for w in rec if "Skipped" in str(w.message)]
+    assert re.search(rf"Skipped 1 of (3 file\(s\) in the train|2 file\(s\) in the "
+                     rf"validation) split of {re.escape(str(tmp_path))} ", skipped)
 
 
 def test_truncated_data_fails_at_read_or_is_skipped(tmp_path):

@@ -20,14 +20,18 @@ from ldm_jax.data import load_volume
 from ldm_jax.data.filaments import render_filaments
 from ldm_jax.autoencoder.inference import ChannelMismatchError, latent_affine, model_config_hash
 from ldm_jax.data.files import OutputDirError
-from tests.tiny import tiny_config, train_tiny
+from tests.tiny import tiny_config
 
 FACTOR = (2, 2, 2)  # tiny_config: stem 1, one level factor 2
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("run"))
+def workdir(tiny_run, tmp_path_factory):
+    """The session's tiny run as it was after 2 steps (its step-4 checkpoint removed)."""
+    wd = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(tiny_run.workdir, wd)
+    shutil.rmtree(wd / "checkpoints" / "4")
+    return str(wd)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +141,21 @@ def test_decode_unscale_undoes_scale_factor(extracted, workdir, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_decode_says_when_latents_json_has_no_entry(extracted, workdir, tmp_path, capsys):
+    meta = json.load(open(os.path.join(extracted, "latents.json")))
+    del meta["files"]["small"]
+    d = tmp_path / "lat"
+    d.mkdir()
+    json.dump(meta, open(d / "latents.json", "w"))
+    shutil.copy(os.path.join(extracted, "small.npy"), d / "small.npy")
+    capsys.readouterr()
+    assert _run(decode_cli, f"--workdir={workdir}", f"--input={d}", "--step=latest",
+                f"--output={tmp_path / 'out'}") == 0
+    assert ("note: small has no entry in latents.json and a .npy latent has no affine: "
+            "identity affine") in capsys.readouterr().out
+    np.testing.assert_array_equal(nib.load(tmp_path / "out" / "small.nii.gz").affine, np.eye(4))
+
+
 def test_sliding_window_on_twice_the_patch(ae):
     """Latents of a 32x32x16 volume from 16x16x8 windows vs one whole-volume pass.
 
@@ -210,12 +229,14 @@ def test_load_autoencoder_api(workdir):
 # ------------------------------------------------------------------ bad input
 
 
-def test_workdir_without_checkpoints(tmp_path, capsys):
+def test_workdir_without_checkpoints(tmp_path, volumes, capsys):
     with pytest.raises(CheckpointNotFoundError, match="has no 'checkpoints' folder"):
         ldm_jax.load_autoencoder(tmp_path)
-    assert _run(extract_cli, f"--workdir={tmp_path / 'nope'}", f"--input={tmp_path}",
-                f"--output={tmp_path / 'o'}") == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert _run(extract_cli, f"--workdir={tmp_path / 'nope'}", f"--input={volumes['dir']}",
+                f"--output={tmp_path / 'o'}") == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing created for a run that cannot start
 
 
 def test_missing_step_lists_saved_steps(workdir):
@@ -232,7 +253,7 @@ def test_channel_mismatch(ae, volumes, tmp_path, capsys):
     d.mkdir()
     np.save(d / "two.npy", np.zeros((16, 16, 8, 2), np.float32))
     assert _run(extract_cli, f"--workdir={ae.workdir}", f"--input={d}",
-                f"--output={tmp_path / 'o'}", "--step=latest") == 1
+                f"--output={tmp_path / 'o'}", "--step=latest") == 2
     assert "in_channels" in capsys.readouterr().err
 
 
@@ -252,7 +273,7 @@ def test_unreadable_volume_is_an_error_or_skipped(workdir, volumes, tmp_path, ca
     shutil.copy(os.path.join(volumes["dir"], "small.npy"), d / "small.npy")
     (d / "broken.nii.gz").write_bytes(b"not a nifti")
     args = [f"--workdir={workdir}", f"--input={d}", "--step=latest"]
-    assert _run(extract_cli, *args, f"--output={tmp_path / 'a'}") == 1
+    assert _run(extract_cli, *args, f"--output={tmp_path / 'a'}") == 2
     err = capsys.readouterr().err
     assert "broken.nii.gz" in err and "--skip_bad_files" in err
     assert _run(extract_cli, *args, f"--output={tmp_path / 'b'}", "--skip-bad-files") == 0

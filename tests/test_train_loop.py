@@ -1,58 +1,194 @@
-"""train_and_evaluate end to end: outputs in the workdir, exact resume, keep policy, guard."""
+"""The trainer end to end: outputs in the workdir, stopping by signal and exact resume,
+finished workdirs, metrics.jsonl, the keep policy, the non-finite guard, the CPU hint.
+
+Runs share the session's `tiny_run` (tests/conftest.py) and its task, so the step is
+traced and compiled once."""
 
 import hashlib
 import json
+import math
 import os
-import re
+import shutil
+import signal
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
+import ldm_jax.data
 from ldm_jax import checkpoint as ckpt
-from ldm_jax.cli.train import train_and_evaluate
-from ldm_jax.trainer import TrainingDivergedError
-from tests.tiny import tiny_config
+from ldm_jax import trainer
+from ldm_jax.trainer import TrainingDivergedError, TrainingStopped, Writers
 
 
-def _params(state):
-    return jax.tree.leaves(jax.device_get(state.g_params))
+def _params(tree):
+    return jax.tree.leaves(jax.device_get(tree))
 
 
-def _bf16_tiny():
-    config = tiny_config()
-    config.autoencoder.dtype = "bfloat16"
-    config.discriminator.dtype = "bfloat16"
-    return config
+class _Wrapped:
+    """The data iterator (state and all), with `hook(i, batch)` called on the i-th batch."""
+
+    def __init__(self, it, hook):
+        self.it, self.hook, self.i = it, hook, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.i += 1
+        return self.hook(self.i, dict(next(self.it)))
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+    def start_prefetch(self):
+        self.it.start_prefetch()
 
 
-def test_run_writes_outputs_and_resume_is_exact(tmp_path, capsys):
-    config = _bf16_tiny()
-    one_run = train_and_evaluate(config, tmp_path / "a", progress=False)
-    # On a CPU the trainer says what the first (compiling) and later steps cost.
+def _hooked_loader(monkeypatch, hook):
+    real = ldm_jax.data.make_train_loader
+
+    class Loader:
+        def __init__(self, *a, **k):
+            self.loader = real(*a, **k)
+
+        def __iter__(self):
+            return _Wrapped(iter(self.loader), hook)
+
+    monkeypatch.setattr(ldm_jax.data, "make_train_loader", Loader)
+
+
+def test_run_writes_outputs(tiny_run):
+    work = tiny_run.workdir
+    rows = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+    assert rows[0]["step"] == 1 and "recon_loss" in rows[0]  # the first row at step 1
+    assert any("val_psnr" in r for r in rows)
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    for step in (2, 4):
+        img = Image.open(os.path.join(work, "images", f"step_{step}.png"))
+        # 2 volumes x (input, reconstruction, |error|), panels >= 128 px, 4 views wide
+        assert img.size[0] > 4 * 128 and img.size[1] > 2 * 3 * 128
+    assert any(n.startswith("events") for n in os.listdir(os.path.join(work, "tb")))
+    manager = ckpt.make_manager(work, read_only=True)
+    assert sorted(manager.all_steps()) == [2, 4]
+    assert ckpt.restore_config(manager, 4)["autoencoder"]["num_channels"] == [8, 16]
+    out = tiny_run.output
+    assert "Data: built-in synthetic filaments (data.source='synthetic_filaments'), 8 " \
+           "training and 2 validation volumes of 16x16x8" in out
+    assert "CPU only" not in out  # a short run gets no quick-run hint
+
+
+def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monkeypatch,
+                                                        capsys):
+    """SIGTERM during step 3: that step finishes, is saved, training stops; a re-run
+    resumes at 3 and ends with the uninterrupted run's params; one more says finished.
+    The first run also saves by wall-clock time (step 1, not a multiple of 2)."""
+    task, work = tiny_run.task, str(tmp_path / "run")
+
+    def sigterm_on_third(i, batch):
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    _hooked_loader(monkeypatch, sigterm_on_third)
+    monkeypatch.setattr(trainer, "LONG_RUN_HOURS", 0.0)  # the hint on any CPU run
+    # Checkpoints by wall-clock time too: every step here (save_every_steps is 2).
+    monkeypatch.setattr(task.config.train, "save_every_minutes", 1e-9)
+    with pytest.raises(TrainingStopped) as stopped:
+        trainer.train(task, work, progress=False)
+    assert (stopped.value.step, stopped.value.signum, stopped.value.saved) == (
+        3, signal.SIGTERM, True)
+    assert sorted(ckpt.make_manager(work, read_only=True).all_steps()) == [1, 2, 3]
+    assert f"checkpoint saved in {os.path.join(work, 'checkpoints', '3')}" in str(
+        stopped.value)
     out = capsys.readouterr().out
-    assert re.search(r"CPU only: the first step \(compiling it\) took \d+ s, then "
-                     r"\d+\.\d\d s per step", out)
-    assert "--config.data.volume_size='(32,32,32)'" in out  # tiny's factor 2 divides 32
+    assert "SIGTERM: stopping after the current step and saving a checkpoint" in out
+    # The CPU hint: its own line, the real config path, the quick run named.
+    hint = next(l for l in out.splitlines() if l.startswith("CPU only"))
+    assert "the 4 steps to go" in hint and 'quick CPU run (README, "Train")' in hint
+    assert ("  python train.py --config tests/tiny.py --workdir runs/quick "
+            "--config.data.volume_size='(32,32,32)' --config.train.num_steps=300") in out
 
-    config.train.num_steps = 2
-    train_and_evaluate(config, tmp_path / "b", progress=False)
-    config.train.num_steps = 4
-    capsys.readouterr()
-    resumed = train_and_evaluate(config, tmp_path / "b", progress=False)
-    assert "Resuming from the checkpoint at step 2" in capsys.readouterr().out
-    for x, y in zip(_params(one_run), _params(resumed)):
+    monkeypatch.undo()
+    resumed = trainer.train(task, work, progress=False)
+    assert "Resuming from the checkpoint at step 3" in capsys.readouterr().out
+    for x, y in zip(_params(tiny_run.params), _params(resumed.g_params)):
+        np.testing.assert_array_equal(x, y)
+    steps = [json.loads(l)["step"] for l in open(os.path.join(work, "metrics.jsonl"))
+             if "loss" in l]
+    assert steps == [1, 2, 3, 4]  # one run, the resumed part appended once
+
+    again = trainer.train(task, work, progress=False)
+    assert f"{work} is finished: its latest checkpoint is step 4" in capsys.readouterr().out
+    for x, y in zip(_params(again.g_params), _params(resumed.g_params)):
         np.testing.assert_array_equal(x, y)
 
-    work = tmp_path / "a"
+
+def test_train_cli_says_how_to_resume(monkeypatch, capsys):
+    from ldm_jax.cli import train as train_cli
+
+    def stopped(*a, **k):
+        raise TrainingStopped("Stopped by SIGINT after step 7 of 9; checkpoint saved in "
+                              "w/checkpoints/7.", 7, signal.SIGINT, True)
+
+    monkeypatch.setattr(train_cli, "train_and_evaluate", stopped)
+    argv = ["train.py", "--config=configs/balanced.py", "--workdir=w"]
+    assert train_cli.main(argv) == 130
+    out = capsys.readouterr().out
+    assert "To resume, run the same command again:\n  python train.py " \
+           "--config=configs/balanced.py --workdir=w" in out
+
+
+def _tree_hash(path):
+    """{relative file path: sha256} of everything under `path`."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            out[os.path.relpath(full, path)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
+    return out
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path, monkeypatch,
+                                                         capsys):
+    work = tmp_path / "run"
+    shutil.copytree(tiny_run.workdir, work)
+    shutil.rmtree(work / "checkpoints" / "4")  # resume from step 2, metrics rows to step 4
+    before = _tree_hash(work / "checkpoints")
+
+    def poison(i, batch):
+        batch["image"] = np.array(batch["image"])
+        batch["image"][..., 0, 0, 0, :] = np.nan
+        return batch
+
+    _hooked_loader(monkeypatch, poison)
+    with pytest.raises(TrainingDivergedError, match="2 steps in a row"):
+        trainer.train(tiny_run.task, str(work), progress=False)  # max_bad_steps=2
+    assert _tree_hash(work / "checkpoints") == before
+    out = capsys.readouterr().out
+    assert "note: dropped 3 metrics.jsonl row(s) (up to step 4) written after the " \
+           "checkpoint at step 2" in out
     rows = [json.loads(l) for l in open(work / "metrics.jsonl")]
-    assert any("val_psnr" in r for r in rows) and any("recon_loss" in r for r in rows)
-    assert (work / "images" / "step_2.png").exists() and (work / "images" / "step_4.png").exists()
-    assert any(n.startswith("events") for n in os.listdir(work / "tb"))
-    manager = ckpt.make_manager(work, read_only=True)
-    assert manager.latest_step() == 4
-    saved = ckpt.restore_config(manager, 4)
-    assert saved["autoencoder"]["num_channels"] == [8, 16]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # 3: the skipped step
+    assert rows[-1]["loss"] is None  # non-finite -> null, valid JSON
+
+
+def test_metrics_rows_without_checkpoint_are_dropped_and_nan_is_null(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 10, "loss": 0.4}\n{"step": 1')
+    writers = Writers(str(tmp_path), 0)
+    assert (writers.dropped, writers.last_dropped_step) == (3, 10)
+    note = trainer._dropped_note(str(tmp_path), writers, 0)
+    assert "has 3 metrics.jsonl row(s) (up to step 10) but no checkpoint" in note
+    writers.write(1, {"loss": float("nan"), "x": math.inf, "y": 2.0})
+    writers.close()
+    text = path.read_text()
+    assert json.loads(text) == {"step": 1, "loss": None, "x": None, "y": 2.0}
+    assert "NaN" not in text and "Infinity" not in text
 
 
 def test_keep_policy_keeps_latest_and_best(tmp_path):
@@ -67,65 +203,6 @@ def test_keep_policy_keeps_latest_and_best(tmp_path):
     assert ckpt.resolve_step(manager, "best") == 2
     with pytest.raises(FileNotFoundError, match="saved steps: 2, 4"):
         ckpt.resolve_step(manager, 3)
-
-
-def _tree_hash(path):
-    """{relative file path: sha256} of everything under `path`."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            full = os.path.join(root, f)
-            out[os.path.relpath(full, path)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
-    return out
-
-
-class _Poisoned:
-    """Wraps the data iterator (state and all) but puts a NaN into every batch."""
-
-    def __init__(self, it):
-        self.it = it
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = dict(next(self.it))
-        batch["image"] = np.array(batch["image"])
-        batch["image"][..., 0, 0, 0, :] = np.nan
-        return batch
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
-
-    def start_prefetch(self):
-        self.it.start_prefetch()
-
-
-def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    config = _bf16_tiny()
-    config.train.num_steps = 2
-    train_and_evaluate(config, tmp_path, progress=False)
-    before = _tree_hash(tmp_path / "checkpoints")
-
-    import ldm_jax.data
-    real = ldm_jax.data.make_train_loader
-
-    class PoisonedLoader:
-        def __init__(self, *a, **k):
-            self.loader = real(*a, **k)
-
-        def __iter__(self):
-            return _Poisoned(iter(self.loader))
-
-    monkeypatch.setattr(ldm_jax.data, "make_train_loader", PoisonedLoader)
-    config.train.num_steps = 20
-    config.train.max_bad_steps = 3
-    with pytest.raises(TrainingDivergedError, match="3 steps in a row"):
-        train_and_evaluate(config, tmp_path, progress=False)
-    assert _tree_hash(tmp_path / "checkpoints") == before
 
 
 def test_quick_volume_is_small_and_divisible():

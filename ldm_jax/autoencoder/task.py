@@ -55,6 +55,7 @@ class AutoencoderTask:
     validated config (see `prepare_config`); batches are {"image": (B, X, Y, Z, C)}."""
 
     best_metric = "val_l1"
+    config_path = None  # the config file, for hints (set by ldm_jax.cli.train.make_task)
     params_key = "g_params"  # the state entry inference restores
     progress_keys = {"loss": "loss", "rec": "recon_loss"}
 
@@ -83,8 +84,10 @@ class AutoencoderTask:
         return self.perceptual_params
 
     def describe(self) -> str:
+        """The plan table, then one line naming the data source and where it reads from."""
+        from ldm_jax import data as data_lib
         from ldm_jax.autoencoder.plan import format_plan
-        return format_plan(self.config)
+        return format_plan(self.config) + "\n" + data_lib.describe(self.config)
 
     def train_loader(self, batch_size):
         from ldm_jax import data as data_lib
@@ -99,20 +102,24 @@ class AutoencoderTask:
         return list(batches)[:limit] if limit else batches
 
     def quick_run_hint(self, seconds, first_seconds, steps) -> str:
+        """What a CPU run costs and the quick run of this config: its smallest volume
+        (>= 32 voxels per axis), 300 steps (README "Train")."""
         vol = ",".join(str(v) for v in config_lib.smallest_volume(
             config_lib.total_factor(self.config.autoencoder)))
+        config = self.config_path or "CONFIG"
         return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
-                f"{seconds:.2f} s per step: about {seconds * steps / 3600:.1f} h "
-                f"for {steps} steps. For a quick run on a CPU try:\n"
-                f"  python train.py --config <config> --workdir runs/quick "
+                f"{seconds:.2f} s per step: about {seconds * steps / 3600:.1f} h for the "
+                f"{steps} steps to go. The quick CPU run (README, \"Train\") of this "
+                "config at its smallest volume:\n"
+                f"  python train.py --config {config} --workdir runs/quick "
                 f"--config.data.volume_size='({vol})' --config.train.num_steps=300")
 
     def evaluate(self, state, batches, put, image_path):
-        """Validation metrics averaged over `batches`; up to 4 volumes drawn as input |
-        reconstruction | |error| rows to `image_path` (process 0)."""
+        """Validation metrics averaged over `batches`; up to 4 volumes drawn as labelled
+        input / reconstruction / |error| rows to `image_path` (process 0)."""
         if self._eval_fn is None:
             self._eval_fn = jax.jit(self.eval_step)
-        totals, count, shown_x, shown_r = {}, 0, [], []
+        totals, count, shown_x, shown_r, names = {}, 0, [], [], []
         for batch in batches:
             out, recon = self._eval_fn(state.g_params, put({"image": batch["image"]}))
             for k, v in out.items():
@@ -121,13 +128,15 @@ class AutoencoderTask:
             if len(shown_x) < 4:
                 shown_x += list(batch["image"])
                 shown_r += list(np.asarray(jax.device_get(recon)))
+                names += list(batch.get("name", [f"volume {len(names) + i}"
+                                                 for i in range(len(batch["image"]))]))
         if count == 0:
             return {}
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(image_path), exist_ok=True)
             d = self.config.data
-            rows = visualize.comparison_rows(shown_x, shown_r, (float(d.b_min), float(d.b_max)))
-            visualize.save_grid(rows, image_path)
+            visualize.comparison_image(shown_x, shown_r, names,
+                                       (float(d.b_min), float(d.b_max))).save(image_path)
         return {k: v / count for k, v in totals.items()}
 
     # ---------------------------------------------------------------- initialisation

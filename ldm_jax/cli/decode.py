@@ -30,15 +30,38 @@ def _load_meta(latents_json, files, log):
     if not os.path.exists(path):
         if latents_json:
             raise FileNotFoundError(f"--latents_json {path} does not exist.")
+        log(f"note: no latents.json next to the latents ({path}): volumes keep the padded "
+            "size, NIfTI latents get their affine divided by the total factor and .npy "
+            "latents an identity affine. Pass --latents_json=PATH to use extract's record.")
         return None
     try:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable latents.json ({e}); pass "
-                         "--latents_json=none to decode without it.") from None
+        from ldm_jax.data import DataError
+        raise DataError(f"{path} is not a readable latents.json ({e}); pass "
+                        "--latents_json=none to decode without it.") from None
     log(f"Using {path}.")
     return meta
+
+
+def _affine(entry, lat_affine, factor, name, meta, log):
+    """The volume's affine: latents.json's, else the latent NIfTI's over the factor, else
+    identity; says which when latents.json exists but has no entry for `name`."""
+    from ldm_jax.autoencoder import inference
+
+    if entry.get("affine") is not None:
+        return np.asarray(entry["affine"], np.float64)
+    missing = meta is not None and not entry
+    if lat_affine is not None:
+        if missing:
+            log(f"note: {name} has no entry in latents.json: affine from its NIfTI header "
+                "divided by the total factor; not cropped to an input shape.")
+        return inference.volume_affine(lat_affine, factor)
+    if missing:
+        log(f"note: {name} has no entry in latents.json and a .npy latent has no affine: "
+            "identity affine (1 mm voxels at the origin); not cropped to an input shape.")
+    return np.eye(4)
 
 
 def _prefer_npy(files):
@@ -60,10 +83,10 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
+    files = _prefer_npy(data_lib.list_volume_files(input, option="--input"))  # inputs first
+    names = vf.output_names(files)
     ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
                                     overlap=overlap, windows_per_batch=windows_per_batch)
-    files = _prefer_npy(data_lib.list_volume_files(input))
-    names = vf.output_names(files)
     out_dir = vf.prepare_output_dir(output, files)
     meta = _load_meta(latents_json, files, log)
     if meta is not None:
@@ -77,8 +100,8 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
         if scale_factor is None:
             scale_factor = (meta or {}).get("scale_factor")
         if not scale_factor:
-            raise ValueError("--unscale needs a scale_factor: from latents.json next to the "
-                             "latents, --latents_json, or --scale_factor.")
+            raise ConfigError("--unscale needs a scale_factor: from latents.json next to the "
+                              "latents, --latents_json, or --scale_factor.")
         log(f"Dividing latents by scale_factor {float(scale_factor):.6g}.")
     entries = (meta or {}).get("files", {})
     written, bad, n_skipped = [], [], 0
@@ -101,12 +124,7 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
             z = z / np.float32(scale_factor)
         entry = entries.get(name, {})
         shape = entry.get("input_shape") if crop else None
-        if entry.get("affine") is not None:
-            affine = np.asarray(entry["affine"], np.float64)
-        elif lat_affine is not None:
-            affine = inference.volume_affine(lat_affine, ae.factor)
-        else:
-            affine = np.eye(4)
+        affine = _affine(entry, lat_affine, ae.factor, name, meta, log)
         try:
             vol = ae.decode_volume(z, shape=shape)
         except ValueError as e:
@@ -150,7 +168,8 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.decode", __doc__, _define, _body, argv)
+    return cli.run("ldm_jax.decode", __doc__, _define, _body, argv,
+                   required=("workdir", "input", "output"), log_level="error")
 
 
 if __name__ == "__main__":

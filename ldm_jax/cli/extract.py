@@ -129,10 +129,10 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
+    files = data_lib.list_volume_files(input, option="--input")  # before loading anything
+    names = vf.output_names(files)
     ae = load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
                           overlap=overlap, windows_per_batch=windows_per_batch)
-    files = data_lib.list_volume_files(input)
-    names = vf.output_names(files)
     out_dir = vf.prepare_output_dir(output, files)
     log(f"Checkpoint step {ae.step} of {ae.workdir} (model hash {ae.config_hash}); total factor "
         f"{ae.factor}, {ae.latent_channels} latent channels; window "
@@ -173,9 +173,9 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
             if not needs_load[i]:
                 z, _ = vf.read_latent(targets["npy" if "npy" in fmts else "nifti"])
                 if z.shape[-1] != ae.latent_channels:
-                    raise ValueError(f"{targets[fmts[0]]} has {z.shape[-1]} channels, not "
-                                     f"the model's {ae.latent_channels}; use --overwrite or "
-                                     "a new --output")
+                    raise data_lib.DataError(
+                        f"{targets[fmts[0]]} has {z.shape[-1]} channels, not the model's "
+                        f"{ae.latent_channels}; use --overwrite or a new --output")
                 stats.update(z)
                 entries[name] = entry
                 n_reused += 1
@@ -273,7 +273,8 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.extract", __doc__, _define, _body, argv)
+    return cli.run("ldm_jax.extract", __doc__, _define, _body, argv,
+                   required=("workdir", "input", "output"), log_level="error")
 
 
 if __name__ == "__main__":

@@ -1,114 +1,73 @@
 """Write a PNG of what the model will see: a few samples, each as three orthogonal
-mid-slices and a maximum-intensity projection.
+mid-slices and a maximum-intensity projection, labelled.
 
   python -m ldm_jax.preview --config configs/balanced.py --out preview.png
   python -m ldm_jax.preview --config configs/balanced.py --config.data.source=mni152
   python -m ldm_jax.preview --config configs/balanced.py --split=val \\
       --config.data.source=nifti --config.data.train_dir=/data/vols
 
-Rows are samples; columns are the XY slice at mid Z, the XZ slice at mid Y, the YZ slice
-at mid X (one panel pixel per voxel, X down the rows) and the maximum over Z. Grey levels
-span data.b_min..data.b_max.
+Rows are samples (named by file or synthetic index); columns are the XY slice at mid Z,
+the XZ slice at mid Y, the YZ slice at mid X (X down the rows) and the maximum over Z,
+each enlarged to at least 128 pixels. Grey levels span data.b_min..data.b_max (stated
+in the title).
 """
 
 from __future__ import annotations
 
 
-import numpy as np  # noqa: E402
-
-_PAD = 4  # pixels between panels
-_TITLE = 14  # pixels for the header row
-_COLUMNS = ("XY @ mid Z", "XZ @ mid Y", "YZ @ mid X", "max over Z")
-
-
-def panels(vol: np.ndarray, lo: float, hi: float) -> list:
-    """Four uint8 images of one (X, Y, Z, C) volume (first channel)."""
-    v = np.asarray(vol)[..., 0]
-    x, y, z = v.shape
-    imgs = [v[:, :, z // 2], v[:, y // 2, :], v[x // 2, :, :], v.max(axis=2)]
-    span = (hi - lo) or 1.0
-    return [np.clip((i - lo) / span * 255.0, 0, 255).astype(np.uint8) for i in imgs]
-
-
-def render(volumes, lo: float, hi: float, min_panel: int = 128):
-    """A PIL image: one row per volume, the four views side by side on black."""
-    from PIL import Image, ImageDraw
-
-    rows = [panels(v, lo, hi) for v in volumes]
-    # Small volumes are enlarged (nearest) so a 32^3 sample is still visible.
-    scale = max(1, int(np.ceil(min_panel / max(rows[0][0].shape))))
-    widths = [max(r[c].shape[1] for r in rows) * scale for c in range(4)]
-    heights = [max(p.shape[0] for p in r) * scale for r in rows]
-    canvas = Image.new("L", (sum(widths) + _PAD * 5, _TITLE + sum(heights) + _PAD * (len(rows) + 1)), 0)
-    draw = ImageDraw.Draw(canvas)
-    xs = np.cumsum([_PAD] + [w + _PAD for w in widths])
-    for c, name in enumerate(_COLUMNS):
-        draw.text((int(xs[c]), 1), name, fill=200)
-    ypos = _TITLE + _PAD
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            pil = Image.fromarray(img)
-            if scale > 1:
-                pil = pil.resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
-            canvas.paste(pil, (int(xs[c]), ypos))
-            # A dim frame shows the volume's extent against a black background.
-            draw.rectangle(
-                (int(xs[c]) - 1, ypos - 1, int(xs[c]) + pil.size[0], ypos + pil.size[1]), outline=70
-            )
-        ypos += heights[r] + _PAD
-    return canvas
-
-
-def sample_volumes(config, split: str, num: int, seed: int = 0) -> list:
-    """`num` (X, Y, Z, C) volumes exactly as the training (augmented) or eval loader gives them."""
+def sample_volumes(config, split: str, num: int, seed: int = 0) -> tuple:
+    """(volumes, names): `num` (X, Y, Z, C) volumes exactly as the training (augmented)
+    or eval loader gives them, and their names ("train sample i" for augmented crops)."""
     from ldm_jax.data.pipeline import make_eval_batches, make_train_loader
 
     if split == "train":
-        it = iter(make_train_loader(config, batch_size=1, seed=seed, process_index=0, process_count=1))
+        it = iter(make_train_loader(config, batch_size=1, seed=seed, process_index=0,
+                                    process_count=1))
         try:
-            return [next(it)["image"][0] for _ in range(num)]
+            vols = [next(it)["image"][0] for _ in range(num)]
         finally:
             it.close()
-    out = []
+        return vols, [f"train sample {i}" for i in range(len(vols))]
+    vols, names = [], []
     for batch in make_eval_batches(config, batch_size=1):
-        out.append(batch["image"][0])
-        if len(out) == num:
+        vols.append(batch["image"][0])
+        names.append(str(batch["name"][0]))
+        if len(vols) == num:
             break
-    return out
+    return vols, names
 
 
-def _body(argv):
-    del argv
-    from absl import flags
+def _body(fv):
+    from ldm_jax import data as data_lib
+    from ldm_jax import visualize
 
-    cfg = flags.FLAGS.config
-    f = flags.FLAGS
-    vols = sample_volumes(cfg, f.split, f.num_samples, f.seed)
+    cfg = fv.config
+    data_lib.check_data_config(cfg.data)
+    vols, names = sample_volumes(cfg, fv.split, fv.num_samples, fv.seed)
     lo, hi = sorted((float(cfg.data.b_min), float(cfg.data.b_max)))
-    image = render(vols, lo, hi)
-    image.save(f.out)
-    shape = vols[0].shape
+    title = (f"{fv.split} samples of data.source={cfg.data.source!r}; grey {lo:g} (black) to "
+             f"{hi:g} (white)")
+    visualize.samples_image(vols, names, (lo, hi), title).save(fv.out)
+    print(data_lib.describe(cfg))
     print(
-        f"Wrote {f.out}: {len(vols)} {f.split} sample(s) from data.source={cfg.data.source!r}, "
-        f"each {shape} (X, Y, Z, C), values {min(float(v.min()) for v in vols):.3f}.."
-        f"{max(float(v.max()) for v in vols):.3f}."
+        f"Wrote {fv.out}: {len(vols)} {fv.split} sample(s) from data.source="
+        f"{cfg.data.source!r}, each {vols[0].shape} (X, Y, Z, C), values "
+        f"{min(float(v.min()) for v in vols):.3f}..{max(float(v.max()) for v in vols):.3f}."
     )
 
 
-def _define_flags():
+def _define(fv):
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/balanced.py.", lock_config=True)
-    flags.DEFINE_string("out", "preview.png", "Where to write the PNG.")
-    flags.DEFINE_integer("num_samples", 3, "Number of samples (rows).")
-    flags.DEFINE_enum("split", "train", ["train", "val"], "Augmented training samples or validation crops.")
-    flags.DEFINE_integer("seed", 0, "Shuffle/augmentation seed for training samples.")
-    flags.mark_flags_as_required(["config"])
+    flags.DEFINE_string("out", "preview.png", "Where to write the PNG.", flag_values=fv)
+    flags.DEFINE_integer("num_samples", 3, "Number of samples (rows).", flag_values=fv)
+    flags.DEFINE_enum("split", "train", ["train", "val"], "Augmented training samples or "
+                      "validation crops.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Shuffle/augmentation seed for training samples.",
+                         flag_values=fv)
 
 
-def main(argv=None):
-    from absl import app
+def main(argv=None) -> int:
+    from ldm_jax import cli
 
-    _define_flags()
-    app.run(_body, argv=argv)
+    return cli.run("ldm_jax.preview", __doc__, _define, _body, argv, config="required")

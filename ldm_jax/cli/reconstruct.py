@@ -5,8 +5,9 @@ r"""See what the autoencoder keeps: volume -> latent (mu) -> reconstruction, wit
 
 Per input: NAME.nii.gz (the reconstruction on the preprocessed grid, with that grid's
 affine, which is the input's own unless data.spacing/voxel_resize resample), NAME.png
-(input | reconstruction | |error| as mid-slices and a MIP), and a row of metrics.json /
-metrics.csv with PSNR and 3D SSIM against the preprocessed input.
+(input / reconstruction / |error| as labelled mid-slices and a MIP, titled with the PSNR)
+and a row of metrics.json / metrics.csv with PSNR and 3D SSIM against the preprocessed
+input.
 
 Point clouds (.csv/.tsv/.npz/.h5/.hdf5, 2D .npy; see ldm_jax.data.pointcloud) are voxelised
 with the checkpoint's data.pointcloud_* settings; their rows add the Chamfer and EMD
@@ -53,9 +54,12 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     from ldm_jax.autoencoder.inference import ChannelMismatchError
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
+    from ldm_jax.data import io as data_io
+    from ldm_jax.data import pointcloud as pc
+    # Checked before loading anything: the input exists and holds volumes or clouds.
+    data_lib.list_volume_files(input, data_io.ALL_PATTERNS + pc.LIST_PATTERNS, option="--input")
     ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
                                     overlap=overlap, windows_per_batch=windows_per_batch)
-    from ldm_jax.data import pointcloud as pc
     files, names = pc.list_inputs(input, ae.config)  # volume files and point clouds
     out_dir = vf.prepare_output_dir(output, [pc.entry_path(f) for f in files])
     d = ae.config.data
@@ -107,8 +111,8 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
                 row.update(pc.round_trip_scores(path, vol, recon, affine, ae.config, points_path=
                                                 os.path.join(out_dir, name + "_points.csv")))
         vf.save_nifti(target, inference.denormalize(recon, d) if denormalize else recon, affine)
-        strips = visualize.comparison_rows([vol], [recon], data_range)
-        visualize.save_grid(strips, os.path.join(out_dir, name + ".png"))
+        visualize.comparison_image([vol], [recon], [name], data_range).save(
+            os.path.join(out_dir, name + ".png"))
         rows[name] = row
         n_done += 1
         if "psnr" in row:
@@ -161,7 +165,8 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.reconstruct", __doc__, _define, _body, argv)
+    return cli.run("ldm_jax.reconstruct", __doc__, _define, _body, argv,
+                   required=("workdir", "input", "output"), log_level="error")
 
 
 if __name__ == "__main__":

@@ -40,28 +40,29 @@ def measure(config, batch_size: int, num_batches: int, warmup: int = 2) -> dict:
     }
 
 
-def _body(argv):
-    del argv
-    from absl import flags
+def _body(fv):
+    from ldm_jax import data as data_lib
 
-    f = flags.FLAGS
-    cfg = f.config
-    r = measure(cfg, f.batch_size, f.num_batches, f.warmup)
+    cfg = fv.config
+    data_lib.check_data_config(cfg.data)
+    r = measure(cfg, fv.batch_size, fv.num_batches, fv.warmup)
     print(
         f"data.source={cfg.data.source!r} num_workers={cfg.data.num_workers}: "
         f"{r['volumes_per_s']:.2f} volumes/s over {r['batches']} batches of {r['batch_shape']} "
-        f"(first {f.warmup} batches took {r['startup_s']:.1f} s, excluded); "
+        f"(first {fv.warmup} batches took {r['startup_s']:.1f} s, excluded); "
         f"{r['cpu_s_per_volume']:.3f} CPU-s/volume in this process"
     )
 
 
-def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
+def _define(fv):
+    from absl import flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/balanced.py.", lock_config=True)
-    flags.DEFINE_integer("batch_size", 2, "Per-process batch size.")
-    flags.DEFINE_integer("num_batches", 20, "Batches timed after warm-up.")
-    flags.DEFINE_integer("warmup", 2, "Batches before timing starts.")
-    flags.mark_flags_as_required(["config"])
-    app.run(_body, argv=argv)
+    flags.DEFINE_integer("batch_size", 2, "Per-process batch size.", flag_values=fv)
+    flags.DEFINE_integer("num_batches", 20, "Batches timed after warm-up.", flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "Batches before timing starts.", flag_values=fv)
+
+
+def main(argv=None) -> int:
+    from ldm_jax import cli
+
+    return cli.run("ldm_jax.throughput", __doc__, _define, _body, argv, config="required")

@@ -2,70 +2,89 @@
 
 Any config field can be overridden, e.g. --config.train.num_steps=2000. With no dataset
 configured stage 1 trains on built-in synthetic filament volumes.
+
+Exit status: 0 trained (or the workdir was already finished), 2 a user error (one
+`error:` line), 1 training diverged, 128+signal when stopped by SIGINT/SIGTERM (130 for
+Ctrl-C, 143 for SIGTERM) after saving a checkpoint.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 
-def make_task(config):
+def make_task(config, config_path=None):
     """The trainer task for `config.stage` ("autoencoder", the default, or "diffusion"),
-    with the config prepared and validated. Raises ConfigError for an unknown stage."""
+    with the config prepared and validated; `config_path` (the file, for hints) is set as
+    `task.config_path`. Raises ConfigError for an unknown stage or an invalid config."""
     from ldm_jax.config import ConfigError
 
     stage = str(config.get("stage", "autoencoder"))
     if stage == "autoencoder":
         from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
-        return AutoencoderTask(prepare_config(config))
-    if stage == "diffusion":
+        task = AutoencoderTask(prepare_config(config))
+    elif stage == "diffusion":
         from ldm_jax.diffusion.task import DiffusionTask, prepare_config
-        return DiffusionTask(prepare_config(config))
-    raise ConfigError(f"config.stage={stage!r} is unknown; expected 'autoencoder' or "
-                      "'diffusion' (configs/*.py or configs/diffusion/*.py).")
+        task = DiffusionTask(prepare_config(config))
+    else:
+        raise ConfigError(f"config.stage={stage!r} is unknown; expected 'autoencoder' or "
+                          "'diffusion' (configs/*.py or configs/diffusion/*.py).")
+    task.config_path = config_path
+    return task
 
 
-def train_and_evaluate(config, workdir, progress=True):
+def train_and_evaluate(config, workdir, progress=True, config_path=None):
     """Trains the config's stage in `workdir` (resuming from its latest checkpoint);
-    returns the final train state."""
+    returns the final train state. Raises `ldm_jax.trainer.TrainingStopped` when stopped
+    by SIGINT/SIGTERM (after saving a checkpoint)."""
     from ldm_jax import trainer
-    return trainer.train(make_task(config), workdir, progress=progress)
+    return trainer.train(make_task(config, config_path), workdir, progress=progress)
+
+
+def _define(fv):
+    from absl import flags
+
+    flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and images "
+                        "go; an existing workdir is resumed, never cleared.", flag_values=fv)
+    flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one "
+                      "process per host, coordinator from the environment).", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+
+
+def _body(fv, argv):
+    import jax
+
+    from ldm_jax import cli
+    from ldm_jax.trainer import TrainingDivergedError, TrainingStopped
+
+    if fv.multihost:
+        jax.distributed.initialize()
+    if jax.default_backend() == "cpu":
+        # XLA:CPU compiles partitionable threefry ~10x slower; on one CPU host nothing
+        # is gained from it.
+        jax.config.update("jax_threefry_partitionable", False)
+    try:
+        train_and_evaluate(fv.config, fv.workdir, progress=fv.progress,
+                           config_path=cli.config_path(fv))
+    except TrainingDivergedError as e:
+        print(cli.error_text(e), file=sys.stderr)
+        return 1
+    except TrainingStopped as e:
+        if jax.process_index() == 0:
+            command = shlex.join(["python", *argv])
+            print(f"{e} To resume, run the same command again:\n  {command}", flush=True)
+        return 128 + e.signum
+    return 0
 
 
 def main(argv=None):
-    """absl entry point (train.py)."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+    """Entry point of train.py; returns (and with argv=None exits with) the exit status."""
+    from ldm_jax import cli
 
-    config_flags.DEFINE_config_file("config", "configs/balanced.py", "Config file (.py).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and images "
-                        "go; an existing workdir is resumed, never cleared.")
-    flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one "
-                      "process per host, coordinator from the environment).")
-    flags.DEFINE_bool("progress", True, "Show a progress bar.")
-    FLAGS = flags.FLAGS
-
-    def body(args):
-        if len(args) > 1:
-            raise app.UsageError(f"Unexpected arguments: {args[1:]}")
-        if not FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)  # orbax/jax INFO lines drown the progress
-        import jax
-        if FLAGS.multihost:
-            jax.distributed.initialize()
-        if jax.default_backend() == "cpu":
-            # XLA:CPU compiles partitionable threefry ~10x slower; on one CPU host nothing
-            # is gained from it.
-            jax.config.update("jax_threefry_partitionable", False)
-        from ldm_jax.config import ConfigError
-        from ldm_jax.data import DataError
-        from ldm_jax.trainer import TrainingDivergedError
-        try:
-            train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-        except (ConfigError, DataError, TrainingDivergedError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
-
-    app.run(lambda args: sys.exit(body(args)), argv=argv)
+    args = list(sys.argv if argv is None else argv)
+    code = cli.run("train.py", __doc__, _define, lambda fv: _body(fv, args), args,
+                   config="optional", config_default="configs/balanced.py")
+    if argv is None:
+        sys.exit(code)
+    return code

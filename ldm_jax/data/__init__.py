@@ -5,6 +5,8 @@ Public API (used by the trainer and latent extraction):
   make_eval_batches(config, *, batch_size)
   load_volume(path, config) -> (volume (X, Y, Z, C) float32, affine)
   list_volume_files(dir_or_glob) -> sorted paths
+  describe(config) -> one line naming the source and where it reads from
+  data_problems(data_cfg) -> config problems of the data section (config.validate asks)
 Batches are {"image": float32 (batch, X, Y, Z, C)}.
 """
 
@@ -16,6 +18,7 @@ from ldm_jax.data.errors import (
     NonFiniteError,
     VolumeShapeError,
 )
+from ldm_jax.data.sources import check_data_config, data_problems, describe
 from ldm_jax.data.pipeline import (
     EvalBatches,
     TrainLoader,
@@ -34,6 +37,9 @@ __all__ = [
     "NonFiniteError",
     "TrainLoader",
     "VolumeShapeError",
+    "check_data_config",
+    "data_problems",
+    "describe",
     "list_volume_files",
     "load_volume",
     "make_eval_batches",

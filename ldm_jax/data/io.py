@@ -34,11 +34,14 @@ def _is_glob(path: str) -> bool:
 
 
 def list_volume_files(
-    dir_or_glob: str, patterns: Optional[Sequence[str]] = None, recursive: bool = False
+    dir_or_glob: str, patterns: Optional[Sequence[str]] = None, recursive: bool = False,
+    option: Optional[str] = None,
 ) -> list:
     """Sorted volume paths in a directory (matching `patterns`), a glob, or a single file.
 
     Sorting makes the file order (and hence shards and splits) identical on every host.
+    `option` names the command-line flag the path came from (e.g. "--input") for the
+    NoFilesError messages; None: the path is data.train_dir / data.val_dir.
     """
     patterns = tuple(patterns or ALL_PATTERNS)
     path = os.path.expanduser(str(dir_or_glob))
@@ -46,13 +49,21 @@ def list_volume_files(
         found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not found:
             raise NoFilesError(
-                f"No files match the glob {path!r}. Check the pattern (quote it in the shell "
-                f"so it is not expanded) or point data.train_dir at a directory."
+                f"No files match the glob {path!r}"
+                + (f" given as {option}" if option else "")
+                + ". Check the pattern (quote it in the shell so it is not expanded) or "
+                + (f"pass a directory as {option}." if option else
+                   "point data.train_dir at a directory.")
             )
         return found
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
+        if option:
+            raise NoFilesError(
+                f"{option} {path!r} does not exist; pass a directory, a quoted glob or one "
+                f"file of volumes ({', '.join(patterns)})."
+            )
         raise NoFilesError(
             f"Data directory {path!r} does not exist. Set data.train_dir / data.val_dir to a "
             f"directory of volumes ({', '.join(patterns)}), or use data.source="
@@ -64,10 +75,13 @@ def list_volume_files(
         found.update(p for p in glob.glob(pat, recursive=recursive) if os.path.isfile(p))
     if not found:
         where = "in or below" if recursive else "directly in"
-        hint = "" if recursive else " (set data.recursive=True to search subdirectories)"
+        hint = "" if recursive or option else " (set data.recursive=True to search subdirectories)"
+        check = ("" if option else " Check data.source matches the file type ('nifti' for "
+                 ".nii/.nii.gz, 'npy' for .npy).")
         raise NoFilesError(
-            f"No volume files {where} {path!r}: tried patterns {list(patterns)}{hint}. "
-            f"Check data.source matches the file type ('nifti' for .nii/.nii.gz, 'npy' for .npy)."
+            f"No volume files {where} {path!r}"
+            + (f" ({option})" if option else "")
+            + f": tried patterns {list(patterns)}{hint}.{check}"
         )
     return sorted(found)
 

@@ -210,7 +210,8 @@ def make_train_loader(config, *, batch_size: int, seed: int, process_index: Opti
 
 
 class EvalBatches:
-    """Deterministic validation batches {"image": float32 (batch, X, Y, Z, C)}, re-iterable.
+    """Deterministic validation batches {"image": float32 (batch, X, Y, Z, C), "name"},
+    re-iterable.
 
     Centre crops (pad when smaller), no augmentation. Volumes are read lazily on every
     pass (a big validation set never sits in memory). The last batch is filled up by
@@ -228,35 +229,48 @@ class EvalBatches:
 
     def volume(self, index: int) -> Optional[np.ndarray]:
         """Validation volume `index` (volume_size crop), or None if skipped as unreadable."""
+        named = self._named(index)
+        return None if named is None else named[0]
+
+    def _named(self, index: int):
+        """(volume, name) of validation volume `index`, or None if skipped."""
         p = self.prep
         rec = self.source[index]
         if "image" not in rec:
             return None
-        vol = rec["image"]
+        vol, name = rec["image"], str(rec["name"])
         if p.source == "mni152" and index > 0:
             # One template: validation volumes 1.. are fixed augmentations (0 is the plain crop).
             rng = np.random.default_rng([self.seed, sources.VAL, index])
-            return _mni_sample(vol, p, rng, (rec["fg_lo"], rec["fg_hi"]))
-        return np.ascontiguousarray(crop_or_pad(vol, p.volume_size, None, p.background, rec["name"]))
+            return _mni_sample(vol, p, rng, (rec["fg_lo"], rec["fg_hi"])), f"{name}[{index}]"
+        return np.ascontiguousarray(crop_or_pad(vol, p.volume_size, None, p.background,
+                                                name)), name
 
     def __iter__(self):
+        """Batches {"image": float32 (batch, X, Y, Z, C), "name": str (batch,)}: a file's
+        path, or a synthetic volume's name such as "filaments[1:0]"."""
         first, pending = [], []
+
+        def batch(items):
+            return {"image": np.stack([v for v, _ in items]).astype(np.float32, copy=False),
+                    "name": np.array([n for _, n in items])}
+
         for i in range(self.num_volumes):
-            vol = self.volume(i)
-            if vol is None:
+            item = self._named(i)
+            if item is None:
                 continue
             if len(first) < self.batch_size:
-                first.append(vol)
-            pending.append(vol)
+                first.append(item)
+            pending.append(item)
             if len(pending) == self.batch_size:
-                yield {"image": np.stack(pending).astype(np.float32, copy=False)}
+                yield batch(pending)
                 pending = []
         if pending:
             k = 0
             while len(pending) < self.batch_size:
                 pending.append(first[k % len(first)])
                 k += 1
-            yield {"image": np.stack(pending).astype(np.float32, copy=False)}
+            yield batch(pending)
 
 
 def make_eval_batches(config, *, batch_size: int) -> EvalBatches:
@@ -283,6 +297,8 @@ def load_volume(path: str, config):
     return preprocess(arr, prep, info.path, info.zooms, info.affine)
 
 
-def list_volume_files(dir_or_glob: str, patterns=None, recursive: bool = False) -> list:
-    """Sorted .nii/.nii.gz/.npy paths in a directory, a glob, or a single file."""
-    return io.list_volume_files(dir_or_glob, patterns, recursive)
+def list_volume_files(dir_or_glob: str, patterns=None, recursive: bool = False,
+                      option=None) -> list:
+    """Sorted .nii/.nii.gz/.npy paths in a directory, a glob, or a single file; `option`
+    names the flag the path came from in errors (e.g. "--input")."""
+    return io.list_volume_files(dir_or_glob, patterns, recursive, option)

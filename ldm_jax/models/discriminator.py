@@ -86,12 +86,37 @@ class PatchDiscriminator(nn.Module):
         return [f.astype(jnp.float32) for f in feats]
 
     def _check_size(self, shape, k, p, last_k):
-        sizes = list(shape)
-        for stride in [2] * self.num_layers_d + [1]:
-            sizes = [(s + 2 * p - k) // stride + 1 for s in sizes]
-        sizes = [s + 2 * ((last_k - 1) // 2) - last_k + 1 for s in sizes]
+        sizes = logits_shape(shape, self.num_layers_d, k, p, last_k)
         if min(sizes) < 1:
             raise ValueError(
                 f"discriminator input spatial shape {tuple(shape)} is too small for "
                 f"num_layers_d={self.num_layers_d} (the logits would be {tuple(sizes)}); "
                 "use larger volumes or fewer discriminator layers")
+
+
+def logits_shape(shape, num_layers_d=3, kernel_size=4, padding=1, last_kernel_size=None):
+    """Spatial shape of the logits for an input of spatial `shape` (sizes < 1: too small)."""
+    k, p, last_k = int(kernel_size), int(padding), int(last_kernel_size or kernel_size)
+    sizes = [int(s) for s in shape]
+    for stride in [2] * int(num_layers_d) + [1]:
+        sizes = [(s + 2 * p - k) // stride + 1 for s in sizes]
+    return tuple(s + 2 * ((last_k - 1) // 2) - last_k + 1 for s in sizes)
+
+
+def size_problems(disc_cfg, volume_size) -> list[str]:
+    """One-line problems when `volume_size` (X, Y, Z) is too small for the discriminator
+    of `disc_cfg` (a config.discriminator section), with the smallest size that works."""
+    get = disc_cfg.get
+    args = (int(get("num_layers_d", 3)), int(get("kernel_size", 4)), 1,
+            get("last_conv_kernel_size"))
+    sizes = logits_shape(volume_size, *args)
+    bad = [a for a in range(3) if sizes[a] < 1]
+    if not bad:
+        return []
+    need = next(n for n in range(1, 4096) if logits_shape((n,) * 3, *args)[0] >= 1)
+    axes = ", ".join(f"{'XYZ'[a]} = {volume_size[a]}" for a in bad)
+    return [f"data.volume_size {tuple(volume_size)} is too small for the discriminator "
+            f"(discriminator.num_layers_d={args[0]}, kernel_size={args[1]}): {axes}, but "
+            f"every axis needs >= {need} voxels. Use a larger volume_size"
+            + (f" or --config.discriminator.num_layers_d={args[0] - 1}." if args[0] > 1
+               else ".")]
