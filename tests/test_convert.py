@@ -335,7 +335,7 @@ def test_export_cli_writes_what_monai_loads(workdir, tmp_path, capsys):
     td.load_state_dict(dsd, strict=True)
     assert float(dsd["0.adn.N.running_var"].sub(1).abs().max()) > 0  # trained statistics
 
-    assert export_cli.main(argv) == 1  # exists, no --overwrite
+    assert export_cli.main(argv) == 2  # exists, no --overwrite
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert export_cli.main(argv + ["--overwrite"]) == 0
 
@@ -343,7 +343,7 @@ def test_export_cli_writes_what_monai_loads(workdir, tmp_path, capsys):
 def test_export_without_torch_is_one_line(workdir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
     assert export_cli.main(["prog", f"--workdir={workdir}",
-                            f"--output={tmp_path / 'm.pt'}"]) == 1
+                            f"--output={tmp_path / 'm.pt'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "needs torch: pip install torch" in err
     assert err.count("\n") == 1 and not os.path.exists(tmp_path / "m.pt")
@@ -364,7 +364,7 @@ def test_export_refuses_a_model_monai_cannot_hold(tmp_path, capsys):
     ckpt.save(manager, 1, state, config)
     manager.close()
     assert export_cli.main(["prog", f"--workdir={tmp_path / 'run'}",
-                            f"--output={tmp_path / 'm.pt'}"]) == 1
+                            f"--output={tmp_path / 'm.pt'}"]) == 2
     err = capsys.readouterr().err
     assert "is not MONAI-compatible" in err
     assert "initial_downsample_factor must be 1 (got (2, 2, 2)" in err

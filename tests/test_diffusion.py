@@ -137,7 +137,7 @@ def test_sampling_is_deterministic_and_cli_writes(ldm_workdir, tmp_path):
         assert os.path.exists(os.path.join(out, n + ".nii.gz"))
         assert np.load(os.path.join(out, "latents", n + ".npy")).shape == (8, 8, 4, 2)
     assert os.path.exists(os.path.join(out, "samples.png"))
-    assert sample_cli.main(args) == 1  # existing outputs are kept without --overwrite
+    assert sample_cli.main(args) == 2  # existing outputs are kept without --overwrite
 
 
 def test_scale_factor_round_trip(ldm_workdir, ae_workdir):
