@@ -180,7 +180,7 @@ def test_guidance_one_equals_conditional_model():
 
 
 def test_odd_latents_are_padded_and_cropped(ae_workdir, latents_dir, tmp_path):
-    from ldm_jax.diffusion.task import crop, pad_widths
+    from ldm_jax.diffusion.latents import crop, pad_widths
     w = pad_widths((6, 8, 5), (8, 8, 8))
     assert w == ((1, 1), (0, 0), (1, 2))
     z = np.random.rand(1, 6, 8, 5, 2)

@@ -30,7 +30,7 @@ class Pipeline:
 
     def __init__(self, config, unet, params, autoencoder, step: int = 0):
         from ldm_jax.config import latent_shape
-        from ldm_jax.diffusion.task import pad_widths
+        from ldm_jax.diffusion.latents import pad_widths
         from ldm_jax.models import unet_padded_shape
 
         self.config, self.unet, self.params, self.step = config, unet, params, int(step)
@@ -55,7 +55,7 @@ class Pipeline:
         classes, or a sampler the model was not trained for.
         """
         from ldm_jax.diffusion.sampling import make_sampler, sample_latents, sampler_for
-        from ldm_jax.diffusion.task import crop
+        from ldm_jax.diffusion.latents import crop
 
         T = int(self.config.scheduler.num_train_timesteps)
         if not 1 <= int(steps) <= T:
@@ -99,7 +99,7 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
     gone) and ConfigError (the workdir is a stage-1 run).
     """
     from ldm_jax import checkpoint as ckpt
-    from ldm_jax.diffusion.task import load_frozen_autoencoder
+    from ldm_jax.diffusion.latents import load_frozen_autoencoder
     from ldm_jax.models import build_unet
 
     workdir = os.path.abspath(os.path.expanduser(str(workdir)))

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from ldm_jax.config import ConfigError
+from ldm_jax.diffusion.latents import load_frozen_autoencoder, pad_widths
 from ldm_jax.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -124,18 +125,6 @@ def min_snr_weights(alphas_cumprod, t, gamma: float, prediction_type: str):
     if prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     return clipped
-
-
-def pad_widths(shape, target):
-    """Symmetric ((lo, hi), ...) zero padding from spatial `shape` to `target` (MONAI's
-    LatentDiffusionInferer: lo = (target - n) // 2)."""
-    return tuple(((t - s) // 2, (t - s) - (t - s) // 2) for s, t in zip(shape, target))
-
-
-def crop(z, widths):
-    """Undo `pad_widths` on (B, X, Y, Z, C)."""
-    sl = tuple(slice(lo, z.shape[i + 1] - hi) for i, (lo, hi) in enumerate(widths))
-    return z[(slice(None), *sl)]
 
 
 class DiffusionTask:
@@ -416,23 +405,3 @@ class DiffusionTask:
             os.makedirs(os.path.dirname(image_path), exist_ok=True)
             save_sheet(vols, image_path, self.ae.config.data)
         return {"val_loss": val}
-
-
-def load_frozen_autoencoder(config):
-    """The stage-1 autoencoder named by `config.latents` (float32, whole-volume window
-    unless it does not fit). Raises CheckpointNotFoundError naming the command to run."""
-    from ldm_jax import checkpoint as ckpt
-    from ldm_jax.autoencoder.inference import load_autoencoder
-
-    lat = config.latents
-    wd = os.path.abspath(os.path.expanduser(str(lat.autoencoder_workdir)))
-    try:
-        return load_autoencoder(wd, lat.get("autoencoder_step", "best") or "best",
-                                window="training")
-    except ckpt.CheckpointNotFoundError as e:
-        raise ckpt.CheckpointNotFoundError(
-            f"No trained autoencoder for the diffusion stage: {e} Train stage 1 first: "
-            f"python train.py --config configs/balanced.py --workdir {lat.autoencoder_workdir} "
-            "(or set --config.latents.autoencoder_workdir to a trained one).") from None
-
-

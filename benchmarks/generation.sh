@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The generation benchmark of benchmarks/GENERATION.md, end to end on the built-in filaments
+# at 32^3 (CPU sizes): stage 1, extraction, stage 2, sampling, baselines, evaluation.
+#   bash benchmarks/generation.sh [WORK=runs/gen] [STAGE1=runs/quick]
+# Every step is one of the README's commands; rerunning skips what exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${1:-runs/gen}
+AE=${2:-runs/quick}
+PY=${PY:-python}
+STEPS2=${STEPS2:-2000}
+mkdir -p "$W"
+
+# 1. Stage 1 (the README's quick run at 150 steps; skipped when AE already holds it).
+$PY train.py --config configs/monai_3d_ldm.py --workdir "$AE" --noprogress \
+  --config.data.volume_size='(32,32,32)' --config.train.num_steps=150 \
+  --config.train.save_every_steps=50 --config.train.eval_every_steps=50
+
+# 2. Volumes on disk (256 training crops in raw units, 16 held-out in model units), then
+#    latents of the training ones.
+[ -d "$W/data/val" ] || $PY -m benchmarks.generation_data --config configs/monai_3d_ldm.py \
+  --volume 32,32,32 --train 256 --val 16 --out "$W/data"
+[ -f "$W/latents/latents.json" ] || $PY -m ldm_jax.extract --workdir "$AE" \
+  --input "$W/data/train" --output "$W/latents" --step latest --noprogress
+
+# 3. Stage 2: the MONAI tutorial UNet (float32 on a CPU) on the extracted 8x8x8x3 latents.
+S2=(--config configs/diffusion/monai_3d_ldm.py --config.latents.autoencoder_workdir="$AE"
+    --config.latents.autoencoder_step=latest --config.latents.dir="$W/latents"
+    --config.unet.dtype=float32 --config.train.batch_size=8 --config.train.learning_rate=2.5e-4
+    --config.train.log_every_steps=50 --config.train.eval_every_steps=500
+    --config.train.save_every_steps=500 --noprogress)
+$PY train.py "${S2[@]}" --workdir "$W/ldm" --config.train.num_steps="$STEPS2"
+# Baseline: the untrained UNet (one step at learning rate 0 = the initial weights).
+$PY train.py "${S2[@]}" --workdir "$W/ldm_untrained" --config.train.num_steps=1 \
+  --config.train.learning_rate=0 --config.eval.num_samples=0
+
+# 4. Samples: 8 volumes, DDIM 50 steps, each model.
+for run in ldm ldm_untrained; do
+  [ -f "$W/samples_$run/samples.json" ] || $PY -m ldm_jax.sample --workdir "$W/$run" \
+    --num-samples 8 --steps 50 --output "$W/samples_$run" --step latest --noprogress
+done
+# Baseline: Gaussian latents N(0, 1) / scale_factor, decoded.
+[ -f "$W/samples_gauss/latents/sample_0007.npy" ] || $PY - "$W" <<'EOF'
+import os, sys, json
+import numpy as np
+import ldm_jax
+from ldm_jax.data import files as vf
+w = sys.argv[1]
+pipe = ldm_jax.load_pipeline(os.path.join(w, "ldm"), "latest")
+z = np.random.default_rng(0).standard_normal((8, *pipe.latent_shape)).astype(np.float32)
+z /= pipe.scale_factor
+out = os.path.join(w, "samples_gauss")
+os.makedirs(os.path.join(out, "latents"), exist_ok=True)
+for i, (zi, v) in enumerate(zip(z, pipe.decode(z))):
+    vf.save_npy(os.path.join(out, f"sample_{i:04d}.npy"), v)
+    vf.save_npy(os.path.join(out, "latents", f"sample_{i:04d}.npy"), zi)
+EOF
+
+# 5. Evaluation against the 16 held-out volumes (and the training latents).
+for s in ldm ldm_untrained gauss; do
+  $PY -m ldm_jax.evaluate --samples "$W/samples_$s" --reference "$W/data/val" \
+    --reference_latents "$W/latents" --range 0,1 --features vgg16 --num_slices 8 \
+    --output "$W/eval_$s.json" | tee "$W/eval_$s.txt"
+done
