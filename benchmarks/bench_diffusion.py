@@ -35,17 +35,15 @@ import argparse
 import datetime
 import json
 import os
-import signal
 import statistics
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.bench import (MEMORY_METHOD, REPO_ROOT, _cost, _count, _like_train_py, _machine,
-                              _memory, _subprocess_json, _write_json, load)
+from benchmarks.bench import (MEMORY_METHOD, _cost, _count, _like_train_py, _machine, _memory,
+                              _write_json, load)
 from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads
+from benchmarks.runner import in_fresh_process, read_rows, run_exiting_on_sigterm
 from ldm_jax.config import ConfigError
 
 WORKER_MARK = "BENCH_DIFFUSION_JSON"
@@ -196,26 +194,13 @@ def _run_worker(spec_path):
     print(f"{WORKER_MARK} " + json.dumps(row), flush=True)
 
 
-def _in_fresh_process(module, spec, marker, timeout):
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [
-        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    flag = "--_worker" if module == "benchmarks.bench_diffusion" else "--spec"
-    try:
-        return _subprocess_json([sys.executable, "-m", module, flag, f.name], marker, env=env,
-                                timeout=timeout)
-    finally:
-        os.unlink(f.name)
-
-
 def measure_isolated(config, *, name, steps, warmup, sample_steps, compile_only, threads=None,
                      timeout=None):
     """`measure` in a fresh `python -m benchmarks.bench_diffusion --_worker` process."""
     spec = dict(config=config.to_dict(), name=name, steps=steps, warmup=warmup,
                 sample_steps=sample_steps, compile_only=compile_only, threads=threads)
-    row = _in_fresh_process("benchmarks.bench_diffusion", spec, WORKER_MARK, timeout)
+    row = in_fresh_process("benchmarks.bench_diffusion", "--_worker", spec, WORKER_MARK,
+                           timeout)
     row.setdefault("name", name)
     return row
 
@@ -227,7 +212,8 @@ def measure_monai(config, row, *, steps, warmup, sample_steps, threads=None, tim
                 shape=[*row["padded_shape"], row["latent_shape"][-1]], batch=row["batch"],
                 steps=steps, warmup=warmup, sample_steps=sample_steps, dtype=row["dtype"],
                 device="auto", threads=threads)
-    return _in_fresh_process("benchmarks.bench_diffusion_monai", spec, MONAI_MARK, timeout)
+    return in_fresh_process("benchmarks.bench_diffusion_monai", "--spec", spec, MONAI_MARK,
+                            timeout)
 
 
 RATIOS = (("step", "step_s"), ("step_cpu", "step_cpu_s"), ("sample", "sample_s"),
@@ -372,15 +358,7 @@ def _row_name(path, config):
 
 
 def main(argv=None):
-    args = _parse_args(argv)
-    if threading.current_thread() is not threading.main_thread():
-        return _main(args)
-    # `timeout` sends SIGTERM: exit through the finally blocks that stop the workers.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        return _main(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_exiting_on_sigterm(_main, _parse_args(argv))
 
 
 def _main(args):
@@ -388,11 +366,7 @@ def _main(args):
         _run_worker(args._worker)
         return 0
     if args.from_json:
-        rows = []
-        for path in args.from_json:
-            with open(path) as f:
-                rows += json.load(f)
-        print(format_table(rows))
+        print(format_table(read_rows(args.from_json)))
         return 0
     try:
         todo = [(p, bench_config(load(p), batch=args.batch, dtype=args.dtype))

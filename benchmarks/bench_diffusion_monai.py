@@ -22,13 +22,10 @@ with a GradScaler on GPU). Memory: CUDA `max_memory_allocated`; CPU
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
 
-from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads
+from benchmarks.bench_monai import (HostPeak, MonaiUnsupported, run_fields, spec_main,
+                                    timed_runs, torch_device, with_torch_threads)
 
 SCHEDULERS = ("ddpm", "ddim")  # noise schedules both sides train the same way
 
@@ -103,15 +100,12 @@ def run(spec: dict) -> dict:
     it), shape ([X, Y, Z, C] of the UNet input, padded), batch, steps, warmup,
     sample_steps (0: no sampling), dtype ("float32" | "bfloat16"), device ("cuda" | "cpu"
     | "auto") and threads (None: torch's default). Returns a JSON-able dict; times in s.
+    Raises MonaiUnsupported when the config is not comparable (`unsupported_reasons`).
     """
-    import torch
-    before = torch.get_num_threads()
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    try:
-        return _run(spec, torch)
-    finally:
-        torch.set_num_threads(before)
+    reasons = unsupported_reasons(spec["config"])
+    if reasons:
+        raise MonaiUnsupported("not comparable: " + "; ".join(reasons))
+    return with_torch_threads(spec, _run)
 
 
 def _run(spec, torch):
@@ -121,13 +115,7 @@ def _run(spec, torch):
     host = HostPeak()
     host.baseline()  # after the imports: only model, optimiser and steps count
     config = spec["config"]
-    device = spec.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(dev)
+    dev = torch_device(torch, spec.get("device", "auto"))
     torch.manual_seed(0)
     kwargs = monai_unet_kwargs(config["unet"])
     model = DiffusionModelUNet(**kwargs).to(dev)
@@ -139,8 +127,8 @@ def _run(spec, torch):
     T = int(sched["num_train_timesteps"])
     ddpm = DDPMScheduler(num_train_timesteps=T, schedule=str(sched["schedule"]),
                          **schedule_args(sched))
-    autocast = dict(device_type=dev.type, dtype=torch.bfloat16,
-                    enabled=spec.get("dtype", "float32") == "bfloat16")
+    dtype = spec.get("dtype", "float32")
+    autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     x, y, z_, c = (int(v) for v in spec["shape"])
     batch = int(spec["batch"])
@@ -164,28 +152,12 @@ def _run(spec, torch):
         opt.step()
         return float(loss.detach())  # syncs the device
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    losses = [step() for _ in range(int(spec.get("warmup", 1)))]
-    sync()
+    losses = []
+    timed_runs(torch, dev, step, int(spec.get("warmup", 1)), losses)
     host.start()
-    times, cpu_times = _timed(step, int(spec["steps"]), sync, losses)
-    out = dict(
-        framework=f"monai {__import__('monai').__version__} / torch {torch.__version__}",
-        device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
-        backend=dev.type, threads=torch.get_num_threads(), dtype=spec.get("dtype", "float32"),
-        params=sum(p.numel() for p in model.parameters()),
-        step_s=statistics.median(times) if times else None, step_times=times,
-        step_cpu_s=statistics.median(cpu_times) if cpu_times else None,
-        loss_finite=all(v == v and abs(v) != float("inf") for v in losses))
-    if dev.type == "cuda":
-        out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(dev))
-        out["memory_method"] = "torch.cuda.max_memory_allocated (fresh process)"
-    else:
-        out["peak_memory_bytes"] = host.peak_delta()
-        out["memory_method"] = HOST_METHOD
+    times, cpu_times = timed_runs(torch, dev, step, int(spec["steps"]), losses)
+    out = dict(run_fields(torch, dev, host, dtype, times, cpu_times, losses),
+               params=sum(p.numel() for p in model.parameters()))
 
     n = int(spec.get("sample_steps") or 0)
     if n > 0:
@@ -207,46 +179,21 @@ def _run(spec, torch):
                 for t in ddim.timesteps:
                     out_t = model(sample_x, timesteps=t.reshape(1).to(dev), class_labels=one)
                     sample_x, _ = ddim.step(out_t.float(), t, sample_x)
-            return float(sample_x.float().abs().mean())
+            return float(sample_x.float().abs().mean())  # syncs the device
 
-        result = []
-        s_times, s_cpu = _timed(sample, 1, sync, result)
+        results = []
+        # One untimed sampling first when steps were warmed up, as our side does.
+        timed_runs(torch, dev, sample, 1 if int(spec.get("warmup", 1)) > 0 else 0, results)
+        s_times, s_cpu = timed_runs(torch, dev, sample, 1, results)
         out.update(sample_steps=n, sample_s=s_times[0], sample_cpu_s=s_cpu[0],
-                   sample_finite=result[0] == result[0])
+                   sample_finite=all(v == v for v in results))
     return out
 
 
-def _timed(fn, n, sync, results):
-    """Runs fn n times; (wall seconds, process CPU seconds) of each, results appended."""
-    times, cpu_times = [], []
-    for _ in range(n):
-        t0, c0 = time.perf_counter(), time.process_time()
-        results.append(fn())
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    return times, cpu_times
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Time MONAI's DiffusionModelUNet training step and DDIM sampling "
-                    "(called by `python -m benchmarks.bench_diffusion --vs-monai`).")
-    parser.add_argument("--spec", required=True, help="JSON file written by bench_diffusion")
-    args = parser.parse_args(argv)
-    with open(args.spec) as f:
-        spec = json.load(f)
-    limit_threads(spec.get("threads"))  # whole process, before torch starts its pools
-    reasons = unsupported_reasons(spec["config"])
-    if reasons:
-        result = {"error": "not comparable: " + "; ".join(reasons)}
-    else:
-        try:
-            result = run(spec)
-        except ImportError as e:
-            result = {"error": f"MONAI side needs torch and monai (requirements-dev.txt): {e}"}
-    print("BENCH_MONAI_JSON " + json.dumps(result), flush=True)
-    return 0
+    return spec_main(argv, run, "Time MONAI's DiffusionModelUNet training step and DDIM "
+                                "sampling (called by `python -m benchmarks.bench_diffusion "
+                                "--vs-monai`).")
 
 
 if __name__ == "__main__":
