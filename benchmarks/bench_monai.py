@@ -206,14 +206,69 @@ def _recon_loss(torch, recon, target, loss_cfg):
 def run(spec: dict) -> dict:
     """Times `spec["steps"]` MONAI training steps; spec holds config (dict), volume, batch,
     steps, warmup, dtype, device ("cuda" | "cpu" | "auto") and threads (None: torch's)."""
+    return with_torch_threads(spec, _run)
+
+
+def with_torch_threads(spec, fn):
+    """fn(spec, torch) under torch.set_num_threads(spec["threads"]) (restored after)."""
     import torch
     threads_before = torch.get_num_threads()
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     try:
-        return _run(spec, torch)
+        return fn(spec, torch)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def torch_device(torch, name="auto"):
+    """torch.device for "cuda" | "cpu" | "auto"; on CUDA with cudnn.benchmark on and the
+    peak-memory counters reset."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    return dev
+
+
+def timed_runs(torch, dev, fn, n, results):
+    """(wall seconds, process CPU seconds) of n calls of fn, the device synchronised after
+    each; fn's results are appended to `results`."""
+    times, cpu_times = [], []
+    for _ in range(int(n)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        results.append(fn())
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    return times, cpu_times
+
+
+def run_fields(torch, dev, host, dtype, times, cpu_times, losses) -> dict:
+    """The fields every MONAI row has: framework, device, threads, dtype, step times
+    (median wall and CPU s), whether the losses were finite, and peak memory (CUDA
+    max_memory_allocated, else `host.peak_delta()`) with its method."""
+    out = dict(
+        framework=f"monai {__import__('monai').__version__} / torch {torch.__version__}",
+        device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
+        backend=dev.type,
+        threads=torch.get_num_threads(),
+        dtype=dtype,
+        step_s=statistics.median(times) if times else None,
+        step_times=times,
+        step_cpu_s=statistics.median(cpu_times) if cpu_times else None,
+        loss_finite=all(v == v and abs(v) != float("inf") for v in losses),
+    )
+    if dev.type == "cuda":
+        out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+        out["memory_method"] = "torch.cuda.max_memory_allocated (fresh process)"
+    else:
+        out["peak_memory_bytes"] = host.peak_delta()
+        out["memory_method"] = HOST_METHOD
+    return out
 
 
 def _run(spec, torch):
@@ -224,13 +279,7 @@ def _run(spec, torch):
     host.baseline()  # after the imports: only models, optimisers and steps count
     config = spec["config"]
     ae_kwargs, disc_kwargs = monai_kwargs(config)
-    device = spec.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(dev)
+    dev = torch_device(torch, spec.get("device", "auto"))
     torch.manual_seed(0)
     ae = AutoencoderKL(**ae_kwargs).to(dev)
     disc = PatchDiscriminator(**disc_kwargs).to(dev)
@@ -279,55 +328,32 @@ def _run(spec, torch):
         opt_d.step()
         return float(loss_g.detach()) + float(loss_d.detach())  # syncs the device
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     losses = []
-    for _ in range(int(spec.get("warmup", 1))):
-        losses.append(step())
-    sync()
+    timed_runs(torch, dev, step, int(spec.get("warmup", 1)), losses)
     host.start()
-    times, cpu_times = [], []
-    for _ in range(int(spec["steps"])):
-        t0, c0 = time.perf_counter(), time.process_time()
-        losses.append(step())
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    out = dict(
-        framework=f"monai {__import__('monai').__version__} / torch {torch.__version__}",
-        device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
-        backend=dev.type,
-        threads=torch.get_num_threads(),
-        dtype=dtype,
-        params=sum(p.numel() for p in ae.parameters()),
-        disc_params=sum(p.numel() for p in disc.parameters()),
-        step_s=statistics.median(times) if times else None,
-        step_times=times,
-        step_cpu_s=statistics.median(cpu_times) if cpu_times else None,
-        loss_finite=all(l == l and abs(l) != float("inf") for l in losses),
-    )
-    if dev.type == "cuda":
-        out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(dev))
-        out["memory_method"] = "torch.cuda.max_memory_allocated (fresh process)"
-    else:
-        out["peak_memory_bytes"] = host.peak_delta()
-        out["memory_method"] = HOST_METHOD
-    return out
+    times, cpu_times = timed_runs(torch, dev, step, int(spec["steps"]), losses)
+    return dict(run_fields(torch, dev, host, dtype, times, cpu_times, losses),
+                params=sum(p.numel() for p in ae.parameters()),
+                disc_params=sum(p.numel() for p in disc.parameters()))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Time MONAI's AutoencoderKL + PatchDiscriminator training step "
-                    "(called by `python -m benchmarks.bench --vs-monai`).")
-    parser.add_argument("--spec", required=True, help="JSON file written by benchmarks.bench")
+    return spec_main(argv, run, "Time MONAI's AutoencoderKL + PatchDiscriminator training "
+                                "step (called by `python -m benchmarks.bench --vs-monai`).")
+
+
+def spec_main(argv, run_fn, description):
+    """The command line of a MONAI side: `--spec FILE.json` -> pin threads -> run_fn(spec)
+    -> one `BENCH_MONAI_JSON {...}` line ({"error": ...} for MonaiUnsupported or a missing
+    torch / monai). Returns 0."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--spec", required=True, help="JSON file written by the bench")
     args = parser.parse_args(argv)
     with open(args.spec) as f:
         spec = json.load(f)
     limit_threads(spec.get("threads"))  # whole process, before torch starts its pools
     try:
-        result = run(spec)
+        result = run_fn(spec)
     except MonaiUnsupported as e:
         result = {"error": str(e)}
     except ImportError as e:

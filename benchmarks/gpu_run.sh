@@ -3,12 +3,17 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh          # from the repository root
 #
-# What it measures (each configuration in a fresh process, real bf16 steps, memory_stats):
-#   1. MONAI vs ours: configs/monai_3d_ldm.py at 96x96x64 (--vs-monai)
-#   2. remat none / res_blocks / levels for configs/balanced.py and configs/aggressive.py
-#   3. the seed table: A-D at 256x256x64 + aggressive 512x512x128, both decoder heads
-#      (balanced = seed B subpixel and aggressive = its subpixel row, from 2.)
-#   4. if time is left: 1024x1024x128, aggressive model, subpixel head, one GPU
+# What it measures (each configuration in a fresh process, real steps, memory_stats), in
+# priority order; SECTIONS="stage2 stage2_f32" (say) runs only the sections named:
+#   1. monai_vs_ours: stage 1, configs/monai_3d_ldm.py at 96x96x64 (--vs-monai)
+#   2. stage2:      the diffusion UNet (python -m benchmarks.bench_diffusion) on
+#                   configs/diffusion/monai_3d_ldm.py and balanced latents, bf16, vs MONAI:
+#                   training step and a 50-step DDIM sampling
+#   3. remat:       none / res_blocks / levels for configs/balanced.py and aggressive.py
+#   4. stage2_f32:  as 2., float32 on both sides
+#   5. seed_table:  A-D at 256x256x64 + aggressive 512x512x128, both decoder heads
+#                   (balanced = seed B subpixel and aggressive = its subpixel row, from 3.)
+#   6. native_1024: if time is left: 1024x1024x128, aggressive model, subpixel head
 # It needs no network: it uses the python found (PY=..., default python3) and whatever
 # jax / flax / optax / ml_collections / torch / monai it can import (PYTHONPATH may add a
 # folder of pure-Python packages carried along). Missing packages are reported, and the
@@ -24,6 +29,7 @@ OUT="${OUT:-benchmarks/gpu_out}"
 mkdir -p "$OUT"
 PY="${PY:-python3}"
 BUDGET_S="${BUDGET_S:-330}"
+SECTIONS="${SECTIONS:-monai_vs_ours stage2 remat stage2_f32 seed_table native_1024}"
 ROW_TIMEOUT_S="${ROW_TIMEOUT_S:-100}"
 START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -83,15 +89,22 @@ if [ "$JAX_BACKEND" != gpu ] && [ "${ALLOW_CPU:-0}" != 1 ]; then
     exit 3
 fi
 
-bench() {  # bench NAME MIN_SECONDS_LEFT ARGS...
-    local name="$1" need="$2"; shift 2
+want() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+bench() {  # bench NAME MIN_SECONDS_LEFT ARGS...  (stage 1: benchmarks.bench)
+    bench_with benchmarks.bench "$@"
+}
+
+bench_with() {  # bench_with MODULE NAME MIN_SECONDS_LEFT ARGS...
+    local module="$1" name="$2" need="$3"; shift 3
+    want "$name" || { say "SKIP $name: not in SECTIONS"; return; }
     if [ "$(left)" -lt "$need" ]; then
         say "SKIP $name: $(left) s left, it needs about $need s"
         return
     fi
     say "START $name: $*"
     timeout $(( $(left) > 10 ? $(left) : 10 )) \
-        $PY -m benchmarks.bench "$@" --row-timeout "$ROW_TIMEOUT_S" --json "$OUT/$name.json" \
+        $PY -m "$module" "$@" --row-timeout "$ROW_TIMEOUT_S" --json "$OUT/$name.json" \
         > "$OUT/$name.md" 2>> "$LOG"
     say "END $name (exit $?)"
     cat "$OUT/$name.md" | tee -a "$LOG"
@@ -100,20 +113,34 @@ bench() {  # bench NAME MIN_SECONDS_LEFT ARGS...
 # --- 1. MONAI vs ours, same GPU, bf16 (autocast on the MONAI side). -----------------------
 if [ "$HAVE_MONAI" = 1 ]; then
     bench monai_vs_ours 60 --config configs/monai_3d_ldm.py --vs-monai --steps 5 --warmup 2
-else
+elif want monai_vs_ours; then
     say "SKIP monai_vs_ours: torch with CUDA and monai are needed"
 fi
 
-# --- 2. Gradient checkpointing: only a GPU shows what it saves. --------------------------
+# --- 2. and 4. Stage 2: the tutorial UNet on both configs' latents, training step and a
+#        50-step DDIM sampling; a fresh process per config and side (estimated ~1 min per
+#        config with MONAI: compiling the step and the sampler dominates). ------------------
+VS_MONAI=""
+[ "$HAVE_MONAI" = 1 ] && VS_MONAI="--vs-monai"
+stage2() {  # stage2 NAME DTYPE
+    bench_with benchmarks.bench_diffusion "$1" 120 --config configs/diffusion/monai_3d_ldm.py \
+        --config configs/diffusion/balanced.py --dtype "$2" $VS_MONAI --steps 5 --warmup 2 \
+        --sample-steps 50
+}
+stage2 stage2 bfloat16
+
+# --- 3. Gradient checkpointing: only a GPU shows what it saves. --------------------------
 bench remat 90 --config configs/balanced.py --config configs/aggressive.py \
     --remat none,res_blocks,levels --steps 3
 
-# --- 3. The seed table with real steps (its "B subpixel" is balanced remat=none and
+stage2 stage2_f32 float32
+
+# --- 5. The seed table with real steps (its "B subpixel" is balanced remat=none and
 #        "aggressive subpixel" is aggressive remat=none, measured above). ----------------
 bench seed_table 90 --table seed --steps 3 --only "A,B nearest_conv,C,D,aggressive nearest_conv" \
     --plot "$OUT/seed_memory_gpu.png"
 
-# --- 4. Native microtubule resolution on one GPU. ----------------------------------------
+# --- 6. Native microtubule resolution on one GPU. ----------------------------------------
 bench native_1024 60 --config configs/aggressive.py --volume 1024,1024,128 \
     --head subpixel --steps 3
 
