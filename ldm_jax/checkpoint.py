@@ -8,6 +8,7 @@ metric is recorded with each step, under its own name, so `best_step` needs no s
 """
 
 import json
+import logging
 import os
 
 import orbax.checkpoint as ocp
@@ -29,10 +30,32 @@ def _only_value(metrics):
     return float(next(iter(metrics.values())))
 
 
+class _NoMetricsFilter(logging.Filter):
+    """Drops orbax's "Requested `tracked_metric`; did not provide metrics." warning.
+
+    The manager tracks the best step (so it must have a `best_fn`), but only steps that
+    were evaluated have a metric; orbax warns at every other save. That is the expected
+    case here, not a problem, so this one message (and nothing else) is dropped.
+    """
+
+    MESSAGE = "Requested `tracked_metric`; did not provide metrics."
+
+    def filter(self, record) -> bool:
+        return record.getMessage() != self.MESSAGE
+
+
+def _quiet_untracked_saves() -> None:
+    from absl import logging as absl_logging
+    logger = absl_logging.get_absl_logger()
+    if not any(isinstance(f, _NoMetricsFilter) for f in logger.filters):
+        logger.addFilter(_NoMetricsFilter())
+
+
 def make_manager(workdir, keep=3, read_only=False, item_names=None,
                  best_metric=DEFAULT_BEST_METRIC):
     """CheckpointManager keeping the latest `keep` steps and the best by `best_metric`
     (lowest wins)."""
+    _quiet_untracked_saves()
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=max(int(keep), 1)),
         pp.BestN(get_metric_fn=_only_value, reverse=True, n=1,
@@ -118,6 +141,13 @@ def restore_train(manager, step, abstract_state, data_iter=None):
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = manager.restore(step, args=ocp.args.Composite(**items))
     return out["state"]
+
+
+def restore_data(manager, step, data_iter) -> None:
+    """Sets `data_iter` (a grain iterator) to the position saved with `step`."""
+    import grain
+    manager.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
 
 
 def restore_raw_state(manager, step):

@@ -41,6 +41,15 @@ def _load_meta(latents_json, files, log):
     return meta
 
 
+def _codes(entry, path):
+    """The input's (sform_code, qform_code): from latents.json, else from the latent
+    NIfTI's header (extract writes the input's codes there), else None (no header)."""
+    if entry.get("sform_code") is not None:
+        return int(entry["sform_code"]), int(entry.get("qform_code") or 0)
+    from ldm_jax.data import io as data_io
+    return data_io.nifti_codes(path)
+
+
 def _prefer_npy(files):
     """extract --format both writes NAME.npy and NAME.nii.gz: decode each latent once."""
     npy = {vf.stem(p) for p in files if p.endswith(".npy")}
@@ -49,8 +58,9 @@ def _prefer_npy(files):
 
 def decode(workdir, input, output, *, step="best", format="nifti", unscale=False,
            scale_factor=None, latents_json=None, crop=True, denormalize=False, overwrite=False,
-           skip_bad_files=False, config=None, window="training", overlap=0.5,
-           windows_per_batch=1, dtype=None, progress=True, log=None) -> list:
+           skip_bad_files=False, config=None, window="auto", overlap=0.5,
+           windows_per_batch=None, memory_budget=None, dtype=None,
+           progress=True, log=None) -> list:
     """Decodes every latent of `input` into `output`; returns the written paths."""
     from tqdm import tqdm
 
@@ -61,7 +71,8 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
     ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
-                                    overlap=overlap, windows_per_batch=windows_per_batch)
+                                    overlap=overlap, windows_per_batch=windows_per_batch,
+                                    memory_budget=memory_budget)
     files = _prefer_npy(data_lib.list_volume_files(input))
     names = vf.output_names(files)
     out_dir = vf.prepare_output_dir(output, files)
@@ -101,6 +112,7 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
             z = z / np.float32(scale_factor)
         entry = entries.get(name, {})
         shape = entry.get("input_shape") if crop else None
+        codes = _codes(entry, path)
         if entry.get("affine") is not None:
             affine = np.asarray(entry["affine"], np.float64)
         elif lat_affine is not None:
@@ -114,7 +126,7 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
         if denormalize:
             vol = inference.denormalize(vol, ae.config.data)
         for f in missing:
-            written.append(vf.save(os.path.join(out_dir, name), f, vol, affine))
+            written.append(vf.save(os.path.join(out_dir, name), f, vol, affine, codes))
     log(f"Decoded {len(files) - n_skipped - len(bad)} latent(s) into {out_dir}; skipped "
         f"{n_skipped} existing and {len(bad)} unreadable.")
     return written

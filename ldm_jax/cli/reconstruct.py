@@ -37,21 +37,30 @@ def _scores(x, r, data_range):
 
 
 def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_bad_files=False,
-                denormalize=False, config=None, window="training", overlap=0.5,
-                windows_per_batch=1, dtype=None, progress=True, log=None) -> dict:
-    """Reconstructs every volume of `input` into `output`; returns the metrics.json content."""
+                denormalize=False, frame=None, config=None, window="auto", overlap=0.5,
+                windows_per_batch=None, memory_budget=None, dtype=None,
+           progress=True, log=None) -> dict:
+    """Reconstructs every volume of `input` into `output`; returns the metrics.json content.
+
+    `frame` (4D inputs): None (the checkpoint's data.frame), K, "all" (each frame its own
+    reconstruction, NAME_t0000 ...) or "none"; see `cli.volume_jobs`.
+    """
     from tqdm import tqdm
 
+    from ldm_jax import cli
     from ldm_jax import data as data_lib
     from ldm_jax import visualize
+    from ldm_jax.data import io as data_io
     from ldm_jax.autoencoder import inference
     from ldm_jax.autoencoder.inference import ChannelMismatchError
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
+    frame = cli.parse_frame(frame)
     ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
-                                    overlap=overlap, windows_per_batch=windows_per_batch)
+                                    overlap=overlap, windows_per_batch=windows_per_batch,
+                                    memory_budget=memory_budget)
     files = data_lib.list_volume_files(input)
-    names = vf.output_names(files)
+    jobs = cli.volume_jobs(files, vf.output_names(files), frame, ae.in_channels)
     out_dir = vf.prepare_output_dir(output, files)
     d = ae.config.data
     data_range = (float(d.b_min), float(d.b_max))
@@ -69,21 +78,21 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
         except (OSError, ValueError):
             rows = {}
     bad, n_done, n_skipped = [], 0, 0
-    for path, name in tqdm(list(zip(files, names)), desc="reconstruct", unit="vol",
+    for path, name, pick in tqdm(jobs, desc="reconstruct", unit="vol",
                            disable=not progress, file=sys.stdout, dynamic_ncols=True):
         target = os.path.join(out_dir, name + ".nii.gz")
         if os.path.exists(target) and not overwrite:
             n_skipped += 1
             continue
         try:
-            vol, affine = data_lib.load_volume(path, ae.config)
+            vol, affine = data_lib.load_volume(path, ae.config, pick)
+            codes = data_io.nifti_codes(path)
         except data_lib.VolumeShapeError as e:  # a layout the model cannot take: not skipped
             raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
                                        f"{ae.in_channels}) volumes.") from None
         except data_lib.DataError as e:
             if not skip_bad_files:
-                raise data_lib.DataError(f"{e}\n(--skip_bad_files skips unreadable files and "
-                                         "counts them.)") from None
+                raise cli.with_skip_hint(e) from None
             bad.append({"input": os.path.abspath(path), "reason": str(e)})
             log(f"skipped {path}: {e}")
             continue
@@ -96,9 +105,12 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
         except ValueError as e:
             raise type(e)(f"{path}: {e}") from None
         row = {"input": os.path.abspath(path), "shape": list(vol.shape)}
+        if isinstance(pick, int):
+            row["frame"] = pick
         if recon.shape == vol.shape:
             row.update(_scores(vol, recon, data_range[1] - data_range[0]))
-        vf.save_nifti(target, inference.denormalize(recon, d) if denormalize else recon, affine)
+        vf.save_nifti(target, inference.denormalize(recon, d) if denormalize else recon, affine,
+                      codes)
         strips = visualize.comparison_rows([vol], [recon], data_range)
         visualize.save_grid(strips, os.path.join(out_dir, name + ".png"))
         rows[name] = row
@@ -137,6 +149,7 @@ def _define(fv):
     from ldm_jax import cli
     cli.define_model_flags(fv)
     cli.define_io_flags(fv, "Volumes: a directory, a glob (quote it) or one file.")
+    cli.define_frame_flag(fv)
     flags.DEFINE_bool("denormalize", False, "Write reconstructions in the input's intensity "
                       "range (undo the a_min..a_max -> b_min..b_max window).", flag_values=fv)
 
@@ -144,7 +157,7 @@ def _define(fv):
 def _body(fv):
     from ldm_jax import cli
     reconstruct(fv.workdir, fv.input, fv.output, overwrite=fv.overwrite,
-                skip_bad_files=fv.skip_bad_files, denormalize=fv.denormalize,
+                skip_bad_files=fv.skip_bad_files, denormalize=fv.denormalize, frame=fv.frame,
                 progress=fv.progress, **cli.model_kwargs(fv))
 
 

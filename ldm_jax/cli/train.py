@@ -61,8 +61,10 @@ def main(argv=None):
         from ldm_jax.config import ConfigError
         from ldm_jax.data import DataError
         from ldm_jax.trainer import TrainingDivergedError
+        from ldm_jax import options
         try:
-            train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+            with options.command(options.TRAIN):
+                train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
         except (ConfigError, DataError, TrainingDivergedError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -5,7 +5,8 @@ Public API (used by the trainer and latent extraction):
   make_eval_batches(config, *, batch_size)
   load_volume(path, config) -> (volume (X, Y, Z, C) float32, affine)
   list_volume_files(dir_or_glob) -> sorted paths
-Batches are {"image": float32 (batch, X, Y, Z, C)}.
+Training batches are {"image": float32 (batch, X, Y, Z, C), "name": str (batch,)}; evaluation
+batches {"image"}.
 """
 
 from ldm_jax.data.errors import (

@@ -219,7 +219,7 @@ def split_files(config, prep: Prep) -> tuple:
     recursive = bool(d.get("recursive", False))
     train = io.list_volume_files(train_dir, _patterns(prep), recursive)
     if d.get("val_dir"):
-        val = io.list_volume_files(d.val_dir, _patterns(prep), recursive)
+        val = io.list_volume_files(d.val_dir, _patterns(prep), recursive, "data.val_dir")
         overlap = sorted(set(train) & set(val))
         if overlap:
             warnings.warn(
