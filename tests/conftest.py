@@ -16,3 +16,19 @@ os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "ldm_jax_test_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+    """A workdir holding tests/tiny.py's model trained 2 steps (checkpoint at step 2)."""
+    from ldm_jax.cli.train import train_and_evaluate
+    from tests.tiny import tiny_config
+
+    wd = tmp_path_factory.mktemp("tiny_run")
+    config = tiny_config()
+    config.train.num_steps = 2
+    train_and_evaluate(config, str(wd), progress=False)
+    return str(wd)

@@ -10,7 +10,8 @@ the largest window that fits, with as many windows per call as fit.
 
 The estimate (`call_bytes`) counts, per call: ACTIVATION_COPIES copies of the largest
 activation (float32: GroupNorm works in float32 whatever the compute dtype) plus the
-largest attention site (float32 logits and probabilities, T x T, and its q, k, v, output).
+largest attention site (three float32 T x T arrays: logits, their exponentials and the
+probabilities, as XLA holds them, plus q, k, v and the output).
 tests/test_inference_memory.py checks it against XLA's own memory analysis: never below
 it, and within a small factor.
 """
@@ -63,7 +64,7 @@ def call_bytes(ae, window: Sequence[int], op: str, batch: int = 1) -> int:
     sites = [levels[i] for i, a in enumerate(ae.attention_levels) if a]
     if ae.get(f"with_{'encoder' if op == 'encode' else 'decoder'}_nonlocal_attn", True):
         sites.append(levels[-1])
-    attention = max((2 * t * t * 4 + 4 * t * c * 4 for t, c in sites), default=0)
+    attention = max((3 * t * t * 4 + 4 * t * c * 4 for t, c in sites), default=0)
     return int(batch) * (ACTIVATION_COPIES * max(elements) * 4 + attention)
 
 
