@@ -37,7 +37,12 @@ class Command:
     choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
 
-TRAIN = Command("train.py", config_overrides=True)
+def config_command(prog: str) -> Command:
+    """A command whose options are the config's own fields (`--config.a.b=value`)."""
+    return Command(prog, config_overrides=True)
+
+
+TRAIN = config_command("train.py")
 
 _current: Optional[Command] = None
 
@@ -56,6 +61,15 @@ def command(cmd: Command):
         yield cmd
     finally:
         _current = previous
+
+
+def run_as(cmd: Command, fn):
+    """`fn` wrapped so that messages raised inside are spelled for `cmd` (for absl's
+    `app.run(run_as(cmd, body))`)."""
+    def wrapped(*args, **kwargs):
+        with command(cmd):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def _spell(flag: str, value: Any) -> str:

@@ -248,8 +248,8 @@ class Autoencoder:
                windows_per_batch: Optional[int] = None) -> Layout:
         """Padding and tiling of a volume of spatial `shape` (input voxels) for `op`
         ("encode" or "decode", which needs more memory): with window AUTO, the whole
-        volume when one call fits `memory_budget`, else the largest window that fits and
-        as many windows per call as fit."""
+        volume when one call fits `memory_budget`, else the largest window that fits; as
+        many windows per call as fit, unless `windows_per_batch` says otherwise."""
         shape = tuple(int(s) for s in shape[:3])
         window = self._window(window)
         padded = tuple(s + (-s % f) for s, f in zip(shape, self.factor))
@@ -264,7 +264,11 @@ class Autoencoder:
             return Layout(shape, padded, latent, None, 1, 1, estimate)
         window = tuple(min(w, p) for w, p in zip(window, padded))
         n = len(tiles(padded, window, self.overlap, self.factor))
-        batch = max(1, min(int(batch or 1), n))
+        if not batch:  # a given window: as many per call as fit the budget
+            estimate = memory.call_bytes(self.config.autoencoder, window, op)
+            batch = self.memory_budget // estimate
+        batch = max(1, min(int(batch), n))
+        batch = -(-n // -(-n // batch))  # the same number of calls, least filler windows
         return Layout(shape, padded, latent, window, n, batch,
                       None if estimate is None else estimate * batch)
 

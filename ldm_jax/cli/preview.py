@@ -111,4 +111,5 @@ def main(argv=None):
     from absl import app
 
     _define_flags()
-    app.run(_body, argv=argv)
+    from ldm_jax import options
+    app.run(options.run_as(options.config_command("ldm_jax.preview"), _body), argv=argv)

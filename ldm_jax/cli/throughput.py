@@ -64,4 +64,5 @@ def main(argv=None):
     flags.DEFINE_integer("num_batches", 20, "Batches timed after warm-up.")
     flags.DEFINE_integer("warmup", 2, "Batches before timing starts.")
     flags.mark_flags_as_required(["config"])
-    app.run(_body, argv=argv)
+    from ldm_jax import options
+    app.run(options.run_as(options.config_command("ldm_jax.throughput"), _body), argv=argv)
