@@ -322,6 +322,12 @@ class Autoencoder:
             out = out[:shape[0], :shape[1], :shape[2]]
         return out
 
+    def describe_window(self) -> str:
+        """'auto (memory budget 4.2 GiB per call)', 'whole volume' or the window."""
+        if isinstance(self.window, str) and self.window == AUTO:
+            return f"auto (memory budget {self.memory_budget / 2**30:.1f} GiB per call)"
+        return "whole volume" if self.window is None else str(self.window)
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _window(self, window):

@@ -119,6 +119,9 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
             affine = inference.volume_affine(lat_affine, ae.factor)
         else:
             affine = np.eye(4)
+        lay = ae.layout([n * f for n, f in zip(z.shape[:3], ae.factor)], op="decode")
+        if lay.window is not None:
+            log(f"{name}: {lay.describe()}")
         try:
             vol = ae.decode_volume(z, shape=shape)
         except ValueError as e:

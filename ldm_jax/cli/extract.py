@@ -148,7 +148,7 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
     out_dir = vf.prepare_output_dir(output, files)
     log(f"Checkpoint step {ae.step} of {ae.workdir} (model hash {ae.config_hash}); total factor "
         f"{ae.factor}, {ae.latent_channels} latent channels; window "
-        f"{ae.window or 'whole volume'}, overlap {ae.overlap}; {len(files)} input file(s)"
+        f"{ae.describe_window()}, overlap {ae.overlap}; {len(files)} input file(s)"
         + (f", {len(jobs)} volume(s)." if len(jobs) != len(files) else "."))
     meta = {
         "checkpoint": {"workdir": ae.workdir, "step": ae.step, "config_hash": ae.config_hash},
@@ -203,8 +203,7 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
             try:
                 vol, affine, codes = loads.pop(i).result()
             except data_lib.VolumeShapeError as e:  # a layout the model cannot take
-                raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
-                                           f"{ae.in_channels}) volumes.") from None
+                raise ChannelMismatchError(str(e)) from None  # it says what the model takes
             except data_lib.DataError as e:
                 if not skip_bad_files:
                     raise cli.with_skip_hint(e) from None

@@ -88,8 +88,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
             vol, affine = data_lib.load_volume(path, ae.config, pick)
             codes = data_io.nifti_codes(path)
         except data_lib.VolumeShapeError as e:  # a layout the model cannot take: not skipped
-            raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
-                                       f"{ae.in_channels}) volumes.") from None
+            raise ChannelMismatchError(str(e)) from None  # it says what the model takes
         except data_lib.DataError as e:
             if not skip_bad_files:
                 raise cli.with_skip_hint(e) from None
