@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 
-from ldm_jax.config import as_triple, initial_factor, level_factors
+from ldm_jax.config import initial_factor, level_factors
 
 # Fields of config.loss the MONAI step implements; anything else makes the comparison unfair.
 SUPPORTED_RECON = ("l1", "mse", "weighted")

@@ -8,6 +8,7 @@ metric is recorded with each step, under its own name, so `best_step` needs no s
 """
 
 import json
+import logging
 import os
 
 import orbax.checkpoint as ocp
@@ -29,10 +30,35 @@ def _only_value(metrics):
     return float(next(iter(metrics.values())))
 
 
+class _ExpectedOrbaxWarnings(logging.Filter):
+    """Drops the orbax warnings that describe what this module asks for, nothing else.
+
+    - "Requested `tracked_metric`; did not provide metrics.": the manager tracks the best
+      step (so it has a `best_fn`), but only evaluated steps have a metric; orbax warns
+      at every other save.
+    - "Given directory is read only=...": inference opens checkpoints read-only on purpose.
+    Matched on the exact message templates, so every other warning still shows.
+    """
+
+    TEMPLATES = frozenset({"Requested `tracked_metric`; did not provide metrics.",
+                           "Given directory is read only=%s"})
+
+    def filter(self, record) -> bool:
+        return record.msg not in self.TEMPLATES
+
+
+def _quiet_expected_warnings() -> None:
+    from absl import logging as absl_logging
+    logger = absl_logging.get_absl_logger()
+    if not any(isinstance(f, _ExpectedOrbaxWarnings) for f in logger.filters):
+        logger.addFilter(_ExpectedOrbaxWarnings())
+
+
 def make_manager(workdir, keep=3, read_only=False, item_names=None,
                  best_metric=DEFAULT_BEST_METRIC):
     """CheckpointManager keeping the latest `keep` steps and the best by `best_metric`
     (lowest wins)."""
+    _quiet_expected_warnings()
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=max(int(keep), 1)),
         pp.BestN(get_metric_fn=_only_value, reverse=True, n=1,
@@ -40,6 +66,7 @@ def make_manager(workdir, keep=3, read_only=False, item_names=None,
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=not read_only, read_only=read_only,
+        save_interval_steps=0 if read_only else 1,  # orbax warns when it must change it
         # best_fn only makes orbax write each step's metrics (for best_step after a
         # restart); which steps survive is decided by the policy above.
         best_fn=_only_value, best_mode="min",
@@ -118,6 +145,13 @@ def restore_train(manager, step, abstract_state, data_iter=None):
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = manager.restore(step, args=ocp.args.Composite(**items))
     return out["state"]
+
+
+def restore_data(manager, step, data_iter) -> None:
+    """Sets `data_iter` (a grain iterator) to the position saved with `step`."""
+    import grain
+    manager.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
 
 
 def restore_raw_state(manager, step):

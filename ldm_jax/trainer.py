@@ -14,6 +14,9 @@ What a user can rely on:
   every `train.save_every_minutes` of wall-clock time. All processes agree on both.
 - metrics.jsonl holds one run: rows after the step a run starts from are dropped (with
   a note), and non-finite values are written as null.
+- A resume that changes the model or what the data mean (the task's `resume_fixed`) is
+  refused, naming each field, before anything is built or restored; other changes are
+  listed in one line (`resume_changes`).
 
 The loop knows nothing of a stage's models or losses. A task gives it (duck-typed):
 
@@ -30,11 +33,27 @@ The loop knows nothing of a stage's models or losses. A task gives it (duck-type
 - `evaluate(state, batches, put, image_path) -> metrics` (writes images on process 0);
 - `describe() -> str` (printed at start: the model and the data it reads) and
   `quick_run_hint(seconds, first_seconds, steps) -> str` (printed on a CPU when the
-  remaining `steps` would take more than `LONG_RUN_HOURS`).
+  remaining `steps` would take more than `LONG_RUN_HOURS`);
+- optionally `resume_fixed` / `resume_free`: dotted config prefixes that a resumed run
+  must keep (the state's shapes, the data's meaning: model sections, preprocessing), and
+  exceptions inside them (see `resume_changes`); `loss_metric` (default "loss"), the
+  metric watched for absurd values.
+
+Training batches may carry a "name" entry ((B,) strings: the files of each sample); the
+loop takes it off before the batch goes to the devices and names those files when a loss
+is absurd. Loaders without names (stage 2's latents) work the same.
+
+Outputs in the workdir: `checkpoints/` (orbax), `metrics.jsonl` (one strict-JSON object
+per logged step: {"step": int, name: float or null}), `tb/` (TensorBoard events) and
+`images/`. Rows are logged at the first step of a run, every `train.log_every_steps`, the
+last step, when stopped, every step with a non-finite loss or gradient (skipped by the
+guard) and every step with an absurd loss (over ABSURD_LOSS_RATIO times the median of
+the recent ones), which is also reported with the files of its batch.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -46,7 +65,7 @@ import jax
 import numpy as np
 
 from ldm_jax import checkpoint as ckpt
-from ldm_jax import sharding, stopping
+from ldm_jax import options, sharding, stopping
 
 LONG_RUN_HOURS = 2.0  # CPU runs estimated longer than this get the task's quick-run hint
 
@@ -71,6 +90,129 @@ def _memo(task, key, make):
     if key not in memo:
         memo[key] = make()
     return memo[key]
+
+
+# A finite loss this many times the median of the last ABSURD_LOSS_WINDOW losses is
+# reported (with its step and batch) as a warning: such a batch usually holds a volume
+# with extreme intensities (e.g. data.clip=False and an unscaled file).
+ABSURD_LOSS_RATIO = 1e6
+ABSURD_LOSS_WINDOW = 100
+_ABSURD_LOSS_MIN_HISTORY = 5
+
+# Config sections no task may change on resume.
+_ALWAYS_FIXED = ("stage",)
+
+
+def _flatten(tree, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists are values)."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _show(value) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+_ABSENT = object()
+
+
+def _cli_value(value) -> str:
+    """A saved config value as a command-line override takes it ('(32,64,64)' quoted)."""
+    if isinstance(value, list):
+        inner = ",".join(_cli_value(v).strip("'") for v in value)
+        return f"'({inner}{',' if len(value) == 1 else ''})'"
+    return str(value)
+
+
+def _under(key, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_changes(task, saved: dict):
+    """Compares the config saved with a checkpoint to the task's config.
+
+    Returns (refused, accepted): lists of (field, checkpoint value, config value). A
+    field is refused when it lies under `task.resume_fixed` (or is `stage`) and not under
+    `task.resume_free`: it changes the state's shapes or what the data mean. Every other
+    change (steps, learning rates, cadences, batch size, ...) is accepted. A field the
+    checkpoint does not have (a newer version's) is accepted.
+    """
+    fixed = _ALWAYS_FIXED + tuple(getattr(task, "resume_fixed", ()))
+    free = tuple(getattr(task, "resume_free", ()))
+    old = _flatten(saved)
+    new = _flatten(json.loads(task.config.to_json()))
+    refused, accepted = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a == b:
+            continue
+        change = (key, a, b)
+        if a is not _ABSENT and _under(key, fixed) and not _under(key, free):
+            refused.append(change)
+        else:
+            accepted.append(change)
+    return refused, accepted
+
+
+def _describe_changes(changes, sep="; ") -> str:
+    return sep.join(f"{k}: checkpoint {_show(a)}, config {_show(b)}" for k, a, b in changes)
+
+
+def _check_resume(task, manager, step):
+    """Refuses (ConfigError) a resume whose config changes fixed fields; returns the
+    accepted changes. Reads only the config saved with `step`."""
+    from ldm_jax.config import ConfigError
+
+    refused, accepted = resume_changes(task, ckpt.restore_config(manager, step))
+    if refused:
+        undo = options.fixes(*(options.setting(k, _cli_value(a)) for k, a, _ in refused),
+                             sep=" ")
+        raise ConfigError(
+            f"Cannot resume from the checkpoint at step {step} in {manager.directory}: "
+            f"{_describe_changes(refused)} (these change the model's state or what the data "
+            f"mean). Train this config in a new --workdir, or undo the change to resume"
+            + (f" ({undo})." if undo else "."))
+    if accepted:
+        say(f"Resuming with {len(accepted)} changed setting(s): "
+            + "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in accepted))
+    return accepted
+
+
+def _restore(manager, step, abstract_state, train_iter, accepted):
+    """The train state and (unless `train_iter` is None) the data position saved at
+    `step`. A state that does not fit the config's is a ConfigError naming the changed
+    settings; a data position that cannot be restored (a changed batch size or dataset)
+    restarts the data stream, said in one line."""
+    from ldm_jax.config import ConfigError
+
+    try:
+        state = ckpt.restore_train(manager, step, abstract_state)
+    except (ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        suspects = (f"Settings changed since: {_describe_changes(accepted)}; one of them "
+                    "changes the state's structure. Undo it, or train in a new --workdir."
+                    if accepted else "Nothing in the config changed, so the checkpoint "
+                    "comes from another version or stage; train in a new --workdir.")
+        raise ConfigError(
+            f"The train state saved at step {step} in {manager.directory} does not fit the "
+            f"state this config builds ({reason}). {suspects}") from None
+    if train_iter is None:
+        return state
+    try:
+        ckpt.restore_data(manager, step, train_iter)
+    except Exception as e:  # grain raises several types for a state of other data
+        say(f"note: the data position saved at step {step} does not fit this data setup "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            "); the data stream starts from its beginning.")
+    return state
 
 
 def compile_train_step(task, mesh, abstract_state):
@@ -164,6 +306,7 @@ class Writers:
             os.replace(tmp, self.path)
 
     def write(self, step, values):
+        """Appends {"step": step, **values}; non-finite values become null (strict JSON)."""
         if not self.active or not values:
             return
         row = {"step": int(step), **{k: _json_value(v) for k, v in values.items()}}
@@ -177,6 +320,54 @@ class Writers:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+class AbsurdLossWatch:
+    """Flags a finite loss over ABSURD_LOSS_RATIO times the median of the recent finite
+    ones (at least _ABSURD_LOSS_MIN_HISTORY of them)."""
+
+    def __init__(self, ratio=ABSURD_LOSS_RATIO, window=ABSURD_LOSS_WINDOW):
+        self.ratio = float(ratio)
+        self.recent = collections.deque(maxlen=int(window))
+
+    def check(self, loss):
+        """Returns the running median when `loss` is absurd, else None; records it."""
+        loss = float(loss)
+        if not math.isfinite(loss):
+            return None
+        median = float(np.median(self.recent)) if self.recent else None
+        self.recent.append(loss)
+        if (median is not None and len(self.recent) > _ABSURD_LOSS_MIN_HISTORY
+                and median > 0 and loss > self.ratio * median):
+            return median
+        return None
+
+
+def _batch_names(batch):
+    """Pops the batch's file names (a loader may give "name": (B,) strings) off the batch,
+    which then holds only arrays for the device."""
+    names = batch.pop("name", None)
+    return None if names is None else [str(n) for n in np.asarray(names).ravel()]
+
+
+def _diverged_message(step, bad, config, manager) -> str:
+    saved = sorted(manager.all_steps())
+    if saved:
+        kept = (f"The last good checkpoint, step {saved[-1]} in {manager.directory}, is "
+                "untouched; a new run resumes from it.")
+    else:
+        kept = (f"No checkpoint was written before (none in {manager.directory}; "
+                f"train.save_every_steps={config.train.save_every_steps}), so there is "
+                "nothing to resume from.")
+    lower_lr = options.setting("train.learning_rate", "LR")
+    clip = options.setting("data.clip", True)
+    fixes = options.fixes(lower_lr and f"lower the learning rate ({lower_lr})",
+                          "check the data for extreme or non-finite values"
+                          + (f" (or clip intensities to the a_min..a_max window: {clip})"
+                             if clip and not config.data.get("clip", True) else ""))
+    return (f"Stopped at step {step}: {bad} steps in a row had non-finite losses or "
+            f"gradients (train.max_bad_steps={config.train.max_bad_steps}); they are in "
+            f"metrics.jsonl. {kept} To fix: {fixes}.")
 
 
 def say(msg, bar=None):
@@ -236,20 +427,23 @@ def train(task, workdir, progress=True):
     num_steps = int(config.train.num_steps)
     writers = None
     try:
-        abstract_state = abstract_train_state(task, mesh)
         latest = manager.latest_step()
+        # Reads only the saved config: a changed model is refused before anything is built.
+        accepted = _check_resume(task, manager, latest) if latest is not None else []
+        abstract_state = abstract_train_state(task, mesh)
         if latest is not None and int(latest) >= num_steps:
+            longer = options.setting("train.num_steps", "N")
             say(f"{workdir} is finished: its latest checkpoint is step {latest} and "
-                f"train.num_steps={num_steps}. Nothing to do; raise "
-                "--config.train.num_steps to train longer, or pass a new --workdir to start "
-                "over.")
-            return ckpt.restore_train(manager, latest, abstract_state)
+                f"train.num_steps={num_steps}. Nothing to do; "
+                + (f"raise {longer} to train longer, or " if longer else "")
+                + "train in a new workdir to start over.")
+            return _restore(manager, latest, abstract_state, None, accepted)
         train_iter = iter(train_loader)
         start = 0
         if latest is None:
             state, _ = init_train_state(task, mesh, abstract_state)
         else:
-            state = ckpt.restore_train(manager, latest, abstract_state, train_iter)
+            state = _restore(manager, latest, abstract_state, train_iter, accepted)
             start = int(latest)
             say(f"Resuming from the checkpoint at step {start} in {manager.directory}")
         writers = Writers(workdir, start)
@@ -271,6 +465,8 @@ def _loop(task, mesh, state, step_fn, consts, train_iter, eval_batches, manager,
     num_steps = int(config.train.num_steps)
     accum = int(config.train.grad_accum_steps)
     save_every_s = 60.0 * float(config.train.get("save_every_minutes", 0) or 0)
+    loss_key = getattr(task, "loss_metric", "loss")
+    watch = AbsurdLossWatch()
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
@@ -283,29 +479,29 @@ def _loop(task, mesh, state, step_fn, consts, train_iter, eval_batches, manager,
         with stopping.StopRequests(notify=lambda msg: say(msg, bar)) as stop:
             for step in range(start + 1, num_steps + 1):
                 t0 = time.perf_counter()
+                names = []
                 for _ in range(accum):
-                    state, metrics = step_fn(state, put_batch(next(train_iter), mesh), consts)
+                    batch = dict(next(train_iter))
+                    names += _batch_names(batch) or []
+                    state, metrics = step_fn(state, put_batch(batch, mesh), consts)
                 bad = int(state.bad_steps)  # syncs: the guard must see this step
                 step_times.append(time.perf_counter() - t0)
-                if bad >= int(config.train.max_bad_steps):
-                    raise TrainingDivergedError(
-                        f"Stopped at step {step}: {bad} steps in a row had non-finite losses "
-                        f"or gradients (train.max_bad_steps={config.train.max_bad_steps}). "
-                        f"The last good checkpoint in {manager.directory} is untouched. "
-                        "Lower train.learning_rate, check the data for extreme values, or "
-                        "lower train.grad_clip_norm.")
+                loss = (float(jax.device_get(metrics[loss_key])) if loss_key in metrics
+                        else None)
+                median = None if loss is None else watch.check(loss)
+                if median is not None:
+                    where = (f"batch files: {', '.join(names)}" if names else
+                             "the loader gives no file names for its batches")
+                    say(f"warning: step {step}: {loss_key} {loss:.4g} is "
+                        f"{loss / median:.3g} times the median {median:.4g} of the last "
+                        f"{len(watch.recent) - 1} steps; {where}.", bar)
                 # One decision for all processes: stop here? save by wall-clock time?
                 stop_now, time_due = stopping.any_process(
                     [stop.requested != 0,
                      save_every_s > 0 and time.monotonic() - last_save >= save_every_s])
-                if step == start + 3 and jax.devices()[0].platform == "cpu":
-                    seconds = float(np.median(step_times[1:]))
-                    if seconds * (num_steps - start) > LONG_RUN_HOURS * 3600:
-                        say(task.quick_run_hint(seconds, step_times[0], num_steps - start),
-                            bar)
                 n_log += 1
                 if (step == start + 1 or step % int(config.train.log_every_steps) == 0
-                        or step == num_steps or stop_now):
+                        or step == num_steps or stop_now or bad or median is not None):
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     values["steps_per_s"] = n_log / (time.perf_counter() - t_log)
                     values["skipped_steps"] = int(state.skipped_steps)
@@ -317,6 +513,13 @@ def _loop(task, mesh, state, step_fn, consts, train_iter, eval_batches, manager,
                                          for label, key in task.progress_keys.items()
                                          if key in values}
                                         | {"it_s": f"{values['steps_per_s']:.2f}"})
+                if bad >= int(config.train.max_bad_steps):  # after its row is written
+                    raise TrainingDivergedError(_diverged_message(step, bad, config, manager))
+                if step == start + 3 and jax.devices()[0].platform == "cpu":
+                    seconds = float(np.median(step_times[1:]))
+                    if seconds * (num_steps - start) > LONG_RUN_HOURS * 3600:
+                        say(task.quick_run_hint(seconds, step_times[0], num_steps - start),
+                            bar)
                 val = None
                 if step % int(config.train.eval_every_steps) == 0 or step == num_steps:
                     image_path = os.path.join(workdir, "images", f"step_{step}.png")
@@ -331,8 +534,10 @@ def _loop(task, mesh, state, step_fn, consts, train_iter, eval_batches, manager,
                 # latest.
                 if bad == 0 and (step % int(config.train.save_every_steps) == 0
                                  or step == num_steps or time_due or stop_now):
+                    # Only this step's own evaluation makes it a candidate for best.
                     ckpt.save(manager, step, state, config, train_iter,
-                              dict(last_metrics, **(val or {})) if val else last_metrics)
+                              dict(last_metrics, **val) if val else
+                              {k: v for k, v in last_metrics.items() if k != task.best_metric})
                     last_save = time.monotonic()
                 if bar is not None:
                     bar.update(1)

@@ -77,7 +77,7 @@ def test_4d_volume_needs_frame_or_channels(tmp_path):
     with pytest.raises(data.VolumeShapeError) as err:
         data.load_volume(path, nifti_config(tmp_path))
     msg = str(err.value)
-    assert path in msg and "--config.data.frame=K" in msg and "in_channels=3" in msg
+    assert path in msg and "data.frame=K" in msg and "in_channels=3" in msg
     picked, _ = data.load_volume(path, nifti_config(tmp_path, frame=2))
     assert picked.shape == (32, 32, 16, 1) and np.allclose(picked, 100 / 255)
     config = nifti_config(tmp_path)

@@ -109,6 +109,53 @@ def test_resume_is_exact(ae_workdir, latents_dir, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
+def test_resume_refuses_a_changed_unet_or_latents(ae_workdir, latents_dir, ldm_workdir,
+                                                  tmp_path):
+    import hashlib
+    import shutil
+
+    def hashes(path):
+        return {os.path.join(r, f): hashlib.sha256(open(os.path.join(r, f), "rb").read())
+                .hexdigest() for r, _, files in os.walk(path) for f in files}
+
+    wd = tmp_path / "run"
+    shutil.copytree(ldm_workdir, wd)
+    before = hashes(wd / "checkpoints")
+    c = tiny_diffusion_config(ae_workdir, latents_dir)
+    c.train.num_steps = 31
+    c.unet.num_channels = (8, 32)
+    c.latents.encode = "mu"
+    with pytest.raises(ConfigError) as err:
+        train_and_evaluate(c, str(wd), progress=False)
+    msg = str(err.value)
+    assert "unet.num_channels: checkpoint [8, 16], config [8, 32]" in msg
+    assert "latents.encode: checkpoint sample, config mu" in msg
+    assert "train.num_steps" not in msg and "\n" not in msg
+    assert hashes(wd / "checkpoints") == before
+
+
+def test_resume_changes_of_the_diffusion_task():
+    from ldm_jax import trainer
+    from ldm_jax.diffusion.task import DiffusionTask, prepare_config
+
+    task = DiffusionTask.__new__(DiffusionTask)
+    task.config = prepare_config(tiny_diffusion_config("runs/ae"))
+    saved = json.loads(task.config.to_json())
+    saved["unet"]["remat"] = "blocks"
+    saved["unet"]["dtype"] = "bfloat16"
+    saved["unet"]["num_res_blocks"] = 2
+    saved["scheduler"]["name"] = "ddim"
+    saved["latents"]["autoencoder_step"] = "7"
+    saved["latents"]["scale_factor"] = 0.5
+    saved["conditioning"]["num_classes"] = 3
+    saved["train"]["learning_rate"] = 1.0
+    refused, accepted = trainer.resume_changes(task, saved)
+    assert [k for k, *_ in refused] == ["conditioning.num_classes", "latents.autoencoder_step",
+                                        "scheduler.name", "unet.num_res_blocks"]
+    assert [k for k, *_ in accepted] == ["latents.scale_factor", "train.learning_rate",
+                                         "unet.dtype", "unet.remat"]
+
+
 def test_on_the_fly_encoding_trains(ae_workdir, tmp_path):
     c = tiny_diffusion_config(ae_workdir, None)
     c.train.num_steps = 2

@@ -261,7 +261,7 @@ def test_cli_reference_config_and_small_volumes(tmp_path, capsys):
     rc = cli_evaluate.main(["evaluate", "--samples", samples, "--reference", str(cfg),
                             "--ms_ssim_scales", "5", "--features", "alexnet"])
     err = capsys.readouterr().err
-    assert rc == 1 and "needs >= 64" in err and "--ms_ssim_scales <= 3" in err
+    assert rc == 2 and "needs >= 64" in err and "--ms_ssim_scales <= 3" in err
 
 
 @pytest.mark.parametrize("case,expect", [
@@ -284,7 +284,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case, expect):
         np.save(os.path.join(samples, "odd.npy"), np.zeros((16, 16, 12), np.float32))
     rc = cli_evaluate.main(["evaluate", "--samples", samples, "--reference", reference])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and expect in err
 
 

@@ -93,7 +93,7 @@ def test_never_overwrites_without_overwrite(clouds, tmp_path):
 
 def test_errors_are_one_line(clouds, tmp_path, capsys):
     def err(module, *args):
-        assert _run(module, *args) == 1
+        assert _run(module, *args) == 2
         msg = capsys.readouterr().err.strip()
         assert msg.startswith("error: ") and "\n" not in msg, msg
         return msg

@@ -70,3 +70,13 @@ def test_reconstruct_scores_point_clouds(workdir, tmp_path):
     back = np.loadtxt(os.path.join(pts_out, "smlm_001.csv"), delimiter=",", skiprows=1)
     lo = np.floor(pts1.min(0) / VOXEL) * VOXEL
     assert np.all(back >= lo - VOXEL) and np.all(back <= pts1.max(0) + VOXEL)
+
+
+def test_data_line_names_the_synthetic_smlm_source():
+    from ldm_jax import data
+
+    config = tiny_config()
+    config.data.source = "synthetic_smlm"
+    line = data.describe(config)
+    assert line.startswith("Data: built-in synthetic SMLM-like localisations")
+    assert "8 training and 2 validation clouds voxelised to 16x16x8 voxels of 20.0 nm" in line

@@ -125,6 +125,7 @@ def test_parse_window():
     from ldm_jax.config import ConfigError
     from ldm_jax.autoencoder.inference import parse_window
     assert parse_window("whole", (2, 2, 2)) is None and parse_window(0, (2, 2, 2)) is None
+    assert parse_window("auto", (2, 2, 2)) == "auto"
     assert parse_window("64,64,32", (16, 16, 16)) == (64, 64, 32)
     assert parse_window(32, (2, 2, 1)) == (32, 32, 32)
     with pytest.raises(ConfigError, match=r"Try \(48, 48, 32\)"):

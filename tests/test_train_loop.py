@@ -173,7 +173,8 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path, mon
     assert "note: dropped 3 metrics.jsonl row(s) (up to step 4) written after the " \
            "checkpoint at step 2" in out
     rows = [json.loads(l) for l in open(work / "metrics.jsonl")]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # 3: the skipped step
+    # 3, 4: the skipped steps, both logged (4, the one that stops, too)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert rows[-1]["loss"] is None  # non-finite -> null, valid JSON
 
 

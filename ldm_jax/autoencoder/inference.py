@@ -7,9 +7,10 @@ the seed rebuilt it from a config file and could silently load the wrong strides
 only the autoencoder params are read.
 
 `encode_volume` / `decode_volume` take one volume of any size: sizes that are not a
-multiple of the total factor are padded at the end (and cropped back after decoding);
-volumes larger than the window (by default the training patch) go through
-`ldm_jax.sliding`.
+multiple of the total factor are padded at the end (and cropped back after decoding).
+By default (`window="auto"`) a volume goes through in one pass when that fits the memory
+budget, else in the largest windows that fit, several per call
+(`ldm_jax.autoencoder.memory`), blended by `ldm_jax.autoencoder.sliding`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import numpy as np
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import config as config_lib
 from ldm_jax.config import ConfigError
+from ldm_jax.autoencoder import memory
 from ldm_jax.autoencoder.sliding import sliding_apply, tiles
+
+AUTO = "auto"  # window / windows per call chosen by memory
 
 # Data fields that change what a file looks like after preprocessing: a --config that
 # disagrees with the checkpoint on these would feed the model different intensities/grids.
@@ -76,11 +80,14 @@ def config_differences(saved, given) -> list[str]:
     return out
 
 
-def parse_window(window, factor) -> Optional[tuple[int, int, int]]:
-    """None/'whole'/0 -> None (whole volume); int or 3 ints -> a window checked against
-    the total factor (every window must map onto whole latent voxels)."""
+def parse_window(window, factor):
+    """None/'whole'/0 -> None (whole volume); 'auto' -> AUTO (by memory); int or 3 ints ->
+    a window checked against the total factor (every window must map onto whole latent
+    voxels). Raises ConfigError."""
     if window is None or (isinstance(window, str) and window.strip().lower() == "whole"):
         return None
+    if isinstance(window, str) and window.strip().lower() == AUTO:
+        return AUTO
     if isinstance(window, str):
         window = [int(v) for v in window.replace("x", ",").split(",") if v.strip()]
     if isinstance(window, (int, np.integer)):
@@ -89,7 +96,8 @@ def parse_window(window, factor) -> Optional[tuple[int, int, int]]:
         window = (int(window),) * 3
     window = tuple(int(w) for w in window)
     if len(window) != 3 or min(window) < 1:
-        raise ConfigError(f"window must be 'whole' or 3 positive sizes (X, Y, Z); got {window!r}")
+        raise ConfigError(f"window must be 'auto', 'training', 'whole' or 3 positive sizes "
+                          f"(X, Y, Z); got {window!r}")
     bad = [a for a in range(3) if window[a] % factor[a]]
     if bad:
         fixed = tuple(max(w // f, 1) * f for w, f in zip(window, factor))
@@ -151,6 +159,8 @@ class Layout:
     latent: tuple  # latent (X, Y, Z)
     window: Optional[tuple]  # None: one whole-volume pass
     num_windows: int
+    batch: int = 1  # windows per call
+    estimate: Optional[int] = None  # bytes per call, when chosen by memory
 
     @property
     def was_padded(self) -> bool:
@@ -164,7 +174,10 @@ class Layout:
         if self.window is None:
             parts.append("whole volume in one pass")
         else:
-            parts.append(f"{self.num_windows} sliding windows of {self.window}")
+            parts.append(f"{self.num_windows} sliding windows of {self.window}, "
+                         f"{self.batch} per call")
+        if self.estimate is not None:
+            parts.append(f"about {self.estimate / 2**30:.2f} GiB per call")
         return "; ".join(parts)
 
 
@@ -198,9 +211,10 @@ class Autoencoder:
     config: ml_collections.ConfigDict
     step: int
     workdir: str
-    window: Optional[tuple] = None  # default window (input voxels); None = whole volume
+    window: Any = AUTO  # default window (input voxels); None = whole volume; AUTO = by memory
     overlap: float = 0.5
-    windows_per_batch: int = 1
+    windows_per_batch: Optional[int] = None  # None: as many as fit `memory_budget`
+    memory_budget: Optional[int] = None  # bytes per call; None: memory.default_budget()
 
     def __post_init__(self):
         self.factor = tuple(config_lib.total_factor(self.config.autoencoder))
@@ -211,6 +225,8 @@ class Autoencoder:
         self.background = float(d.b_max if d.get("invert", False) else d.b_min)
         self._encode = _jitted_method(self.model, "encode")
         self._decode = _jitted_method(self.model, "decode")
+        if self.memory_budget is None:
+            self.memory_budget = memory.default_budget()
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -228,17 +244,33 @@ class Autoencoder:
 
     # -- volumes ---------------------------------------------------------------------------
 
-    def layout(self, shape, window="default") -> Layout:
-        """Padding and tiling `encode_volume` will use for a volume of spatial `shape`."""
+    def layout(self, shape, window="default", op: str = "encode",
+               windows_per_batch: Optional[int] = None) -> Layout:
+        """Padding and tiling of a volume of spatial `shape` (input voxels) for `op`
+        ("encode" or "decode", which needs more memory): with window AUTO, the whole
+        volume when one call fits `memory_budget`, else the largest window that fits; as
+        many windows per call as fit, unless `windows_per_batch` says otherwise."""
         shape = tuple(int(s) for s in shape[:3])
         window = self._window(window)
         padded = tuple(s + (-s % f) for s, f in zip(shape, self.factor))
         latent = tuple(p // f for p, f in zip(padded, self.factor))
+        batch = windows_per_batch or self.windows_per_batch
+        estimate = None
+        if isinstance(window, str) and window == AUTO:
+            window, fit, estimate = memory.choose_window(
+                self.config.autoencoder, padded, op, self.memory_budget, self.factor)
+            batch = batch or fit
         if window is None or all(p <= w for p, w in zip(padded, window)):
-            return Layout(shape, padded, latent, None, 1)
-        n = len(tiles(padded, [min(w, p) for w, p in zip(window, padded)], self.overlap,
-                      self.factor))
-        return Layout(shape, padded, latent, window, n)
+            return Layout(shape, padded, latent, None, 1, 1, estimate)
+        window = tuple(min(w, p) for w, p in zip(window, padded))
+        n = len(tiles(padded, window, self.overlap, self.factor))
+        if not batch:  # a given window: as many per call as fit the budget
+            estimate = memory.call_bytes(self.config.autoencoder, window, op)
+            batch = self.memory_budget // estimate
+        batch = max(1, min(int(batch), n))
+        batch = -(-n // -(-n // batch))  # the same number of calls, least filler windows
+        return Layout(shape, padded, latent, window, n, batch,
+                      None if estimate is None else estimate * batch)
 
     def encode_volume(self, volume, *, sample: bool = False, key=None, window="default",
                       overlap: Optional[float] = None, windows_per_batch: Optional[int] = None,
@@ -249,7 +281,7 @@ class Autoencoder:
         With `return_sigma` returns (latent, sigma). Numpy float32 out.
         """
         vol = self._as_volume(volume, self.in_channels, "volume", "in_channels")
-        lay = self.layout(vol.shape, window)
+        lay = self.layout(vol.shape, window, "encode", windows_per_batch)
         vol = pad_to_multiple(vol, self.factor, self.background)
         if lay.window is None:
             mu, sigma = self.encode(vol[None])
@@ -257,8 +289,7 @@ class Autoencoder:
         else:
             mu, sigma = sliding_apply(
                 self.encode, vol, lay.window, overlap=self._overlap(overlap),
-                batch_size=windows_per_batch or self.windows_per_batch,
-                scale=[(1, f) for f in self.factor])
+                batch_size=lay.batch, scale=[(1, f) for f in self.factor])
         z = mu
         if sample:
             if key is None:
@@ -274,14 +305,14 @@ class Autoencoder:
         """One latent (x, y, z, C) -> volume (X, Y, Z, out_channels), cropped to `shape`
         (the input's (X, Y, Z) before padding) when given. Numpy float32 out."""
         z = self._as_volume(latent, self.latent_channels, "latent", "latent_channels")
-        window = self._window(window)
-        lat_window = None if window is None else tuple(w // f for w, f in zip(window, self.factor))
-        if lat_window is None or all(s <= w for s, w in zip(z.shape[:3], lat_window)):
+        lay = self.layout([s * f for s, f in zip(z.shape[:3], self.factor)], window, "decode",
+                          windows_per_batch)
+        if lay.window is None:
             out = np.asarray(jax.device_get(self.decode(z[None])[0]), np.float32)
         else:
             (out,) = sliding_apply(
-                self.decode, z, lat_window, overlap=self._overlap(overlap),
-                batch_size=windows_per_batch or self.windows_per_batch,
+                self.decode, z, tuple(w // f for w, f in zip(lay.window, self.factor)),
+                overlap=self._overlap(overlap), batch_size=lay.batch,
                 scale=[(f, 1) for f in self.factor])
         if shape is not None:
             full = out.shape[:3]
@@ -291,11 +322,19 @@ class Autoencoder:
             out = out[:shape[0], :shape[1], :shape[2]]
         return out
 
+    def describe_window(self) -> str:
+        """'auto (memory budget 4.2 GiB per call)', 'whole volume' or the window."""
+        if isinstance(self.window, str) and self.window == AUTO:
+            return f"auto (memory budget {self.memory_budget / 2**30:.1f} GiB per call)"
+        return "whole volume" if self.window is None else str(self.window)
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _window(self, window):
         if isinstance(window, str) and window == "default":
             return self.window
+        if isinstance(window, str) and window == "training":
+            window = tuple(int(v) for v in self.config.data.volume_size)
         return parse_window(window, self.factor)
 
     def _overlap(self, overlap):
@@ -346,16 +385,20 @@ def _check_params(model, params, config, workdir, step):
 
 
 def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, config=None,
-                     window="training", overlap: float = 0.5,
-                     windows_per_batch: int = 1) -> Autoencoder:
+                     window=AUTO, overlap: float = 0.5,
+                     windows_per_batch: Optional[int] = None,
+                     memory_budget: Optional[float] = None) -> Autoencoder:
     """Rebuilds the autoencoder of `<workdir>/checkpoints` at `step` ('best' | 'latest' | N).
 
     Only the config saved in the checkpoint is used; if `config` (a ConfigDict or a path
     to a configs/*.py) is given it must agree on every model and preprocessing field, or
     a ConfigError lists the fields that differ. `dtype` overrides the compute dtype
     ('float32' is often faster on CPU than the trained 'bfloat16'). `window` is the
-    default sliding window in input voxels: 'training' (the training patch,
-    data.volume_size), 'whole' (never slide) or (X, Y, Z).
+    default sliding window in input voxels: 'auto' (the whole volume when one call fits
+    `memory_budget` bytes, else the largest window that does; see
+    `ldm_jax.autoencoder.memory`), 'training' (the training patch, data.volume_size),
+    'whole' (never slide) or (X, Y, Z). `windows_per_batch` None: as many windows per call
+    as fit the budget. `memory_budget` None: `memory.default_budget()`.
     """
     workdir = os.path.abspath(os.path.expanduser(str(workdir)))
     if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
@@ -394,4 +437,5 @@ def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, confi
         window = tuple(int(v) for v in cfg.data.volume_size)
     return Autoencoder(model=model, params=params, config=cfg, step=int(step), workdir=workdir,
                        window=parse_window(window, factor), overlap=float(overlap),
-                       windows_per_batch=int(windows_per_batch))
+                       windows_per_batch=int(windows_per_batch) if windows_per_batch else None,
+                       memory_budget=None if memory_budget is None else int(memory_budget))

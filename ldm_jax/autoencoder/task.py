@@ -17,6 +17,7 @@ import optax
 from ldm_jax import config as config_lib
 from ldm_jax import metrics, visualize
 from ldm_jax.autoencoder import losses
+from ldm_jax.autoencoder.inference import PREPROCESS_FIELDS
 from ldm_jax.models import build_autoencoder, build_discriminator
 from ldm_jax.optim import make_optimizer
 
@@ -58,6 +59,12 @@ class AutoencoderTask:
     config_path = None  # the config file, for hints (set by ldm_jax.cli.train.make_task)
     params_key = "g_params"  # the state entry inference restores
     progress_keys = {"loss": "loss", "rec": "recon_loss"}
+    loss_metric = "loss"  # watched by the trainer for absurd values
+    # What a resumed run must keep (trainer.resume_changes): the models (the state's
+    # shapes) and the preprocessing (what the data mean); remat and compute dtypes do
+    # not change the state.
+    resume_fixed = ("autoencoder", "discriminator", *(f"data.{k}" for k in PREPROCESS_FIELDS))
+    resume_free = ("autoencoder.remat", "autoencoder.dtype", "discriminator.dtype")
 
     def __init__(self, config, autoencoder=None, discriminator=None, perceptual_fn=None,
                  perceptual_params=None):

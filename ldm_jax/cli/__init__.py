@@ -6,8 +6,10 @@ plumbing is in `ldm_jax.cli.common`, whose docstring gives the pattern a new
 command follows (one `error:` line and exit 2 for user errors).
 """
 
-from ldm_jax.cli.common import (config_path, define_io_flags, define_model_flags, error_text,
-                                model_kwargs, run)
+from ldm_jax.cli.common import (config_path, define_checkpoint_flags, define_frame_flag,
+                                define_io_flags, define_model_flags, error_text, model_kwargs,
+                                parse_frame, run, volume_jobs, with_skip_hint)
 
-__all__ = ["config_path", "define_io_flags", "define_model_flags", "error_text",
-           "model_kwargs", "run"]
+__all__ = ["config_path", "define_checkpoint_flags", "define_frame_flag", "define_io_flags",
+           "define_model_flags", "error_text", "model_kwargs", "parse_frame", "run",
+           "volume_jobs", "with_skip_hint"]

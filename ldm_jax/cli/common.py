@@ -36,7 +36,19 @@ from typing import Callable
 
 from absl import flags
 
+from ldm_jax import options
+
 EXIT_USER_ERROR = 2
+
+# Config fields each flag stands for, so library errors suggest this command's flags
+# (`ldm_jax.options`); a command offers only the flags it defines.
+FLAG_FIELDS = {
+    "input": ("data.train_dir", "data.val_dir"),
+    "skip_bad_files": ("data.skip_bad_files",),
+    "frame": ("data.frame",),
+}
+FLAG_CHOICES = {"frame": ("all", "none")}
+FRAME_ALL, FRAME_NONE = "all", "none"
 
 
 def define_checkpoint_flags(fv: flags.FlagValues) -> None:
@@ -50,13 +62,17 @@ def define_checkpoint_flags(fv: flags.FlagValues) -> None:
 
 def define_model_flags(fv: flags.FlagValues) -> None:
     define_checkpoint_flags(fv)
-    flags.DEFINE_string("window", "training", "Sliding window in input voxels: 'training' (the "
-                        "training patch), 'whole' (one pass per volume) or X,Y,Z.",
+    flags.DEFINE_string("window", "auto", "Window in input voxels: 'auto' (the whole volume "
+                        "in one pass when it fits --memory_gb, else the largest window that "
+                        "does), 'training' (the training patch), 'whole' or X,Y,Z.",
                         flag_values=fv)
     flags.DEFINE_float("overlap", 0.5, "Fraction of the window shared by neighbouring windows.",
                        flag_values=fv)
-    flags.DEFINE_integer("windows_per_batch", 1, "Windows encoded/decoded per call.",
-                         flag_values=fv)
+    flags.DEFINE_integer("windows_per_batch", 0, "Windows encoded/decoded per call; 0: as "
+                         "many as fit --memory_gb.", flag_values=fv)
+    flags.DEFINE_float("memory_gb", None, "Memory one encode/decode call may use, in GiB "
+                       "(default: half the free accelerator memory, or a quarter of the "
+                       "available host memory on a CPU).", flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override (the "
                       "checkpoint's by default; float32 is often faster on CPU).",
                       flag_values=fv)
@@ -73,10 +89,87 @@ def define_io_flags(fv: flags.FlagValues, input_help: str) -> None:
     flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
 
 
+def define_frame_flag(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("frame", None, "Frame of 4D volumes (X, Y, Z, T) to use: K (0-based), "
+                        "'all' (each frame as its own volume, written as NAME_t0003), or 'none' "
+                        "(all frames as channels). Default: the checkpoint's data.frame.",
+                        flag_values=fv)
+
+
+def parse_frame(value):
+    """--frame -> None (the checkpoint's), an int, FRAME_ALL or FRAME_NONE; ConfigError else."""
+    from ldm_jax.config import ConfigError
+    if value is None or str(value).strip() == "":
+        return None
+    v = str(value).strip().lower()
+    if v in (FRAME_ALL, FRAME_NONE):
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"--frame={value!r} is not a frame number (0-based), 'all' or "
+                          "'none'.") from None
+
+
+def volume_jobs(files, names, frame, in_channels: int) -> list[tuple]:
+    """(path, output name, frame for `load_volume`) per volume to process.
+
+    `frame` from `parse_frame`: None keeps the checkpoint's data.frame ("config"), an int
+    or FRAME_NONE (no frame: all frames as channels) applies to every file, FRAME_ALL
+    splits every 4D file into its frames, named NAME_t0000, NAME_t0001, ... (3D files keep
+    NAME). Entries that are not paths (point clouds of `pointcloud.list_inputs`) are one
+    volume each. Raises ConfigError when --frame=all meets a model of more than one channel,
+    OutputDirError when two outputs would get the same name.
+    """
+    import os
+
+    from ldm_jax.config import ConfigError
+    from ldm_jax.data import io
+    from ldm_jax.data.files import OutputDirError
+
+    jobs = []
+    for path, name in zip(files, names):
+        if frame != FRAME_ALL or not isinstance(path, (str, os.PathLike)):
+            jobs.append((path, name, "config" if frame is None else
+                         (None if frame == FRAME_NONE else frame)))
+            continue
+        try:
+            t = io.num_frames(io.read_header(path))
+        except ValueError:  # unreadable: reported (or skipped) when it is loaded
+            t = None
+        if t is None:
+            jobs.append((path, name, "config"))
+            continue
+        if in_channels != 1:
+            raise ConfigError(
+                f"--frame=all makes each frame of {path} a 1-channel volume, but this "
+                f"checkpoint's model takes {in_channels} channels; drop --frame to read "
+                f"{in_channels}-frame files as {in_channels} channels.")
+        jobs += [(path, f"{name}_t{k:04d}", k) for k in range(t)]
+    seen = {}
+    for path, name, _ in jobs:
+        if name in seen and seen[name] != path:
+            raise OutputDirError(
+                f"Two inputs would write the same output name {name!r}: {seen[name]} and "
+                f"{path}. Rename one of them or run them into different --output directories.")
+        seen[name] = path
+    return jobs
+
+
+def with_skip_hint(err: Exception) -> Exception:
+    """A data error of one input, with the hint that --skip_bad_files skips such files
+    (unless its message gives it already)."""
+    if "--skip_bad_files" in str(err):
+        return err
+    from ldm_jax.data import DataError
+    return DataError(f"{err} (--skip_bad_files skips unreadable files and counts them.)")
+
+
 def model_kwargs(fv) -> dict:
     """load_autoencoder keyword arguments from the model flags."""
     return dict(step=fv.step, config=fv.config, window=fv.window, overlap=fv.overlap,
-                windows_per_batch=fv.windows_per_batch, dtype=fv.dtype)
+                windows_per_batch=fv.windows_per_batch or None, dtype=fv.dtype,
+                memory_budget=None if fv.memory_gb is None else fv.memory_gb * 2**30)
 
 
 def user_errors() -> tuple:
@@ -208,6 +301,19 @@ def _parse(fv, argv, config, config_default):
         raise ConfigError(str(e).strip().splitlines()[-1]) from e
 
 
+def command_options(prog: str, fv: flags.FlagValues, config_overrides: bool = False
+                    ) -> options.Command:
+    """The `ldm_jax.options.Command` of a command with flags `fv`: errors raised inside
+    suggest these flags for the config fields they stand for, and nothing else.
+    `config_overrides`: the command takes `--config.<field>=value` for any field."""
+    fields = {field: f"--{name}" for name, fs in FLAG_FIELDS.items() if name in fv
+              for field in fs}
+    choices = {field: FLAG_CHOICES[name] for name, fs in FLAG_FIELDS.items()
+               if name in fv and name in FLAG_CHOICES for field in fs}
+    return options.Command(prog, flags=fields, config_overrides=config_overrides,
+                           choices=choices)
+
+
 def run(prog: str, doc: str, define: Callable, body: Callable, argv=None,
         required=(), config: str | None = None, config_default: str | None = None,
         log_level: str = "warning") -> int:
@@ -217,7 +323,9 @@ def run(prog: str, doc: str, define: Callable, body: Callable, argv=None,
     `config` is None (no --config flag), "required" or "optional" (with `config_default`).
     `body` returns None (0) or an exit code. User errors (see `user_errors`) print one
     `error:` line and give 2; `--verbosity=1` adds the traceback. `log_level` is absl's
-    level unless --verbosity is given ("error" hides orbax's read-only warnings).
+    level unless --verbosity is given (orbax's expected warnings are filtered anyway:
+    `ldm_jax.checkpoint`). Messages raised inside `body` suggest only this command's
+    flags (`command_options`, `ldm_jax.options`).
     """
     argv = _normalise(list(sys.argv if argv is None else argv))
     fv = flags.FlagValues()
@@ -251,7 +359,8 @@ def run(prog: str, doc: str, define: Callable, body: Callable, argv=None,
         if config is None and "config" in fv and fv["config"].value:
             check_config_file(fv["config"].value)  # a plain path flag (extract, ...)
         _setup_logging(fv, log_level)
-        code = body(fv)
+        with options.command(command_options(prog, fv, config_overrides=bool(config))):
+            code = body(fv)
     except user_errors() as e:
         if verbose:
             traceback.print_exc()

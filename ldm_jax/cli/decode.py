@@ -64,6 +64,15 @@ def _affine(entry, lat_affine, factor, name, meta, log):
     return np.eye(4)
 
 
+def _codes(entry, path):
+    """The input's (sform_code, qform_code): from latents.json, else from the latent
+    NIfTI's header (extract writes the input's codes there), else None (no header)."""
+    if entry.get("sform_code") is not None:
+        return int(entry["sform_code"]), int(entry.get("qform_code") or 0)
+    from ldm_jax.data import io as data_io
+    return data_io.nifti_codes(path)
+
+
 def _prefer_npy(files):
     """extract --format both writes NAME.npy and NAME.nii.gz: decode each latent once."""
     npy = {vf.stem(p) for p in files if p.endswith(".npy")}
@@ -72,8 +81,9 @@ def _prefer_npy(files):
 
 def decode(workdir, input, output, *, step="best", format="nifti", unscale=False,
            scale_factor=None, latents_json=None, crop=True, denormalize=False, overwrite=False,
-           skip_bad_files=False, config=None, window="training", overlap=0.5,
-           windows_per_batch=1, dtype=None, progress=True, log=None) -> list:
+           skip_bad_files=False, config=None, window="auto", overlap=0.5,
+           windows_per_batch=None, memory_budget=None, dtype=None,
+           progress=True, log=None) -> list:
     """Decodes every latent of `input` into `output`; returns the written paths."""
     from tqdm import tqdm
 
@@ -86,7 +96,8 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
     files = _prefer_npy(data_lib.list_volume_files(input, option="--input"))  # inputs first
     names = vf.output_names(files)
     ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
-                                    overlap=overlap, windows_per_batch=windows_per_batch)
+                                    overlap=overlap, windows_per_batch=windows_per_batch,
+                                    memory_budget=memory_budget)
     out_dir = vf.prepare_output_dir(output, files)
     meta = _load_meta(latents_json, files, log)
     if meta is not None:
@@ -125,6 +136,10 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
         entry = entries.get(name, {})
         shape = entry.get("input_shape") if crop else None
         affine = _affine(entry, lat_affine, ae.factor, name, meta, log)
+        codes = _codes(entry, path)
+        lay = ae.layout([n * f for n, f in zip(z.shape[:3], ae.factor)], op="decode")
+        if lay.window is not None:
+            log(f"{name}: {lay.describe()}")
         try:
             vol = ae.decode_volume(z, shape=shape)
         except ValueError as e:
@@ -132,7 +147,7 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
         if denormalize:
             vol = inference.denormalize(vol, ae.config.data)
         for f in missing:
-            written.append(vf.save(os.path.join(out_dir, name), f, vol, affine))
+            written.append(vf.save(os.path.join(out_dir, name), f, vol, affine, codes))
     log(f"Decoded {len(files) - n_skipped - len(bad)} latent(s) into {out_dir}; skipped "
         f"{n_skipped} existing and {len(bad)} unreadable.")
     return written
@@ -169,7 +184,7 @@ def _body(fv):
 def main(argv=None) -> int:
     from ldm_jax import cli
     return cli.run("ldm_jax.decode", __doc__, _define, _body, argv,
-                   required=("workdir", "input", "output"), log_level="error")
+                   required=("workdir", "input", "output"))
 
 
 if __name__ == "__main__":

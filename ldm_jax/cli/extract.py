@@ -105,45 +105,60 @@ def _previous(out_dir, meta, overwrite, log):
     ck, pk = meta["checkpoint"], prev.get("checkpoint", {})
     same = (pk.get("config_hash") == ck["config_hash"] and pk.get("step") == ck["step"]
             and prev.get("encoding", {}).get("mode") == meta["encoding"]["mode"]
-            and prev.get("encoding", {}).get("seed") == meta["encoding"]["seed"])
+            and prev.get("encoding", {}).get("seed") == meta["encoding"]["seed"]
+            and prev.get("encoding", {}).get("frame") == meta["encoding"]["frame"])
     if not same and not overwrite:
         from ldm_jax.config import ConfigError
         raise ConfigError(
             f"{out_dir} holds latents from another model or encoding (step "
             f"{pk.get('step')}, config hash {pk.get('config_hash')}, mode "
-            f"{prev.get('encoding', {}).get('mode')}) than this run (step {ck['step']}, "
-            f"hash {ck['config_hash']}, mode {meta['encoding']['mode']}). Mixing them would "
+            f"{prev.get('encoding', {}).get('mode')}, frame "
+            f"{prev.get('encoding', {}).get('frame')}) than this run (step {ck['step']}, "
+            f"hash {ck['config_hash']}, mode {meta['encoding']['mode']}, frame "
+            f"{meta['encoding']['frame']}). Mixing them would "
             "corrupt the statistics; use a new --output, or --overwrite to re-encode all.")
     return prev.get("files", {}) if same else {}
 
 
 def extract(workdir, input, output, *, step="best", format="npy", sample=False, seed=0,
-            overwrite=False, skip_bad_files=False, config=None, window="training",
-            overlap=0.5, windows_per_batch=1, dtype=None, progress=True, log=None) -> dict:
-    """Encodes every volume of `input` into `output`; returns the latents.json content."""
+            overwrite=False, skip_bad_files=False, frame=None, config=None, window="auto",
+            overlap=0.5, windows_per_batch=None, memory_budget=None, dtype=None,
+            progress=True, log=None) -> dict:
+    """Encodes every volume of `input` into `output`; returns the latents.json content.
+
+    `frame` (4D inputs): None (the checkpoint's data.frame), K, "all" (each frame its own
+    latent, NAME_t0000 ...) or "none" (all frames as channels); see `cli.volume_jobs`.
+    """
     from tqdm import tqdm
 
+    from ldm_jax import cli
     from ldm_jax import data as data_lib
     from ldm_jax.autoencoder.inference import (PREPROCESS_FIELDS, ChannelMismatchError, latent_affine,
                                    load_autoencoder)
+    from ldm_jax.data import io as data_io
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
+    frame = cli.parse_frame(frame)
     files = data_lib.list_volume_files(input, option="--input")  # before loading anything
-    names = vf.output_names(files)
     ae = load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
-                          overlap=overlap, windows_per_batch=windows_per_batch)
+                          overlap=overlap, windows_per_batch=windows_per_batch,
+                          memory_budget=memory_budget)
+    jobs = cli.volume_jobs(files, vf.output_names(files), frame, ae.in_channels)
     out_dir = vf.prepare_output_dir(output, files)
     log(f"Checkpoint step {ae.step} of {ae.workdir} (model hash {ae.config_hash}); total factor "
         f"{ae.factor}, {ae.latent_channels} latent channels; window "
-        f"{ae.window or 'whole volume'}, overlap {ae.overlap}; {len(files)} input file(s).")
+        f"{ae.describe_window()}, overlap {ae.overlap}; {len(files)} input file(s)"
+        + (f", {len(jobs)} volume(s)." if len(jobs) != len(files) else "."))
     meta = {
         "checkpoint": {"workdir": ae.workdir, "step": ae.step, "config_hash": ae.config_hash},
         "model": {"total_factor": list(ae.factor), "latent_channels": ae.latent_channels,
                   "in_channels": ae.in_channels, "dtype": str(ae.model.dtype)},
         "preprocessing": {k: ae.config.data.get(k) for k in PREPROCESS_FIELDS},
         "encoding": {"mode": "sample" if sample else "mu", "seed": int(seed) if sample else None,
-                     "window": list(ae.window) if ae.window else "whole",
+                     "frame": frame,
+                     "window": (ae.window if isinstance(ae.window, str) else
+                                list(ae.window) if ae.window else "whole"),
                      "overlap": ae.overlap, "formats": fmts},
     }
     previous = _previous(out_dir, meta, overwrite, log)
@@ -152,24 +167,28 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
     stats, entries, bad = LatentStats(), {}, []
     n_encoded, n_reused, done_at = 0, 0, []
     last_save = t_start = time.perf_counter()
-    plan = []  # (path, name, targets, formats to write, earlier entry)
-    for path, name in zip(files, names):
+    plan = []  # (path, name, frame, targets, formats to write, earlier entry)
+    for path, name, pick in jobs:
         targets = {f: os.path.join(out_dir, name + vf.SUFFIXES[f]) for f in fmts}
         missing = [f for f in fmts if overwrite or not os.path.exists(targets[f])]
-        plan.append((path, name, targets, missing, previous.get(name)))
-    needs_load = [bool(m) or e is None for _, _, _, m, e in plan]
+        plan.append((path, name, pick, targets, missing, previous.get(name)))
+    needs_load = [bool(m) or e is None for *_, m, e in plan]
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     loads = {}
 
     def prefetch(i):  # read + preprocess the next volume while this one is encoded
         if i < len(plan) and needs_load[i] and i not in loads:
-            loads[i] = pool.submit(data_lib.load_volume, plan[i][0], ae.config)
+            loads[i] = pool.submit(_load, plan[i][0], plan[i][2])
+
+    def _load(path, pick):  # the volume, its affine and its header's (sform, qform) codes
+        vol, affine = data_lib.load_volume(path, ae.config, pick)
+        return vol, affine, data_io.nifti_codes(path)
 
     bar = tqdm(range(len(plan)), desc="extract", unit="vol", disable=not progress,
                file=sys.stdout, dynamic_ncols=True)
     try:
         for i in bar:
-            path, name, targets, missing, entry = plan[i]
+            path, name, pick, targets, missing, entry = plan[i]
             if not needs_load[i]:
                 z, _ = vf.read_latent(targets["npy" if "npy" in fmts else "nifti"])
                 if z.shape[-1] != ae.latent_channels:
@@ -183,14 +202,12 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
             prefetch(i)
             prefetch(i + 1)
             try:
-                vol, affine = loads.pop(i).result()
+                vol, affine, codes = loads.pop(i).result()
             except data_lib.VolumeShapeError as e:  # a layout the model cannot take
-                raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
-                                           f"{ae.in_channels}) volumes.") from None
+                raise ChannelMismatchError(str(e)) from None  # it says what the model takes
             except data_lib.DataError as e:
                 if not skip_bad_files:
-                    raise data_lib.DataError(f"{e}\n(--skip_bad_files skips unreadable files "
-                                             "and counts them.)") from None
+                    raise cli.with_skip_hint(e) from None
                 bad.append({"input": os.path.abspath(path), "reason": str(e)})
                 log(f"skipped {path}: {e}")
                 continue
@@ -208,18 +225,21 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
                     raise type(e)(f"{path}: {e}") from None
                 lat_affine = latent_affine(affine, ae.factor)
                 for f in missing:
-                    vf.save(os.path.join(out_dir, name), f, z, lat_affine)
+                    vf.save(os.path.join(out_dir, name), f, z, lat_affine, codes)
                 n_encoded += 1
                 done_at.append(time.perf_counter())
             stats.update(z)
             entries[name] = {
                 "input": os.path.abspath(path),
+                "frame": pick if isinstance(pick, int) else None,
                 "input_shape": list(lay.shape),
                 "padded_shape": list(lay.padded),
                 "latent_shape": list(z.shape),
                 "windows": lay.num_windows,
                 "affine": np.asarray(affine, float).round(9).tolist(),
                 "latent_affine": latent_affine(affine, ae.factor).round(9).tolist(),
+                "sform_code": None if codes is None else codes[0],
+                "qform_code": None if codes is None else codes[1],
                 "outputs": [os.path.basename(t) for t in targets.values()],
             }
             if time.perf_counter() - last_save > _SAVE_EVERY_S:  # resumable record
@@ -257,6 +277,7 @@ def _define(fv):
     cli.define_model_flags(fv)
     cli.define_io_flags(fv, "Volumes: a directory, a glob (quote it) or one file "
                         "(.nii, .nii.gz, .npy).")
+    cli.define_frame_flag(fv)
     flags.DEFINE_enum("format", "npy", ["npy", "nifti", "both"], "Latent file format.",
                       flag_values=fv)
     flags.DEFINE_bool("sample", False, "Draw mu + sigma * eps instead of mu.", flag_values=fv)
@@ -267,14 +288,15 @@ def _define(fv):
 def _body(fv):
     from ldm_jax import cli
     extract(fv.workdir, fv.input, fv.output, format=fv.format, sample=fv.sample, seed=fv.seed,
-            overwrite=fv.overwrite, skip_bad_files=fv.skip_bad_files, progress=fv.progress,
+            overwrite=fv.overwrite, skip_bad_files=fv.skip_bad_files, frame=fv.frame,
+            progress=fv.progress,
             **cli.model_kwargs(fv))
 
 
 def main(argv=None) -> int:
     from ldm_jax import cli
     return cli.run("ldm_jax.extract", __doc__, _define, _body, argv,
-                   required=("workdir", "input", "output"), log_level="error")
+                   required=("workdir", "input", "output"))
 
 
 if __name__ == "__main__":

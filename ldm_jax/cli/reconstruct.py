@@ -43,24 +43,33 @@ def _scores(x, r, data_range):
 
 
 def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_bad_files=False,
-                denormalize=False, config=None, window="training", overlap=0.5,
-                windows_per_batch=1, dtype=None, progress=True, log=None) -> dict:
-    """Reconstructs every volume of `input` into `output`; returns the metrics.json content."""
+                denormalize=False, frame=None, config=None, window="auto", overlap=0.5,
+                windows_per_batch=None, memory_budget=None, dtype=None,
+                progress=True, log=None) -> dict:
+    """Reconstructs every volume of `input` into `output`; returns the metrics.json content.
+
+    `frame` (4D inputs): None (the checkpoint's data.frame), K, "all" (each frame its own
+    reconstruction, NAME_t0000 ...) or "none"; see `cli.volume_jobs`.
+    """
     from tqdm import tqdm
 
+    from ldm_jax import cli
     from ldm_jax import data as data_lib
     from ldm_jax import visualize
     from ldm_jax.autoencoder import inference
     from ldm_jax.autoencoder.inference import ChannelMismatchError
-
-    log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     from ldm_jax.data import io as data_io
     from ldm_jax.data import pointcloud as pc
+
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
+    frame = cli.parse_frame(frame)
     # Checked before loading anything: the input exists and holds volumes or clouds.
     data_lib.list_volume_files(input, data_io.ALL_PATTERNS + pc.LIST_PATTERNS, option="--input")
     ae = inference.load_autoencoder(workdir, step, dtype=dtype, config=config, window=window,
-                                    overlap=overlap, windows_per_batch=windows_per_batch)
+                                    overlap=overlap, windows_per_batch=windows_per_batch,
+                                    memory_budget=memory_budget)
     files, names = pc.list_inputs(input, ae.config)  # volume files and point clouds
+    jobs = cli.volume_jobs(files, names, frame, ae.in_channels)
     out_dir = vf.prepare_output_dir(output, [pc.entry_path(f) for f in files])
     d = ae.config.data
     data_range = (float(d.b_min), float(d.b_max))
@@ -78,21 +87,20 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
         except (OSError, ValueError):
             rows = {}
     bad, n_done, n_skipped = [], 0, 0
-    for path, name in tqdm(list(zip(files, names)), desc="reconstruct", unit="vol",
-                           disable=not progress, file=sys.stdout, dynamic_ncols=True):
+    for path, name, pick in tqdm(jobs, desc="reconstruct", unit="vol",
+                                 disable=not progress, file=sys.stdout, dynamic_ncols=True):
         target = os.path.join(out_dir, name + ".nii.gz")
         if os.path.exists(target) and not overwrite:
             n_skipped += 1
             continue
         try:
-            vol, affine = pc.load_input(path, ae.config)
+            vol, affine = pc.load_input(path, ae.config, pick)
+            codes = None if pc.is_cloud(path) else data_io.nifti_codes(path)
         except data_lib.VolumeShapeError as e:  # a layout the model cannot take: not skipped
-            raise ChannelMismatchError(f"{e}\nThis checkpoint's model takes (X, Y, Z, "
-                                       f"{ae.in_channels}) volumes.") from None
+            raise ChannelMismatchError(str(e)) from None  # it says what the model takes
         except data_lib.DataError as e:
             if not skip_bad_files:
-                raise data_lib.DataError(f"{e}\n(--skip_bad_files skips unreadable files and "
-                                         "counts them.)") from None
+                raise cli.with_skip_hint(e) from None
             bad.append({"input": os.path.abspath(str(path)), "reason": str(e)})
             log(f"skipped {path}: {e}")
             continue
@@ -105,12 +113,15 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
         except ValueError as e:
             raise type(e)(f"{path}: {e}") from None
         row = {"input": os.path.abspath(str(path)), "shape": list(vol.shape)}
+        if isinstance(pick, int) and not pc.is_cloud(path):
+            row["frame"] = pick
         if recon.shape == vol.shape:
             row.update(_scores(vol, recon, data_range[1] - data_range[0]))
             if pc.is_cloud(path):  # Chamfer / EMD of the points sampled back (NAME_points.csv)
                 row.update(pc.round_trip_scores(path, vol, recon, affine, ae.config, points_path=
                                                 os.path.join(out_dir, name + "_points.csv")))
-        vf.save_nifti(target, inference.denormalize(recon, d) if denormalize else recon, affine)
+        vf.save_nifti(target, inference.denormalize(recon, d) if denormalize else recon, affine,
+                      codes)
         visualize.comparison_image([vol], [recon], [name], data_range).save(
             os.path.join(out_dir, name + ".png"))
         rows[name] = row
@@ -152,6 +163,7 @@ def _define(fv):
     from ldm_jax import cli
     cli.define_model_flags(fv)
     cli.define_io_flags(fv, "Volumes: a directory, a glob (quote it) or one file.")
+    cli.define_frame_flag(fv)
     flags.DEFINE_bool("denormalize", False, "Write reconstructions in the input's intensity "
                       "range (undo the a_min..a_max -> b_min..b_max window).", flag_values=fv)
 
@@ -159,14 +171,14 @@ def _define(fv):
 def _body(fv):
     from ldm_jax import cli
     reconstruct(fv.workdir, fv.input, fv.output, overwrite=fv.overwrite,
-                skip_bad_files=fv.skip_bad_files, denormalize=fv.denormalize,
+                skip_bad_files=fv.skip_bad_files, denormalize=fv.denormalize, frame=fv.frame,
                 progress=fv.progress, **cli.model_kwargs(fv))
 
 
 def main(argv=None) -> int:
     from ldm_jax import cli
     return cli.run("ldm_jax.reconstruct", __doc__, _define, _body, argv,
-                   required=("workdir", "input", "output"), log_level="error")
+                   required=("workdir", "input", "output"))
 
 
 if __name__ == "__main__":

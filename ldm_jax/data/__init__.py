@@ -7,7 +7,8 @@ Public API (used by the trainer and latent extraction):
   list_volume_files(dir_or_glob) -> sorted paths
   describe(config) -> one line naming the source and where it reads from
   data_problems(data_cfg) -> config problems of the data section (config.validate asks)
-Batches are {"image": float32 (batch, X, Y, Z, C)}.
+Training batches are {"image": float32 (batch, X, Y, Z, C), "name": str (batch,)}; evaluation
+batches {"image"}.
 """
 
 from ldm_jax.data.errors import (

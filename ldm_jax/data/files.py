@@ -107,27 +107,62 @@ def save_npy(path: str, arr) -> None:
     atomic_write(path, write)
 
 
-def save_nifti(path: str, arr, affine) -> None:
-    """float32 NIfTI; (X, Y, Z, 1) is written as 3D, more channels as a 4th axis."""
+def qform_holds(affine, tol: float = 1e-4) -> bool:
+    """Whether a NIfTI qform can hold the 4x4 `affine` exactly: a rotation, voxel sizes,
+    one flip and a shift, but no shear (nibabel's `set_qform` would strip the shear
+    silently). `tol` is relative to the largest voxel size."""
+    import nibabel as nib
+
+    affine = np.asarray(affine, np.float64)
+    header = nib.Nifti1Header()
+    try:
+        header.set_qform(affine, code=1)
+    except Exception:  # singular or otherwise not a qform
+        return False
+    scale = max(1.0, float(np.linalg.norm(affine[:3, :3], axis=0).max()))
+    return bool(np.allclose(header.get_qform(), affine, rtol=0, atol=tol * scale))
+
+
+def save_nifti(path: str, arr, affine, codes=None) -> None:
+    """float32 NIfTI; (X, Y, Z, 1) is written as 3D, more channels as a 4th axis.
+
+    `codes` are the (sform_code, qform_code) of the volume the output came from
+    (`ldm_jax.data.io.nifti_codes`), kept as they were: the sform holds `affine` with the
+    source's sform code; the qform holds it with the source's qform code only where a
+    qform can represent it exactly (`qform_holds`: no shear), else qform_code 0. If that
+    leaves no code at all, the sform takes the qform's code, so `affine` is never lost.
+    `codes=None` (a source without a header: .npy, generated samples) writes both as 1
+    (scanner), the qform again only where it holds `affine`.
+    """
     import nibabel as nib
 
     arr = np.asarray(arr, np.float32)
     if arr.ndim == 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    img = nib.Nifti1Image(arr, np.asarray(affine, np.float64))
+    affine = np.asarray(affine, np.float64)
+    sform_code, qform_code = (1, 1) if codes is None else (int(codes[0]), int(codes[1]))
+    exact = qform_holds(affine)
+    if not exact:
+        if sform_code == 0:
+            sform_code = qform_code
+        qform_code = 0
+    img = nib.Nifti1Image(arr, affine)
     img.header.set_data_dtype(np.float32)
-    img.set_qform(np.asarray(affine, np.float64), code=1)
-    img.set_sform(np.asarray(affine, np.float64), code=1)
+    img.set_sform(affine, code=sform_code)
+    if exact:
+        img.set_qform(affine, code=qform_code)
+    else:
+        img.set_qform(None, code=0)
     atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
-def save(path_stem: str, fmt: str, arr, affine) -> str:
-    """Writes `path_stem` + suffix of `fmt`; returns the path."""
+def save(path_stem: str, fmt: str, arr, affine, codes=None) -> str:
+    """Writes `path_stem` + suffix of `fmt`; returns the path. `codes`: see `save_nifti`."""
     path = path_stem + SUFFIXES[fmt]
     if fmt == "npy":
         save_npy(path, arr)
     else:
-        save_nifti(path, arr, affine)
+        save_nifti(path, arr, affine, codes)
     return path
 
 

@@ -14,19 +14,32 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ldm_jax import options
 from ldm_jax.data.errors import BadFileError, NoFilesError, VolumeShapeError
 
 NIFTI_PATTERNS = ("*.nii", "*.nii.gz")
 NPY_PATTERNS = ("*.npy",)
 ALL_PATTERNS = NIFTI_PATTERNS + NPY_PATTERNS
 
-_SKIP_HINT = "or set data.skip_bad_files=True to skip unreadable files with a warning"
+
+def _skip_hint() -> str:
+    """", or <how to skip unreadable files>" in the running command's spelling ("" if it
+    cannot skip them)."""
+    fix = options.setting("data.skip_bad_files", True)
+    return f", or {fix} to skip unreadable files" if fix else ""
 
 
 def skipped_reason(err: Exception) -> str:
-    """An error's message for a warning about skipping the file: without the hint to set
-    data.skip_bad_files=True, which is already set when a file is skipped."""
-    return str(err).replace(f", {_SKIP_HINT}", "")  # every BadFileError ends ", <hint>."
+    """An error's message for a warning about skipping the file: without the hint to skip
+    unreadable files, which is already in effect when a file is skipped."""
+    hint = _skip_hint()
+    return str(err).replace(hint, "") if hint else str(err)
+
+
+def _input_setting(field: str = "data.train_dir") -> str:
+    """How the running command takes a directory of volumes ("--input=DIR",
+    "--config.data.train_dir=DIR", "data.train_dir=DIR")."""
+    return options.setting(field, "DIR") or field
 
 
 def _is_glob(path: str) -> bool:
@@ -35,13 +48,15 @@ def _is_glob(path: str) -> bool:
 
 def list_volume_files(
     dir_or_glob: str, patterns: Optional[Sequence[str]] = None, recursive: bool = False,
-    option: Optional[str] = None,
+    option: Optional[str] = None, field: str = "data.train_dir",
 ) -> list:
     """Sorted volume paths in a directory (matching `patterns`), a glob, or a single file.
 
     Sorting makes the file order (and hence shards and splits) identical on every host.
     `option` names the command-line flag the path came from (e.g. "--input") for the
-    NoFilesError messages; None: the path is data.train_dir / data.val_dir.
+    NoFilesError messages; otherwise `field` is the setting it came from (data.train_dir /
+    data.val_dir), named in errors in the running command's spelling (`ldm_jax.options`).
+    Raises NoFilesError.
     """
     patterns = tuple(patterns or ALL_PATTERNS)
     path = os.path.expanduser(str(dir_or_glob))
@@ -51,9 +66,9 @@ def list_volume_files(
             raise NoFilesError(
                 f"No files match the glob {path!r}"
                 + (f" given as {option}" if option else "")
-                + ". Check the pattern (quote it in the shell so it is not expanded) or "
-                + (f"pass a directory as {option}." if option else
-                   "point data.train_dir at a directory.")
+                + ". Check the pattern (quote it in the shell so it is not expanded), or "
+                + (f"pass a directory: {option}=DIR." if option else
+                   f"give a directory: {_input_setting(field)}.")
             )
         return found
     if os.path.isfile(path):
@@ -61,13 +76,14 @@ def list_volume_files(
     if not os.path.isdir(path):
         if option:
             raise NoFilesError(
-                f"{option} {path!r} does not exist; pass a directory, a quoted glob or one "
-                f"file of volumes ({', '.join(patterns)})."
+                f"{option} {path!r} does not exist; pass a directory ({option}=DIR), a "
+                f"quoted glob or one file of volumes ({', '.join(patterns)})."
             )
+        synthetic = options.setting("data.source", "synthetic_filaments")
         raise NoFilesError(
-            f"Data directory {path!r} does not exist. Set data.train_dir / data.val_dir to a "
-            f"directory of volumes ({', '.join(patterns)}), or use data.source="
-            f"'synthetic_filaments' to train without a dataset."
+            f"Data directory {path!r} does not exist. Give a directory of volumes "
+            f"({', '.join(patterns)}): {_input_setting(field)}"
+            + (f", or set {synthetic} to train without a dataset." if synthetic else ".")
         )
     found = set()
     for pattern in patterns:
@@ -75,13 +91,18 @@ def list_volume_files(
         found.update(p for p in glob.glob(pat, recursive=recursive) if os.path.isfile(p))
     if not found:
         where = "in or below" if recursive else "directly in"
-        hint = "" if recursive or option else " (set data.recursive=True to search subdirectories)"
-        check = ("" if option else " Check data.source matches the file type ('nifti' for "
-                 ".nii/.nii.gz, 'npy' for .npy).")
+        if option:
+            raise NoFilesError(
+                f"No volume files {where} {path!r} ({option}): tried patterns "
+                f"{list(patterns)}."
+            )
+        deeper = None if recursive else options.setting("data.recursive", True)
+        hint = f" (set {deeper} to search subdirectories)" if deeper else ""
+        nifti, npy = options.setting("data.source", "nifti"), options.setting("data.source", "npy")
         raise NoFilesError(
-            f"No volume files {where} {path!r}"
-            + (f" ({option})" if option else "")
-            + f": tried patterns {list(patterns)}{hint}.{check}"
+            f"No volume files {where} {path!r}: tried patterns {list(patterns)}{hint}."
+            + (f" Check that data.source matches the file type ({nifti} for .nii/.nii.gz, "
+               f"{npy} for .npy)." if nifti else "")
         )
     return sorted(found)
 
@@ -115,7 +136,7 @@ def read_header(path: str) -> VolumeInfo:
         except Exception as e:  # nibabel raises many types for corrupt files
             raise BadFileError(
                 f"{path}: cannot read the NIfTI header ({type(e).__name__}: {e}). Replace or "
-                f"re-export the file, remove it from the data directory, {_SKIP_HINT}."
+                f"re-export the file, or remove it from the data directory{_skip_hint()}."
             ) from e
         return VolumeInfo(path, shape, dtype, zooms, affine)
     if path.endswith(".npy"):
@@ -124,13 +145,28 @@ def read_header(path: str) -> VolumeInfo:
         except Exception as e:
             raise BadFileError(
                 f"{path}: cannot read as a .npy array ({type(e).__name__}: {e}). Save volumes "
-                f"with numpy.save(path, array) (a plain numeric array), {_SKIP_HINT}."
+                f"with numpy.save(path, array) (a plain numeric array){_skip_hint()}."
             ) from e
         return VolumeInfo(path, tuple(arr.shape), str(arr.dtype), None, np.eye(4))
     raise BadFileError(
         f"{path}: unsupported file type; expected .nii, .nii.gz or .npy. Convert it, or "
-        f"narrow data.train_dir to a glob that matches only volumes."
+        f"give a glob that matches only volumes{_skip_hint()}."
     )
+
+
+def nifti_codes(path: str) -> Optional[tuple[int, int]]:
+    """(sform_code, qform_code) of a NIfTI file's header; None for .npy (no header).
+    Raises BadFileError for an unreadable header."""
+    if not _is_nifti(str(path)):
+        return None
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        return int(header["sform_code"]), int(header["qform_code"])
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise BadFileError(f"{path}: cannot read the NIfTI header ({type(e).__name__}: {e})."
+                           ) from e
 
 
 def check_dtype(info: VolumeInfo) -> None:
@@ -141,12 +177,19 @@ def check_dtype(info: VolumeInfo) -> None:
     if dt.kind == "c":
         raise BadFileError(
             f"{info.path}: complex-valued voxels ({dt}). Save the magnitude (numpy.abs) as a "
-            f"real volume, {_SKIP_HINT}."
+            f"real volume{_skip_hint()}."
         )
     raise BadFileError(
         f"{info.path}: voxel type {dt} is not a plain number (RGB or structured NIfTI?). "
-        f"Convert it to a single-channel numeric volume, {_SKIP_HINT}."
+        f"Convert it to a single-channel numeric volume{_skip_hint()}."
     )
+
+
+def num_frames(info: VolumeInfo) -> Optional[int]:
+    """Frames (or channels) of a 4D volume: the one non-singleton axis after the three
+    spatial ones; None for a 3D volume (or one whose extra axes are all singletons)."""
+    extra = [s for s in info.shape[3:] if s != 1]
+    return extra[0] if len(extra) == 1 else None
 
 
 def channel_layout(info: VolumeInfo, frame: Optional[int], channels: int) -> Optional[int]:
@@ -154,7 +197,8 @@ def channel_layout(info: VolumeInfo, frame: Optional[int], channels: int) -> Opt
 
     3D volumes give one channel. 4D volumes (X, Y, Z, T) need either data.frame (one frame)
     or autoencoder.in_channels == T (all frames as channels). Singleton axes beyond the
-    third (NIfTI's (X, Y, Z, 1, C) layout) are ignored.
+    third (NIfTI's (X, Y, Z, 1, C) layout) are ignored. Fixes named in errors are those
+    the running command offers (`ldm_jax.options`).
     """
     shape = info.shape
     if len(shape) < 3:
@@ -168,33 +212,46 @@ def channel_layout(info: VolumeInfo, frame: Optional[int], channels: int) -> Opt
             f"{info.path}: shape {shape} has more than one non-singleton axis after the three "
             f"spatial ones; save it as (X, Y, Z) or (X, Y, Z, T)."
         )
+    one_channel = options.setting("autoencoder.in_channels", 1)
     if not extra:
         if channels != 1:
             raise VolumeShapeError(
-                f"{info.path}: 3D volume {shape} gives 1 channel but autoencoder.in_channels="
-                f"{channels}. Set autoencoder.in_channels=1 or save (X, Y, Z, {channels}) files."
+                f"{info.path}: 3D volume {shape} gives 1 channel but the model takes "
+                f"autoencoder.in_channels={channels}. Save (X, Y, Z, {channels}) files"
+                + (f", or set {one_channel}." if one_channel else ".")
             )
         return None
     t = extra[0]
+    pick = options.setting("data.frame", "K")
     if frame is not None:
         if not -t <= frame < t:
             raise VolumeShapeError(
-                f"{info.path}: data.frame={frame} is out of range for a 4D volume {shape} with "
-                f"{t} frames; choose 0..{t - 1}."
+                f"{info.path}: frame {frame} is out of range for a 4D volume {shape} with {t} "
+                f"frames; choose " + (f"{pick} with K in 0..{t - 1}." if pick else
+                                     f"0..{t - 1}.")
             )
         if channels != 1:
+            no_frame = options.choice("data.frame", "none") or options.setting("data.frame",
+                                                                                None)
+            fix = options.fixes(one_channel and f"set {one_channel}",
+                                no_frame and f"use all {t} frames as channels with {no_frame} "
+                                f"(then in_channels must be {t})")
             raise VolumeShapeError(
-                f"{info.path}: data.frame picks one frame (1 channel) but autoencoder."
-                f"in_channels={channels}. Set in_channels=1, or unset data.frame to use all "
-                f"{t} frames as channels (then in_channels must be {t})."
+                f"{info.path}: frame {frame} picks one frame (1 channel) but the model takes "
+                f"autoencoder.in_channels={channels}." + (f" To fix: {fix}." if fix else "")
             )
         return frame % t
     if channels == t:
         return None
+    each = options.choice("data.frame", "all")
+    as_channels = options.setting("autoencoder.in_channels", t)
+    fix = options.fixes(
+        pick and f"Pick one with {pick} (K in 0..{t - 1})",
+        each and f"{each} to treat each frame as its own volume",
+        as_channels and f"use all of them as channels with {as_channels}")
     raise VolumeShapeError(
-        f"{info.path}: 4D volume {shape} with {t} frames/channels. Pick one with "
-        f"--config.data.frame=K (K in 0..{t - 1}), or use all of them as channels with "
-        f"--config.autoencoder.in_channels={t}."
+        f"{info.path}: 4D volume {shape} with {t} frames/channels, but the model takes "
+        f"{channels} channel(s)." + (f" {fix}." if fix else "")
     )
 
 
@@ -217,7 +274,7 @@ def read_array(info: VolumeInfo, frame: Optional[int], channels: int) -> np.ndar
         raise BadFileError(
             f"{info.path}: the header is fine but the voxel data cannot be read "
             f"({type(e).__name__}: {e}); the file is probably truncated or corrupt. Replace it, "
-            f"{_SKIP_HINT}."
+            f"{_skip_hint()}."
         ) from e
     if arr.shape != info.shape and not (pick is not None and arr.shape == info.shape[:3]):
         raise BadFileError(f"{info.path}: read shape {arr.shape} != header shape {info.shape}.")

@@ -12,6 +12,7 @@ and works with orbax via `grain.checkpoint.CheckpointSave(it)` / `CheckpointRest
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -31,7 +32,8 @@ class DropBadFiles(gp.FilterTransform):
 
 
 class Augment(gp.RandomMapTransform):
-    """grain random map: random crop (or MNI152 affine crop), flips, rot90 -> {"image"}."""
+    """grain random map: random crop (or MNI152 affine crop), flips, rot90 -> {"image",
+    "name"} (the record's file or synthetic name, so a batch can be traced to its files)."""
 
     def __init__(self, prep: Prep):
         self.prep = prep
@@ -44,7 +46,8 @@ class Augment(gp.RandomMapTransform):
         else:
             vol = crop_or_pad(vol, p.volume_size, rng, p.background, element.get("name", "volume"))
         vol = flip_rot(vol, rng, p.flip_prob, p.rot90_prob)
-        return {"image": np.ascontiguousarray(vol, dtype=np.float32)}
+        return {"image": np.ascontiguousarray(vol, dtype=np.float32),
+                "name": np.asarray(str(element.get("name", "")))}
 
 
 def _mni_sample(template: np.ndarray, p: Prep, rng: np.random.Generator, bounds=None) -> np.ndarray:
@@ -126,7 +129,8 @@ class TrainLoader:
     """Infinite, per-epoch reshuffled, process-sharded training batches.
 
     `iter(loader)` returns a BatchIterator (grain's DataLoaderIterator yielding plain numpy)
-    of {"image": float32 (batch, X, Y, Z, C)}; it has get_state()/set_state() and works with
+    of {"image": float32 (batch, X, Y, Z, C), "name": str (batch,) file or synthetic
+    names}; it has get_state()/set_state() and works with
     `grain.python.PyGrainCheckpointSave(it)` / `PyGrainCheckpointRestore(it)` in an orbax
     Composite. A restored state must come from a loader with the same data, seed,
     process index/count and data.num_workers (grain checks this).
@@ -283,14 +287,18 @@ def make_eval_batches(config, *, batch_size: int) -> EvalBatches:
     return EvalBatches(source, prep, batch_size, int(config.data.get("seed", 0)))
 
 
-def load_volume(path: str, config):
+def load_volume(path: str, config, frame="config"):
     """One whole file -> ((X, Y, Z, C) float32, 4x4 affine of that grid), no cropping.
 
     Same deterministic preprocessing as validation (resampling, resize, window,
     inversion); the affine follows resampling so latents can be placed in scanner space.
-    Errors are raised even with data.skip_bad_files (the caller asked for this file).
+    `frame`: "config" (config.data.frame), a frame index of a 4D file, or None (all
+    frames as channels). Errors are raised even with data.skip_bad_files (the caller
+    asked for this file).
     """
     prep = Prep.from_config(config)
+    if not (isinstance(frame, str) and frame == "config"):
+        prep = dataclasses.replace(prep, frame=None if frame is None else int(frame))
     info = io.read_header(str(path))
     io.check_dtype(info)
     arr = io.read_array(info, prep.frame, prep.channels)
@@ -298,7 +306,8 @@ def load_volume(path: str, config):
 
 
 def list_volume_files(dir_or_glob: str, patterns=None, recursive: bool = False,
-                      option=None) -> list:
+                      option=None, field: str = "data.train_dir") -> list:
     """Sorted .nii/.nii.gz/.npy paths in a directory, a glob, or a single file; `option`
-    names the flag the path came from in errors (e.g. "--input")."""
-    return io.list_volume_files(dir_or_glob, patterns, recursive, option)
+    names the flag the path came from in errors (e.g. "--input"), else `field` the config
+    field (see `io.list_volume_files`)."""
+    return io.list_volume_files(dir_or_glob, patterns, recursive, option, field)

@@ -232,17 +232,18 @@ def entry_path(entry) -> str:
     return entry.path if is_cloud(entry) else str(entry)
 
 
-def load_input(entry, config):
+def load_input(entry, config, frame="config"):
     """((X, Y, Z, C) float32 model input, affine) of a volume file or a point cloud.
 
-    Clouds are voxelised with config.data.pointcloud_* and preprocessed like training
-    volumes; their affine is in micrometres (what ldm_jax writes into NIfTI files).
+    `frame` picks the frame of a 4D volume file (see `pipeline.load_volume`). Clouds are
+    voxelised with config.data.pointcloud_* and preprocessed like training volumes; their
+    affine is in micrometres (what ldm_jax writes into NIfTI files).
     """
     from ldm_jax.data.pipeline import load_volume
     from ldm_jax.data.transforms import Prep, preprocess
 
     if not is_cloud(entry):
-        return load_volume(entry, config)
+        return load_volume(entry, config, frame)
     spec = CloudSpec.from_config(config)
     vol, grid, _ = spec.voxelize(spec.read(entry), str(entry))
     out, _ = preprocess(vol[..., None], Prep.from_config(config), str(entry), resample=False)

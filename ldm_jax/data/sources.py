@@ -222,7 +222,7 @@ def split_files(config, prep: Prep) -> tuple:
     recursive = bool(d.get("recursive", False))
     train = io.list_volume_files(train_dir, _patterns(prep), recursive)
     if d.get("val_dir"):
-        val = io.list_volume_files(d.val_dir, _patterns(prep), recursive)
+        val = io.list_volume_files(d.val_dir, _patterns(prep), recursive, field="data.val_dir")
         overlap = sorted(set(train) & set(val))
         if overlap:
             warnings.warn(
@@ -298,6 +298,11 @@ def describe(config) -> str:
         return (f"Data: built-in synthetic filaments (data.source='synthetic_filaments'), "
                 f"{d.num_train_volumes} training and {d.num_val_volumes} validation volumes "
                 f"of {size} from data.seed={d.get('seed', 0)}.")
+    if prep.source == "synthetic_smlm":
+        return (f"Data: built-in synthetic SMLM-like localisations (data.source="
+                f"'synthetic_smlm'), {d.num_train_volumes} training and {d.num_val_volumes} "
+                f"validation clouds voxelised to {size} voxels of "
+                f"{d.get('pointcloud_voxel_size')} nm from data.seed={d.get('seed', 0)}.")
     if prep.source == "mni152":
         return (f"Data: the MNI152 T1 template shipped in nilearn ({prep.mni152_resolution} "
                 f"mm, data.source='mni152'), randomly rotated, zoomed and cropped to {size}: "

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ldm_jax import options
 from ldm_jax.data.errors import BadFileError, DataError, DataWarning, NonFiniteError
 
 # Names already warned about (per process), so each epoch does not repeat the warning.
@@ -37,10 +38,11 @@ def to_float32(arr: np.ndarray, name: str, nan_to_num: bool, a_min: float, a_max
         if not finite.all():
             bad = int(out.size - np.count_nonzero(finite))
             if not nan_to_num:
+                fix = options.setting("data.nan_to_num", True)
                 raise NonFiniteError(
                     f"{name}: {bad} voxel(s) are NaN or Inf (or beyond float32 range). Fix the "
-                    f"file, or set data.nan_to_num=True to replace NaN/-Inf by data.a_min and "
-                    f"+Inf by data.a_max."
+                    f"file" + (f", or set {fix} to replace NaN/-Inf by data.a_min and +Inf by "
+                               f"data.a_max." if fix else ".")
                 )
             warn_once(("nan", name), f"{name}: replaced {bad} NaN/Inf voxel(s) (data.nan_to_num=True).")
             out = np.nan_to_num(out, nan=a_min, posinf=a_max, neginf=a_min)
@@ -276,10 +278,11 @@ def preprocess(vol, prep: Prep, name: str, zooms=None, affine=None, resample: bo
         affine = np.eye(4)
     if resample and prep.spacing is not None:
         if zooms is None:
+            resize_to = options.setting("data.voxel_resize", "'(X,Y,Z)'")
             raise DataError(
                 f"{name}: data.spacing={prep.spacing} needs voxel sizes from a NIfTI header, "
-                f"but .npy files have none. Use data.voxel_resize=(X, Y, Z) instead, or save "
-                f"the volumes as NIfTI."
+                f"but .npy files have none. Save the volumes as NIfTI"
+                + (f", or resize them with {resize_to} instead." if resize_to else ".")
             )
         out, affine = resize(out, spacing_shape(out.shape, zooms, prep.spacing), affine)
     if resample and prep.voxel_resize is not None:

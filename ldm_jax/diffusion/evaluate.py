@@ -577,7 +577,8 @@ def _load_sets(samples, reference, config, max_volumes):
                                what="--reference")
         kind = "folder" + (" preprocessed with --config" if cfg is not None else "")
     if fake.shape[1:] != real.shape[1:]:
-        raise ValueError(
+        from ldm_jax.data import VolumeShapeError
+        raise VolumeShapeError(
             f"--samples volumes are {fake.shape[1:]} (X, Y, Z, C) but the reference volumes "
             f"are {real.shape[1:]}; both must have the same shape (evaluate against the "
             "config the model was trained with, whose validation volumes are cropped to "

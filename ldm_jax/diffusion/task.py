@@ -138,6 +138,16 @@ class DiffusionTask:
     best_metric = "val_loss"
     params_key = "ema_params"
     progress_keys = {"loss": "loss"}
+    loss_metric = "loss"  # watched by the trainer for absurd values
+    # What a resumed run must keep (trainer.resume_changes): the UNet and scheduler (the
+    # state's shapes, what the UNet predicts), the latents it learns (which autoencoder
+    # and step, where they come from, how they are encoded, their shape) and the
+    # conditioning (the class embeddings). Remat and the compute dtype do not change the
+    # state. latents.scale_factor is not fixed: it is recomputed when unset.
+    resume_fixed = ("unet", "scheduler", "latents.autoencoder_workdir",
+                    "latents.autoencoder_step", "latents.dir", "latents.encode",
+                    "latents.latent_shape", "conditioning")
+    resume_free = ("unet.remat", "unet.dtype")
 
     def __init__(self, config, autoencoder="load"):
         """`autoencoder`: "load" (from config.latents), an `Autoencoder`, or None for a
