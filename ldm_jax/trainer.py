@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from ldm_jax import checkpoint as ckpt
-from ldm_jax import sharding
+from ldm_jax import distributed, sharding
 
 
 class TrainingDivergedError(RuntimeError):
@@ -55,9 +55,9 @@ def abstract_train_state(task, mesh):
                         jax.eval_shape(task.init_state, rng))
 
 
-def init_train_state(task, mesh):
+def init_train_state(task, mesh, abstract=None):
     """(state, abstract state with shardings): the initial state, replicated on the mesh."""
-    abstract = abstract_train_state(task, mesh)
+    abstract = abstract_train_state(task, mesh) if abstract is None else abstract
     state_sh = jax.tree.map(lambda x: x.sharding, abstract)
     state = jax.jit(task.init_state, out_shardings=state_sh)(
         jax.random.PRNGKey(int(task.config.train.seed)))
@@ -67,6 +67,11 @@ def init_train_state(task, mesh):
 def put_batch(batch, mesh):
     """A host batch (dict of arrays, batch first) as global arrays on the mesh."""
     return {k: sharding.put_global_batch(np.asarray(v), mesh) for k, v in batch.items()}
+
+
+def put_eval_batch(batch, mesh):
+    """An evaluation batch, which every process holds whole, as global arrays."""
+    return {k: sharding.put_shared_batch(np.asarray(v), mesh) for k, v in batch.items()}
 
 
 class Writers:
@@ -129,10 +134,10 @@ def train(task, workdir, progress=True):
         f"{mesh.devices.size} of {len(jax.devices())} {jax.devices()[0].platform} "
         f"device(s), {jax.process_count()} process(es)")
 
-    state, abstract_state = init_train_state(task, mesh)
+    abstract_state = abstract_train_state(task, mesh)
     train_iter = iter(task.train_loader(global_batch // jax.process_count()))
     eval_batches = task.eval_batches(max(mesh.shape["data"], min(global_batch, 4)))
-    consts = task.step_consts()
+    consts = sharding.put_replicated(task.step_consts(), mesh)
 
     manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
                                 best_metric=task.best_metric)
@@ -143,8 +148,12 @@ def train(task, workdir, progress=True):
         state = ckpt.restore_train(manager, latest, abstract_state, train_iter)
         start = int(latest)
         say(f"Resuming from the checkpoint at step {start} in {manager.directory}")
+    else:  # a resumed run skips compiling the initialisation
+        state, _ = init_train_state(task, mesh, abstract_state)
 
     step_fn = compile_train_step(task, mesh, abstract_state)
+    if jax.process_count() > 1:  # gloo's first collective waits only 30 s for the others
+        step_fn = distributed.compile_then_sync(step_fn, "train_step_compiled")
     writers = Writers(workdir)
     num_steps = int(config.train.num_steps)
     bar = None
@@ -189,7 +198,7 @@ def train(task, workdir, progress=True):
             val = None
             if step % int(config.train.eval_every_steps) == 0 or step == num_steps:
                 image_path = os.path.join(workdir, "images", f"step_{step}.png")
-                val = task.evaluate(state, eval_batches, lambda b: put_batch(b, mesh),
+                val = task.evaluate(state, eval_batches, lambda b: put_eval_batch(b, mesh),
                                     image_path)
                 writers.write(step, val)
                 last_metrics.update(val)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from ldm_jax import config as config_lib
-from ldm_jax import metrics, visualize
+from ldm_jax import metrics, sharding, visualize
 from ldm_jax.autoencoder import losses
 from ldm_jax.models import build_autoencoder, build_discriminator
 from ldm_jax.optim import make_optimizer
@@ -120,7 +120,7 @@ class AutoencoderTask:
             count += 1
             if len(shown_x) < 4:
                 shown_x += list(batch["image"])
-                shown_r += list(np.asarray(jax.device_get(recon)))
+                shown_r += list(sharding.to_host(recon))  # all processes take part
         if count == 0:
             return {}
         if jax.process_index() == 0:

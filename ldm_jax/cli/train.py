@@ -41,8 +41,10 @@ def main(argv=None):
                                     lock_config=True)
     flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and images "
                         "go; an existing workdir is resumed, never cleared.")
-    flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one "
-                      "process per host, coordinator from the environment).")
+    flags.DEFINE_bool("multihost", False, "One process per host, joined by jax.distributed "
+                      "(see --coordinator_address; README 'Multi-host').")
+    from ldm_jax.cli import multihost
+    multihost.define_flags()
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
     FLAGS = flags.FLAGS
 
@@ -53,7 +55,14 @@ def main(argv=None):
             logging.set_verbosity(logging.WARNING)  # orbax/jax INFO lines drown the progress
         import jax
         if FLAGS.multihost:
-            jax.distributed.initialize()
+            try:
+                multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                     FLAGS.process_id, FLAGS.initialization_timeout)
+            except multihost.MultihostError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            if jax.process_index() != 0 and not FLAGS["verbosity"].present:
+                logging.set_verbosity(logging.ERROR)  # process 0 speaks for all
         if jax.default_backend() == "cpu":
             # XLA:CPU compiles partitionable threefry ~10x slower; on one CPU host nothing
             # is gained from it.
