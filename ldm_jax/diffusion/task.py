@@ -397,12 +397,7 @@ class DiffusionTask:
                                      labels) for t in self.eval_timesteps()]
                 return jnp.mean(jnp.stack(losses))
             self._eval_fn = jax.jit(fn)
-        latents = np.asarray(latents, np.float32)
-        where = getattr(jax.tree.leaves(params)[0], "sharding", None)
-        if where is not None:  # next to the params, also when they span several processes
-            from ldm_jax.sharding import put_whole
-            latents = put_whole(latents, where)
-        return float(self._eval_fn(params, latents))
+        return float(self._eval_fn(params, jnp.asarray(latents, jnp.float32)))
 
     def evaluate(self, state, batches, put, image_path):
         """val_loss (EMA params) and a sheet of `eval.num_samples` decoded samples drawn
