@@ -1,11 +1,13 @@
 """Multi-host for real: `train.py --multihost` as 2 processes x 2 CPU devices, joined by
 jax.distributed on 127.0.0.1 (gloo collectives), against 1 process x 4 devices.
 
-Stage 1 trains 2 steps, resumes for 2 more (the launch that `README.md` "Multi-host"
-shows), and must match 4 steps in one process: losses, validation metrics and final params
-(relative 1e-5), every global batch split into disjoint halves, one metrics.jsonl and one
-set of images (process 0's), a checkpoint that one process restores and extracts latents
-from. Stage 2 trains on those latents the same way. About 2-4 minutes on 2 CPU cores.
+Stage 1 trains 2 steps, then resumes for 2 more (coordinator given by flags, then by
+JAX_* variables), and must match 4 steps in one process: losses, validation metrics and
+final params (relative 1e-5), every global batch split into disjoint halves, one
+metrics.jsonl and one set of images (process 0's), a checkpoint that one process restores
+and extracts latents from. Stage 2 trains on those latents and resumes the same way.
+About 3 minutes of CPU time (two processes at a time); 6 minutes of wall time on 2 cores
+shared with ~10 other busy processes.
 """
 
 import itertools
@@ -179,27 +181,22 @@ def one_process(config, workdir, record_dir, monkeypatch):
     return train_and_evaluate(config, str(workdir), progress=False)
 
 
-@pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
+def check_stage1(tmp_path, monkeypatch):
     """Stage 1 on 2 processes: 2 steps (coordinator by flags), then resumed to 4 steps
-    (coordinator by JAX_* variables)."""
-    tmp = tmp_path_factory.mktemp("multihost")
-    wd, rec = str(tmp / "ae"), str(tmp / "ae_batches")
-    config = f"{CONFIG}:autoencoder,{rec}"
-    first = launch(wd, config, "--config.train.num_steps=2")
-    check_process_0_spoke(first, resumed=False)
-    second = launch(wd, config, via_env=True)
-    check_process_0_spoke(second, resumed=True)
-    return dict(tmp=tmp, workdir=wd, record=rec)
-
-
-def test_stage1_two_processes_match_one(stage1, tmp_path, monkeypatch):
+    (coordinator by JAX_* variables), against 4 steps in this process. Returns the
+    2-process workdir."""
+    from ldm_jax.cli.train import train_and_evaluate
+    from ldm_jax.config import ConfigError
     from tests.multihost_config import autoencoder_config
+
+    wd, rec = str(tmp_path / "ae"), str(tmp_path / "ae_batches")
+    config = f"{CONFIG}:autoencoder,{rec}"
+    check_process_0_spoke(launch(wd, config, "--config.train.num_steps=2"), resumed=False)
+    check_process_0_spoke(launch(wd, config, via_env=True), resumed=True)
 
     single = one_process(autoencoder_config(), tmp_path / "single", tmp_path / "rec",
                          monkeypatch)
-    wd = stage1["workdir"]
-    check_halves(stage1["record"], tmp_path / "rec", steps=4)
+    check_halves(rec, tmp_path / "rec", steps=4)
     multi = check_outputs(wd, "val_l1")
     assert_close_values(multi, check_outputs(tmp_path / "single", "val_l1"))
     events = os.listdir(os.path.join(wd, "tb"))
@@ -213,15 +210,16 @@ def test_stage1_two_processes_match_one(stage1, tmp_path, monkeypatch):
     manager.close()
 
     # Resuming it needs 2 processes again: one says so, before touching the workdir.
-    from ldm_jax.cli.train import train_and_evaluate
-    from ldm_jax.config import ConfigError
     config = autoencoder_config()
     config.mesh.data, config.train.num_steps = 4, 6
     with pytest.raises(ConfigError, match=r"saved by 2 process\(es\); this run has 1"):
         train_and_evaluate(config, wd, progress=False)
+    return wd
 
 
-def test_stage2_trains_and_resumes_on_two_processes(stage1, tmp_path):
+def check_stage2(tmp_path, ae):
+    """Latents extracted (in this process) from the 2-process stage-1 checkpoint `ae`,
+    then stage 2 on 2 processes: 2 steps, resumed to 4."""
     from ldm_jax.cli import extract as extract_cli
     from ldm_jax.cli.train import make_task
     from ldm_jax.data.filaments import render_filaments
@@ -232,7 +230,6 @@ def test_stage2_trains_and_resumes_on_two_processes(stage1, tmp_path):
     for i in range(6):
         v = render_filaments((16, 16, 8), seed=i, index=0, num_filaments=(3, 3))
         np.save(vols / f"v{i}.npy", v.astype(np.float32))
-    ae = stage1["workdir"]
     assert extract_cli.main(["x", f"--workdir={ae}", f"--input={vols}", f"--output={lat}",
                              "--step=latest", "--noprogress"]) == 0
 
@@ -255,6 +252,13 @@ def test_stage2_trains_and_resumes_on_two_processes(stage1, tmp_path):
     ema = ckpt.restore_state_item(manager, 4, "ema_params")  # in this one process
     manager.close()
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(ema))
+
+
+def test_two_processes_train_resume_and_match_one(tmp_path, monkeypatch):
+    # One test, not two sharing a fixture: under pytest -n 2 each worker would launch
+    # stage 1 again.
+    ae = check_stage1(tmp_path, monkeypatch)
+    check_stage2(tmp_path, ae)
 
 
 def _train_py(tmp_path, *flags, timeout_s=120):
