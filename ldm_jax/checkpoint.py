@@ -142,6 +142,7 @@ def restore_train(manager, step, abstract_state, data_iter=None):
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
         import grain
+        _check_process_count(manager, step)
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = manager.restore(step, args=ocp.args.Composite(**items))
     return out["state"]
@@ -150,8 +151,29 @@ def restore_train(manager, step, abstract_state, data_iter=None):
 def restore_data(manager, step, data_iter) -> None:
     """Sets `data_iter` (a grain iterator) to the position saved with `step`."""
     import grain
+    _check_process_count(manager, step)
     manager.restore(step, args=ocp.args.Composite(
         data=grain.checkpoint.CheckpointRestore(data_iter)))
+
+
+def _check_process_count(manager, step):
+    """Raises ConfigError unless this run has as many processes as the one that saved
+    `step` (grain keeps one data-iterator state per process: process_I-of-N.json)."""
+    import jax
+
+    from ldm_jax.config import ConfigError
+
+    path = ocp.step.find_step_path(manager.directory, ocp.step.standard_name_format(),
+                                   step=int(step)) / "data"
+    index, count = jax.process_index(), jax.process_count()
+    if not (path / f"process_{index}-of-{count}.json").exists():
+        saved = sorted({p.name.split("-of-")[-1].removesuffix(".json")
+                        for p in path.glob("process_*-of-*.json")})
+        raise ConfigError(
+            f"The checkpoint at step {step} in {manager.directory} was saved by "
+            f"{' or '.join(saved) or 'an unknown number of'} process(es); this run has "
+            f"{count}. The data-iterator state is kept per process: resume with the same "
+            "number of processes (--multihost), or start a new --workdir.")
 
 
 def restore_raw_state(manager, step):
@@ -177,7 +199,7 @@ def restore_state_item(manager, step, key):
         raise CheckpointNotFoundError(
             f"The state saved at step {step} in {manager.directory} has no {key!r} entry "
             f"(it has {', '.join(sorted(tree))}); it was not written by ldm-jax's trainer.")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                           tree[key])
     args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)

@@ -42,6 +42,11 @@ def make_mesh(mesh_cfg, devices=None):
     devices = jax.devices() if devices is None else list(devices)
     data, spatial = int(mesh_cfg.data), int(mesh_cfg.spatial)
     if data > 0 and spatial > 0 and data * spatial < len(devices):
+        if jax.process_count() > 1:
+            raise ConfigError(
+                f"mesh data={data} x spatial={spatial} uses {data * spatial} of the "
+                f"{len(devices)} devices of {jax.process_count()} processes; with several "
+                "processes the mesh must use them all. Set --config.mesh.data=-1.")
         devices = devices[: data * spatial]
     shape = mesh_shape(mesh_cfg, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
@@ -77,8 +82,39 @@ def check_batch_fits(mesh, global_batch, volume_size):
 
 
 def put_global_batch(array, mesh):
-    """Places a host-local batch on the mesh as one global array (multi-host aware)."""
+    """Places a host-local batch on the mesh as one global array (multi-host aware): with
+    several processes each one's rows, in process order, make up the global batch."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(array, sharding)
     return jax.make_array_from_process_local_data(sharding, array)
+
+
+def put_whole(array, sharding):
+    """`array`, which every process holds whole, as a global array with `sharding`."""
+    if jax.process_count() == 1:
+        return jax.device_put(array, sharding)
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def put_shared_batch(array, mesh):
+    """Places a batch that every process holds whole (evaluation batches are the same
+    everywhere) as one global array split over the mesh like a training batch."""
+    return put_whole(array, batch_sharding(mesh))
+
+
+def put_replicated(tree, mesh):
+    """Host (or single-device) arrays that every process holds alike, replicated on the
+    mesh: what a jitted step over a multi-process mesh takes."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: put_whole(x, sharding), tree)
+
+
+def to_host(array) -> np.ndarray:
+    """A jax array as one numpy array on this process, gathered from every process when
+    it is split over several (then every process must call this, in the same order)."""
+    if array.is_fully_addressable or array.is_fully_replicated:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

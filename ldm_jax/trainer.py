@@ -65,7 +65,7 @@ import jax
 import numpy as np
 
 from ldm_jax import checkpoint as ckpt
-from ldm_jax import options, sharding, stopping
+from ldm_jax import distributed, options, sharding, stopping
 
 LONG_RUN_HOURS = 2.0  # CPU runs estimated longer than this get the task's quick-run hint
 
@@ -256,6 +256,11 @@ def _json_value(v):
     """A metric as JSON: non-finite floats become null (JSON has no NaN or Infinity)."""
     v = float(v)
     return v if math.isfinite(v) else None
+
+
+def put_eval_batch(batch, mesh):
+    """An evaluation batch, which every process holds whole, as global arrays."""
+    return {k: sharding.put_shared_batch(np.asarray(v), mesh) for k, v in batch.items()}
 
 
 class Writers:
@@ -451,7 +456,10 @@ def train(task, workdir, progress=True):
         if note:
             say(note)
         step_fn = compile_train_step(task, mesh, abstract_state)
-        return _loop(task, mesh, state, step_fn, task.step_consts(), train_iter,
+        if jax.process_count() > 1:  # gloo's first collective waits only 30 s for the others
+            step_fn = distributed.compile_then_sync(step_fn, "train_step_compiled")
+        consts = sharding.put_replicated(task.step_consts(), mesh)
+        return _loop(task, mesh, state, step_fn, consts, train_iter,
                      eval_batches, manager, writers, workdir, start, progress)
     finally:
         if writers is not None:
@@ -523,8 +531,8 @@ def _loop(task, mesh, state, step_fn, consts, train_iter, eval_batches, manager,
                 val = None
                 if step % int(config.train.eval_every_steps) == 0 or step == num_steps:
                     image_path = os.path.join(workdir, "images", f"step_{step}.png")
-                    val = task.evaluate(state, eval_batches, lambda b: put_batch(b, mesh),
-                                        image_path)
+                    val = task.evaluate(state, eval_batches,
+                                        lambda b: put_eval_batch(b, mesh), image_path)
                     writers.write(step, val)
                     last_metrics.update(val)
                     if val:

@@ -185,20 +185,23 @@ def test_same_seed_same_batches_and_epochs_reshuffle():
     assert len({tuple(e) for e in epochs}) > 1
 
 
-def test_two_processes_read_disjoint_shards(tmp_path):
-    config = make_config(flip_prob=0.0, num_train_volumes=8)
-    seen = []
-    for p in (0, 1):
-        loader = data.make_train_loader(config, batch_size=2, seed=0, process_index=p, process_count=2)
-        assert loader.records_per_shard == 4
-        it = iter(loader)
-        vols = np.concatenate([next(it)["image"] for _ in range(4)])  # two epochs of its shard
+def test_processes_read_disjoint_slices_of_the_same_global_batches():
+    config = make_config(flip_prob=0.5, num_train_volumes=8)
+
+    def batches(p, count, batch_size):
+        it = iter(data.make_train_loader(config, batch_size=batch_size, seed=0,
+                                         process_index=p, process_count=count))
+        out = [next(it)["image"] for _ in range(4)]  # 16 records: two epochs
         it.close()
-        seen.append({v.tobytes() for v in vols})
-        assert len(seen[-1]) == 4
-    assert not seen[0] & seen[1]
-    with pytest.raises(data.DataError, match="cannot be split over 9 processes"):
-        data.make_train_loader(config, batch_size=1, seed=0, process_index=0, process_count=9)
+        return out
+
+    single = batches(0, 1, 4)
+    halves = [batches(p, 2, 2) for p in (0, 1)]
+    for k, whole in enumerate(single):
+        # Process p holds rows [2p, 2p + 2) of the one-process batch, augmentation included.
+        np.testing.assert_array_equal(np.concatenate([halves[0][k], halves[1][k]]), whole)
+        assert not {v.tobytes() for v in halves[0][k]} & {v.tobytes() for v in halves[1][k]}
+    assert len({v.tobytes() for b in single for v in b}) > 8  # flips differ per epoch
 
 
 def test_iterator_state_resumes_same_sequence():

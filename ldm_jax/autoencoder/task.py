@@ -11,11 +11,10 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from ldm_jax import config as config_lib
-from ldm_jax import metrics, visualize
+from ldm_jax import metrics, sharding, visualize
 from ldm_jax.autoencoder import losses
 from ldm_jax.autoencoder.inference import PREPROCESS_FIELDS
 from ldm_jax.models import build_autoencoder, build_discriminator
@@ -134,7 +133,7 @@ class AutoencoderTask:
             count += 1
             if len(shown_x) < 4:
                 shown_x += list(batch["image"])
-                shown_r += list(np.asarray(jax.device_get(recon)))
+                shown_r += list(sharding.to_host(recon))  # all processes take part
                 names += list(batch.get("name", [f"volume {len(names) + i}"
                                                  for i in range(len(batch["image"]))]))
         if count == 0:

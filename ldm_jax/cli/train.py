@@ -47,8 +47,10 @@ def _define(fv):
 
     flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and images "
                         "go; an existing workdir is resumed, never cleared.", flag_values=fv)
-    flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one "
-                      "process per host, coordinator from the environment).", flag_values=fv)
+    flags.DEFINE_bool("multihost", False, "One process per host, joined by jax.distributed "
+                      "(see --coordinator_address; README 'Multi-host').", flag_values=fv)
+    from ldm_jax.cli import multihost
+    multihost.define_flags(fv)
     flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
 
 
@@ -59,7 +61,17 @@ def _body(fv, argv):
     from ldm_jax.trainer import TrainingDivergedError, TrainingStopped
 
     if fv.multihost:
-        jax.distributed.initialize()
+        from absl import logging
+
+        from ldm_jax.cli import multihost
+        try:
+            multihost.initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
+                                 fv.initialization_timeout)
+        except multihost.MultihostError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if jax.process_index() != 0 and not fv["verbosity"].present:
+            logging.set_verbosity(logging.ERROR)  # process 0 speaks for all
     if jax.default_backend() == "cpu":
         # XLA:CPU compiles partitionable threefry ~10x slower; on one CPU host nothing
         # is gained from it.

@@ -128,22 +128,17 @@ class _ArraySource(gp.RandomAccessDataSource):
 def make_latent_loader(latents, labels=None, *, batch_size: int, seed: int,
                        process_index: Optional[int] = None,
                        process_count: Optional[int] = None):
-    """Infinite, reshuffled, process-sharded batches of in-memory latents.
+    """Infinite, reshuffled batches of in-memory latents: this process's slice of every
+    global batch (`ldm_jax.data.sampler`).
 
     Returns a `ldm_jax.data.pipeline.TrainLoader` (iterator checkpointable with grain).
-    Raises DataError when there are fewer latents than processes.
+    Raises DataError when there are no latents.
     """
     from ldm_jax.data.pipeline import TrainLoader, _process_index_count
+    from ldm_jax.data.sampler import make_loader
 
     pi, pc = _process_index_count(process_index, process_count)
     source = _ArraySource(latents, labels)
-    n = len(source)
-    if n < pc:
-        raise DataError(f"{n} latent(s) cannot be split over {pc} processes.")
-    shard = gp.ShardOptions(shard_index=pi, shard_count=pc, drop_remainder=True)
-    sampler = gp.IndexSampler(num_records=n, shard_options=shard, shuffle=True,
-                              num_epochs=None, seed=int(seed))
-    loader = gp.DataLoader(data_source=source, sampler=sampler,
-                           operations=[gp.Batch(int(batch_size), drop_remainder=True)],
-                           worker_count=0, shard_options=shard)
-    return TrainLoader(loader, source, int(batch_size), pi, pc, n // pc)
+    loader = make_loader(source, [], batch_size=int(batch_size), seed=int(seed),
+                         process_index=pi, process_count=pc)
+    return TrainLoader(loader, source, int(batch_size), pi, pc)

@@ -2,9 +2,10 @@
 
 Training: grain DataLoader over a random-access source, an IndexSampler that shuffles
 with a new permutation every epoch and repeats forever, sharded by process (each process
-reads a disjoint, contiguous block of records, `drop_remainder` so every process has as
-many), random augmentation with grain's per-record rng (deterministic in the seed and the
-record's position in the stream), then batching to the per-process batch. The iterator
+reads its own slice of every global batch: `ldm_jax.data.sampler`, so the global batches
+do not depend on the process count), random augmentation with grain's per-record rng
+(deterministic in the seed and the record's position in the global stream), then
+batching to the per-process batch. The iterator
 (BatchIterator, a thin wrapper of grain's DataLoaderIterator) has get_state()/set_state()
 and works with orbax via `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`
 (same classes as grain.python.PyGrainCheckpointSave / Restore): resume is exact.
@@ -21,6 +22,7 @@ import numpy as np
 
 from ldm_jax.data import io, sources
 from ldm_jax.data.errors import DataError
+from ldm_jax.data.sampler import make_loader
 from ldm_jax.data.transforms import Prep, crop_or_pad, flip_rot, preprocess
 
 
@@ -126,7 +128,8 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 class TrainLoader:
-    """Infinite, per-epoch reshuffled, process-sharded training batches.
+    """Infinite, per-epoch reshuffled training batches: this process's slice of every
+    global batch (`ldm_jax.data.sampler.GlobalBatchSampler`).
 
     `iter(loader)` returns a BatchIterator (grain's DataLoaderIterator yielding plain numpy)
     of {"image": float32 (batch, X, Y, Z, C), "name": str (batch,) file or synthetic
@@ -136,13 +139,12 @@ class TrainLoader:
     process index/count and data.num_workers (grain checks this).
     """
 
-    def __init__(self, data_loader, source, batch_size: int, shard_index: int, shard_count: int, records_per_shard: int):
+    def __init__(self, data_loader, source, batch_size: int, shard_index: int, shard_count: int):
         self.data_loader = data_loader
         self.source = source
         self.batch_size = batch_size
         self.shard_index = shard_index
         self.shard_count = shard_count
-        self.records_per_shard = records_per_shard
 
     def __iter__(self) -> "BatchIterator":
         return BatchIterator(iter(self.data_loader))
@@ -150,7 +152,7 @@ class TrainLoader:
     def __repr__(self) -> str:
         return (
             f"TrainLoader({self.source!r}, batch_size={self.batch_size}, "
-            f"shard={self.shard_index}/{self.shard_count}, records_per_shard={self.records_per_shard})"
+            f"process={self.shard_index}/{self.shard_count})"
         )
 
 
@@ -182,16 +184,6 @@ def make_train_loader(config, *, batch_size: int, seed: int, process_index: Opti
         raise DataError(f"seed must be in [0, 2**32) for grain, got {seed}.")
     pi, pc = _process_index_count(process_index, process_count)
     source = sources.build_source(config, prep, "train")
-    n = len(source)
-    if n < pc:
-        raise DataError(
-            f"{n} training volume(s) cannot be split over {pc} processes (each needs at least "
-            f"one). Add volumes (or raise data.num_train_volumes) or use fewer processes."
-        )
-    shard = gp.ShardOptions(shard_index=pi, shard_count=pc, drop_remainder=True)
-    sampler = gp.IndexSampler(
-        num_records=n, shard_options=shard, shuffle=True, num_epochs=None, seed=seed
-    )
     workers = int(config.data.get("num_workers", 0))
     if workers < 0:
         raise DataError(f"data.num_workers must be >= 0, got {workers}.")
@@ -202,15 +194,10 @@ def make_train_loader(config, *, batch_size: int, seed: int, process_index: Opti
     read_options = gp.ReadOptions(
         num_threads=threads, prefetch_buffer_size=max(2 * int(batch_size), threads)
     )
-    loader = gp.DataLoader(
-        data_source=source,
-        read_options=read_options,
-        sampler=sampler,
-        operations=[DropBadFiles(), Augment(prep), gp.Batch(int(batch_size), drop_remainder=True)],
-        worker_count=workers,
-        shard_options=shard,
-    )
-    return TrainLoader(loader, source, int(batch_size), pi, pc, n // pc)
+    loader = make_loader(source, [DropBadFiles(), Augment(prep)], batch_size=int(batch_size),
+                         seed=seed, process_index=pi, process_count=pc, worker_count=workers,
+                         read_options=read_options)
+    return TrainLoader(loader, source, int(batch_size), pi, pc)
 
 
 class EvalBatches:
