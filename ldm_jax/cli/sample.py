@@ -105,7 +105,9 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
         for f in fmts:
             vf.save(os.path.join(out_dir, name), f, v, affine)
         vf.save_npy(os.path.join(out_dir, "latents", name + ".npy"), lat)
-    save_sheet(vols, os.path.join(out_dir, "samples.png"), d)
+    save_sheet(vols, os.path.join(out_dir, "samples.png"), d, names,
+               title=f"{len(names)} samples, {steps} steps, seed {seed}, step {pipe.step} of "
+                     f"{os.path.basename(os.path.abspath(workdir))}")
     record = {
         "num_samples": int(num_samples), "seed": int(seed), "steps": int(steps),
         "scheduler": scheduler or ("rflow" if pipe.config.scheduler.name == "rflow" else "ddim"),

@@ -125,11 +125,12 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
     return Pipeline(cfg, build_unet(cfg.unet), params, ae, step=step)
 
 
-def save_sheet(volumes, path: str, data_cfg) -> None:
-    """A PNG contact sheet: one row per volume (XY, XZ, YZ mid-slices and the XY maximum
-    intensity projection), grey levels over data.b_min..b_max."""
+def save_sheet(volumes, path: str, data_cfg, names=None, title=None) -> None:
+    """A labelled PNG contact sheet: one row per volume (XY, XZ, YZ mid-slices and the XY
+    maximum intensity projection), grey levels over data.b_min..b_max."""
     from ldm_jax import visualize
 
     lo, hi = sorted((float(data_cfg.b_min), float(data_cfg.b_max)))
-    rows = [visualize.orthoview(np.asarray(v), lo, hi) for v in volumes]
-    visualize.save_grid(rows, path)
+    names = names or [f"sample {i}" for i in range(len(volumes))]
+    visualize.samples_image([np.asarray(v) for v in volumes], names, (lo, hi),
+                            title=title).save(path)

@@ -18,7 +18,8 @@ samples are cropped back.
 Loss: MSE (or L1) between the UNet output and the scheduler's training target (noise,
 velocity or x0; rectified flow: x0 - noise), optionally min-SNR-gamma weighted (Hang et
 al. 2023), averaged over the batch. An exponential moving average of the params
-(`train.ema_decay`) is kept; evaluation, "best" and sampling use it. With
+(`train.ema_decay`, warmed up as min(decay, (1+n)/(10+n)) after n updates) is kept;
+evaluation, "best" and sampling use it. With
 `conditioning.num_classes = K > 0` the UNet gets K + 1 class embeddings; label K means
 "no class" and replaces a label with probability `conditioning.drop_prob` (classifier-free
 guidance, Ho & Salimans 2022).
@@ -364,7 +365,11 @@ class DiffusionTask:
         loss, grads = jax.value_and_grad(self._loss)(state.params, z, noise, t, labels)
         updates, opt = self.tx.update(grads, state.opt, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = float(self.config.train.get("ema_decay", 0.0))
+        # EMA warm-up (as diffusers' EMAModel): decay min(d, (1+n)/(10+n)) after n updates,
+        # so the average is not dominated by the initial weights for ~1/(1-d) steps.
+        n = state.step.astype(jnp.float32)
+        decay = jnp.minimum(float(self.config.train.get("ema_decay", 0.0)),
+                            (1.0 + n) / (10.0 + n))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         from ldm_jax.autoencoder.task import all_finite
         finite = all_finite((loss, grads, params))
@@ -413,5 +418,7 @@ class DiffusionTask:
                                steps=int(self.config.eval.get("sampling_steps", 25)))
             from ldm_jax.diffusion.pipeline import save_sheet
             os.makedirs(os.path.dirname(image_path), exist_ok=True)
-            save_sheet(vols, image_path, self.ae.config.data)
+            save_sheet(vols, image_path, self.ae.config.data,
+                       title=f"step {int(state.step)}: {n} samples (EMA weights, "
+                             f"{int(self.config.eval.get('sampling_steps', 25))} steps, fixed seed)")
         return {"val_loss": val}
