@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 W=${1:-runs/gen}
 AE=${2:-runs/quick}
 PY=${PY:-python}
-STEPS2=${STEPS2:-2000}
+STEPS2=${STEPS2:-1250}
 mkdir -p "$W"
 
 # 1. Stage 1 (the README's quick run at 150 steps; skipped when AE already holds it).
@@ -28,16 +28,17 @@ S2=(--config configs/diffusion/monai_3d_ldm.py --config.latents.autoencoder_work
     --config.latents.autoencoder_step=latest --config.latents.dir="$W/latents"
     --config.unet.dtype=float32 --config.train.batch_size=8 --config.train.learning_rate=2.5e-4
     --config.train.log_every_steps=50 --config.train.eval_every_steps=500
-    --config.train.save_every_steps=500 --noprogress)
+    --config.train.save_every_steps=250 --noprogress)
 $PY train.py "${S2[@]}" --workdir "$W/ldm" --config.train.num_steps="$STEPS2"
 # Baseline: the untrained UNet (one step at learning rate 0 = the initial weights).
 $PY train.py "${S2[@]}" --workdir "$W/ldm_untrained" --config.train.num_steps=1 \
   --config.train.learning_rate=0 --config.eval.num_samples=0
 
-# 4. Samples: 8 volumes, DDIM 50 steps, each model.
+# 4. Samples: 8 volumes, DDIM 50 steps, each model, raw weights (--noema: the measured
+#    run predates the EMA warm-up, so its EMA still leaned on the initial weights).
 for run in ldm ldm_untrained; do
   [ -f "$W/samples_$run/samples.json" ] || $PY -m ldm_jax.sample --workdir "$W/$run" \
-    --num-samples 8 --steps 50 --output "$W/samples_$run" --step latest --noprogress
+    --num-samples 8 --steps 50 --output "$W/samples_$run" --step latest --noema --noprogress
 done
 # Baseline: Gaussian latents N(0, 1) / scale_factor, decoded.
 [ -f "$W/samples_gauss/latents/sample_0007.npy" ] || $PY - "$W" <<'EOF'
@@ -46,7 +47,7 @@ import numpy as np
 import ldm_jax
 from ldm_jax.data import files as vf
 w = sys.argv[1]
-pipe = ldm_jax.load_pipeline(os.path.join(w, "ldm"), "latest")
+pipe = ldm_jax.load_pipeline(os.path.join(w, "ldm"), "latest", use_ema=False)
 z = np.random.default_rng(0).standard_normal((8, *pipe.latent_shape)).astype(np.float32)
 z /= pipe.scale_factor
 out = os.path.join(w, "samples_gauss")
