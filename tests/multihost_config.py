@@ -63,7 +63,12 @@ def recording(make_loader, record_dir):
         import jax
         return os.path.join(record_dir, f"process_{jax.process_index()}.jsonl")
 
+    if getattr(make_loader, "recording", False):  # get_config may run more than once
+        return make_loader
+
     class Loader:
+        recording = True
+
         def __init__(self, *args, **kwargs):
             self.loader = make_loader(*args, **kwargs)
 
