@@ -208,6 +208,8 @@ def _restore(manager, step, abstract_state, train_iter, accepted):
         return state
     try:
         ckpt.restore_data(manager, step, train_iter)
+    except ConfigError:  # saved by another number of processes: say so, never guess
+        raise
     except Exception as e:  # grain raises several types for a state of other data
         say(f"note: the data position saved at step {step} does not fit this data setup "
             f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
