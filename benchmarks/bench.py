@@ -39,12 +39,10 @@ import datetime
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -622,15 +620,10 @@ def plan_rows(args):
 
 
 def main(argv=None):
-    args = _parse_args(argv)
-    if threading.current_thread() is not threading.main_thread():
-        return _main(args)
+    from benchmarks.runner import run_exiting_on_sigterm
+
     # `timeout` sends SIGTERM: exit through the finally blocks that stop workers.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        return _main(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_exiting_on_sigterm(_main, _parse_args(argv))
 
 
 def _main(args):
