@@ -11,9 +11,9 @@ PY=${PY:-python}
 STEPS2=${STEPS2:-1250}
 mkdir -p "$W"
 
-# 1. Stage 1 (the README's quick run at 150 steps; skipped when AE already holds it).
+# 1. Stage 1 (the README's quick run, 300 steps; resumes or skips what AE already holds).
 $PY train.py --config configs/monai_3d_ldm.py --workdir "$AE" --noprogress \
-  --config.data.volume_size='(32,32,32)' --config.train.num_steps=150 \
+  --config.data.volume_size='(32,32,32)' --config.train.num_steps=300 \
   --config.train.save_every_steps=50 --config.train.eval_every_steps=50
 
 # 2. Volumes on disk (256 training crops in raw units, 16 held-out in model units), then
@@ -23,8 +23,11 @@ $PY train.py --config configs/monai_3d_ldm.py --workdir "$AE" --noprogress \
 [ -f "$W/latents/latents.json" ] || $PY -m ldm_jax.extract --workdir "$AE" \
   --input "$W/data/train" --output "$W/latents" --step latest --noprogress
 
-# 3. Stage 2: the MONAI tutorial UNet (float32 on a CPU) on the extracted 8x8x8x3 latents.
-S2=(--config configs/diffusion/monai_3d_ldm.py --config.latents.autoencoder_workdir="$AE"
+# 3. Stage 2: the MONAI tutorial UNet (float32 on a CPU) on the extracted 8x8x8x3 latents,
+#    predicting v (PRED=epsilon for the tutorial's target; see GENERATION.md for why v).
+PRED=${PRED:-v_prediction}
+S2=(--config configs/diffusion/monai_3d_ldm.py --config.scheduler.prediction_type="$PRED"
+    --config.latents.autoencoder_workdir="$AE"
     --config.latents.autoencoder_step=latest --config.latents.dir="$W/latents"
     --config.unet.dtype=float32 --config.train.batch_size=8 --config.train.learning_rate=2.5e-4
     --config.train.log_every_steps=50 --config.train.eval_every_steps=500
@@ -34,11 +37,10 @@ $PY train.py "${S2[@]}" --workdir "$W/ldm" --config.train.num_steps="$STEPS2"
 $PY train.py "${S2[@]}" --workdir "$W/ldm_untrained" --config.train.num_steps=1 \
   --config.train.learning_rate=0 --config.eval.num_samples=0
 
-# 4. Samples: 8 volumes, DDIM 50 steps, each model, raw weights (--noema: the measured
-#    run predates the EMA warm-up, so its EMA still leaned on the initial weights).
+# 4. Samples: 8 volumes, DDIM 50 steps, each model's EMA weights.
 for run in ldm ldm_untrained; do
   [ -f "$W/samples_$run/samples.json" ] || $PY -m ldm_jax.sample --workdir "$W/$run" \
-    --num-samples 8 --steps 50 --output "$W/samples_$run" --step latest --noema --noprogress
+    --num-samples 8 --steps 50 --output "$W/samples_$run" --step latest --noprogress
 done
 # Baseline: Gaussian latents N(0, 1) / scale_factor, decoded.
 [ -f "$W/samples_gauss/latents/sample_0007.npy" ] || $PY - "$W" <<'EOF'
@@ -47,7 +49,7 @@ import numpy as np
 import ldm_jax
 from ldm_jax.data import files as vf
 w = sys.argv[1]
-pipe = ldm_jax.load_pipeline(os.path.join(w, "ldm"), "latest", use_ema=False)
+pipe = ldm_jax.load_pipeline(os.path.join(w, "ldm"), "latest")
 z = np.random.default_rng(0).standard_normal((8, *pipe.latent_shape)).astype(np.float32)
 z /= pipe.scale_factor
 out = os.path.join(w, "samples_gauss")

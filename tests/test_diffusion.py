@@ -97,14 +97,18 @@ def test_training_loss_falls_and_writes_everything(ldm_workdir):
 
 
 def test_resume_is_exact(ae_workdir, latents_dir, tmp_path):
+    from ldm_jax import trainer
+    from ldm_jax.cli.train import make_task
+
     c = tiny_diffusion_config(ae_workdir, latents_dir)
     c.eval.num_samples = 0
-    straight = train_and_evaluate(c, str(tmp_path / "a"), progress=False)
-    c2 = tiny_diffusion_config(ae_workdir, latents_dir)
-    c2.eval.num_samples = 0
-    c2.train.num_steps = 2
-    train_and_evaluate(c2, str(tmp_path / "b"), progress=False)
-    resumed = train_and_evaluate(c, str(tmp_path / "b"), progress=False)
+    task = make_task(c)  # one task for the three runs: its compiled step is reused
+    straight = trainer.train(task, str(tmp_path / "a"), progress=False)
+    task.config.train.num_steps = 2
+    trainer.train(task, str(tmp_path / "b"), progress=False)
+    task.config.train.num_steps = 4
+    resumed = trainer.train(task, str(tmp_path / "b"), progress=False)
+    assert int(resumed.step) == 4
     for a, b in zip(jax.tree.leaves(straight.ema_params), jax.tree.leaves(resumed.ema_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
