@@ -398,20 +398,25 @@ class DiffusionTask:
                 self.sched_state.alphas_cumprod, t, gamma, self.scheduler.prediction_type)
         return jnp.mean(per_sample)
 
-    def train_step(self, state, batch, ae_params=None):
-        rng, k_enc, k_noise, k_t, k_drop = jax.random.split(state.rng, 5)
-        z = self._latents_of(batch, ae_params, k_enc)
-        noise = jax.random.normal(k_noise, z.shape, jnp.float32)
-        t = self.scheduler.sample_timesteps(k_t, z)
-        # One condition-dropout mask for label and context (classifier-free guidance).
-        drop = jax.random.uniform(k_drop, (z.shape[0],)) < float(
+    def conditions(self, batch, key, batch_size: int):
+        """(class_labels (B,) or None, context (B, S, D) or None) of a training batch after
+        condition dropout: with probability conditioning.drop_prob a row gets the "no
+        class" label and the null context (zeros), both together (one mask)."""
+        drop = jax.random.uniform(key, (batch_size,)) < float(
             self.config.get("conditioning", {}).get("drop_prob", 0.0))
         labels = context = None
         if self.num_classes:
             labels = jnp.where(drop, self.num_classes, batch["class_label"].astype(jnp.int32))
         if self.with_context:
-            context = jnp.where(drop[:, None, None], 0.0,
-                                batch["context"].astype(jnp.float32))  # zeros: null context
+            context = jnp.where(drop[:, None, None], 0.0, batch["context"].astype(jnp.float32))
+        return labels, context
+
+    def train_step(self, state, batch, ae_params=None):
+        rng, k_enc, k_noise, k_t, k_drop = jax.random.split(state.rng, 5)
+        z = self._latents_of(batch, ae_params, k_enc)
+        noise = jax.random.normal(k_noise, z.shape, jnp.float32)
+        t = self.scheduler.sample_timesteps(k_t, z)
+        labels, context = self.conditions(batch, k_drop, z.shape[0])
         loss, grads = jax.value_and_grad(self._loss)(state.params, z, noise, t, labels,
                                                      context)
         updates, opt = self.tx.update(grads, state.opt, state.params)
