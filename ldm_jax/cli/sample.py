@@ -158,8 +158,8 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
 def _body(fv):
     sample(fv.workdir, fv.output, num_samples=fv.num_samples, steps=fv.steps,
            scheduler=fv.scheduler, eta=fv.eta, guidance_scale=fv.guidance_scale,
-           class_label=fv.class_label, context=fv.context, seed=fv.seed, step=fv.step, format=fv.format,
-           batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,
+           class_label=fv.class_label, context=fv.context, seed=fv.seed, step=fv.step,
+           format=fv.format, batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,
            progress=fv.progress)
 
 

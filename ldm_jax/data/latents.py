@@ -135,9 +135,10 @@ def read_contexts(folder: str, names: Sequence[str], dim: int) -> np.ndarray:
         c = np.asarray(raw, np.float32)
         c = c[None] if c.ndim == 1 else c
         if c.ndim != 2 or c.shape[-1] != int(dim):
-            raise DataError(f"{path} has shape {tuple(raw.shape)}; contexts must be (S, {dim}) or ({dim},) (unet.cross_attention_"
-                            f"dim={dim}): save them with that last axis, or set --config.unet."
-                            f"cross_attention_dim to theirs.")
+            raise DataError(f"{path} has shape {tuple(raw.shape)}; contexts must be "
+                            f"(S, {dim}) or ({dim},) (unet.cross_attention_dim={dim}): save "
+                            "them with that last axis, or set --config.unet.cross_attention_dim "
+                            "to theirs.")
         contexts.append(c)
     lengths = sorted({c.shape[0] for c in contexts})
     if len(lengths) > 1:

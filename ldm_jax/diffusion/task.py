@@ -170,8 +170,8 @@ class DiffusionTask:
     # What a resumed run must keep (trainer.resume_changes): the UNet and scheduler (the
     # state's shapes, what the UNet predicts), the latents it learns (which autoencoder
     # and step, where they come from, how they are encoded, their shape) and the
-    # conditioning (the class embeddings). Remat and the compute dtype do not change the
-    # state. latents.scale_factor is not fixed: it is recomputed when unset.
+    # conditioning (the class embeddings, the contexts). Remat and the compute dtype do
+    # not change the state. latents.scale_factor is not fixed: it is recomputed when unset.
     resume_fixed = ("unet", "scheduler", "latents.autoencoder_workdir",
                     "latents.autoencoder_step", "latents.dir", "latents.encode",
                     "latents.latent_shape", "conditioning")
@@ -337,14 +337,18 @@ class DiffusionTask:
 
     def describe(self) -> str:
         from ldm_jax.diffusion.plan import format_unet_plan
+        if self.on_the_fly:
+            source = (f"encoded on the fly ({'sampled z' if self.sample_z else 'mu'}) from "
+                      f"{self.ae.config.data.source} data by the autoencoder at step "
+                      f"{self.ae.step} of {self.ae.workdir}")
+        else:
+            source = (f"{len(self.train_latents)} train / {len(self.val_latents)} val from "
+                      f"{self.config.latents.dir}")
+        if self.val_contexts is not None:
+            source += (f"; contexts {'x'.join(map(str, self.val_contexts.shape[1:]))} (S x D) "
+                       f"from {self.config.conditioning.context_dir}")
         return format_unet_plan(self.config, self.latent_shape, self.padded_shape,
-                                extra=f"scale_factor {self.scale_factor:.6g}; latents: "
-                                + (f"encoded on the fly ({'sampled z' if self.sample_z else 'mu'})"
-                                   f" from {self.ae.config.data.source} data by the autoencoder "
-                                   f"at step {self.ae.step} of {self.ae.workdir}"
-                                   if self.on_the_fly else
-                                   f"{len(self.train_latents)} train / {len(self.val_latents)} "
-                                   f"val from {self.config.latents.dir}"))
+                                extra=f"scale_factor {self.scale_factor:.6g}; latents: {source}")
 
     def quick_run_hint(self, seconds, first_seconds, steps):
         return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
