@@ -53,7 +53,7 @@ def unsupported_reasons(config) -> list[str]:
     if str(_get(loss, "type", "mse")) != "mse" or float(_get(loss, "min_snr_gamma", 0) or 0):
         reasons.append("loss other than plain MSE (the tutorial's loss)")
     if _get(unet, "with_conditioning", False):
-        reasons.append("unet.with_conditioning (our training step passes no context)")
+        reasons.append("unet.with_conditioning (the benchmark feeds no contexts)")
     return reasons
 
 

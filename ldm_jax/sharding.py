@@ -83,8 +83,11 @@ def check_batch_fits(mesh, global_batch, volume_size):
 
 def put_global_batch(array, mesh):
     """Places a host-local batch on the mesh as one global array (multi-host aware): with
-    several processes each one's rows, in process order, make up the global batch."""
-    sharding = batch_sharding(mesh)
+    several processes each one's rows, in process order, make up the global batch.
+    Volumes (B, X, Y, Z, C) split like `batch_spec`; anything else (class labels (B,),
+    contexts (B, S, D)) over the batch axis only."""
+    sharding = (batch_sharding(mesh) if np.ndim(array) == 5
+                else NamedSharding(mesh, P("data")))
     if jax.process_count() == 1:
         return jax.device_put(array, sharding)
     return jax.make_array_from_process_local_data(sharding, array)

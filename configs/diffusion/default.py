@@ -93,11 +93,17 @@ def get_config():
     # (x, y, z, C) of one latent; filled in at start (the paired stage-1 config's plan).
     lat.latent_shape = ml_collections.FieldReference(None, field_type=object)
 
-    # --- Class conditioning with classifier-free guidance (latents.dir only). ---
+    # --- Conditioning with classifier-free guidance (latents.dir only). ---
     cond = config.conditioning = ml_collections.ConfigDict()
     cond.num_classes = 0  # K > 0: the UNet gets K+1 class embeddings (label K = no class)
     cond.labels_csv = ml_collections.config_dict.placeholder(str)  # columns name,label
-    cond.drop_prob = 0.1  # label -> "no class" with this probability while training
+    # Cross-attention context (with unet.with_conditioning, both or neither): a folder with
+    # one NAME.npy per latent (NAME = its file name without suffix), float32
+    # (S, unet.cross_attention_dim) or (cross_attention_dim,) as S = 1; one S for all.
+    cond.context_dir = ml_collections.config_dict.placeholder(str)
+    # Label -> "no class" and context -> zeros (the null context), together, with this
+    # probability while training.
+    cond.drop_prob = 0.1
 
     # --- Loss. ---
     loss = config.loss = ml_collections.ConfigDict()

@@ -2,8 +2,8 @@ r"""Generate volumes with a trained latent diffusion model (stage 2).
 
   python -m ldm_jax.sample --workdir runs/ldm --num-samples 8 --output samples/ \
       [--steps 50] [--scheduler ddim|ddpm|rflow] [--eta 0] [--guidance-scale 3 \
-      --class-label K] [--seed 0] [--step best|latest|N] [--format nifti|npy|both] \
-      [--batch-size 8] [--no-ema] [--overwrite]
+      --class-label K] [--context FILE.npy] [--seed 0] [--step best|latest|N] \
+      [--format nifti|npy|both] [--batch-size 8] [--no-ema] [--overwrite]
 
 Noise is denoised in one jitted loop per batch (`jax.lax.fori_loop`), the latents are
 cropped to the autoencoder's latent shape, divided by the run's scale_factor and decoded
@@ -12,7 +12,10 @@ by the stage-1 autoencoder from its checkpoint. Writes, in --output:
                            data's voxel size (data.spacing, else 1 mm)
   latents/sample_0000.npy  the unscaled latents (decode them again with ldm_jax.decode)
   samples.png              contact sheet: per sample XY, XZ, YZ mid-slices and the XY MIP
-  samples.json             seed, steps, scheduler, checkpoints used, seconds
+  samples.json             seed, steps, scheduler, context file, checkpoints used, seconds
+--context (models trained with unet.with_conditioning): a .npy float32 (S, D) or (D,)
+context for every sample, or (num_samples, S, D) one per sample; without it such a model
+samples with the null context (zeros), i.e. unconditionally.
 Existing outputs are not overwritten without --overwrite.
 """
 
@@ -42,6 +45,9 @@ def _define(fv):
                        "conditional models).", flag_values=fv)
     flags.DEFINE_integer("class_label", None, "Class to generate (conditional models).",
                          flag_values=fv)
+    flags.DEFINE_string("context", None, "Cross-attention context .npy (models trained with "
+                        "unet.with_conditioning): (S, D) or (D,) for every sample, or "
+                        "(num_samples, S, D).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same samples.",
                          flag_values=fv)
     flags.DEFINE_string("step", "best", "'best' (lowest validation loss), 'latest' or a "
@@ -56,8 +62,9 @@ def _define(fv):
 
 
 def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
-           guidance_scale=1.0, class_label=None, seed=0, step="best", format="nifti",
-           batch_size=8, ema=True, overwrite=False, progress=True, log=print) -> dict:
+           guidance_scale=1.0, class_label=None, context=None, seed=0, step="best",
+           format="nifti", batch_size=8, ema=True, overwrite=False, progress=True,
+           log=print) -> dict:
     """Writes `num_samples` volumes to `output` (see the module docstring); returns the
     samples.json content. Raises ConfigError / CheckpointNotFoundError / OutputDirError."""
     import jax
@@ -69,6 +76,13 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
 
     if int(num_samples) < 1:
         raise ConfigError(f"--num_samples={num_samples} must be >= 1.")
+    context_array = None
+    if context is not None:
+        try:
+            context_array = np.load(context)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--context={context!r} is not a readable .npy file ({e}).") \
+                from None
     names = [f"sample_{i:04d}" for i in range(int(num_samples))]
     fmts = vf.formats(format)
     out_dir = vf.prepare_output_dir(output)
@@ -84,13 +98,18 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
         f"({'EMA' if ema else 'raw'} weights); autoencoder step {pipe.autoencoder.step} of "
         f"{pipe.autoencoder.workdir}; latents {'x'.join(map(str, pipe.latent_shape))}, "
         f"scale_factor {pipe.scale_factor:.6g}.")
+    contexts = pipe.contexts_for(int(num_samples), context_array)  # shape errors come first
+    if contexts is not None and context is None:
+        log("This model cross-attends to a context; without --context it samples with the "
+            "null context (zeros): unconditional samples.")
     bar = tqdm(total=int(num_samples), desc="sample", unit="vol", disable=not progress,
                file=sys.stdout, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         z = pipe.sample_latents(int(num_samples), jax.random.PRNGKey(int(seed)), steps=steps,
                                 scheduler=scheduler, eta=eta, guidance_scale=guidance_scale,
-                                class_label=class_label, batch_size=int(batch_size),
+                                class_label=class_label, context=contexts,
+                                batch_size=int(batch_size),
                                 on_batch=lambda done: bar.update(done - bar.n))
         t_sample = time.perf_counter() - t0
         vols = pipe.decode(z)
@@ -112,7 +131,10 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
         "num_samples": int(num_samples), "seed": int(seed), "steps": int(steps),
         "scheduler": scheduler or ("rflow" if pipe.config.scheduler.name == "rflow" else "ddim"),
         "eta": float(eta), "guidance_scale": float(guidance_scale),
-        "class_label": class_label, "ema": bool(ema),
+        "class_label": class_label,
+        "context": None if context is None else os.path.abspath(context),
+        "context_shape": None if context_array is None else list(context_array.shape),
+        "ema": bool(ema),
         "diffusion_checkpoint": {"workdir": os.path.abspath(workdir), "step": pipe.step},
         "autoencoder_checkpoint": {"workdir": pipe.autoencoder.workdir,
                                    "step": pipe.autoencoder.step,
@@ -136,8 +158,8 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
 def _body(fv):
     sample(fv.workdir, fv.output, num_samples=fv.num_samples, steps=fv.steps,
            scheduler=fv.scheduler, eta=fv.eta, guidance_scale=fv.guidance_scale,
-           class_label=fv.class_label, seed=fv.seed, step=fv.step, format=fv.format,
-           batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,
+           class_label=fv.class_label, context=fv.context, seed=fv.seed, step=fv.step,
+           format=fv.format, batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,
            progress=fv.progress)
 
 

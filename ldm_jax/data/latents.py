@@ -6,7 +6,8 @@ workdir, step and model hash). `read_latent_folder` checks that hash against the
 autoencoder the diffusion run uses, so latents of another model are refused.
 
 Batches are `{"latent": float32 (B, x, y, z, C)}` (plus `"class_label": int32 (B,)` when
-labels are configured), from an infinite, per-epoch reshuffled, process-sharded grain
+labels are configured, and `"context": float32 (B, S, D)` when a cross-attention context
+folder is), from an infinite, per-epoch reshuffled, process-sharded grain
 loader whose iterator state goes into every checkpoint (exact resume), like stage 1's.
 """
 
@@ -105,12 +106,56 @@ def read_labels(csv_path: str, names: Sequence[str], num_classes: int) -> np.nda
     return labels
 
 
-class _ArraySource(gp.RandomAccessDataSource):
-    """Records {"latent": (x, y, z, C)[, "class_label": ()]} from in-memory arrays."""
+def read_contexts(folder: str, names: Sequence[str], dim: int) -> np.ndarray:
+    """Cross-attention contexts (N, S, dim) float32, one `NAME.npy` per name in `folder`.
 
-    def __init__(self, latents, labels=None):
+    Each file holds (S, dim) (a sequence of S tokens, e.g. a text encoder's hidden states)
+    or (dim,) (read as S = 1); every file must have the same S.
+
+    Raises:
+        DataError: no folder, a name without a file, a file that is not (S, dim) or
+            (dim,), unequal S.
+    """
+    hint = (f"one NAME.npy per latent (NAME = the latent's file name without suffix), "
+            f"float32 (S, {dim}) or ({dim},)")
+    if not os.path.isdir(folder):
+        raise DataError(f"conditioning.context_dir={folder!r} is not a folder; give a folder "
+                        f"with {hint}.")
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n + ".npy"))]
+    if missing:
+        raise DataError(f"{folder} has no context for {len(missing)} latent(s), e.g. "
+                        f"{[m + '.npy' for m in missing[:3]]}; it needs {hint}.")
+    contexts = []
+    for n in names:
+        path = os.path.join(folder, n + ".npy")
+        try:
+            raw = np.load(path)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is not a readable .npy array ({e}); {hint}.") from None
+        c = np.asarray(raw, np.float32)
+        c = c[None] if c.ndim == 1 else c
+        if c.ndim != 2 or c.shape[-1] != int(dim):
+            raise DataError(f"{path} has shape {tuple(raw.shape)}; contexts must be "
+                            f"(S, {dim}) or ({dim},) (unet.cross_attention_dim={dim}): save "
+                            "them with that last axis, or set --config.unet.cross_attention_dim "
+                            "to theirs.")
+        contexts.append(c)
+    lengths = sorted({c.shape[0] for c in contexts})
+    if len(lengths) > 1:
+        raise DataError(f"the contexts in {folder} have {len(lengths)} different lengths S "
+                        f"{lengths[:4]}; give every NAME.npy the same S (pad or truncate the "
+                        "token sequences to one length, as text encoders pad prompts).")
+    return np.stack(contexts)
+
+
+class _ArraySource(gp.RandomAccessDataSource):
+    """Records {"latent": (x, y, z, C)[, "class_label": ()][, "context": (S, D)]} from
+    in-memory arrays."""
+
+    def __init__(self, latents, labels=None, contexts=None):
         self.latents = latents
         self.labels = labels
+        self.contexts = contexts
 
     def __len__(self):
         return len(self.latents)
@@ -119,13 +164,15 @@ class _ArraySource(gp.RandomAccessDataSource):
         rec = {"latent": self.latents[i]}
         if self.labels is not None:
             rec["class_label"] = np.int32(self.labels[i])
+        if self.contexts is not None:
+            rec["context"] = self.contexts[i]
         return rec
 
     def __repr__(self):
         return f"latents({len(self.latents)})"
 
 
-def make_latent_loader(latents, labels=None, *, batch_size: int, seed: int,
+def make_latent_loader(latents, labels=None, contexts=None, *, batch_size: int, seed: int,
                        process_index: Optional[int] = None,
                        process_count: Optional[int] = None):
     """Infinite, reshuffled batches of in-memory latents: this process's slice of every
@@ -138,7 +185,7 @@ def make_latent_loader(latents, labels=None, *, batch_size: int, seed: int,
     from ldm_jax.data.sampler import make_loader
 
     pi, pc = _process_index_count(process_index, process_count)
-    source = _ArraySource(latents, labels)
+    source = _ArraySource(latents, labels, contexts)
     loader = make_loader(source, [], batch_size=int(batch_size), seed=int(seed),
                          process_index=pi, process_count=pc)
     return TrainLoader(loader, source, int(batch_size), pi, pc)

@@ -25,7 +25,8 @@ class Pipeline:
     """UNet params + scheduler config + frozen autoencoder (see the module docstring).
 
     Attributes: config (the stage-2 run's), unet, params, autoencoder, scale_factor,
-    latent_shape (x, y, z, C) and padded_shape (x, y, z), step.
+    latent_shape (x, y, z, C) and padded_shape (x, y, z), step, context_dim (the
+    cross-attention context's channels; None: the UNet has no cross-attention).
     """
 
     def __init__(self, config, unet, params, autoencoder, step: int = 0):
@@ -43,16 +44,24 @@ class Pipeline:
         k = int(config.get("conditioning", {}).get("num_classes", 0) or 0)
         self.num_classes = k
         self.null_label = k if k else None
+        self.context_dim = (int(config.unet.cross_attention_dim)
+                            if config.unet.get("with_conditioning") else None)
         self._samplers = {}  # (sampler, steps, guidance, eta) -> jitted loop
 
     def sample_latents(self, n: int, rng, *, steps: int = 50, scheduler: Optional[str] = None,
                        eta: float = 0.0, guidance_scale: float = 1.0,
-                       class_label: Optional[int] = None, batch_size: int = 8, on_batch=None):
+                       class_label: Optional[int] = None, context=None, batch_size: int = 8,
+                       on_batch=None):
         """`n` unscaled latents (n, x, y, z, C) float32 numpy: what the autoencoder decodes.
 
+        `context` (cross-attention models): (S, D) or (D,) for every sample, or (n, S, D)
+        one per sample, D = unet.cross_attention_dim; None samples such a model with the
+        null context (zeros: unconditional). Guidance mixes it with the null context.
+
         Raises ConfigError for n < 1, steps outside [1, num_train_timesteps], a class label
-        outside [0, num_classes) or given to an unconditional model, guidance without
-        classes, or a sampler the model was not trained for.
+        outside [0, num_classes) or given to an unconditional model, a context given to a
+        model without cross-attention or of the wrong shape, guidance for an unconditional
+        model, or a sampler the model was not trained for.
         """
         from ldm_jax.diffusion.sampling import make_sampler, sample_latents, sampler_for
         from ldm_jax.diffusion.latents import crop
@@ -70,6 +79,7 @@ class Pipeline:
                                   f"{self.num_classes}) (the model's classes).")
         elif self.num_classes:
             class_label = self.null_label  # unconditional sample of a conditional model
+        context = self.contexts_for(int(n), context)
         key = (scheduler, int(steps), float(guidance_scale), float(eta))
         if key not in self._samplers:
             self._samplers[key] = make_sampler(
@@ -77,8 +87,32 @@ class Pipeline:
                 shape=(*self.padded_shape, self.latent_shape[-1]), steps=int(steps),
                 guidance_scale=guidance_scale, null_label=self.null_label, eta=eta)
         z = sample_latents(self._samplers[key], self.params, rng, n=int(n),
-                           class_label=class_label, batch_size=batch_size, on_batch=on_batch)
+                           class_label=class_label, context=context, batch_size=batch_size,
+                           on_batch=on_batch)
         return np.asarray(crop(z, self.pad)) / self.scale_factor
+
+    def contexts_for(self, n: int, context=None) -> Optional[np.ndarray]:
+        """`context` as (n, S, D) float32 for `n` samples (None for a model without
+        cross-attention; zeros (n, 1, D), the null context, when `context` is None).
+        Raises ConfigError for a context the model cannot take."""
+        if self.context_dim is None:
+            if context is not None:
+                raise ConfigError("--context given, but this model has no cross-attention "
+                                  "(unet.with_conditioning=False); drop --context.")
+            return None
+        d = self.context_dim
+        if context is None:
+            return np.zeros((n, 1, d), np.float32)
+        c = np.asarray(context, np.float32)
+        c = c[None] if c.ndim == 1 else c
+        if c.ndim == 2:
+            c = np.broadcast_to(c, (n, *c.shape))
+        if c.ndim != 3 or c.shape[-1] != d or c.shape[0] != n:
+            raise ConfigError(
+                f"--context has shape {tuple(np.shape(context))}; this model takes (S, {d}) "
+                f"or ({d},) for every sample, or ({n}, S, {d}) one per sample "
+                f"(unet.cross_attention_dim={d}, --num-samples={n}).")
+        return c
 
     def decode(self, latents) -> np.ndarray:
         """Unscaled latents (n, x, y, z, C) -> volumes (n, X, Y, Z, C_out) float32."""

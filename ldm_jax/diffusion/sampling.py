@@ -1,8 +1,9 @@
 """Jitted sampling: Gaussian noise -> denoised latents in one `jax.lax.fori_loop`.
 
 Classifier-free guidance (Ho & Salimans 2022): the conditional and the unconditional
-("no class" label) outputs come from one UNet call on a doubled batch and are mixed as
-uncond + g * (cond - uncond); g = 1 calls the conditional model alone.
+("no class" label, null context = zeros) outputs come from one UNet call on a doubled
+batch and are mixed as uncond + g * (cond - uncond); g = 1 calls the conditional model
+alone.
 """
 
 from __future__ import annotations
@@ -41,44 +42,48 @@ def sampler_for(sched_cfg, name: Optional[str]):
 
 def make_sampler(unet, scheduler, *, shape, steps: int, guidance_scale: float = 1.0,
                  null_label: Optional[int] = None, eta: float = 0.0):
-    """A jitted `fn(params, key, class_labels=None, *, n) -> latents (n, *shape)` (float32,
-    still scaled and padded), for `shape` = (X, Y, Z, C) the UNet's input; `n` is static.
+    """A jitted `fn(params, key, class_labels=None, context=None, *, n) -> latents
+    (n, *shape)` (float32, still scaled and padded), for `shape` = (X, Y, Z, C) the UNet's
+    input; `n` is static; `context` (n, S, cross_attention_dim) for a cross-attention UNet.
 
     Args:
         unet: the flax DiffusionModelUNet. scheduler: a DDPM/DDIM/RFlow scheduler.
         steps: number of inference steps (1..num_train_timesteps).
-        guidance_scale: classifier-free guidance weight; needs `null_label` when != 1.
+        guidance_scale: classifier-free guidance weight; != 1 needs a conditional model
+            (`null_label`, or a UNet with cross-attention, whose null context is zeros).
         null_label: the "no class" label of a class-conditional model.
         eta: DDIM's stochasticity (0 = deterministic).
 
     Raises:
-        ConfigError: steps out of range, guidance without a null label.
+        ConfigError: steps out of range, guidance for an unconditional model.
     """
     from ldm_jax.schedulers import sample_loop
 
     state = scheduler.set_timesteps_for(scheduler.create_state(), int(steps), (1, *shape))
     g = float(guidance_scale)
-    if g != 1.0 and null_label is None:
-        raise ConfigError("--guidance-scale needs a class-conditional model (trained with "
-                          "conditioning.num_classes > 0); use --guidance-scale 1.")
+    if g != 1.0 and null_label is None and not getattr(unet, "with_conditioning", False):
+        raise ConfigError("--guidance-scale needs a conditional model (trained with "
+                          "conditioning.num_classes > 0 or conditioning.context_dir); use "
+                          "--guidance-scale 1.")
     kwargs = {"eta": float(eta)} if type(scheduler).__name__ == "DDIMScheduler" else {}
 
-    def run(params, key, class_labels=None, *, n):
+    def run(params, key, class_labels=None, context=None, *, n):
         k0, k1 = jax.random.split(key)
         x = jax.random.normal(k0, (n, *shape), jnp.float32)
+        cond = dict(class_labels=class_labels, context=context)
 
         def model_fn(x, t):
             tt = jnp.broadcast_to(t, (x.shape[0],))
-            if class_labels is None:
-                return unet.apply({"params": params}, x, tt)
-            if g == 1.0:
-                return unet.apply({"params": params}, x, tt, class_labels=class_labels)
-            null = jnp.full_like(class_labels, null_label)
+            if g == 1.0 or (class_labels is None and context is None):
+                return unet.apply({"params": params}, x, tt, **cond)
+            null = dict(class_labels=None if class_labels is None
+                        else jnp.full_like(class_labels, null_label),
+                        context=None if context is None else jnp.zeros_like(context))
+            both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null)
             out = unet.apply({"params": params}, jnp.concatenate([x, x]),
-                             jnp.concatenate([tt, tt]),
-                             class_labels=jnp.concatenate([class_labels, null]))
-            cond, uncond = jnp.split(out, 2)
-            return uncond + g * (cond - uncond)
+                             jnp.concatenate([tt, tt]), **both)
+            cond_out, uncond = jnp.split(out, 2)
+            return uncond + g * (cond_out - uncond)
 
         return sample_loop(scheduler, state, model_fn, x, k1, **kwargs)
 
@@ -86,17 +91,19 @@ def make_sampler(unet, scheduler, *, shape, steps: int, guidance_scale: float = 
 
 
 def sample_latents(fn, params, key, *, n: int, class_label: Optional[int] = None,
-                   batch_size: int = 8, on_batch=None):
+                   context=None, batch_size: int = 8, on_batch=None):
     """`n` latents (n, *shape) float32 (scaled, padded) from a `make_sampler` function, in
     batches of `batch_size`; batch i is drawn from fold_in(key, i), so the same seed gives
-    the same samples. `on_batch(done)` is called after each batch (progress)."""
+    the same samples. `context`: None or (n, S, D), row i for sample i. `on_batch(done)`
+    is called after each batch (progress)."""
     if int(n) < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}.")
     out = []
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
         labels = None if class_label is None else jnp.full((b,), int(class_label), jnp.int32)
-        out.append(fn(params, jax.random.fold_in(key, i // batch_size), labels, n=b))
+        ctx = None if context is None else jnp.asarray(context[i:i + b], jnp.float32)
+        out.append(fn(params, jax.random.fold_in(key, i // batch_size), labels, ctx, n=b))
         if on_batch is not None:
             on_batch(i + b)
     return jnp.concatenate(out)

@@ -22,7 +22,11 @@ al. 2023), averaged over the batch. An exponential moving average of the params
 evaluation, "best" and sampling use it. With
 `conditioning.num_classes = K > 0` the UNet gets K + 1 class embeddings; label K means
 "no class" and replaces a label with probability `conditioning.drop_prob` (classifier-free
-guidance, Ho & Salimans 2022).
+guidance, Ho & Salimans 2022). With `unet.with_conditioning` the UNet cross-attends to a
+context (S, cross_attention_dim) per latent read from `conditioning.context_dir`; a dropped
+row gets the null context, zeros (diffusers' and MONAI's tutorials use the embedding of an
+empty prompt; without a text encoder zeros is ours). Label and context are dropped
+together, so the dropped rows train the one unconditional model guidance mixes with.
 """
 
 from __future__ import annotations
@@ -86,10 +90,33 @@ def diffusion_problems(config) -> list[str]:
         if k and not cond.get("labels_csv"):
             problems.append("conditioning.num_classes > 0 needs conditioning.labels_csv (a CSV "
                             "name,label for the latents in latents.dir)")
+    problems += context_problems(config)
     decay = float(config.train.get("ema_decay", 0.0))
     if not 0.0 <= decay < 1.0:
         problems.append(f"train.ema_decay must be in [0, 1) (0: no averaging), got {decay}")
     return problems
+
+
+def context_problems(config) -> list[str]:
+    """unet.with_conditioning and conditioning.context_dir: both or neither, and the
+    contexts need extracted latents (they are matched by file name)."""
+    with_cond = bool(config.get("unet", {}).get("with_conditioning", False))
+    ctx_dir = (config.get("conditioning") or {}).get("context_dir")
+    if with_cond and not ctx_dir:
+        return ["unet.with_conditioning=True needs conditioning.context_dir (a folder with one "
+                "NAME.npy context (S, unet.cross_attention_dim) per latent in latents.dir); set "
+                "--config.conditioning.context_dir=DIR, or remove unet.with_conditioning and "
+                "unet.cross_attention_dim from the config"]
+    if ctx_dir and not with_cond:
+        return [f"conditioning.context_dir={ctx_dir!r} is set but unet.with_conditioning=False "
+                "(the UNet has no cross-attention); set --config.unet.with_conditioning=True "
+                "--config.unet.cross_attention_dim=D (D = the contexts' last axis), or "
+                "--config.conditioning.context_dir=''"]
+    if ctx_dir and not config.get("latents", {}).get("dir"):
+        return [f"conditioning.context_dir={ctx_dir!r} needs latents.dir (contexts are matched "
+                "to extracted latents by file name); extract them with python -m "
+                "ldm_jax.extract and set --config.latents.dir=LATENTS"]
+    return []
 
 
 def prepare_config(config):
@@ -143,8 +170,8 @@ class DiffusionTask:
     # What a resumed run must keep (trainer.resume_changes): the UNet and scheduler (the
     # state's shapes, what the UNet predicts), the latents it learns (which autoencoder
     # and step, where they come from, how they are encoded, their shape) and the
-    # conditioning (the class embeddings). Remat and the compute dtype do not change the
-    # state. latents.scale_factor is not fixed: it is recomputed when unset.
+    # conditioning (the class embeddings, the contexts). Remat and the compute dtype do
+    # not change the state. latents.scale_factor is not fixed: it is recomputed when unset.
     resume_fixed = ("unet", "scheduler", "latents.autoencoder_workdir",
                     "latents.autoencoder_step", "latents.dir", "latents.encode",
                     "latents.latent_shape", "conditioning")
@@ -169,7 +196,9 @@ class DiffusionTask:
         self.on_the_fly = not lat.get("dir")
         self.sample_z = str(lat.get("encode", "sample")) == "sample"
         self.num_classes = int(config.get("conditioning", {}).get("num_classes", 0) or 0)
+        self.with_context = bool(config.unet.get("with_conditioning", False))
         self.names, self.train_latents, self.val_latents, self.labels = [], None, None, None
+        self.train_contexts = self.val_contexts = None
         if self.on_the_fly:
             from ldm_jax.config import latent_shape
             self.latent_shape = tuple(latent_shape(self.ae.config))
@@ -206,6 +235,7 @@ class DiffusionTask:
             raise ConfigError("a shapes-only diffusion task needs latents.latent_shape")
         self.on_the_fly, self.sample_z, self.num_classes = False, False, int(
             config.get("conditioning", {}).get("num_classes", 0) or 0)
+        self.with_context = bool(config.unet.get("with_conditioning", False))
         self.latent_shape = tuple(config.latents.latent_shape)
         self.padded_shape = tuple(unet_padded_shape(self.latent_shape[:3], config.unet))
         self.pad = pad_widths(self.latent_shape[:3], self.padded_shape)
@@ -218,19 +248,26 @@ class DiffusionTask:
 
     # ------------------------------------------------------------------ data
     def _read_folder(self):
-        from ldm_jax.data.latents import read_labels, read_latent_folder
+        from ldm_jax.data.latents import read_contexts, read_labels, read_latent_folder
         names, latents, _ = read_latent_folder(self.config.latents.dir, self.ae.config_hash)
-        labels = None
+        labels = contexts = None
         if self.num_classes:
             labels = read_labels(self.config.conditioning.labels_csv, names, self.num_classes)
+        if self.with_context:
+            contexts = read_contexts(self.config.conditioning.context_dir, names,
+                                     int(self.config.unet.cross_attention_dim))
         n_val = 0 if len(latents) < 2 else max(1, int(round(
             len(latents) * float(self.config.latents.get("val_fraction", 0.1)))))
         self.names = names
-        self.train_latents = latents[n_val:] if n_val else latents
-        self.val_latents = latents[:n_val] if n_val else latents[:1]
+
+        def split(items):  # (train, val): the first n_val validate (the only one: both)
+            return (items[n_val:], items[:n_val]) if n_val else (items, items[:1])
+
+        self.train_latents, self.val_latents = split(latents)
         if labels is not None:
-            self.labels = labels[n_val:] if n_val else labels
-            self.val_labels = labels[:n_val] if n_val else labels[:1]
+            self.labels, self.val_labels = split(labels)
+        if contexts is not None:
+            self.train_contexts, self.val_contexts = split(contexts)
 
     def _encode_np(self, x, key):
         mu, sigma = self.ae.encode(jnp.asarray(x))
@@ -289,23 +326,29 @@ class DiffusionTask:
             return data_lib.make_train_loader(self.ae.config, batch_size=batch_size,
                                               seed=int(self.config.train.seed))
         from ldm_jax.data.latents import make_latent_loader
-        return make_latent_loader(self.train_latents, self.labels, batch_size=batch_size,
-                                  seed=int(self.config.train.seed))
+        return make_latent_loader(self.train_latents, self.labels, self.train_contexts,
+                                  batch_size=batch_size, seed=int(self.config.train.seed))
 
     def eval_batches(self, batch_size):
-        z = self._val_latents()
-        return [{"latent": np.stack(z)}]
+        batch = {"latent": np.stack(self._val_latents())}
+        if self.val_contexts is not None:
+            batch["context"] = self.val_contexts
+        return [batch]
 
     def describe(self) -> str:
         from ldm_jax.diffusion.plan import format_unet_plan
+        if self.on_the_fly:
+            source = (f"encoded on the fly ({'sampled z' if self.sample_z else 'mu'}) from "
+                      f"{self.ae.config.data.source} data by the autoencoder at step "
+                      f"{self.ae.step} of {self.ae.workdir}")
+        else:
+            source = (f"{len(self.train_latents)} train / {len(self.val_latents)} val from "
+                      f"{self.config.latents.dir}")
+        if self.val_contexts is not None:
+            source += (f"; contexts {'x'.join(map(str, self.val_contexts.shape[1:]))} (S x D) "
+                       f"from {self.config.conditioning.context_dir}")
         return format_unet_plan(self.config, self.latent_shape, self.padded_shape,
-                                extra=f"scale_factor {self.scale_factor:.6g}; latents: "
-                                + (f"encoded on the fly ({'sampled z' if self.sample_z else 'mu'})"
-                                   f" from {self.ae.config.data.source} data by the autoencoder "
-                                   f"at step {self.ae.step} of {self.ae.workdir}"
-                                   if self.on_the_fly else
-                                   f"{len(self.train_latents)} train / {len(self.val_latents)} "
-                                   f"val from {self.config.latents.dir}"))
+                                extra=f"scale_factor {self.scale_factor:.6g}; latents: {source}")
 
     def quick_run_hint(self, seconds, first_seconds, steps):
         return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
@@ -318,7 +361,9 @@ class DiffusionTask:
         x = jnp.zeros(self.sample_shape(), jnp.float32)
         t = jnp.zeros((1,), jnp.int32)
         labels = jnp.zeros((1,), jnp.int32) if self.num_classes else None
-        params = self.unet.init(p_rng, x, t, class_labels=labels)["params"]
+        # The params do not depend on the context length S.
+        context = self.null_context(1) if self.with_context else None
+        params = self.unet.init(p_rng, x, t, context=context, class_labels=labels)["params"]
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, params=params, ema_params=params,
                           opt=self.tx.init(params), rng=run_rng, bad_steps=zero,
@@ -337,10 +382,16 @@ class DiffusionTask:
         z = z * self.scale_factor
         return jnp.pad(z, ((0, 0), *self.pad, (0, 0)))
 
-    def _loss(self, params, z, noise, t, labels):
+    def null_context(self, batch: int, length: int = 1):
+        """The null ("no condition") context: zeros (batch, length, cross_attention_dim)."""
+        return jnp.zeros((batch, length, int(self.config.unet.cross_attention_dim)),
+                         jnp.float32)
+
+    def _loss(self, params, z, noise, t, labels, context=None):
         x_t = self.scheduler.add_noise(self.sched_state, z, noise, t)
         target = self.scheduler.training_target(self.sched_state, z, noise, t)
-        pred = self.unet.apply({"params": params}, x_t, t, class_labels=labels)
+        pred = self.unet.apply({"params": params}, x_t, t, context=context,
+                               class_labels=labels)
         pred = pred[..., :target.shape[-1]].astype(jnp.float32)  # learned variances: mean part
         err = jnp.square(pred - target) if self.config.loss.get("type", "mse") == "mse" \
             else jnp.abs(pred - target)
@@ -351,18 +402,27 @@ class DiffusionTask:
                 self.sched_state.alphas_cumprod, t, gamma, self.scheduler.prediction_type)
         return jnp.mean(per_sample)
 
+    def conditions(self, batch, key, batch_size: int):
+        """(class_labels (B,) or None, context (B, S, D) or None) of a training batch after
+        condition dropout: with probability conditioning.drop_prob a row gets the "no
+        class" label and the null context (zeros), both together (one mask)."""
+        drop = jax.random.uniform(key, (batch_size,)) < float(
+            self.config.get("conditioning", {}).get("drop_prob", 0.0))
+        labels = context = None
+        if self.num_classes:
+            labels = jnp.where(drop, self.num_classes, batch["class_label"].astype(jnp.int32))
+        if self.with_context:
+            context = jnp.where(drop[:, None, None], 0.0, batch["context"].astype(jnp.float32))
+        return labels, context
+
     def train_step(self, state, batch, ae_params=None):
         rng, k_enc, k_noise, k_t, k_drop = jax.random.split(state.rng, 5)
         z = self._latents_of(batch, ae_params, k_enc)
         noise = jax.random.normal(k_noise, z.shape, jnp.float32)
         t = self.scheduler.sample_timesteps(k_t, z)
-        labels = None
-        if self.num_classes:
-            labels = batch["class_label"].astype(jnp.int32)
-            drop = jax.random.uniform(k_drop, labels.shape) < float(
-                self.config.conditioning.drop_prob)
-            labels = jnp.where(drop, self.num_classes, labels)
-        loss, grads = jax.value_and_grad(self._loss)(state.params, z, noise, t, labels)
+        labels, context = self.conditions(batch, k_drop, z.shape[0])
+        loss, grads = jax.value_and_grad(self._loss)(state.params, z, noise, t, labels,
+                                                     context)
         updates, opt = self.tx.update(grads, state.opt, state.params)
         params = optax.apply_updates(state.params, updates)
         # EMA warm-up (as diffusers' EMAModel): decay min(d, (1+n)/(10+n)) after n updates,
@@ -388,11 +448,15 @@ class DiffusionTask:
         T = int(self.config.scheduler.num_train_timesteps)
         return np.round(np.linspace(0, T - 1, k)).astype(np.int32)
 
-    def eval_loss(self, params, latents):
+    def eval_loss(self, params, latents, contexts=None):
         """Mean denoising loss of `latents` (N, x, y, z, C, unscaled) over the fixed
-        timesteps, with fixed noise (PRNGKey(0)): a curve comparable across steps."""
+        timesteps, with fixed noise (PRNGKey(0)): a curve comparable across steps. Class
+        models: unconditional (the "no class" label); context models: conditional on
+        `contexts` (N, S, D)."""
+        if self.with_context and contexts is None:
+            raise ValueError("this UNet cross-attends: eval_loss needs the contexts")
         if self._eval_fn is None:
-            def fn(params, z):
+            def fn(params, z, context):
                 z = jnp.pad(z * self.scale_factor, ((0, 0), *self.pad, (0, 0)))
                 noise = jax.random.normal(jax.random.PRNGKey(0), z.shape, jnp.float32)
                 labels = (jnp.full((z.shape[0],), self.num_classes, jnp.int32)
@@ -400,16 +464,22 @@ class DiffusionTask:
                 # One UNet in the program, looped over the timesteps (unrolling them made
                 # the compile ~num_timesteps times larger).
                 losses = jax.lax.map(
-                    lambda t: self._loss(params, z, noise, jnp.full((z.shape[0],), t), labels),
+                    lambda t: self._loss(params, z, noise, jnp.full((z.shape[0],), t), labels,
+                                         context),
                     jnp.asarray(self.eval_timesteps(), jnp.int32))
                 return jnp.mean(losses)
             self._eval_fn = jax.jit(fn)
-        return float(self._eval_fn(params, jnp.asarray(latents, jnp.float32)))
+        ctx = None if contexts is None else jnp.asarray(contexts, jnp.float32)
+        return float(self._eval_fn(params, jnp.asarray(latents, jnp.float32), ctx))
 
     def evaluate(self, state, batches, put, image_path):
         """val_loss (EMA params) and a sheet of `eval.num_samples` decoded samples drawn
-        with a fixed seed (process 0 writes `image_path`)."""
-        val = self.eval_loss(state.ema_params, np.concatenate([b["latent"] for b in batches]))
+        with a fixed seed (process 0 writes `image_path`); context models sample with the
+        first validation contexts (repeated when there are fewer)."""
+        contexts = (np.concatenate([b["context"] for b in batches]) if self.with_context
+                    else None)
+        val = self.eval_loss(state.ema_params, np.concatenate([b["latent"] for b in batches]),
+                             contexts)
         n = int(self.config.eval.get("num_samples", 2))
         if n > 0 and jax.process_index() == 0:
             from ldm_jax.diffusion.pipeline import Pipeline
@@ -418,7 +488,9 @@ class DiffusionTask:
             pipe = self._pipeline
             pipe.params = jax.device_get(state.ema_params)
             vols = pipe.sample(n, jax.random.PRNGKey(int(self.config.eval.get("seed", 0))),
-                               steps=int(self.config.eval.get("sampling_steps", 25)))
+                               steps=int(self.config.eval.get("sampling_steps", 25)),
+                               context=None if contexts is None
+                               else contexts[np.arange(n) % len(contexts)])
             from ldm_jax.diffusion.pipeline import save_sheet
             os.makedirs(os.path.dirname(image_path), exist_ok=True)
             save_sheet(vols, image_path, self.ae.config.data,
