@@ -50,3 +50,28 @@ def tiny_run(tmp_path_factory):
         state = trainer.train(task, workdir, progress=False)
     return SimpleNamespace(task=task, workdir=workdir, output=out.getvalue(),
                            params=jax.device_get(state.g_params), config_path="tests/tiny.py")
+
+
+@pytest.fixture(scope="session")
+def ae_workdir(tiny_run):
+    """The trained stage-1 workdir that stage-2 tests read (never write): `tiny_run`'s."""
+    return tiny_run.workdir
+
+
+@pytest.fixture(scope="session")
+def latents_dir(ae_workdir, tmp_path_factory):
+    """Latents (8x8x4x2) of six 16x16x8 filament volumes, extracted with `ae_workdir`'s
+    autoencoder by `python -m ldm_jax.extract`: the stage-2 tests' training data."""
+    import numpy as np
+
+    from ldm_jax.cli import extract as extract_cli
+    from ldm_jax.data.filaments import render_filaments
+
+    vols = tmp_path_factory.mktemp("vols")
+    for i in range(6):
+        v = render_filaments((16, 16, 8), seed=i, index=0, num_filaments=(3, 3))
+        np.save(vols / f"v{i}.npy", v.astype(np.float32))
+    out = str(tmp_path_factory.mktemp("latents"))
+    assert extract_cli.main(["x", f"--workdir={ae_workdir}", f"--input={vols}",
+                             f"--output={out}", "--step=latest", "--noprogress"]) == 0
+    return out

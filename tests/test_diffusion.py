@@ -11,7 +11,6 @@ import pytest
 
 import ldm_jax
 from ldm_jax.checkpoint import CheckpointNotFoundError
-from ldm_jax.cli import extract as extract_cli
 from ldm_jax.cli import sample as sample_cli
 from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.config import ConfigError
@@ -43,27 +42,6 @@ def tiny_diffusion_config(ae_workdir, latents_dir=None, levels=2):
     c.eval.num_samples, c.eval.sampling_steps, c.eval.num_timesteps = 1, 3, 3
     c.mesh.data = 1
     return c
-
-
-@pytest.fixture(scope="module")
-def ae_workdir(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("stage1")
-    config = tiny_config()
-    config.train.num_steps = 2
-    train_and_evaluate(config, str(wd), progress=False)
-    return str(wd)
-
-
-@pytest.fixture(scope="module")
-def latents_dir(ae_workdir, tmp_path_factory):
-    vols = tmp_path_factory.mktemp("vols")
-    for i in range(6):
-        v = render_filaments((16, 16, 8), seed=i, index=0, num_filaments=(3, 3))
-        np.save(vols / f"v{i}.npy", v.astype(np.float32))
-    out = str(tmp_path_factory.mktemp("latents"))
-    assert extract_cli.main(["x", f"--workdir={ae_workdir}", f"--input={vols}",
-                             f"--output={out}", "--step=latest", "--noprogress"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import ldm_jax
 from ldm_jax.cli import sample as sample_cli
-from ldm_jax.cli.train import make_task, train_and_evaluate
+from ldm_jax.cli.train import make_task
 from ldm_jax.config import ConfigError
 from ldm_jax.data import DataError
-from tests.test_diffusion import ae_workdir, latents_dir, tiny_diffusion_config  # noqa: F401
+from tests.test_diffusion import tiny_diffusion_config
 
 DIM, S = 4, 3  # cross_attention_dim, context length
 
@@ -43,7 +42,7 @@ def context_dir(latents_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ctx_run(ae_workdir, latents_dir, context_dir, tmp_path_factory):  # noqa: F811
+def ctx_run(ae_workdir, latents_dir, context_dir, tmp_path_factory):
     """(workdir, task) of 4 steps (eval and a sample sheet at 2 and 4). No condition
     dropout here, so the tests can reuse the task's compiled step, evaluation and sampler
     as the conditional model; `_loss_with_dropout` compiles a step with dropout 1."""
