@@ -1,7 +1,7 @@
 """What a configuration costs -- memory, FLOPs, speed -- measured before you rent a GPU.
 
     python -m benchmarks.bench --config configs/balanced.py [--volume 256,256,64] [--batch 1]
-        [--steps 3] [--compile-only] [--vs-monai] [--json out.json]
+        [--steps 3] [--compile-only] [--vs-monai] [--buffers 10] [--json out.json]
     python -m benchmarks.bench --table seed --compile-only        # the seed's comparison
     python -m benchmarks.bench --config configs/aggressive.py --volume 1024,1024,128 \\
         --head subpixel --spatial 1,8 --compile-only               # per-device memory
@@ -21,6 +21,8 @@ What the numbers are (also printed under every table):
   memory_stats()["peak_bytes_in_use"], each row in a fresh process.
 - host_peak_bytes (CPU, real steps): peak RSS delta (see benchmarks.bench_monai.HostPeak).
 - flops: XLA cost analysis of the compiled step (per device for a sharded step).
+- buffers (--buffers N): the N largest buffers live at the step's peak, with the HLO op
+  and JAX op that made each (benchmarks.memory_listing; XLA's live-range dump).
 - step_s: median wall time of --steps real steps after --warmup steps, each blocked on;
   step_cpu_s: the same steps' median process CPU time (all threads), steadier than wall
   time on a shared CPU.
@@ -49,6 +51,7 @@ from pathlib import Path
 from ldm_jax import config as config_lib
 from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads, unsupported_reasons
 from ldm_jax.config import ConfigError
+from benchmarks.memory_listing import compile_with_listing, format_buffers
 
 # JAX is imported inside functions on purpose: XLA_FLAGS (simulated devices for --spatial)
 # must be set before the first `import jax` of the process.
@@ -218,10 +221,13 @@ def _memory(compiled):
 
 
 def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spatial=1,
-            threads=None):
+            threads=None, buffers=0):
     """Compiles (and unless compile_only, runs) the training step of `config`; one result row.
 
     `config` should come from `bench_config`. Needs `spatial` devices (simulated on CPU).
+    `buffers` > 0 adds row["buffers"]: that many largest buffers live at the compiled
+    step's peak (`benchmarks.memory_listing`; the compile then also writes XLA's dump to a
+    temporary directory, so compile_s is a little higher).
     """
     import jax
     import jax.numpy as jnp
@@ -252,7 +258,11 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
     t0 = time.perf_counter()
     lowered = step_fn.lower(abstract, abstract_batch, abstract_perc)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    listing = None
+    if buffers:
+        compiled, listing = compile_with_listing(lowered, int(buffers))
+    else:
+        compiled = lowered.compile()
     t2 = time.perf_counter()
     peak, raw = _memory(compiled)
     flops, bytes_accessed = _cost(compiled)
@@ -291,6 +301,8 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
         threads=(threads or len(os.sched_getaffinity(0))) if dev0.platform == "cpu" else None,
         date=datetime.date.today().isoformat(),
     )
+    if listing is not None:
+        row["buffers"] = [b.as_dict() for b in listing]
     if compile_only or steps <= 0:
         return row
     if simulated:
@@ -348,7 +360,7 @@ def _run_worker(spec_path):
     try:
         row = measure(config, name=spec["name"], steps=spec["steps"], warmup=spec["warmup"],
                       compile_only=spec["compile_only"], spatial=spec["spatial"],
-                      threads=threads)
+                      threads=threads, buffers=spec.get("buffers", 0))
     except ConfigError as e:
         row = dict(name=spec["name"], error=f"ConfigError: {e}")
     except Exception as e:  # report the row as failed (e.g. out of memory) and go on
@@ -396,10 +408,10 @@ def _subprocess_json(cmd, marker, env=None, timeout=None):
 
 
 def measure_isolated(config, *, name, steps, warmup, compile_only, spatial, threads=None,
-                     timeout=None):
+                     timeout=None, buffers=0):
     """`measure` in a fresh `python -m benchmarks.bench --_worker` process."""
     spec = dict(config=config.to_dict(), name=name, steps=steps, warmup=warmup,
-                compile_only=compile_only, spatial=spatial, threads=threads)
+                compile_only=compile_only, spatial=spatial, threads=threads, buffers=buffers)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     env = dict(os.environ)
@@ -502,6 +514,10 @@ def format_table(rows):
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(notes(rows))
+    for r in rows:
+        if r.get("buffers"):
+            lines += ["", format_buffers(r["buffers"], f"Largest buffers live at the peak of "
+                                                       f"{r['name']} (XLA live ranges):")]
     return "\n".join(lines)
 
 
@@ -556,6 +572,9 @@ def _parse_args(argv):
     p.add_argument("--vs-monai", action="store_true",
                    help="also time MONAI's PyTorch AutoencoderKL + PatchDiscriminator "
                         "(initial factor 1, factors 2 only)")
+    p.add_argument("--buffers", type=int, default=0, metavar="N",
+                   help="also list the N largest buffers live at the step's peak and the "
+                        "op that made each (compiles with XLA's dump on)")
     p.add_argument("--json", help="write the result rows to this JSON file")
     p.add_argument("--only", help="comma list: measure only rows whose name starts with one "
                                   "of these, e.g. 'B,C nearest_conv'")
@@ -653,7 +672,8 @@ def _main(args):
         print(f"[bench] {name}: volume {tuple(cfg.data.volume_size)}, batch "
               f"{cfg.train.batch_size}, spatial {spatial} ...", file=sys.stderr, flush=True)
         kw = dict(name=name, steps=args.steps, warmup=args.warmup,
-                  compile_only=args.compile_only, spatial=spatial, threads=args.threads)
+                  compile_only=args.compile_only, spatial=spatial, threads=args.threads,
+                  buffers=args.buffers)
         if args.in_process:
             try:
                 row = measure(cfg, **kw)
