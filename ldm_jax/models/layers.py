@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from ldm_jax.config import ConfigError, as_triple
 from ldm_jax.models.chunked_attention import chunked_attention
+from ldm_jax.models.upsample_conv import NearestUpsampleConv
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +285,17 @@ class ConvTransposeUpsample(nn.Module):
         return depth_to_space(y, f) + bias.astype(self.dtype)
 
 
+def nearest_conv(features: int, factor, dtype: Any, name: str) -> nn.Module:
+    """Nearest upsample x `factor` then conv k3 p1 (params: one `layers.conv`'s kernel and
+    bias); computed on the coarse grid (`ldm_jax.models.upsample_conv`) when factor > 1."""
+    if as_triple(factor) == (1, 1, 1):
+        return conv(features, dtype=dtype, name=name)
+    return NearestUpsampleConv(features, as_triple(factor), torch_like_init, dtype, name=name)
+
+
 class Upsample(nn.Module):
-    """Level upsample by `factor`: nearest then conv k3 (MONAI "postconv") or conv-transpose."""
+    """Level upsample by `factor`: nearest then conv k3 (MONAI "postconv", computed on the
+    coarse grid by `nearest_conv`) or conv-transpose."""
 
     factor: Sequence[int]
     use_convtranspose: bool = False
@@ -296,7 +306,7 @@ class Upsample(nn.Module):
         f = as_triple(self.factor)
         if self.use_convtranspose:
             return ConvTransposeUpsample(f, self.dtype, name="deconv")(x)
-        return conv(x.shape[-1], dtype=self.dtype, name="postconv")(nearest_upsample(x, f))
+        return nearest_conv(x.shape[-1], f, self.dtype, "postconv")(x)
 
 
 def icnr_init(base_init, subpixels: int):
