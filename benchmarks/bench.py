@@ -20,7 +20,9 @@ What the numbers are (also printed under every table):
 - device_peak_bytes (GPU, real steps): max over the mesh's devices of
   memory_stats()["peak_bytes_in_use"], each row in a fresh process.
 - host_peak_bytes (CPU, real steps): peak RSS delta (see benchmarks.bench_monai.HostPeak).
-- flops: XLA cost analysis of the compiled step (per device for a sharded step).
+- flops: XLA cost analysis of the compiled step (per device for a sharded step), plus
+  loop_flops: the dot/conv FLOPs of while-loop iterations the analysis leaves out (it
+  counts a loop body once; benchmarks.hlo_flops).
 - buffers (--buffers N): the N largest buffers live at the step's peak, with the HLO op
   and JAX op that made each (benchmarks.memory_listing; XLA's live-range dump).
 - step_s: median wall time of --steps real steps after --warmup steps, each blocked on;
@@ -51,6 +53,7 @@ from pathlib import Path
 from ldm_jax import config as config_lib
 from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads, unsupported_reasons
 from ldm_jax.config import ConfigError
+from benchmarks.hlo_flops import loop_flops_correction
 from benchmarks.memory_listing import compile_with_listing, format_buffers
 
 # JAX is imported inside functions on purpose: XLA_FLAGS (simulated devices for --spatial)
@@ -199,13 +202,18 @@ def _count(tree):
 
 
 def _cost(compiled):
+    """(FLOPs, bytes accessed, loop FLOPs added): XLA's cost analysis counts a while loop's
+    body once (the chunked attention's scans), so the dot/conv FLOPs of the remaining
+    iterations are added (benchmarks.hlo_flops)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
     cost = cost or {}
     flops = cost.get("flops")
-    return (None if flops is None else float(flops),
-            None if cost.get("bytes accessed") is None else float(cost["bytes accessed"]))
+    extra = loop_flops_correction(compiled.as_text()) if flops is not None else 0.0
+    return (None if flops is None else float(flops) + extra,
+            None if cost.get("bytes accessed") is None else float(cost["bytes accessed"]),
+            extra)
 
 
 def _memory(compiled):
@@ -265,7 +273,7 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
         compiled = lowered.compile()
     t2 = time.perf_counter()
     peak, raw = _memory(compiled)
-    flops, bytes_accessed = _cost(compiled)
+    flops, bytes_accessed, loop_flops = _cost(compiled)
 
     dev0 = devices[0]
     row = dict(
@@ -283,6 +291,7 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
         params=_count(abstract.g_params),
         disc_params=_count(abstract.d_params),
         flops=flops,
+        loop_flops=loop_flops,
         bytes_accessed=bytes_accessed,
         peak_memory_bytes=peak,
         memory_method=MEMORY_METHOD,

@@ -11,6 +11,7 @@ and softmax in float32 (`attention`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Sequence
 
@@ -149,21 +150,80 @@ def group_norm(groups: int, eps: float, dtype: Any, name: str | None = None) -> 
     )
 
 
+def _norm_act_conv_fn(cfg, p_norm, p_conv, x):
+    """conv(SiLU(GN(x))) as a pure function of the two layers' params; cfg = (C, G, eps, dtype)."""
+    features, groups, eps, dtype = cfg
+    h = nn.silu(group_norm(groups, eps, dtype).apply({"params": p_norm}, x))
+    return conv(features, dtype=dtype).apply({"params": p_conv}, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _norm_act_conv_recomputed(cfg, p_norm, p_conv, x):
+    return _norm_act_conv_fn(cfg, p_norm, p_conv, x)
+
+
+def _nac_fwd(cfg, p_norm, p_conv, x):
+    return _norm_act_conv_fn(cfg, p_norm, p_conv, x), (p_norm, p_conv, x)
+
+
+def after(x, g):
+    """x, made to depend on g without changing its value (unless g holds inf/NaN at [0...]).
+
+    XLA:CPU drops optimization barriers before common-subexpression elimination, so a
+    recomputation in the backward pass is merged with the forward's own computation of
+    the same values (which are then kept alive for the backward: nothing is saved) and
+    may be scheduled before the gradient that needs it exists. Adding 0 * g[0, ...]
+    makes the recomputed values different expressions that can only run once g is there.
+    """
+    zero = jax.lax.index_in_dim(g.reshape(-1), 0, keepdims=False).astype(x.dtype) * 0
+    return x + zero
+
+
+def _nac_bwd(cfg, residuals, g):
+    p_norm, p_conv, x = residuals
+    _, vjp = jax.vjp(functools.partial(_norm_act_conv_fn, cfg), p_norm, p_conv, after(x, g))
+    return vjp(g)  # the conv's forward output is unused here: XLA drops it
+
+
+_norm_act_conv_recomputed.defvjp(_nac_fwd, _nac_bwd)
+
+
+def norm_act_conv(module: nn.Module, x, features: int, groups: int, eps: float, dtype: Any,
+                  norm_name: str, conv_name: str, recompute: bool = True):
+    """conv_k3(SiLU(GroupNorm(x))) with layers `norm_name`, `conv_name` of `module`.
+
+    x: (B, X, Y, Z, C_in) -> (B, X, Y, Z, features) in `dtype`. With `recompute` (same
+    values, same params) the backward pass keeps only x and the params and recomputes
+    the normalisation and activation from them once this block's gradient arrives (a
+    `jax.custom_vjp`); without it, it keeps x - mean and SiLU's output as well: two more
+    tensors of x's size per call.
+    """
+    if recompute and not module.is_initializing():
+        p = module.variables["params"]
+        return _norm_act_conv_recomputed((features, groups, eps, jnp.dtype(dtype)),
+                                         p[norm_name], p[conv_name], x)
+    h = nn.silu(group_norm(groups, eps, dtype, name=norm_name)(x))
+    return conv(features, dtype=dtype, name=conv_name)(h)
+
+
 class ResBlock(nn.Module):
-    """MONAI AEKLResBlock: GN -> SiLU -> conv3 -> GN -> SiLU -> conv3, plus (1x1) shortcut."""
+    """MONAI AEKLResBlock: GN -> SiLU -> conv3 -> GN -> SiLU -> conv3, plus (1x1) shortcut.
+
+    `recompute_norm_act`: see `norm_act_conv` (same values and params either way).
+    """
 
     out_channels: int
     norm_num_groups: int
     norm_eps: float
     dtype: Any = jnp.float32
+    recompute_norm_act: bool = True
 
     @nn.compact
     def __call__(self, x):
-        g, e, dt = self.norm_num_groups, self.norm_eps, self.dtype
-        h = nn.silu(group_norm(g, e, dt, name="norm1")(x))
-        h = conv(self.out_channels, dtype=dt, name="conv1")(h)
-        h = nn.silu(group_norm(g, e, dt, name="norm2")(h))
-        h = conv(self.out_channels, dtype=dt, name="conv2")(h)
+        g, e, dt, c = self.norm_num_groups, self.norm_eps, self.dtype, self.out_channels
+        r = self.recompute_norm_act
+        h = norm_act_conv(self, x, c, g, e, dt, "norm1", "conv1", r)
+        h = norm_act_conv(self, h, c, g, e, dt, "norm2", "conv2", r)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, kernel=1, dtype=dt, name="nin_shortcut")(x)
         return x + h
