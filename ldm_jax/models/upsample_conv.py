@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.config import as_triple
+from ldm_jax.models.conv_grad import conv_general_dilated
 
 
 def fold_matrix(f: int) -> tuple[np.ndarray, list[int]]:
@@ -92,8 +93,8 @@ def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, facto
     o = kernel.shape[-1]
     w = fold_kernel(kernel, f).astype(dtype)
     # Padding 1 everywhere: kernel 3 (factor 1) keeps n, kernel 2 gives n + 1.
-    y = jax.lax.conv_general_dilated(x.astype(dtype), w, (1, 1, 1), [(1, 1)] * 3,
-                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    y = conv_general_dilated(x.astype(dtype), w, (1, 1, 1), [(1, 1)] * 3,
+                             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     y = y.reshape(*y.shape[:4], *f, o)
     y = _take_parities(y, f, (X, Y, Z))  # (B, X, Y, Z, fx, fy, fz, O)
     y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, X * f[0], Y * f[1], Z * f[2], o)
