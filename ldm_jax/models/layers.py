@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from ldm_jax.config import ConfigError, as_triple
 from ldm_jax.models.chunked_attention import chunked_attention
+from ldm_jax.models.tap_conv import after, conv_general_dilated
 from ldm_jax.models.upsample_conv import NearestUpsampleConv
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def conv(features: int, kernel=3, strides=1, padding=None, dtype: Any = jnp.floa
     return nn.Conv(
         features, kernel_size=k, strides=as_triple(strides), padding=tuple(padding),
         dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init, name=name,
+        conv_general_dilated=conv_general_dilated,
     )
 
 
@@ -164,19 +166,6 @@ def _norm_act_conv_recomputed(cfg, p_norm, p_conv, x):
 
 def _nac_fwd(cfg, p_norm, p_conv, x):
     return _norm_act_conv_fn(cfg, p_norm, p_conv, x), (p_norm, p_conv, x)
-
-
-def after(x, g):
-    """x, made to depend on g without changing its value (unless g holds inf/NaN at [0...]).
-
-    XLA:CPU drops optimization barriers before common-subexpression elimination, so a
-    recomputation in the backward pass is merged with the forward's own computation of
-    the same values (which are then kept alive for the backward: nothing is saved) and
-    may be scheduled before the gradient that needs it exists. Adding 0 * g[0, ...]
-    makes the recomputed values different expressions that can only run once g is there.
-    """
-    zero = jax.lax.index_in_dim(g.reshape(-1), 0, keepdims=False).astype(x.dtype) * 0
-    return x + zero
 
 
 def _nac_bwd(cfg, residuals, g):

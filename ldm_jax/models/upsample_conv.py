@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.config import as_triple
-from ldm_jax.models.conv_grad import conv_general_dilated
+from ldm_jax.models.tap_conv import conv_general_dilated
 
 
 def fold_matrix(f: int) -> tuple[np.ndarray, list[int]]:

@@ -1,4 +1,4 @@
-"""ldm_jax.models.conv_grad: lax's conv, with the kernel gradient as one matmul per tap."""
+"""ldm_jax.models.tap_conv: lax's conv as one matmul per kernel tap, forward and backward."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from ldm_jax.models import conv_grad
+from ldm_jax.models import tap_conv
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -33,13 +33,13 @@ def test_values_and_gradients_equal_lax(kernel, padding):
     out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
         x, w, (1, 1, 1), padding, dimension_numbers=DN)).shape
     g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
-    ours = jax.jit(lambda x, w, g: _grads(conv_grad.conv_general_dilated, x, w, g,
+    ours = jax.jit(lambda x, w, g: _grads(tap_conv.conv_general_dilated, x, w, g,
                                           padding=padding))(x, w, g)
     ref = _grads(lax.conv_general_dilated, x, w, g, padding=padding)
     for name, a, b in zip(("y", "dx", "dw"), ours, ref):
         assert a.shape == b.shape and a.dtype == b.dtype and _rel(a, b) <= 1e-5, name
     # The custom gradient is the one in use (CPU): the program maps over the taps.
-    text = jax.jit(lambda x, w, g: _grads(conv_grad.conv_general_dilated, x, w, g,
+    text = jax.jit(lambda x, w, g: _grads(tap_conv.conv_general_dilated, x, w, g,
                                           padding=padding)).lower(x, w, g).as_text()
     assert ("while" in text) == (jax.default_backend() == "cpu" and np.prod(kernel) > 1)
 
@@ -49,7 +49,7 @@ def test_bfloat16_kernel_gradient_is_accurate():
     x = jnp.asarray(rng.normal(size=(1, 8, 8, 8, 4)), jnp.bfloat16)
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 4)), jnp.bfloat16)
     g = jnp.asarray(rng.normal(size=(1, 8, 8, 8, 4)), jnp.bfloat16)
-    _, _, dw = _grads(conv_grad.conv_general_dilated, x, w, g, padding=((1, 1),) * 3)
+    _, _, dw = _grads(tap_conv.conv_general_dilated, x, w, g, padding=((1, 1),) * 3)
     _, _, ref = _grads(lax.conv_general_dilated, *(a.astype(jnp.float32) for a in (x, w, g)),
                        padding=((1, 1),) * 3)
     assert dw.dtype == jnp.bfloat16 and _rel(dw, ref) <= 1e-2
@@ -59,7 +59,7 @@ def test_strided_convs_fall_back_to_lax():
     x = jnp.ones((1, 8, 8, 8, 2), jnp.float32)
     w = jnp.ones((3, 3, 3, 2, 2), jnp.float32)
     kw = dict(dimension_numbers=DN)
-    fn = jax.jit(jax.grad(lambda w: conv_grad.conv_general_dilated(
+    fn = jax.jit(jax.grad(lambda w: tap_conv.conv_general_dilated(
         x, w, (2, 2, 2), ((0, 1),) * 3, **kw).sum()))
     assert "while" not in fn.lower(w).as_text()
     ref = jax.grad(lambda w: lax.conv_general_dilated(x, w, (2, 2, 2), ((0, 1),) * 3,
