@@ -55,13 +55,33 @@ def test_bfloat16_kernel_gradient_is_accurate():
     assert dw.dtype == jnp.bfloat16 and _rel(dw, ref) <= 1e-2
 
 
-def test_strided_convs_fall_back_to_lax():
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((8, 8, 6), (4, 4, 4), (2, 2, 2), ((1, 1),) * 3),  # PatchGAN
+    ((8, 8, 6), (3, 3, 3), (2, 2, 2), ((0, 1),) * 3),  # MONAI's downsample (zero taps)
+    ((9, 7, 6), (3, 2, 4), (2, 1, 3), ((1, 0), (0, 0), (2, 1))),  # odd sizes, cropping
+])
+def test_strided_convs_equal_lax(shape, kernel, strides, padding):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, *shape, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel, 3, 5)), jnp.float32)
+
+    def f(conv):
+        return lambda x, w: conv(x, w, strides, padding, dimension_numbers=DN)
+
+    y, vjp = jax.vjp(jax.jit(f(tap_conv.conv_general_dilated)), x, w)
+    y_ref, vjp_ref = jax.vjp(f(lax.conv_general_dilated), x, w)
+    g = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+    assert y.shape == y_ref.shape and _rel(y, y_ref) <= 1e-5
+    for a, b in zip(vjp(g), vjp_ref(g)):
+        assert a.shape == b.shape and _rel(a, b) <= 1e-5
+
+
+def test_dilated_convs_fall_back_to_lax():
     x = jnp.ones((1, 8, 8, 8, 2), jnp.float32)
     w = jnp.ones((3, 3, 3, 2, 2), jnp.float32)
-    kw = dict(dimension_numbers=DN)
     fn = jax.jit(jax.grad(lambda w: tap_conv.conv_general_dilated(
-        x, w, (2, 2, 2), ((0, 1),) * 3, **kw).sum()))
+        x, w, (1, 1, 1), ((2, 2),) * 3, rhs_dilation=(2, 2, 2), dimension_numbers=DN).sum()))
     assert "while" not in fn.lower(w).as_text()
-    ref = jax.grad(lambda w: lax.conv_general_dilated(x, w, (2, 2, 2), ((0, 1),) * 3,
-                                                      **kw).sum())(w)
+    ref = jax.grad(lambda w: lax.conv_general_dilated(
+        x, w, (1, 1, 1), ((2, 2),) * 3, rhs_dilation=(2, 2, 2), dimension_numbers=DN).sum())(w)
     np.testing.assert_allclose(np.asarray(fn(w)), np.asarray(ref), rtol=1e-6)
