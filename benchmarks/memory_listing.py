@@ -49,7 +49,7 @@ class Buffer:
     bytes: int
     instruction: str
     opcode: str  # "fusion", "convolution", "parameter", ...
-    shape: str  # e.g. "f32[1,24,24,16,64]{4,3,2,1,0}" (whole tuple for a tuple element)
+    shape: str  # e.g. "f32[1,24,24,16,64]{4,3,2,1,0}" (of the element, for a tuple element)
     op_name: str  # JAX's name scope of the op ("" when XLA made it, e.g. a copy)
     source: str  # "file.py:line" of the traced Python call ("" when unknown)
 
@@ -136,6 +136,25 @@ def instructions(hlo_text: str) -> dict[str, dict]:
     return out
 
 
+def element_shape(shape: str, value: str) -> str:
+    """The shape of `value` ("name{i,j}" = element j of element i of a tuple) within `shape`."""
+    index = value[value.index("{") + 1:-1] if "{" in value else ""
+    for i in (int(k) for k in index.split(",") if k.strip()):
+        if not shape.startswith("("):
+            return shape
+        parts, depth, start = [], 0, 1
+        for pos, ch in enumerate(shape):
+            if ch in "([{":
+                depth += 1
+            elif ch in ")]}":
+                depth -= 1
+            if (ch == "," and depth == 1) or (ch == ")" and depth == 0):
+                parts.append(shape[start:pos].strip())
+                start = pos + 1
+        shape = parts[i] if i < len(parts) else shape
+    return shape
+
+
 def largest_live_buffers(live_range_text: str, hlo_text: str, top: int = 10) -> list[Buffer]:
     """The `top` largest values live at the peak, largest first, with the op that made each."""
     _, values = peak_values(live_range_text)
@@ -145,7 +164,8 @@ def largest_live_buffers(live_range_text: str, hlo_text: str, top: int = 10) -> 
         inst = value.split("{")[0]
         i = info.get(inst, {})
         rows.append(Buffer(value=value, bytes=size, instruction=inst,
-                           opcode=i.get("opcode", "?"), shape=i.get("shape", "?"),
+                           opcode=i.get("opcode", "?"),
+                           shape=element_shape(i.get("shape", "?"), value),
                            op_name=i.get("op_name", ""), source=i.get("source", "")))
     rows.sort(key=lambda b: -b.bytes)
     return rows[:top] if top else rows
@@ -195,7 +215,7 @@ def format_buffers(rows, title: str = "") -> str:
     lines += ["| # | MB | shape | HLO op | JAX op | source |", "|---|---|---|---|---|---|"]
     for i, b in enumerate(rows, 1):
         b = b.as_dict() if isinstance(b, Buffer) else b
-        shape = b["shape"].split("{")[0] if not b["shape"].startswith("(") else b["shape"]
+        shape = b["shape"].split("{")[0]
         lines.append(f"| {i} | {b['bytes'] / 1e6:,.1f} | {shape} | {b['instruction']} "
                      f"({b['opcode']}) | {_short_op(b['op_name'])} | {b['source']} |")
     return "\n".join(lines)

@@ -53,6 +53,8 @@ def test_parsers_name_size_shape_op_and_source():
     assert big.op_name == "jit(f)/jvp(Model)/attn/dot_general"
     assert big.source == "layers.py:178"
     assert rows[1].instruction == "tup" and rows[1].op_name == ""
+    assert rows[1].shape == "f32[250]{0}"  # element 1 of the tuple
+    assert ml.element_shape("(s32[], (f32[2]{0}, u8[3]))", "w{1,1}") == "u8[3]"
     table = ml.format_buffers(rows)
     assert "| 1 | 4.0 | f32[1000,1000] | big (fusion) |" in table
     with pytest.raises(ValueError, match="peak"):
