@@ -85,3 +85,18 @@ def test_dilated_convs_fall_back_to_lax():
     ref = jax.grad(lambda w: lax.conv_general_dilated(
         x, w, (1, 1, 1), ((2, 2),) * 3, rhs_dilation=(2, 2, 2), dimension_numbers=DN).sum())(w)
     np.testing.assert_allclose(np.asarray(fn(w)), np.asarray(ref), rtol=1e-6)
+
+
+def test_disabled_traces_lax_convolutions():
+    x = jnp.ones((1, 8, 8, 8, 2), jnp.float32)
+    w = jnp.ones((3, 3, 3, 2, 2), jnp.float32)
+
+    def f(w):
+        return tap_conv.conv_general_dilated(x, w, (1, 1, 1), ((1, 1),) * 3,
+                                             dimension_numbers=DN).sum()
+
+    with tap_conv.disabled():
+        text = jax.jit(jax.grad(f)).lower(w).as_text()
+    assert "while" not in text and "convolution" in text
+    assert ("while" in jax.jit(jax.grad(f)).lower(w).as_text()) == (
+        jax.default_backend() == "cpu")

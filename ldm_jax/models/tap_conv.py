@@ -24,6 +24,8 @@ matmul) is `lax.conv_general_dilated` itself.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -32,6 +34,22 @@ import numpy as np
 from jax import lax
 
 DIMENSION_NUMBERS = ("NDHWC", "DHWIO", "NDHWC")
+_ENABLED = contextvars.ContextVar("tap_conv_enabled", default=True)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Trace with `lax.conv_general_dilated` everywhere inside this block.
+
+    For programs whose activations are sharded along a spatial axis (`mesh.spatial` > 1):
+    the taps' `dynamic_slice` along a sharded axis makes XLA's partitioner gather the
+    whole activation on every device, where its own convolutions exchange halos only.
+    """
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
 
 
 def _taps(kernel_shape):
@@ -173,11 +191,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     and explicit (lo, hi) padding (what `flax.linen.Conv` passes); strided convs are first
     rewritten as stride-1 convs (`strided_as_stride_one`: XLA:CPU's input gradient of a
     strided conv took 3.2 CPU-s for a 1.2 GFLOP PatchGAN backward at 48x48x32). Anything
-    else (other backends: cuDNN's convolutions are fast) is `lax.conv_general_dilated`
-    itself. Usable as `nn.Conv(conv_general_dilated=...)`.
+    else (other backends: cuDNN's convolutions are fast; code traced inside `disabled()`)
+    is `lax.conv_general_dilated` itself. Usable as `nn.Conv(conv_general_dilated=...)`.
     """
     simple = (
-        jax.default_backend() == "cpu" and lhs.ndim == 5 and rhs.ndim == 5
+        _ENABLED.get() and jax.default_backend() == "cpu" and lhs.ndim == 5 and rhs.ndim == 5
         and tuple(rhs.shape[:3]) != (1, 1, 1)
         and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1, 1))
         and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1, 1))
