@@ -237,14 +237,11 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
     step's peak (`benchmarks.memory_listing`; the compile then also writes XLA's dump to a
     temporary directory, so compile_s is a little higher).
     """
-    import contextlib
-
     import jax
     import jax.numpy as jnp
 
     from ldm_jax import sharding
     from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
-    from ldm_jax.models import tap_conv
     from ldm_jax.trainer import abstract_train_state, compile_train_step, init_train_state
 
     config = prepare_config(config)
@@ -267,9 +264,8 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
 
     step_fn = compile_train_step(stage, mesh, abstract)
     t0 = time.perf_counter()
-    # Spatially sharded: XLA's convolutions (halo exchanges), not the CPU tap convs.
-    with tap_conv.disabled() if int(spatial) > 1 else contextlib.nullcontext():
-        lowered = step_fn.lower(abstract, abstract_batch, abstract_perc)
+    # Spatially sharded: traced with XLA's convolutions (`compile_train_step`).
+    lowered = step_fn.lower(abstract, abstract_batch, abstract_perc)
     t1 = time.perf_counter()
     listing = None
     if buffers:

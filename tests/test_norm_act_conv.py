@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.models.layers import ResBlock
+from ldm_jax.models.unet import ResnetBlock
 
 
 class Chain(nn.Module):
@@ -67,3 +68,30 @@ def test_backward_keeps_less():
         grad = jax.jit(jax.grad(_loss(r, jnp.float32)))
         temp[r] = grad.lower(params, x, w).compile().memory_analysis().temp_size_in_bytes
     assert temp[True] < 0.8 * temp[False], temp
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_unet_resnet_block_same_params_values_and_gradients(dtype, tol):
+    """The diffusion UNet's resnet (timestep embedding between the halves, zero-initialised
+    conv2): recomputing norm and activation changes neither its params nor its values."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(1, 8, 8, 4, 8)), jnp.float32)
+    emb = jnp.asarray(rng.normal(size=(1, 32)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(1, 8, 8, 4, 16)), jnp.float32)
+
+    def block(r):
+        return ResnetBlock(16, 4, 1e-6, dtype=dtype, recompute_norm_act=r)
+
+    init = {r: block(r).init(jax.random.key(0), x, emb)["params"] for r in (True, False)}
+    assert jax.tree.structure(init[True]) == jax.tree.structure(init[False])
+    assert not np.any(np.asarray(init[True]["conv2"]["kernel"]))  # MONAI's zero_module
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype),
+                          init[False])
+    out = {}
+    for r in (True, False):
+        def loss(p, x, emb, r=r):
+            y = block(r).apply({"params": p}, x.astype(dtype), emb.astype(dtype))
+            return jnp.sum(y.astype(jnp.float32) * w)
+        out[r] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, x, emb)
+    for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
+        assert a.shape == b.shape and _rel(a, b) <= tol

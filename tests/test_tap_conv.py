@@ -2,10 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax import lax
 
+from ldm_jax import sharding
 from ldm_jax.models import tap_conv
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
@@ -100,3 +102,18 @@ def test_disabled_traces_lax_convolutions():
     assert "while" not in text and "convolution" in text
     assert ("while" in jax.jit(jax.grad(f)).lower(w).as_text()) == (
         jax.default_backend() == "cpu")
+
+
+def test_for_mesh_disables_taps_only_for_spatially_split_meshes():
+    def traced_whiles(spatial):
+        cfg = ml_collections.ConfigDict(dict(data=1, spatial=spatial))
+        mesh = sharding.make_mesh(cfg, jax.devices()[:spatial])
+        x = jnp.ones((1, 8, 8, 8, 2), jnp.float32)
+        w = jnp.ones((3, 3, 3, 2, 2), jnp.float32)
+        with tap_conv.for_mesh(mesh):
+            return "while" in jax.jit(lambda w: tap_conv.conv_general_dilated(
+                x, w, (1, 1, 1), ((1, 1),) * 3, dimension_numbers=DN)).lower(w).as_text()
+
+    assert traced_whiles(1) == (jax.default_backend() == "cpu")
+    if len(jax.devices()) >= 2:
+        assert not traced_whiles(2)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.hlo_flops import loop_flops_correction
+from benchmarks.hlo_flops import loop_flops_correction
 from ldm_jax.models.layers import conv, nearest_upsample
 from ldm_jax.models.upsample_conv import NearestUpsampleConv, fold_matrix, upsample_conv
 

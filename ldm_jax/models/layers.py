@@ -180,8 +180,10 @@ _norm_act_conv_recomputed.defvjp(_nac_fwd, _nac_bwd)
 
 
 def norm_act_conv(module: nn.Module, x, features: int, groups: int, eps: float, dtype: Any,
-                  norm_name: str, conv_name: str, recompute: bool = True):
-    """conv_k3(SiLU(GroupNorm(x))) with layers `norm_name`, `conv_name` of `module`.
+                  norm_name: str, conv_name: str, recompute: bool = True,
+                  kernel_init=torch_like_init):
+    """conv_k3(SiLU(GroupNorm(x))) with layers `norm_name`, `conv_name` of `module`
+    (`kernel_init`: the conv's, as in `conv`).
 
     x: (B, X, Y, Z, C_in) -> (B, X, Y, Z, features) in `dtype`. With `recompute` (same
     values, same params) the backward pass keeps only x and the params and recomputes
@@ -195,7 +197,7 @@ def norm_act_conv(module: nn.Module, x, features: int, groups: int, eps: float, 
         return _norm_act_conv_recomputed((features, groups, eps, jnp.dtype(dtype)),
                                          p[norm_name], p[conv_name], x)
     h = nn.silu(group_norm(groups, eps, dtype, name=norm_name)(x))
-    return conv(features, dtype=dtype, name=conv_name)(h)
+    return conv(features, dtype=dtype, name=conv_name, kernel_init=kernel_init)(h)
 
 
 class ResBlock(nn.Module):

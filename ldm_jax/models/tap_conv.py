@@ -52,6 +52,14 @@ def disabled():
         _ENABLED.reset(token)
 
 
+def for_mesh(mesh):
+    """`disabled()` when `mesh` splits activations along its "spatial" axis (size > 1),
+    else a context that changes nothing. Enter it around the trace of a program that runs
+    on `mesh` (`ldm_jax.trainer` does for the train and eval steps)."""
+    spatial = dict(mesh.shape).get("spatial", 1)
+    return disabled() if spatial > 1 else contextlib.nullcontext()
+
+
 def _taps(kernel_shape):
     kx, ky, kz = kernel_shape[:3]
     return np.array([(a, b, c) for a in range(kx) for b in range(ky) for c in range(kz)],
