@@ -1,7 +1,7 @@
 """What a configuration costs -- memory, FLOPs, speed -- measured before you rent a GPU.
 
     python -m benchmarks.bench --config configs/balanced.py [--volume 256,256,64] [--batch 1]
-        [--steps 3] [--compile-only] [--vs-monai] [--json out.json]
+        [--steps 3] [--compile-only] [--vs-monai] [--buffers 10] [--json out.json]
     python -m benchmarks.bench --table seed --compile-only        # the seed's comparison
     python -m benchmarks.bench --config configs/aggressive.py --volume 1024,1024,128 \\
         --head subpixel --spatial 1,8 --compile-only               # per-device memory
@@ -20,7 +20,11 @@ What the numbers are (also printed under every table):
 - device_peak_bytes (GPU, real steps): max over the mesh's devices of
   memory_stats()["peak_bytes_in_use"], each row in a fresh process.
 - host_peak_bytes (CPU, real steps): peak RSS delta (see benchmarks.bench_monai.HostPeak).
-- flops: XLA cost analysis of the compiled step (per device for a sharded step).
+- flops: XLA cost analysis of the compiled step (per device for a sharded step), plus
+  loop_flops: the dot/conv FLOPs of while-loop iterations the analysis leaves out (it
+  counts a loop body once; benchmarks.hlo_flops).
+- buffers (--buffers N): the N largest buffers live at the step's peak, with the HLO op
+  and JAX op that made each (benchmarks.memory_listing; XLA's live-range dump).
 - step_s: median wall time of --steps real steps after --warmup steps, each blocked on;
   step_cpu_s: the same steps' median process CPU time (all threads), steadier than wall
   time on a shared CPU.
@@ -49,6 +53,8 @@ from pathlib import Path
 from ldm_jax import config as config_lib
 from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads, unsupported_reasons
 from ldm_jax.config import ConfigError
+from benchmarks.hlo_flops import loop_flops_correction
+from benchmarks.memory_listing import compile_with_listing, format_buffers
 
 # JAX is imported inside functions on purpose: XLA_FLAGS (simulated devices for --spatial)
 # must be set before the first `import jax` of the process.
@@ -196,13 +202,18 @@ def _count(tree):
 
 
 def _cost(compiled):
+    """(FLOPs, bytes accessed, loop FLOPs added): XLA's cost analysis counts a while loop's
+    body once (the chunked attention's scans), so the dot/conv FLOPs of the remaining
+    iterations are added (benchmarks.hlo_flops)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
     cost = cost or {}
     flops = cost.get("flops")
-    return (None if flops is None else float(flops),
-            None if cost.get("bytes accessed") is None else float(cost["bytes accessed"]))
+    extra = loop_flops_correction(compiled.as_text()) if flops is not None else 0.0
+    return (None if flops is None else float(flops) + extra,
+            None if cost.get("bytes accessed") is None else float(cost["bytes accessed"]),
+            extra)
 
 
 def _memory(compiled):
@@ -218,10 +229,13 @@ def _memory(compiled):
 
 
 def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spatial=1,
-            threads=None):
+            threads=None, buffers=0):
     """Compiles (and unless compile_only, runs) the training step of `config`; one result row.
 
     `config` should come from `bench_config`. Needs `spatial` devices (simulated on CPU).
+    `buffers` > 0 adds row["buffers"]: that many largest buffers live at the compiled
+    step's peak (`benchmarks.memory_listing`; the compile then also writes XLA's dump to a
+    temporary directory, so compile_s is a little higher).
     """
     import jax
     import jax.numpy as jnp
@@ -250,12 +264,17 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
 
     step_fn = compile_train_step(stage, mesh, abstract)
     t0 = time.perf_counter()
+    # Spatially sharded: traced with XLA's convolutions (`compile_train_step`).
     lowered = step_fn.lower(abstract, abstract_batch, abstract_perc)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    listing = None
+    if buffers:
+        compiled, listing = compile_with_listing(lowered, int(buffers))
+    else:
+        compiled = lowered.compile()
     t2 = time.perf_counter()
     peak, raw = _memory(compiled)
-    flops, bytes_accessed = _cost(compiled)
+    flops, bytes_accessed, loop_flops = _cost(compiled)
 
     dev0 = devices[0]
     row = dict(
@@ -273,6 +292,7 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
         params=_count(abstract.g_params),
         disc_params=_count(abstract.d_params),
         flops=flops,
+        loop_flops=loop_flops,
         bytes_accessed=bytes_accessed,
         peak_memory_bytes=peak,
         memory_method=MEMORY_METHOD,
@@ -291,6 +311,8 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
         threads=(threads or len(os.sched_getaffinity(0))) if dev0.platform == "cpu" else None,
         date=datetime.date.today().isoformat(),
     )
+    if listing is not None:
+        row["buffers"] = [b.as_dict() for b in listing]
     if compile_only or steps <= 0:
         return row
     if simulated:
@@ -348,7 +370,7 @@ def _run_worker(spec_path):
     try:
         row = measure(config, name=spec["name"], steps=spec["steps"], warmup=spec["warmup"],
                       compile_only=spec["compile_only"], spatial=spec["spatial"],
-                      threads=threads)
+                      threads=threads, buffers=spec.get("buffers", 0))
     except ConfigError as e:
         row = dict(name=spec["name"], error=f"ConfigError: {e}")
     except Exception as e:  # report the row as failed (e.g. out of memory) and go on
@@ -396,10 +418,10 @@ def _subprocess_json(cmd, marker, env=None, timeout=None):
 
 
 def measure_isolated(config, *, name, steps, warmup, compile_only, spatial, threads=None,
-                     timeout=None):
+                     timeout=None, buffers=0):
     """`measure` in a fresh `python -m benchmarks.bench --_worker` process."""
     spec = dict(config=config.to_dict(), name=name, steps=steps, warmup=warmup,
-                compile_only=compile_only, spatial=spatial, threads=threads)
+                compile_only=compile_only, spatial=spatial, threads=threads, buffers=buffers)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     env = dict(os.environ)
@@ -502,6 +524,10 @@ def format_table(rows):
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(notes(rows))
+    for r in rows:
+        if r.get("buffers"):
+            lines += ["", format_buffers(r["buffers"], f"Largest buffers live at the peak of "
+                                                       f"{r['name']} (XLA live ranges):")]
     return "\n".join(lines)
 
 
@@ -556,6 +582,9 @@ def _parse_args(argv):
     p.add_argument("--vs-monai", action="store_true",
                    help="also time MONAI's PyTorch AutoencoderKL + PatchDiscriminator "
                         "(initial factor 1, factors 2 only)")
+    p.add_argument("--buffers", type=int, default=0, metavar="N",
+                   help="also list the N largest buffers live at the step's peak and the "
+                        "op that made each (compiles with XLA's dump on)")
     p.add_argument("--json", help="write the result rows to this JSON file")
     p.add_argument("--only", help="comma list: measure only rows whose name starts with one "
                                   "of these, e.g. 'B,C nearest_conv'")
@@ -653,7 +682,8 @@ def _main(args):
         print(f"[bench] {name}: volume {tuple(cfg.data.volume_size)}, batch "
               f"{cfg.train.batch_size}, spatial {spatial} ...", file=sys.stderr, flush=True)
         kw = dict(name=name, steps=args.steps, warmup=args.warmup,
-                  compile_only=args.compile_only, spatial=spatial, threads=args.threads)
+                  compile_only=args.compile_only, spatial=spatial, threads=args.threads,
+                  buffers=args.buffers)
         if args.in_process:
             try:
                 row = measure(cfg, **kw)

@@ -16,7 +16,8 @@ in one jitted `fori_loop` -> one latent.
 What the numbers are (also printed under every table):
 - peak_memory_bytes / sample_peak_memory_bytes: XLA memory analysis of the compiled
   training step / sampler (`benchmarks.bench`'s method: argument + output - alias + temp).
-- flops: XLA cost analysis of the training step.
+- flops: XLA cost analysis of the training step, plus the while-loop iterations it leaves
+  out (loop_flops; `benchmarks.bench._cost`).
 - compile_s / sample_compile_s: XLA compile time of each (lowering not included).
 - step_s / step_cpu_s: median wall / process CPU time of --steps steps after --warmup.
 - sample_s / sample_cpu_s: wall / process CPU time of one sampling of one latent (after
@@ -110,13 +111,14 @@ def measure(config, *, name="config", steps=5, warmup=1, sample_steps=50, compil
     compiled = lowered.compile()
     t2 = time.perf_counter()
     peak, raw = _memory(compiled)
-    flops, bytes_accessed = _cost(compiled)
+    flops, bytes_accessed, loop_flops = _cost(compiled)
 
     row = dict(
         name=name, stage=2, latent_shape=list(task.latent_shape),
         padded_shape=list(task.padded_shape), batch=batch_size, dtype=str(config.unet.dtype),
         unet=config.unet.to_dict(), params=_count(abstract.params), flops=flops,
-        bytes_accessed=bytes_accessed, peak_memory_bytes=peak, memory_method=MEMORY_METHOD,
+        loop_flops=loop_flops, bytes_accessed=bytes_accessed, peak_memory_bytes=peak,
+        memory_method=MEMORY_METHOD,
         xla_memory=raw, lower_s=round(t1 - t0, 3), compile_s=round(t2 - t1, 3),
         step_s=None, step_cpu_s=None, step_times=[], device_peak_bytes=None,
         host_peak_bytes=None, sample_steps=int(sample_steps), sample_s=None, sample_cpu_s=None,

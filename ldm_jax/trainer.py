@@ -66,6 +66,7 @@ import numpy as np
 
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import distributed, options, sharding, stopping
+from ldm_jax.models import tap_conv
 
 LONG_RUN_HOURS = 2.0  # CPU runs estimated longer than this get the task's quick-run hint
 
@@ -220,11 +221,18 @@ def _restore(manager, step, abstract_state, train_iter, accepted):
 def compile_train_step(task, mesh, abstract_state):
     """One jax.jit over the whole update: replicated state and constants, the batch's
     sharding taken from the placed batch (see `put_batch`), the state donated.
-    The same object for the same task and mesh (jax's trace cache then applies)."""
+    The same object for the same task and mesh (jax's trace cache then applies).
+    On a mesh that splits volumes spatially the step is traced with XLA's convolutions
+    (`tap_conv.for_mesh`: the CPU tap convs' slices would gather the whole activation)."""
     def make():
         repl = sharding.replicated(mesh)
         state_sh = jax.tree.map(lambda _: repl, abstract_state)
-        return jax.jit(task.train_step, in_shardings=(state_sh, None, repl),
+
+        def train_step(state, batch, consts):  # runs only while tracing
+            with tap_conv.for_mesh(mesh):
+                return task.train_step(state, batch, consts)
+
+        return jax.jit(train_step, in_shardings=(state_sh, None, repl),
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
     return _memo(task, ("train_step", mesh), make)
 
@@ -533,8 +541,9 @@ def _loop(task, mesh, state, step_fn, consts, train_iter, eval_batches, manager,
                 val = None
                 if step % int(config.train.eval_every_steps) == 0 or step == num_steps:
                     image_path = os.path.join(workdir, "images", f"step_{step}.png")
-                    val = task.evaluate(state, eval_batches,
-                                        lambda b: put_eval_batch(b, mesh), image_path)
+                    with tap_conv.for_mesh(mesh):  # the task traces its eval step here
+                        val = task.evaluate(state, eval_batches,
+                                            lambda b: put_eval_batch(b, mesh), image_path)
                     writers.write(step, val)
                     last_metrics.update(val)
                     if val:

@@ -42,7 +42,7 @@ def _param_count(tree):
 def test_cli_json_and_table_with_real_steps(tmp_path, capsys):
     out = tmp_path / "rows.json"
     code = bench.main(["--config", str(_tiny_file(tmp_path)), "--in-process", "--steps", "2",
-                       "--warmup", "0", "--json", str(out)])
+                       "--warmup", "0", "--buffers", "3", "--json", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 1
@@ -71,8 +71,13 @@ def test_cli_json_and_table_with_real_steps(tmp_path, capsys):
     assert row["backend"] == "cpu" and row["device_peak_bytes"] is None
     if os.path.exists("/proc/self/status"):
         assert row["host_peak_bytes"] is not None
+    # --buffers: the largest buffers live at the peak, largest first, each named.
+    bufs = row["buffers"]
+    assert 1 <= len(bufs) <= 3 and bufs[0]["bytes"] >= bufs[-1]["bytes"] > 0
+    assert bufs[0]["bytes"] <= row["peak_memory_bytes"] and bufs[0]["opcode"] != "?"
     table = capsys.readouterr().out
     assert "| tiny_bench |" in table and "argument + output - alias + temp" in table
+    assert "Largest buffers live at the peak of tiny_bench" in table
 
 
 def test_seed_table_configs_match_the_seed():

@@ -63,8 +63,13 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_autoencoder_matches_monai(case):
+@pytest.mark.parametrize("case,chunks", [(c, None) for c in sorted(CASES)]
+                         + [("attn_deconv_3lvl", (16, 24))])
+def test_autoencoder_matches_monai(case, chunks, monkeypatch):
+    # chunks: force the chunked attention with several (padded, masked) blocks per layer.
+    if chunks is not None:
+        from ldm_jax.models import layers
+        monkeypatch.setattr(layers, "default_chunks", lambda: chunks)
     cfg = _ae_cfg(CASES[case])
     tm = _monai_ae(cfg)
     torch.manual_seed(1)

@@ -1,5 +1,7 @@
 """The jitted stage-1 step: learning, warm-up, accumulation, the non-finite guard, sharding."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -121,6 +123,11 @@ def test_sharded_step_equals_one_device(one_device_step, data, spatial):
     config = config.copy_and_resolve_references()
     config.mesh.data, config.mesh.spatial = data, spatial
     mesh, state, step, perc = _setup(config, jax.devices()[:8])
+    # A spatially split step is traced with XLA's convolutions, not the CPU tap convs
+    # (their slices along the split axis would gather): k3 convolutions only then.
+    text = step.lower(state, _put(batch, mesh), perc).as_text()
+    k3_convs = re.findall(r"stablehlo.convolution[^\n]*tensor<3x3x3x", text)
+    assert bool(k3_convs) == (spatial > 1 or jax.default_backend() != "cpu")
     state, m = step(state, _put(batch, mesh), perc)
     assert abs(float(m["loss"]) - ref_loss) <= 1e-5 * abs(ref_loss)
     assert _rel_norm(jax.device_get(state.g_params), ref_state.g_params) < 1e-5

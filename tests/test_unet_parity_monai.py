@@ -83,6 +83,17 @@ def test_parity_and_param_count(case):
     assert err <= TOL, err
 
 
+@pytest.mark.parametrize("case", ["tutorial", "cross_attention"])
+def test_parity_with_chunked_attention(case, monkeypatch):
+    """The chunked attention (forced: several padded, masked query and key blocks per
+    layer; cross-attention keys from the context) is MONAI's attention too."""
+    from ldm_jax.models import layers
+    monkeypatch.setattr(layers, "default_chunks", lambda: (16, 24))
+    cfg = CASES[case]
+    m = _monai(cfg)
+    assert _parity(m, cfg, unet_from_monai(m.state_dict(), cfg)) <= TOL
+
+
 @pytest.mark.parametrize("case", ["tutorial", "cross_attention", "resblock_updown"])
 def test_round_trip_monai_ours_monai(case):
     cfg = CASES[case]

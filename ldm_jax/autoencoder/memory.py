@@ -2,16 +2,18 @@
 
 Why: the autoencoder is convolutional, so any window that is a multiple of the total
 factor gives a valid latent; the training patch is not a limit. What bounds a window is
-memory: activations grow with its voxels, attention logits with the square of the tokens
-(voxels) at each attention level and at the mid block. Encoding a 97x113x61 volume in
-32^3 windows with overlap 0.5 (126 windows) does about 5x the convolution work of one
-whole-volume pass, so inference uses the whole volume whenever it fits the budget, else
-the largest window that fits, with as many windows per call as fit.
+memory: activations grow with its voxels; so does attention (`layers.attention` holds the
+T x T logits only while they fit one block; above that it is chunked). Encoding a
+97x113x61 volume in 32^3 windows with overlap 0.5 (126 windows) does about 5x the
+convolution work of one whole-volume pass, so inference uses the whole volume whenever
+it fits the budget, else the largest window that fits, with as many windows per call as
+fit.
 
 The estimate (`call_bytes`) counts, per call: ACTIVATION_COPIES copies of the largest
 activation (float32: GroupNorm works in float32 whatever the compute dtype) plus the
-largest attention site (three float32 T x T arrays: logits, their exponentials and the
-probabilities, as XLA holds them, plus q, k, v and the output).
+largest attention site (`attention_bytes`: q, k, v and the output, plus three float32
+score arrays -- logits, their exponentials and the probabilities -- of T x T, or of one
+chunk's block when the attention is chunked).
 tests/test_inference_memory.py checks it against XLA's own memory analysis: never below
 it, and within a small factor.
 """
@@ -23,6 +25,7 @@ import os
 from typing import Optional, Sequence
 
 from ldm_jax import config as config_lib
+from ldm_jax.models import layers
 
 ACTIVATION_COPIES = 6  # live float32 copies of the largest activation at the peak
 DEFAULT_HOST_FRACTION = 0.25  # of the host memory available now (CPU)
@@ -64,8 +67,19 @@ def call_bytes(ae, window: Sequence[int], op: str, batch: int = 1) -> int:
     sites = [levels[i] for i, a in enumerate(ae.attention_levels) if a]
     if ae.get(f"with_{'encoder' if op == 'encode' else 'decoder'}_nonlocal_attn", True):
         sites.append(levels[-1])
-    attention = max((3 * t * t * 4 + 4 * t * c * 4 for t, c in sites), default=0)
+    attention = max((attention_bytes(t, c) for t, c in sites), default=0)
     return int(batch) * (ACTIVATION_COPIES * max(elements) * 4 + attention)
+
+
+def attention_bytes(tokens: int, channels: int) -> int:
+    """Bytes of one attention layer over `tokens` voxels of `channels` (float32): q, k, v
+    and the output, plus the scores as `layers.attention` holds them -- the whole T x T
+    logits, their exponentials and the probabilities when queries and keys fit one block
+    of `layers.default_chunks()`, else one query block x key block of each (the chunked
+    attention: memory linear in T)."""
+    qc, kc = layers.default_chunks()
+    scores = tokens * tokens if tokens <= qc and tokens <= kc else qc * kc
+    return 3 * scores * 4 + 4 * tokens * channels * 4
 
 
 def _host_available() -> Optional[int]:
@@ -104,8 +118,7 @@ def choose_window(ae, padded: Sequence[int], op: str, budget: int,
     for a volume of `padded` input voxels (multiples of `factor`) under `budget` bytes.
 
     The whole volume when it fits; else the largest window that fits, found by shrinking
-    the longest side a factor step at a time (windows stay near cubic, which keeps the
-    attention token count, and so the T x T logits, small for their volume). When not
+    the longest side a factor step at a time (windows stay near cubic). When not
     even one factor step per axis fits, that smallest window is used anyway.
     """
     padded = tuple(int(p) for p in padded)

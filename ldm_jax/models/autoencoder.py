@@ -10,7 +10,8 @@ With `initial_downsample_factor=1`, every level factor 2, conv downsampling and 
   the decoder upsamples by the same factors in reverse order.
 - The decoder head undoes f0. "nearest_conv": GN -> nearest upsample x f0 -> conv k3 to
   out_channels at full resolution (the seed's head; GN commutes with nearest upsampling,
-  so normalising on the coarse grid is the same function and cheaper). "subpixel": GN ->
+  so normalising on the coarse grid is the same function and cheaper; the upsample + conv
+  is computed on the coarse grid, `layers.nearest_conv`). "subpixel": GN ->
   conv k3 to out_channels * prod(f0) on the coarse grid -> depth-to-space (the mirror of
   the strided stem, no wide conv at full resolution; ICNR init so it starts as a nearest
   upsample). With f0 = 1 both heads are MONAI's GN -> conv.
@@ -34,7 +35,7 @@ from ldm_jax.models.layers import (
     depth_to_space,
     group_norm,
     icnr_init,
-    nearest_upsample,
+    nearest_conv,
     strided_geometry,
     torch_like_init,
     warn_if_skipping,
@@ -140,7 +141,7 @@ class DecoderHead(nn.Module):
         f = as_triple(self.factor)
         x = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, name="norm_out")(x)
         if self.head == "nearest_conv" or f == (1, 1, 1):
-            return conv(self.out_channels, dtype=self.dtype, name="conv_out")(nearest_upsample(x, f))
+            return nearest_conv(self.out_channels, f, self.dtype, "conv_out")(x)
         n = f[0] * f[1] * f[2]
         y = nn.Conv(self.out_channels * n, (3, 3, 3), padding=((1, 1),) * 3, dtype=self.dtype,
                     param_dtype=jnp.float32, kernel_init=icnr_init(torch_like_init, n),

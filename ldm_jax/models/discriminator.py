@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models import tap_conv
+
 NORMS = ("batch", "instance")
 
 
@@ -62,7 +64,8 @@ class PatchDiscriminator(nn.Module):
         def conv(features, kernel, stride, pad, bias, name):
             return nn.Conv(features, (kernel,) * 3, (stride,) * 3, ((pad, pad),) * 3,
                            use_bias=bias, dtype=dt, param_dtype=jnp.float32,
-                           kernel_init=init, name=name)
+                           kernel_init=init, name=name,
+                           conv_general_dilated=tap_conv.conv_general_dilated)
 
         feats = []
         h = x.astype(dt)

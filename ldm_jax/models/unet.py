@@ -74,6 +74,9 @@ class ResnetBlock(nn.Module):
     channels change. `up` / `down` resample both branches (MONAI's resblock_updown).
 
     x: (B, X, Y, Z, C_in); emb: (B, 4 * channels[0]) -> (B, X', Y', Z', out_channels).
+    `recompute_norm_act`: GN -> SiLU -> conv as `layers.norm_act_conv` (the backward keeps
+    the block inputs only and recomputes normalisation and activation; same values and
+    params either way); not for the resampling half of an up / down block.
     """
 
     out_channels: int
@@ -82,19 +85,23 @@ class ResnetBlock(nn.Module):
     up: bool = False
     down: bool = False
     dtype: Any = jnp.float32
+    recompute_norm_act: bool = True
 
     @nn.compact
     def __call__(self, x, emb):
         g, e, dt, c = self.norm_num_groups, self.norm_eps, self.dtype, self.out_channels
-        h = nn.silu(group_norm(g, e, dt, name="norm1")(x))
-        if self.up:
-            x, h = nearest_upsample(x, 2), nearest_upsample(h, 2)
-        elif self.down:
-            x, h = avg_pool(x, 2), avg_pool(h, 2)
-        h = conv(c, dtype=dt, name="conv1")(h)
+        r = self.recompute_norm_act
+        if self.up or self.down:
+            h = nn.silu(group_norm(g, e, dt, name="norm1")(x))
+            if self.up:
+                x, h = nearest_upsample(x, 2), nearest_upsample(h, 2)
+            else:
+                x, h = avg_pool(x, 2), avg_pool(h, 2)
+            h = conv(c, dtype=dt, name="conv1")(h)
+        else:
+            h = layers.norm_act_conv(self, x, c, g, e, dt, "norm1", "conv1", r)
         h = h + _dense(c, dt, "time_emb_proj")(nn.silu(emb))[:, None, None, None, :]
-        h = nn.silu(group_norm(g, e, dt, name="norm2")(h))
-        h = conv(c, dtype=dt, name="conv2", kernel_init=_zeros)(h)
+        h = layers.norm_act_conv(self, h, c, g, e, dt, "norm2", "conv2", r, kernel_init=_zeros)
         if x.shape[-1] != c:
             x = conv(c, kernel=1, dtype=dt, name="skip_connection")(x)
         return x + h

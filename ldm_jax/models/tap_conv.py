@@ -1,0 +1,227 @@
+"""3D convolution as one matmul per kernel tap, forward and backward, for XLA:CPU.
+
+`conv_general_dilated(...)` has `lax.conv_general_dilated`'s signature and values. On the
+CPU backend, for a stride-1, undilated, ungrouped conv in NDHWC / DHWIO layout with a
+kernel larger than 1x1x1, it computes (a `jax.custom_vjp`):
+
+- y = sum_t x_pad[shifted by t] @ w[t] over the k_x k_y k_z kernel taps (`tap_conv`:
+  the first tap, then a `lax.scan` over the others; float32 accumulation);
+- d(input): the same with the flipped, transposed kernel on the output gradient;
+- d(kernel): dW[t] = x_pad[shifted by t]^T @ dY, one (voxels x C_in)^T (voxels x C_out)
+  matmul per tap in a `lax.map` (`kernel_grad`).
+
+One shifted copy of an activation exists at a time; the matmuls run in XLA:CPU's matmul
+library (YNNPACK). Why: XLA:CPU's own 3D convolutions ran at 11-16 GFLOP/s on one core
+(PyTorch/oneDNN: ~80), and its kernel gradient -- a convolution whose window is the whole
+output grid, after transposing input and output gradient to feature-major copies -- took
+13.9 CPU-s against 0.1 for the forward of the folded upsample conv (kernel 2, 512 output
+channels, 24x24x16x64). Measured on one core of the 2-core x86_64 development machine,
+float32: the monai_3d_ldm autoencoder's gradient at 48x48x32 took 5.5 CPU-s against
+10.1 with XLA's convolutions, at the same peak memory. Everything else (other backends:
+cuDNN's convolutions are fast; strided convs; 1x1x1 kernels, which XLA turns into one
+matmul) is `lax.conv_general_dilated` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+DIMENSION_NUMBERS = ("NDHWC", "DHWIO", "NDHWC")
+_ENABLED = contextvars.ContextVar("tap_conv_enabled", default=True)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Trace with `lax.conv_general_dilated` everywhere inside this block.
+
+    For programs whose activations are sharded along a spatial axis (`mesh.spatial` > 1):
+    the taps' `dynamic_slice` along a sharded axis makes XLA's partitioner gather the
+    whole activation on every device, where its own convolutions exchange halos only.
+    """
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def for_mesh(mesh):
+    """`disabled()` when `mesh` splits activations along its "spatial" axis (size > 1),
+    else a context that changes nothing. Enter it around the trace of a program that runs
+    on `mesh` (`ldm_jax.trainer` does for the train and eval steps)."""
+    spatial = dict(mesh.shape).get("spatial", 1)
+    return disabled() if spatial > 1 else contextlib.nullcontext()
+
+
+def _taps(kernel_shape):
+    kx, ky, kz = kernel_shape[:3]
+    return np.array([(a, b, c) for a in range(kx) for b in range(ky) for c in range(kz)],
+                    np.int32)
+
+
+def tap_conv(x, w, padding):
+    """Stride-1 NDHWC/DHWIO conv as one matmul per kernel tap, accumulated in float32.
+
+    y = sum_t x_pad[shifted by t] @ w[t]: the first tap, then a `lax.scan` over the
+    others, so one shifted copy of the input exists at a time. Returns x.dtype.
+    """
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    out_sp = tuple(n - k + 1 for n, k in zip(xp.shape[1:4], w.shape[:3]))
+    wt = w.reshape(-1, *w.shape[3:])
+    taps = jnp.asarray(_taps(w.shape))
+
+    def term(i):
+        t = taps[i]
+        xs = lax.dynamic_slice(xp, (0, t[0], t[1], t[2], 0), (x.shape[0], *out_sp, x.shape[-1]))
+        return jnp.einsum("bxyzi,io->bxyzo", xs, wt[i], preferred_element_type=jnp.float32)
+
+    acc, _ = lax.scan(lambda acc, i: (acc + term(i), None), term(0),
+                      jnp.arange(1, wt.shape[0]))
+    return acc.astype(x.dtype)
+
+
+def _conv(x, w, padding, precision):
+    if TAP_FORWARD:
+        return tap_conv(x, w, padding)
+    return lax.conv_general_dilated(x, w, (1, 1, 1), padding,
+                                    dimension_numbers=DIMENSION_NUMBERS, precision=precision)
+
+
+def _input_grad(g, w, padding, x_shape):
+    """d(input) of a stride-1 conv: the conv of g with the flipped, transposed kernel."""
+    k = w.shape[:3]
+    wf = jnp.flip(w, (0, 1, 2)).swapaxes(3, 4)
+    pad = tuple((kk - 1 - lo, kk - 1 - hi) for kk, (lo, hi) in zip(k, padding))
+    return tap_conv(g, wf, pad)
+
+
+TAP_FORWARD = True  # False: XLA's forward and input gradient, only the kernel gradient by taps
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_tap_grad(x, w, padding, precision):
+    return _conv(x, w, padding, precision)
+
+
+def _fwd(x, w, padding, precision):
+    return _conv(x, w, padding, precision), (x, w)
+
+
+def kernel_grad(x, g, kernel_shape, padding):
+    """d(kernel) of a stride-1 NDHWC/DHWIO conv: (kx, ky, kz, C_in, C_out) float32.
+
+    x: (B, X, Y, Z, C_in) the conv input; g: (B, X', Y', Z', C_out) the output gradient;
+    padding: ((lo, hi),) * 3.
+    """
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    out_sp = g.shape[1:4]
+    taps = _taps(kernel_shape)
+
+    def one_tap(t):
+        start = (0, t[0], t[1], t[2], 0)
+        xs = lax.dynamic_slice(xp, start, (x.shape[0], *out_sp, x.shape[-1]))
+        return jnp.einsum("bxyzi,bxyzo->io", xs, g, preferred_element_type=jnp.float32)
+
+    dw = lax.map(one_tap, jnp.asarray(taps))
+    return dw.reshape(*kernel_shape[:3], x.shape[-1], g.shape[-1])
+
+
+def after(x, g):
+    """x, made to depend on g without changing its value (unless g[0...] is inf/NaN).
+
+    XLA:CPU drops optimization barriers before common-subexpression elimination, so a
+    value the backward pass recomputes from a forward input (here the padded input) is
+    merged with the forward's own copy, which then stays alive until the backward: the
+    recomputation saves nothing and may be scheduled before the gradient exists. Adding
+    0 * g[0, ...] makes it a different expression that can only run once g is there.
+    """
+    zero = lax.index_in_dim(g.reshape(-1), 0, keepdims=False).astype(x.dtype) * 0
+    return x + zero
+
+
+def _bwd(padding, precision, residuals, g):
+    x, w = residuals
+    x = after(x, g)
+    if TAP_FORWARD:
+        dx = _input_grad(g, w, padding, x.shape)
+    else:
+        _, vjp_x = jax.vjp(lambda x: _conv(x, w, padding, precision), x)
+        (dx,) = vjp_x(g)
+    dw = kernel_grad(x, g.astype(x.dtype), w.shape, padding)
+    return dx, dw.astype(w.dtype)
+
+
+_conv_tap_grad.defvjp(_fwd, _bwd)
+
+
+def strided_as_stride_one(x, w, strides, padding):
+    """(x', w') such that conv(x', w', stride 1, no padding) == conv(x, w, strides, padding).
+
+    Space-to-depth: the padded input is cut into s_x s_y s_z phases stacked on the channel
+    axis, the kernel zero-padded to a multiple of the stride and cut the same way
+    (kernel ceil(k/s), s_x s_y s_z C_in input channels). Kernels not divisible by the
+    stride (MONAI's k3 s2 downsample) compute their zero taps: (4/3)^3 = 2.4x that
+    conv's FLOPs.
+    """
+    b, *sp, c = x.shape
+    k = w.shape[:3]
+    kq = [-(-kk // ss) for kk, ss in zip(k, strides)]  # kernel in stride units
+    out = [(n + lo + hi - kk) // ss + 1 for n, (lo, hi), kk, ss in zip(sp, padding, k, strides)]
+    length = [ss * (o + q - 1) for ss, o, q in zip(strides, out, kq)]  # padded input used
+    pads = [(lo, ln - n - lo) for n, (lo, _), ln in zip(sp, padding, length)]
+    crop = tuple(slice(0, n + min(hi, 0)) for n, (_, hi) in zip(sp, pads))
+    x = jnp.pad(x[(slice(None), *crop)], ((0, 0), *[(lo, max(hi, 0)) for lo, hi in pads],
+                                         (0, 0)))
+    (sx, sy, sz), (qx, qy, qz) = strides, kq
+    x = x.reshape(b, length[0] // sx, sx, length[1] // sy, sy, length[2] // sz, sz, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, *(ln // ss for ln, ss in
+                                                         zip(length, strides)), sx * sy * sz * c)
+    w = jnp.pad(w, [(0, q * ss - kk) for q, ss, kk in zip(kq, strides, k)] + [(0, 0)] * 2)
+    o = w.shape[-1]
+    w = w.reshape(qx, sx, qy, sy, qz, sz, c, o).transpose(0, 2, 4, 1, 3, 5, 6, 7)
+    return x, w.reshape(qx, qy, qz, sx * sy * sz * c, o)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated`, computed by kernel taps where it applies.
+
+    It applies on the CPU backend to 3D convs without dilation or groups, with a kernel
+    larger than 1x1x1 (XLA turns those into a matmul already), NDHWC/DHWIO/NDHWC layout
+    and explicit (lo, hi) padding (what `flax.linen.Conv` passes); strided convs are first
+    rewritten as stride-1 convs (`strided_as_stride_one`: XLA:CPU's input gradient of a
+    strided conv took 3.2 CPU-s for a 1.2 GFLOP PatchGAN backward at 48x48x32). Anything
+    else (other backends: cuDNN's convolutions are fast; code traced inside `disabled()`)
+    is `lax.conv_general_dilated` itself. Usable as `nn.Conv(conv_general_dilated=...)`.
+    """
+    simple = (
+        _ENABLED.get() and jax.default_backend() == "cpu" and lhs.ndim == 5 and rhs.ndim == 5
+        and tuple(rhs.shape[:3]) != (1, 1, 1)
+        and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1, 1))
+        and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1, 1))
+        and feature_group_count == 1 and batch_group_count == 1
+        and preferred_element_type is None and not isinstance(padding, str)
+        and dimension_numbers is not None
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMENSION_NUMBERS)
+    )
+    if not simple:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type)
+    pad = tuple((int(lo), int(hi)) for lo, hi in padding)
+    strides = tuple(int(s) for s in window_strides)
+    if strides != (1, 1, 1):
+        lhs, rhs = strided_as_stride_one(lhs, rhs, strides, pad)
+        pad = ((0, 0),) * 3
+    return _conv_tap_grad(lhs, rhs, pad, precision)
