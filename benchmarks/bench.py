@@ -39,6 +39,7 @@ device peak counters cannot be reset within a process, and a simulated device co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -229,13 +230,15 @@ def _memory(compiled):
 
 
 def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spatial=1,
-            threads=None, buffers=0):
+            threads=None, buffers=0, around_steps=None):
     """Compiles (and unless compile_only, runs) the training step of `config`; one result row.
 
     `config` should come from `bench_config`. Needs `spatial` devices (simulated on CPU).
     `buffers` > 0 adds row["buffers"]: that many largest buffers live at the compiled
     step's peak (`benchmarks.memory_listing`; the compile then also writes XLA's dump to a
     temporary directory, so compile_s is a little higher).
+    `around_steps(compiled)`, if given, returns a context manager the timed steps run in
+    (benchmarks.op_profile traces them with it).
     """
     import jax
     import jax.numpy as jnp
@@ -330,12 +333,13 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
         jax.block_until_ready((state, metrics))
     host.start()
     times, cpu_times = [], []
-    for _ in range(int(steps)):
-        t, c = time.perf_counter(), time.process_time()
-        state, metrics = compiled(state, batch, perceptual_params)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t)
-        cpu_times.append(time.process_time() - c)
+    with (around_steps(compiled) if around_steps else contextlib.nullcontext()):
+        for _ in range(int(steps)):
+            t, c = time.perf_counter(), time.process_time()
+            state, metrics = compiled(state, batch, perceptual_params)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     row["step_times"] = [round(t, 4) for t in times]
     row["step_s"] = round(statistics.median(times), 4)
     # CPU seconds of this process per step: on a shared CPU less noisy than wall time.
