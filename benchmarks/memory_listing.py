@@ -200,12 +200,20 @@ def compile_with_listing(lowered, top: int = 10, compiler_options: dict | None =
     """Compile a `jax.stages.Lowered` with XLA's dump on; (compiled, top buffers at the peak).
 
     The dump goes to a temporary directory removed afterwards (on CPU it also holds LLVM
-    IR and object files: tens of MB for a large step).
+    IR and object files: tens of MB for a large step). The persistent compilation cache is
+    off for this compile: its key ignores the dump options, so a hit would dump nothing.
     """
-    with tempfile.TemporaryDirectory(prefix="xla_dump_") as d:
-        compiled = lowered.compile(compiler_options={**(compiler_options or {}),
-                                                     **dump_options(d)})
-        live, hlo = read_dump(d)
+    import jax
+
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="xla_dump_") as d:
+            compiled = lowered.compile(compiler_options={**(compiler_options or {}),
+                                                         **dump_options(d)})
+            live, hlo = read_dump(d)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
     return compiled, largest_live_buffers(live, hlo, top)
 
 
