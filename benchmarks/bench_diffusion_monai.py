@@ -28,6 +28,7 @@ from benchmarks.bench_monai import (HostPeak, MonaiUnsupported, run_fields, spec
                                     timed_runs, torch_device, with_torch_threads)
 
 SCHEDULERS = ("ddpm", "ddim")  # noise schedules both sides train the same way
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # MONAI DDPM/DDIM prediction types
 
 
 def _get(cfg, key, default=None):
@@ -44,9 +45,9 @@ def unsupported_reasons(config) -> list[str]:
     if str(sched["name"]) not in SCHEDULERS:
         reasons.append(f"scheduler.name={sched['name']!r} (the MONAI side mirrors the "
                        "tutorial's DDPM training and DDIM sampling)")
-    if str(_get(sched, "prediction_type", "epsilon")) != "epsilon":
-        reasons.append(f"scheduler.prediction_type={sched['prediction_type']!r} (the "
-                       "tutorial's step predicts the noise)")
+    if str(_get(sched, "prediction_type", "epsilon")) not in PREDICTION_TYPES:
+        reasons.append(f"scheduler.prediction_type={sched['prediction_type']!r} (MONAI's "
+                       f"schedulers take {list(PREDICTION_TYPES)})")
     if str(_get(sched, "variance_type", "fixed_small")).startswith("learned"):
         reasons.append("scheduler.variance_type learned (the tutorial's UNet predicts the "
                        "noise only)")
@@ -138,6 +139,8 @@ def _run(spec, torch):
     if kwargs["num_class_embeds"]:
         labels = torch.zeros((batch,), dtype=torch.long, device=dev)
 
+    prediction = str(sched.get("prediction_type", "epsilon"))
+
     def step():
         opt.zero_grad(set_to_none=True)
         noise = torch.randn_like(z)
@@ -145,7 +148,9 @@ def _run(spec, torch):
         noisy = ddpm.add_noise(original_samples=z, noise=noise, timesteps=t)
         with torch.autocast(**autocast):
             pred = model(x=noisy, timesteps=t, class_labels=labels)
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        target = {"epsilon": noise, "sample": z}.get(prediction) if prediction != \
+            "v_prediction" else ddpm.get_velocity(sample=z, noise=noise, timesteps=t)
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         loss.backward()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
