@@ -126,7 +126,7 @@ class HostPeak:
 
     `baseline()` trims glibc's free lists and records VmRSS; `start()` trims again and
     resets VmHWM (writing 5 to /proc/self/clear_refs, Linux >= 4.0); `peak_delta()` is
-    VmHWM - baseline in bytes. None where /proc is unavailable.
+    max(0, VmHWM - baseline) in bytes. None where /proc is unavailable.
     """
 
     def __init__(self):
@@ -149,7 +149,9 @@ class HostPeak:
         hwm = _read_status("VmHWM")
         if not self.available or hwm is None or self.base is None:
             return None
-        return hwm - self.base
+        # 0, not a negative number, when the process freed more since the baseline than
+        # the timed steps used (seen in a busy test process; a bench worker is fresh).
+        return max(0, hwm - self.base)
 
 
 HOST_METHOD = ("peak RSS delta: VmHWM during the timed steps (reset via /proc/self/clear_refs "

@@ -23,6 +23,8 @@ total can be a little below `argument + output - alias + temp`).
 
 from __future__ import annotations
 
+import contextlib
+
 import glob
 import os
 import re
@@ -196,24 +198,35 @@ def read_dump(directory: str) -> tuple[str, str]:
     return best[1], best[2]
 
 
+@contextlib.contextmanager
+def _no_persistent_cache():
+    """The persistent compilation cache off inside: its key ignores the dump options, so a
+    program cached by an earlier compile would come back from it with nothing dumped.
+    JAX reads `jax_enable_compilation_cache` once per process; the (private) reset makes
+    it read the flag again, here and after."""
+    import jax
+    from jax._src import compilation_cache  # no public switch once the cache is in use
+
+    was = jax.config.jax_enable_compilation_cache
+    compilation_cache.reset_cache()
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        compilation_cache.reset_cache()
+
+
 def compile_with_listing(lowered, top: int = 10, compiler_options: dict | None = None):
     """Compile a `jax.stages.Lowered` with XLA's dump on; (compiled, top buffers at the peak).
 
     The dump goes to a temporary directory removed afterwards (on CPU it also holds LLVM
-    IR and object files: tens of MB for a large step). The persistent compilation cache is
-    off for this compile: its key ignores the dump options, so a hit would dump nothing.
+    IR and object files: tens of MB for a large step).
     """
-    import jax
-
-    cache_was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        with tempfile.TemporaryDirectory(prefix="xla_dump_") as d:
-            compiled = lowered.compile(compiler_options={**(compiler_options or {}),
-                                                         **dump_options(d)})
-            live, hlo = read_dump(d)
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache_was)
+    with tempfile.TemporaryDirectory(prefix="xla_dump_") as d, _no_persistent_cache():
+        compiled = lowered.compile(compiler_options={**(compiler_options or {}),
+                                                     **dump_options(d)})
+        live, hlo = read_dump(d)
     return compiled, largest_live_buffers(live, hlo, top)
 
 
