@@ -212,6 +212,14 @@ def test_context_config_errors():
     c = context_config("runs/ae", None, "ctx/")
     with pytest.raises(ConfigError, match=r"^conditioning.context_dir='ctx/' needs latents.dir"):
         prepare_config(c)
+    # Class labels, like contexts, are matched to extracted latents.
+    c = tiny_diffusion_config("runs/ae", None)
+    c.conditioning.num_classes, c.conditioning.labels_csv = 2, "labels.csv"
+    with pytest.raises(ConfigError, match=r"^conditioning.labels_csv='labels.csv' needs "
+                                          r"latents.dir"):
+        prepare_config(c)
+    c.latents.dir = "latents/"
+    prepare_config(c)
     # The suggested fixes are accepted.
     prepare_config(context_config("runs/ae", "latents/", "ctx/"))
     c = tiny_diffusion_config("runs/ae", "latents/")
@@ -219,7 +227,7 @@ def test_context_config_errors():
     prepare_config(c)
 
 
-def test_context_data_errors(ae_workdir, latents_dir, context_dir, tmp_path):  # noqa: F811
+def test_context_data_errors(ae_workdir, latents_dir, context_dir, tmp_path):
     from ldm_jax.data.latents import read_contexts
     names = _names(latents_dir)
     with pytest.raises(DataError, match=r"conditioning.context_dir='.*nowhere' is not a "

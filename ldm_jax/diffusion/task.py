@@ -90,6 +90,11 @@ def diffusion_problems(config) -> list[str]:
         if k and not cond.get("labels_csv"):
             problems.append("conditioning.num_classes > 0 needs conditioning.labels_csv (a CSV "
                             "name,label for the latents in latents.dir)")
+        elif k and not (lat is not None and lat.get("dir")):
+            problems.append(f"conditioning.labels_csv={cond.labels_csv!r} needs latents.dir "
+                            "(labels are matched to extracted latents by file name); extract "
+                            "them with python -m ldm_jax.extract and set "
+                            "--config.latents.dir=LATENTS")
     problems += context_problems(config)
     decay = float(config.train.get("ema_decay", 0.0))
     if not 0.0 <= decay < 1.0:
