@@ -128,3 +128,19 @@ def _check_no_orbax_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         absl_logging.warning("something else")
     assert any(r.getMessage() == "something else" for r in caplog.records)
+
+
+def test_orbax_warning_filter_lets_non_string_messages_through():
+    """orbax logs dicts as messages at INFO (seen with --verbosity=1): the filter must pass
+    them (it raised TypeError: unhashable type, failing the checkpoint save) and drop only
+    its two exact templates."""
+    from ldm_jax.checkpoint import _ExpectedOrbaxWarnings
+
+    def record(msg, level=logging.INFO):
+        return logging.LogRecord("absl", level, __file__, 1, msg, None, None)
+
+    f = _ExpectedOrbaxWarnings()
+    assert f.filter(record({"event_type": "save", "step": 2}))
+    assert f.filter(record("Saving checkpoint at step %d"))
+    assert not f.filter(record("Requested `tracked_metric`; did not provide metrics.",
+                               logging.WARNING))
