@@ -56,6 +56,7 @@ from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads, unsuppo
 from ldm_jax.config import ConfigError
 from benchmarks.hlo_flops import loop_flops_correction
 from benchmarks.memory_listing import compile_with_listing, format_buffers
+from benchmarks.runner import add_run_args
 
 # JAX is imported inside functions on purpose: XLA_FLAGS (simulated devices for --spatial)
 # must be set before the first `import jax` of the process.
@@ -589,20 +590,12 @@ def _parse_args(argv):
     p.add_argument("--buffers", type=int, default=0, metavar="N",
                    help="also list the N largest buffers live at the step's peak and the "
                         "op that made each (compiles with XLA's dump on)")
-    p.add_argument("--json", help="write the result rows to this JSON file")
     p.add_argument("--only", help="comma list: measure only rows whose name starts with one "
                                   "of these, e.g. 'B,C nearest_conv'")
-    p.add_argument("--threads", type=int,
-                   help="CPU only: pin each measurement (ours and MONAI's) to this many cores")
-    p.add_argument("--in-process", action="store_true",
-                   help="measure in this process (no fresh worker per configuration)")
-    p.add_argument("--row-timeout", type=float, default=None,
-                   help="seconds allowed per configuration (worker killed after)")
-    p.add_argument("--from-json", nargs="+", metavar="FILE",
-                   help="print the table (and --plot) of rows saved earlier with --json")
     p.add_argument("--plot", metavar="PNG",
-                   help="also draw peak memory against total factor per head (256x256x64 rows)")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
+                   help="also draw peak memory against total factor per head (256x256x64 "
+                        "rows; with --from-json too)")
+    add_run_args(p)
     args = p.parse_args(argv)
     if not args.config and not args.table and not args._worker and not args.from_json:
         p.error("give --config FILE (repeatable), --table seed or --from-json FILE")

@@ -44,7 +44,7 @@ from pathlib import Path
 from benchmarks.bench import (MEMORY_METHOD, _cost, _count, _like_train_py, _machine, _memory,
                               _write_json, load)
 from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads
-from benchmarks.runner import in_fresh_process, read_rows, run_exiting_on_sigterm
+from benchmarks.runner import add_run_args, in_fresh_process, read_rows, run_exiting_on_sigterm
 from ldm_jax.config import ConfigError
 
 WORKER_MARK = "BENCH_DIFFUSION_JSON"
@@ -333,19 +333,11 @@ def _parse_args(argv):
                                                          "sampling) before them")
     p.add_argument("--sample-steps", type=int, default=50,
                    help="DDIM steps of the timed sampling (0: no sampling)")
-    p.add_argument("--threads", type=int,
-                   help="CPU only: pin each side (ours and MONAI's) to this many cores")
     p.add_argument("--vs-monai", action="store_true",
                    help="also time MONAI's DiffusionModelUNet + DDPM step and DDIM sampling")
     p.add_argument("--compile-only", action="store_true",
                    help="compile and analyse only; no real steps")
-    p.add_argument("--json", help="write the result rows to this JSON file")
-    p.add_argument("--in-process", action="store_true",
-                   help="measure our side in this process (no fresh worker)")
-    p.add_argument("--row-timeout", type=float, help="seconds allowed per process")
-    p.add_argument("--from-json", nargs="+", metavar="FILE",
-                   help="print the table of rows saved earlier with --json")
-    p.add_argument("--_worker", help=argparse.SUPPRESS)
+    add_run_args(p)
     args = p.parse_args(argv)
     if not args.config and not args._worker and not args.from_json:
         p.error("give --config FILE (repeatable) or --from-json FILE")

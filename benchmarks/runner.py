@@ -9,6 +9,7 @@ rather than leave one holding a GPU.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -29,6 +30,22 @@ def run_exiting_on_sigterm(body, args):
         return body(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags every bench command shares: where rows run (a fresh worker per row, or
+    in this process), on how many cores, for how long, and where they are saved to / read
+    back from."""
+    p.add_argument("--threads", type=int,
+                   help="CPU only: pin each measurement (ours and MONAI's) to this many cores")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure our side in this process (no fresh worker per row)")
+    p.add_argument("--row-timeout", type=float, default=None,
+                   help="seconds allowed per row (its worker is killed after)")
+    p.add_argument("--json", help="write the result rows to this JSON file")
+    p.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="print the table of rows saved earlier with --json")
+    p.add_argument("--_worker", help=argparse.SUPPRESS)
 
 
 def read_rows(paths) -> list[dict]:
