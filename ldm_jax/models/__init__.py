@@ -25,6 +25,23 @@ def _tuple(v):
     return v
 
 
+def _module_fields(module_cls, cfg: Any, where: str, keep_none=()) -> dict:
+    """The keyword arguments of flax module `module_cls` from its config section (a
+    ConfigDict, dict or object): every dataclass field the section sets (lists as tuples;
+    None leaves the module's default, except for the fields in `keep_none`), and `dtype`
+    checked. Raises ConfigError for an unsupported dtype (naming `where`)."""
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    fields = {}
+    for name in module_cls.__dataclass_fields__:
+        if name in ("parent", "name"):
+            continue
+        value = get(name, None)
+        if value is not None or name in keep_none:
+            fields[name] = _tuple(value)
+    fields["dtype"] = _dtype_name(fields.get("dtype", "float32"), where)
+    return fields
+
+
 def _dtype_name(d, where: str) -> str:
     try:
         name = jnp.dtype(d).name
@@ -40,15 +57,8 @@ def build_autoencoder(ae_cfg: Any, remat: str | None = None) -> AutoencoderKL:
 
     `remat` overrides `ae_cfg.remat` (the trainer passes `config.train.remat` when set).
     """
-    get = ae_cfg.get if hasattr(ae_cfg, "get") else lambda k, d=None: getattr(ae_cfg, k, d)
-    fields = {}
-    for name in AutoencoderKL.__dataclass_fields__:
-        if name in ("parent", "name"):
-            continue
-        value = get(name, None)
-        if value is not None or name in ("downsample_factors", "strided_kernel"):
-            fields[name] = _tuple(value)
-    fields["dtype"] = _dtype_name(fields.get("dtype", "float32"), "autoencoder")
+    fields = _module_fields(AutoencoderKL, ae_cfg, "autoencoder",
+                            keep_none=("downsample_factors", "strided_kernel"))
     if remat is not None:
         fields["remat"] = remat
     model = AutoencoderKL(**fields)
@@ -58,15 +68,7 @@ def build_autoencoder(ae_cfg: Any, remat: str | None = None) -> AutoencoderKL:
 
 def build_discriminator(disc_cfg: Any) -> PatchDiscriminator:
     """PatchDiscriminator from `config.discriminator` (a ConfigDict or dict)."""
-    get = disc_cfg.get if hasattr(disc_cfg, "get") else lambda k, d=None: getattr(disc_cfg, k, d)
-    fields = {}
-    for name in PatchDiscriminator.__dataclass_fields__:
-        if name in ("parent", "name"):
-            continue
-        value = get(name, None)
-        if value is not None:
-            fields[name] = value
-    fields["dtype"] = _dtype_name(fields.get("dtype", "float32"), "discriminator")
+    fields = _module_fields(PatchDiscriminator, disc_cfg, "discriminator")
     if fields.get("norm", "batch") not in ("batch", "instance"):
         raise ConfigError(f"discriminator.norm must be 'batch' or 'instance'; got {fields['norm']!r}")
     return PatchDiscriminator(**fields)
@@ -76,15 +78,7 @@ def build_unet(unet_cfg: Any, remat: str | None = None) -> DiffusionModelUNet:
     """DiffusionModelUNet from `config.unet` (a ConfigDict or dict), validated first
     (ConfigError naming every problem). `remat` overrides `unet_cfg.remat`."""
     validate_unet(unet_cfg)
-    get = unet_cfg.get if hasattr(unet_cfg, "get") else lambda k, d=None: getattr(unet_cfg, k, d)
-    fields = {}
-    for name in DiffusionModelUNet.__dataclass_fields__:
-        if name in ("parent", "name"):
-            continue
-        value = get(name, None)
-        if value is not None:
-            fields[name] = _tuple(value)
-    fields["dtype"] = _dtype_name(fields.get("dtype", "float32"), "unet")
+    fields = _module_fields(DiffusionModelUNet, unet_cfg, "unet")
     if remat is not None:
         validate_unet({**fields, "remat": remat})
         fields["remat"] = remat
