@@ -53,15 +53,17 @@ def make_mesh(mesh_cfg, devices=None):
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def batch_spec(mesh):
-    """PartitionSpec of a (B, X, Y, Z, C) batch on this mesh."""
-    if mesh.shape["spatial"] > 1:
+def batch_spec(mesh, ndim: int = 5):
+    """PartitionSpec of a batch entry on this mesh: volumes (B, X, Y, Z, C) split over
+    "data" and X over "spatial"; anything else (class labels (B,), contexts (B, S, D))
+    over "data" only."""
+    if mesh.shape["spatial"] > 1 and ndim == 5:
         return P("data", "spatial")
     return P("data")
 
 
-def batch_sharding(mesh):
-    return NamedSharding(mesh, batch_spec(mesh))
+def batch_sharding(mesh, ndim: int = 5):
+    return NamedSharding(mesh, batch_spec(mesh, ndim))
 
 
 def replicated(mesh):
@@ -82,12 +84,10 @@ def check_batch_fits(mesh, global_batch, volume_size):
 
 
 def put_global_batch(array, mesh):
-    """Places a host-local batch on the mesh as one global array (multi-host aware): with
-    several processes each one's rows, in process order, make up the global batch.
-    Volumes (B, X, Y, Z, C) split like `batch_spec`; anything else (class labels (B,),
-    contexts (B, S, D)) over the batch axis only."""
-    sharding = (batch_sharding(mesh) if np.ndim(array) == 5
-                else NamedSharding(mesh, P("data")))
+    """Places a host-local batch entry on the mesh as one global array (multi-host
+    aware), split as `batch_spec`: with several processes each one's rows, in process
+    order, make up the global batch."""
+    sharding = batch_sharding(mesh, np.ndim(array))
     if jax.process_count() == 1:
         return jax.device_put(array, sharding)
     return jax.make_array_from_process_local_data(sharding, array)
@@ -104,7 +104,7 @@ def put_whole(array, sharding):
 def put_shared_batch(array, mesh):
     """Places a batch that every process holds whole (evaluation batches are the same
     everywhere) as one global array split over the mesh like a training batch."""
-    return put_whole(array, batch_sharding(mesh))
+    return put_whole(array, batch_sharding(mesh, np.ndim(array)))
 
 
 def put_replicated(tree, mesh):

@@ -132,3 +132,19 @@ def test_sharded_step_equals_one_device(one_device_step, data, spatial):
     assert abs(float(m["loss"]) - ref_loss) <= 1e-5 * abs(ref_loss)
     assert _rel_norm(jax.device_get(state.g_params), ref_state.g_params) < 1e-5
     assert _rel_norm(jax.device_get(state.d_params), ref_state.d_params) < 1e-5
+
+
+def test_batch_entries_other_than_volumes_split_over_data_only():
+    """Volumes split over data and spatial; labels (B,) and contexts (B, S, D) have no
+    spatial axis and split over data only, whether placed per process or shared."""
+    import ml_collections
+    from jax.sharding import PartitionSpec as P
+
+    from ldm_jax import sharding
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "spatial": 2}))
+    assert sharding.put_global_batch(np.zeros((4, 4, 2, 2, 1)), mesh).sharding.spec == \
+        P("data", "spatial")
+    labels = sharding.put_global_batch(np.arange(4), mesh)
+    assert labels.sharding.spec == P("data")
+    np.testing.assert_array_equal(np.asarray(labels), np.arange(4))
+    assert sharding.put_shared_batch(np.zeros((4, 3, 5)), mesh).sharding.spec == P("data")
