@@ -167,6 +167,13 @@ def test_sampling_is_deterministic_and_cli_writes(ldm_workdir, tmp_path):
         assert np.load(os.path.join(out, "latents", n + ".npy")).shape == (8, 8, 4, 2)
     assert os.path.exists(os.path.join(out, "samples.png"))
     assert sample_cli.main(args) == 2  # existing outputs are kept without --overwrite
+    # A refused request (here a class for an unconditional model, a sampler it was not
+    # trained for, too many steps) leaves no --output folder behind.
+    for bad in ("--class_label=0", "--scheduler=rflow", "--steps=1000"):
+        refused = str(tmp_path / "refused")
+        assert sample_cli.main(["x", f"--workdir={ldm_workdir}", f"--output={refused}",
+                                "--noprogress", bad]) == 2
+        assert not os.path.exists(refused), bad
 
 
 def test_scale_factor_round_trip(ldm_workdir, ae_workdir):

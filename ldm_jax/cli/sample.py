@@ -85,20 +85,23 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
                 from None
     names = [f"sample_{i:04d}" for i in range(int(num_samples))]
     fmts = vf.formats(format)
-    out_dir = vf.prepare_output_dir(output)
-    targets = [os.path.join(out_dir, n + vf.SUFFIXES[f]) for n in names for f in fmts]
-    existing = [t for t in targets + [os.path.join(out_dir, "samples.json")]
+    out_path = os.path.abspath(os.path.expanduser(str(output)))
+    targets = [os.path.join(out_path, n + vf.SUFFIXES[f]) for n in names for f in fmts]
+    existing = [t for t in targets + [os.path.join(out_path, "samples.json")]
                 if os.path.exists(t)]
     if existing and not overwrite:
         raise vf.OutputDirError(
             f"{output} already holds {len(existing)} output(s) such as {existing[0]}; pass "
             "--overwrite to replace them, or choose a new --output.")
     pipe = load_pipeline(workdir, step, use_ema=ema)
+    # Every check before --output is created: a refused request leaves nothing behind.
+    pipe.check_request(steps, scheduler, class_label)
+    contexts = pipe.contexts_for(int(num_samples), context_array)
+    out_dir = vf.prepare_output_dir(output)
     log(f"Stage-2 checkpoint step {pipe.step} of {os.path.abspath(workdir)} "
         f"({'EMA' if ema else 'raw'} weights); autoencoder step {pipe.autoencoder.step} of "
         f"{pipe.autoencoder.workdir}; latents {'x'.join(map(str, pipe.latent_shape))}, "
         f"scale_factor {pipe.scale_factor:.6g}.")
-    contexts = pipe.contexts_for(int(num_samples), context_array)  # shape errors come first
     if contexts is not None and context is None:
         log("This model cross-attends to a context; without --context it samples with the "
             "null context (zeros): unconditional samples.")

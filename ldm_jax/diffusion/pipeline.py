@@ -48,6 +48,33 @@ class Pipeline:
                             if config.unet.get("with_conditioning") else None)
         self._samplers = {}  # (sampler, steps, guidance, eta) -> jitted loop
 
+    def check_request(self, steps: int, scheduler: Optional[str] = None,
+                      class_label: Optional[int] = None) -> Optional[int]:
+        """Checks a sampling request before any work (the sample CLI calls it before it
+        creates --output); returns the class label to sample with (the "no class" label
+        for a conditional model asked for none).
+
+        Raises ConfigError for steps outside [1, num_train_timesteps], a class label outside
+        [0, num_classes) or given to an unconditional model, or a sampler the model was not
+        trained for.
+        """
+        from ldm_jax.diffusion.sampling import sampler_for
+
+        T = int(self.config.scheduler.num_train_timesteps)
+        if not 1 <= int(steps) <= T:
+            raise ConfigError(f"--steps={steps} must be in [1, {T}] (the model was trained on "
+                              f"{T} timesteps).")
+        sampler_for(self.config.scheduler, scheduler)
+        if class_label is not None:
+            if not self.num_classes:
+                raise ConfigError("--class-label given, but this model is unconditional "
+                                  "(conditioning.num_classes = 0); drop --class-label.")
+            if not 0 <= int(class_label) < self.num_classes:
+                raise ConfigError(f"--class-label={class_label} is outside [0, "
+                                  f"{self.num_classes}) (the model's classes).")
+            return class_label
+        return self.null_label if self.num_classes else None
+
     def sample_latents(self, n: int, rng, *, steps: int = 50, scheduler: Optional[str] = None,
                        eta: float = 0.0, guidance_scale: float = 1.0,
                        class_label: Optional[int] = None, context=None, batch_size: int = 8,
@@ -66,19 +93,7 @@ class Pipeline:
         from ldm_jax.diffusion.sampling import make_sampler, sample_latents, sampler_for
         from ldm_jax.diffusion.latents import crop
 
-        T = int(self.config.scheduler.num_train_timesteps)
-        if not 1 <= int(steps) <= T:
-            raise ConfigError(f"--steps={steps} must be in [1, {T}] (the model was trained on "
-                              f"{T} timesteps).")
-        if class_label is not None:
-            if not self.num_classes:
-                raise ConfigError("--class-label given, but this model is unconditional "
-                                  "(conditioning.num_classes = 0); drop --class-label.")
-            if not 0 <= int(class_label) < self.num_classes:
-                raise ConfigError(f"--class-label={class_label} is outside [0, "
-                                  f"{self.num_classes}) (the model's classes).")
-        elif self.num_classes:
-            class_label = self.null_label  # unconditional sample of a conditional model
+        class_label = self.check_request(steps, scheduler, class_label)
         context = self.contexts_for(int(n), context)
         key = (scheduler, int(steps), float(guidance_scale), float(eta))
         if key not in self._samplers:
