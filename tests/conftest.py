@@ -3,10 +3,13 @@
 import os
 import tempfile
 
-# Eight simulated CPU devices for the sharding tests; LLVM at -O0 because the suite is
-# bound by compiling many small programs (~35% less compile time), not by running them.
+# Eight simulated CPU devices for the sharding tests. The suite is bound by compiling many
+# small programs, not by running them: LLVM at -O0 (~35% less compile time) and XLA:CPU's
+# older loop emitters instead of its MLIR fusion emitters (tiny train steps compile in
+# 4.1 s instead of 7.1 s; same results).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                                   "--xla_backend_optimization_level=0")
+                                   "--xla_backend_optimization_level=0 "
+                                   "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Threefry in its partitionable form compiles ~10x slower on XLA:CPU; values stay
 # independent of sharding either way.
@@ -75,3 +78,10 @@ def latents_dir(ae_workdir, tmp_path_factory):
     assert extract_cli.main(["x", f"--workdir={ae_workdir}", f"--input={vols}",
                              f"--output={out}", "--step=latest", "--noprogress"]) == 0
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """The multi-host test (the longest, with two processes of its own) starts first, so
+    the other worker's queue evens out behind it (pytest.ini: `--dist loadfile`, one
+    worker per test file, so a module-scoped training run is made once)."""
+    items.sort(key=lambda item: item.get_closest_marker("multihost") is None)

@@ -28,7 +28,7 @@ def diffusion_config(ae_workdir, latents_dir):
     c.unet.num_head_channels = (8,)  # the middle block's attention
     c.mesh.data = -1
     c.train.batch_size = 4
-    c.train.eval_every_steps = 4  # and at the end of every run
+    c.train.eval_every_steps = 2
     return c
 
 

@@ -53,11 +53,13 @@ def test_cli_real_steps_row_json_and_table(tmp_path, capsys):
                     f"    c.latents.latent_shape = {LATENT}\n"
                     "    return c\n")
     out = tmp_path / "rows.json"
+    # The compile-only test's config and batch: its compiled programs are cache hits here.
     code = bench_diffusion.main(["--config", str(path), "--in-process", "--steps", "1",
-                                 "--warmup", "0", "--sample-steps", "2", "--json", str(out)])
+                                 "--warmup", "0", "--sample-steps", "2", "--batch", "2",
+                                 "--json", str(out)])
     assert code == 0
     [row] = json.loads(out.read_text())
-    assert row["name"] == "tiny_stage2 float32" and row["batch"] == 1
+    assert row["name"] == "tiny_stage2 float32" and row["batch"] == 2
     assert row["peak_memory_bytes"] > 0 and row["flops"] > 0
     assert len(row["step_times"]) == 1 and row["step_s"] > 0 and row["step_cpu_s"] > 0
     assert np.isfinite(row["loss"])

@@ -3,6 +3,7 @@ exact resume, sampling, guidance, padding and the user errors."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,6 @@ from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.config import ConfigError
 from ldm_jax.data import DataError
 from ldm_jax.data.filaments import render_filaments
-from tests.tiny import tiny_config
 
 
 def tiny_diffusion_config(ae_workdir, latents_dir=None, levels=2):
@@ -45,13 +45,24 @@ def tiny_diffusion_config(ae_workdir, latents_dir=None, levels=2):
 
 
 @pytest.fixture(scope="module")
-def ldm_workdir(ae_workdir, latents_dir, tmp_path_factory):
+def ldm_run(ae_workdir, latents_dir, tmp_path_factory):
+    """(workdir, task) of 30 steps (evaluations and checkpoints at 15 and 30). Tests that
+    train the same model again pass the task to `ldm_jax.trainer.train`, which reuses its
+    compiled step and evaluation."""
+    from ldm_jax import trainer
+    from ldm_jax.cli.train import make_task
     wd = str(tmp_path_factory.mktemp("ldm"))
     c = tiny_diffusion_config(ae_workdir, latents_dir)
     c.train.num_steps = 30
     c.train.eval_every_steps = c.train.save_every_steps = 15
-    train_and_evaluate(c, wd, progress=False)
-    return wd
+    task = make_task(c)
+    trainer.train(task, wd, progress=False)
+    return wd, task
+
+
+@pytest.fixture(scope="module")
+def ldm_workdir(ldm_run):
+    return ldm_run[0]
 
 
 def _rows(wd):
@@ -74,18 +85,23 @@ def test_training_loss_falls_and_writes_everything(ldm_workdir):
     assert cfg["latents"]["latent_shape"] == [8, 8, 4, 2]
 
 
-def test_resume_is_exact(ae_workdir, latents_dir, tmp_path):
+def test_resume_is_exact(ldm_run, tmp_path):
     from ldm_jax import trainer
-    from ldm_jax.cli.train import make_task
 
-    c = tiny_diffusion_config(ae_workdir, latents_dir)
-    c.eval.num_samples = 0
-    task = make_task(c)  # one task for the three runs: its compiled step is reused
-    straight = trainer.train(task, str(tmp_path / "a"), progress=False)
-    task.config.train.num_steps = 2
-    trainer.train(task, str(tmp_path / "b"), progress=False)
-    task.config.train.num_steps = 4
-    resumed = trainer.train(task, str(tmp_path / "b"), progress=False)
+    _, task = ldm_run  # its compiled step and evaluation serve the three runs here
+    t, e = task.config.train, task.config.eval
+    saved = (t.num_steps, t.eval_every_steps, t.save_every_steps, e.num_samples)
+    try:
+        t.eval_every_steps = t.save_every_steps = 2
+        e.num_samples = 0
+        t.num_steps = 4
+        straight = trainer.train(task, str(tmp_path / "a"), progress=False)
+        t.num_steps = 2
+        trainer.train(task, str(tmp_path / "b"), progress=False)
+        t.num_steps = 4
+        resumed = trainer.train(task, str(tmp_path / "b"), progress=False)
+    finally:
+        t.num_steps, t.eval_every_steps, t.save_every_steps, e.num_samples = saved
     assert int(resumed.step) == 4
     for a, b in zip(jax.tree.leaves(straight.ema_params), jax.tree.leaves(resumed.ema_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -94,7 +110,6 @@ def test_resume_is_exact(ae_workdir, latents_dir, tmp_path):
 def test_resume_refuses_a_changed_unet_or_latents(ae_workdir, latents_dir, ldm_workdir,
                                                   tmp_path):
     import hashlib
-    import shutil
 
     def hashes(path):
         return {os.path.join(r, f): hashlib.sha256(open(os.path.join(r, f), "rb").read())
@@ -191,7 +206,8 @@ def test_guidance_one_equals_conditional_model():
     from ldm_jax.diffusion.sampling import make_sampler
     from ldm_jax.models import build_unet
     from ldm_jax.schedulers import build_scheduler, sample_loop
-    c = tiny_diffusion_config("unused")
+    c = tiny_diffusion_config("unused", levels=1)  # compiles fastest; guidance is the same
+    c.unet.num_head_channels = (8,)  # the middle block's attention
     c.unet.num_class_embeds = 4
     unet = build_unet(c.unet)
     sched = build_scheduler(c.scheduler, name="ddim")
@@ -206,30 +222,40 @@ def test_guidance_one_equals_conditional_model():
     k0, k1 = jax.random.split(key)
     x_t = jax.random.normal(k0, (2, *shape))
     state = sched.set_timesteps(sched.create_state(), 4)
-    plain = sample_loop(sched, state, lambda x, t: unet.apply(
+    plain = jax.jit(lambda: sample_loop(sched, state, lambda x, t: unet.apply(
         {"params": params}, x, jnp.broadcast_to(t, (2,)), class_labels=labels), x_t, k1,
-        eta=0.0)
+        eta=0.0))()
     np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), rtol=1e-5, atol=1e-5)
     strong = make_sampler(unet, sched, shape=shape, steps=4, guidance_scale=3.0,
                           null_label=3)(params, key, labels, n=2)
     assert np.isfinite(np.asarray(strong)).all()
 
 
-def test_odd_latents_are_padded_and_cropped(ae_workdir, latents_dir, tmp_path):
+def test_odd_latents_are_padded_and_cropped(ae_workdir, tmp_path):
+    from ldm_jax.cli import extract as extract_cli
     from ldm_jax.diffusion.latents import crop, pad_widths
     w = pad_widths((6, 8, 5), (8, 8, 8))
     assert w == ((1, 1), (0, 0), (1, 2))
     z = np.random.rand(1, 6, 8, 5, 2)
     np.testing.assert_array_equal(crop(np.pad(z, ((0, 0), *w, (0, 0))), w), z)
-    c = tiny_diffusion_config(ae_workdir, latents_dir, levels=4)  # factor 8: 8x8x4 -> 8x8x8
+    # 14x14x6 volumes encode to 7x7x3 latents, which the 2-level UNet (factor 2) pads to
+    # 8x8x4 for training and sampling, and crops back.
+    vols, lat = tmp_path / "vols", str(tmp_path / "latents")
+    vols.mkdir()
+    for i in range(4):
+        v = render_filaments((14, 14, 6), seed=i, index=0, num_filaments=(3, 3))
+        np.save(vols / f"v{i}.npy", v.astype(np.float32))
+    assert extract_cli.main(["x", f"--workdir={ae_workdir}", f"--input={vols}",
+                             f"--output={lat}", "--step=latest", "--noprogress"]) == 0
+    c = tiny_diffusion_config(ae_workdir, lat)
     c.train.num_steps = 1
     c.eval.num_samples = 0
     wd = str(tmp_path / "pad")
     train_and_evaluate(c, wd, progress=False)
     pipe = ldm_jax.load_pipeline(wd, "latest")
-    assert pipe.padded_shape == (8, 8, 8)
+    assert pipe.latent_shape == (7, 7, 3, 2) and pipe.padded_shape == (8, 8, 4)
     z = pipe.sample_latents(1, jax.random.PRNGKey(0), steps=2)
-    assert z.shape == (1, 8, 8, 4, 2)
+    assert z.shape == (1, 7, 7, 3, 2)
 
 
 def test_bad_inputs_have_clear_messages(ae_workdir, latents_dir, ldm_workdir, tmp_path):
@@ -237,14 +263,16 @@ def test_bad_inputs_have_clear_messages(ae_workdir, latents_dir, ldm_workdir, tm
     c = tiny_diffusion_config(str(tmp_path / "nothing"), None)
     with pytest.raises(CheckpointNotFoundError, match="Train stage 1 first: python train.py"):
         make_task(c)
-    other = tmp_path / "other_ae"
-    cfg = tiny_config()
-    cfg.autoencoder.num_channels = (8, 8)
-    cfg.train.num_steps = 1
-    train_and_evaluate(cfg, str(other), progress=False)
-    c = tiny_diffusion_config(str(other), latents_dir)
+    # Latents whose latents.json names another autoencoder's model hash.
+    other = tmp_path / "other_latents"
+    shutil.copytree(latents_dir, other)
+    with open(other / "latents.json") as f:
+        meta = json.load(f)
+    meta["checkpoint"]["config_hash"] = "0" * 16
+    with open(other / "latents.json", "w") as f:
+        json.dump(meta, f)
     with pytest.raises(DataError, match="come from another autoencoder"):
-        make_task(c)
+        make_task(tiny_diffusion_config(ae_workdir, str(other)))
     pipe = ldm_jax.load_pipeline(ldm_workdir, "latest")
     with pytest.raises(ConfigError, match="unconditional"):
         pipe.sample_latents(1, jax.random.PRNGKey(0), steps=2, class_label=0)

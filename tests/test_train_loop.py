@@ -192,6 +192,22 @@ def test_metrics_rows_without_checkpoint_are_dropped_and_nan_is_null(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
 
 
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+    """tensorboardX imports torch when installed (1.3 s of a run's start); the trainer
+    keeps it from doing so. In a fresh interpreter: this one may have torch loaded."""
+    import subprocess
+    import sys
+    code = ("import sys; from ldm_jax.trainer import Writers; "
+            f"w = Writers({str(tmp_path)!r}, 0); w.write(1, {{'loss': 0.5}}); w.close(); "
+            "print('torch loaded:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch loaded: False" in out.stdout
+    events = os.listdir(tmp_path / "tb")
+    assert len(events) == 1 and os.path.getsize(tmp_path / "tb" / events[0]) > 0
+
+
 def test_keep_policy_keeps_latest_and_best(tmp_path):
     import ml_collections
     config = ml_collections.ConfigDict({"a": 1})
