@@ -66,6 +66,14 @@ def _taps(kernel_shape):
                     np.int32)
 
 
+# (B, X, Y, Z, C_in) x (C_in, C_out) -> (B, X, Y, Z, C_out), and the kernel gradient's
+# (B, X, Y, Z, C_in) x (B, X, Y, Z, C_out) -> (C_in, C_out). lax.dot_general, not
+# jnp.einsum: the same dot, without einsum's path search on every trace (the tap convs
+# were the largest part of tracing a model on CPU).
+_TAP_DOT = (((4,), (0,)), ((), ()))
+_TAP_KERNEL_DOT = (((0, 1, 2, 3), (0, 1, 2, 3)), ((), ()))
+
+
 def tap_conv(x, w, padding):
     """Stride-1 NDHWC/DHWIO conv as one matmul per kernel tap, accumulated in float32.
 
@@ -74,16 +82,19 @@ def tap_conv(x, w, padding):
     """
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     out_sp = tuple(n - k + 1 for n, k in zip(xp.shape[1:4], w.shape[:3]))
+    size = (x.shape[0], *out_sp, x.shape[-1])
     wt = w.reshape(-1, *w.shape[3:])
-    taps = jnp.asarray(_taps(w.shape))
+    taps = _taps(w.shape)
 
-    def term(i):
-        t = taps[i]
-        xs = lax.dynamic_slice(xp, (0, t[0], t[1], t[2], 0), (x.shape[0], *out_sp, x.shape[-1]))
-        return jnp.einsum("bxyzi,io->bxyzo", xs, wt[i], preferred_element_type=jnp.float32)
+    def term(tx, ty, tz, w_tap):
+        xs = lax.dynamic_slice(xp, (0, tx, ty, tz, 0), size)
+        return lax.dot_general(xs, w_tap, _TAP_DOT, preferred_element_type=jnp.float32)
 
-    acc, _ = lax.scan(lambda acc, i: (acc + term(i), None), term(0),
-                      jnp.arange(1, wt.shape[0]))
+    def body(acc, tap):
+        return acc + term(*tap), None
+
+    first = term(0, 0, 0, lax.index_in_dim(wt, 0, keepdims=False))
+    acc, _ = lax.scan(body, first, (*(jnp.asarray(taps[1:, a]) for a in range(3)), wt[1:]))
     return acc.astype(x.dtype)
 
 
@@ -121,15 +132,14 @@ def kernel_grad(x, g, kernel_shape, padding):
     padding: ((lo, hi),) * 3.
     """
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    out_sp = g.shape[1:4]
+    size = (x.shape[0], *g.shape[1:4], x.shape[-1])
     taps = _taps(kernel_shape)
 
-    def one_tap(t):
-        start = (0, t[0], t[1], t[2], 0)
-        xs = lax.dynamic_slice(xp, start, (x.shape[0], *out_sp, x.shape[-1]))
-        return jnp.einsum("bxyzi,bxyzo->io", xs, g, preferred_element_type=jnp.float32)
+    def one_tap(tap):
+        xs = lax.dynamic_slice(xp, (0, *tap, 0), size)
+        return lax.dot_general(xs, g, _TAP_KERNEL_DOT, preferred_element_type=jnp.float32)
 
-    dw = lax.map(one_tap, jnp.asarray(taps))
+    dw = lax.map(one_tap, tuple(jnp.asarray(taps[:, a]) for a in range(3)))
     return dw.reshape(*kernel_shape[:3], x.shape[-1], g.shape[-1])
 
 
