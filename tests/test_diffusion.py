@@ -17,6 +17,7 @@ from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.config import ConfigError
 from ldm_jax.data import DataError
 from ldm_jax.data.filaments import render_filaments
+from tests.tiny import changed
 
 
 def tiny_diffusion_config(ae_workdir, latents_dir=None, levels=2):
@@ -89,19 +90,13 @@ def test_resume_is_exact(ldm_run, tmp_path):
     from ldm_jax import trainer
 
     _, task = ldm_run  # its compiled step and evaluation serve the three runs here
-    t, e = task.config.train, task.config.eval
-    saved = (t.num_steps, t.eval_every_steps, t.save_every_steps, e.num_samples)
-    try:
-        t.eval_every_steps = t.save_every_steps = 2
-        e.num_samples = 0
-        t.num_steps = 4
+    with changed(task.config.eval, num_samples=0), changed(
+            task.config.train, num_steps=4, eval_every_steps=2, save_every_steps=2) as t:
         straight = trainer.train(task, str(tmp_path / "a"), progress=False)
         t.num_steps = 2
         trainer.train(task, str(tmp_path / "b"), progress=False)
         t.num_steps = 4
         resumed = trainer.train(task, str(tmp_path / "b"), progress=False)
-    finally:
-        t.num_steps, t.eval_every_steps, t.save_every_steps, e.num_samples = saved
     assert int(resumed.step) == 4
     for a, b in zip(jax.tree.leaves(straight.ema_params), jax.tree.leaves(resumed.ema_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

@@ -9,12 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ldm_jax import options
+from ldm_jax import options, trainer
 from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.trainer import AbsurdLossWatch, TrainingDivergedError
 from tests.test_messages import check_suggestions
 from tests.test_train_loop import _hooked_loader
-from tests.tiny import tiny_config
+from tests.tiny import changed, tiny_config
 
 
 def _strict_rows(path):
@@ -59,11 +59,9 @@ def test_divergence_after_a_checkpoint_names_it(tiny_run, tmp_path, monkeypatch)
         return batch
 
     _hooked_loader(monkeypatch, poison)
-    config = tiny_config()
-    config.train.num_steps = 10
-    config.train.max_bad_steps = 2
-    with pytest.raises(TrainingDivergedError) as err:
-        train_and_evaluate(config, wd, progress=False)
+    task = tiny_run.task  # max_bad_steps=2; its compiled step is reused
+    with changed(task.config.train, num_steps=10), pytest.raises(TrainingDivergedError) as err:
+        trainer.train(task, str(wd), progress=False)
     # tiny_run's workdir ends with a checkpoint at step 4; steps 5 and 6 are poisoned.
     assert f"The last good checkpoint, step 4 in {wd / 'checkpoints'}, is untouched" in str(
         err.value)
@@ -102,23 +100,20 @@ def test_absurd_loss_watch():
     assert watch.check(float("nan")) is None and watch.check(120.0) is None
 
 
-def test_no_orbax_warning_for_saves_before_the_first_evaluation(tmp_path, caplog):
+def test_no_orbax_warning_for_saves_before_the_first_evaluation(tiny_run, tmp_path, caplog):
     from absl import logging as absl_logging
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.WARNING)  # the CLIs, run in-process, lower it
     try:
-        _check_no_orbax_warning(tmp_path, caplog)
+        _check_no_orbax_warning(tiny_run.task, tmp_path, caplog)
     finally:
         absl_logging.set_verbosity(verbosity)
 
 
-def _check_no_orbax_warning(tmp_path, caplog):
-    config = tiny_config()
-    config.train.num_steps = 2
-    config.train.save_every_steps = 1
-    config.train.eval_every_steps = 2
-    with caplog.at_level(logging.WARNING):
-        train_and_evaluate(config, tmp_path, progress=False)
+def _check_no_orbax_warning(task, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING), changed(
+            task.config.train, num_steps=2, save_every_steps=1, eval_every_steps=2):
+        trainer.train(task, str(tmp_path), progress=False)
         import ldm_jax
         ldm_jax.load_autoencoder(tmp_path)  # a read-only manager: quiet as well
     assert not [r for r in caplog.records if r.name == "absl"], [

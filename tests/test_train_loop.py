@@ -20,6 +20,7 @@ import ldm_jax.data
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import trainer
 from ldm_jax.trainer import TrainingDivergedError, TrainingStopped, Writers
+from tests.tiny import changed
 
 
 def _params(tree):
@@ -97,8 +98,8 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monk
     _hooked_loader(monkeypatch, sigterm_on_third)
     monkeypatch.setattr(trainer, "LONG_RUN_HOURS", 0.0)  # the hint on any CPU run
     # Checkpoints by wall-clock time too: every step here (save_every_steps is 2).
-    monkeypatch.setattr(task.config.train, "save_every_minutes", 1e-9)
-    with pytest.raises(TrainingStopped) as stopped:
+    with changed(task.config.train, save_every_minutes=1e-9), \
+            pytest.raises(TrainingStopped) as stopped:
         trainer.train(task, work, progress=False)
     assert (stopped.value.step, stopped.value.signum, stopped.value.saved) == (
         3, signal.SIGTERM, True)

@@ -1,5 +1,7 @@
 """A tiny but complete config for fast tests: 16x16x8 volumes, 8/16 channels."""
 
+import contextlib
+
 from configs import default
 
 
@@ -47,3 +49,16 @@ def train_tiny(workdir, num_steps=2):
     config.train.num_steps = num_steps
     train_and_evaluate(config, str(workdir), progress=False)
     return str(workdir)
+
+
+@contextlib.contextmanager
+def changed(section, **values):
+    """Sets fields of a config section (an ml_collections.ConfigDict) for the block and
+    puts the old values back after it. (pytest's monkeypatch.setattr deletes a ConfigDict
+    field on undo instead of restoring it.)"""
+    old = {k: section[k] for k in values}
+    section.update(values)
+    try:
+        yield section
+    finally:
+        section.update(old)
