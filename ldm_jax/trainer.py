@@ -277,14 +277,14 @@ def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX.writer imports
     torch when it is installed, only to accept torch tensors (never logged here), which
     costs a training process 1.3 s on a CPU. Raises ImportError without tensorboardX."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError, which it catches
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which it catches
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if block:
+            del sys.modules["torch"]
     return SummaryWriter
 
 

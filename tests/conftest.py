@@ -65,19 +65,8 @@ def ae_workdir(tiny_run):
 def latents_dir(ae_workdir, tmp_path_factory):
     """Latents (8x8x4x2) of six 16x16x8 filament volumes, extracted with `ae_workdir`'s
     autoencoder by `python -m ldm_jax.extract`: the stage-2 tests' training data."""
-    import numpy as np
-
-    from ldm_jax.cli import extract as extract_cli
-    from ldm_jax.data.filaments import render_filaments
-
-    vols = tmp_path_factory.mktemp("vols")
-    for i in range(6):
-        v = render_filaments((16, 16, 8), seed=i, index=0, num_filaments=(3, 3))
-        np.save(vols / f"v{i}.npy", v.astype(np.float32))
-    out = str(tmp_path_factory.mktemp("latents"))
-    assert extract_cli.main(["x", f"--workdir={ae_workdir}", f"--input={vols}",
-                             f"--output={out}", "--step=latest", "--noprogress"]) == 0
-    return out
+    from tests.tiny import extract_filament_latents
+    return extract_filament_latents(ae_workdir, str(tmp_path_factory.mktemp("stage2")), 6)
 
 
 # The longest test files, started first (pytest.ini: `--dist loadfile

@@ -25,7 +25,6 @@ def autoencoder_config():
 def diffusion_config(ae_workdir, latents_dir):
     from tests.test_diffusion import tiny_diffusion_config
     c = tiny_diffusion_config(ae_workdir, latents_dir, levels=1)  # compiles fastest
-    c.unet.num_head_channels = (8,)  # the middle block's attention
     c.mesh.data = -1
     c.train.batch_size = 4
     c.train.eval_every_steps = 2

@@ -17,7 +17,7 @@ from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.config import ConfigError
 from ldm_jax.data import DataError
 from ldm_jax.data.filaments import render_filaments
-from tests.tiny import changed
+from tests.tiny import changed, extract_filament_latents
 
 
 def tiny_diffusion_config(ae_workdir, latents_dir=None, levels=2):
@@ -27,7 +27,8 @@ def tiny_diffusion_config(ae_workdir, latents_dir=None, levels=2):
     u.in_channels = u.out_channels = 2  # tiny_config's latent_channels
     u.num_channels = (8, 16, 16, 16)[:levels]
     u.attention_levels = (False, True, False, False)[:levels]
-    u.num_head_channels = (0, 8, 0, 8)[:levels]  # the middle block always attends
+    # The middle block always attends: the last level's heads (it uses them) are never 0.
+    u.num_head_channels = (0, 8, 0, 8)[:levels - 1] + (8,)
     u.norm_num_groups = 4
     u.num_res_blocks = 1
     u.dtype = "float32"
@@ -202,7 +203,6 @@ def test_guidance_one_equals_conditional_model():
     from ldm_jax.models import build_unet
     from ldm_jax.schedulers import build_scheduler, sample_loop
     c = tiny_diffusion_config("unused", levels=1)  # compiles fastest; guidance is the same
-    c.unet.num_head_channels = (8,)  # the middle block's attention
     c.unet.num_class_embeds = 4
     unet = build_unet(c.unet)
     sched = build_scheduler(c.scheduler, name="ddim")
@@ -227,7 +227,6 @@ def test_guidance_one_equals_conditional_model():
 
 
 def test_odd_latents_are_padded_and_cropped(ae_workdir, tmp_path):
-    from ldm_jax.cli import extract as extract_cli
     from ldm_jax.diffusion.latents import crop, pad_widths
     w = pad_widths((6, 8, 5), (8, 8, 8))
     assert w == ((1, 1), (0, 0), (1, 2))
@@ -235,13 +234,7 @@ def test_odd_latents_are_padded_and_cropped(ae_workdir, tmp_path):
     np.testing.assert_array_equal(crop(np.pad(z, ((0, 0), *w, (0, 0))), w), z)
     # 14x14x6 volumes encode to 7x7x3 latents, which the 2-level UNet (factor 2) pads to
     # 8x8x4 for training and sampling, and crops back.
-    vols, lat = tmp_path / "vols", str(tmp_path / "latents")
-    vols.mkdir()
-    for i in range(4):
-        v = render_filaments((14, 14, 6), seed=i, index=0, num_filaments=(3, 3))
-        np.save(vols / f"v{i}.npy", v.astype(np.float32))
-    assert extract_cli.main(["x", f"--workdir={ae_workdir}", f"--input={vols}",
-                             f"--output={lat}", "--step=latest", "--noprogress"]) == 0
+    lat = extract_filament_latents(ae_workdir, str(tmp_path), 4, shape=(14, 14, 6))
     c = tiny_diffusion_config(ae_workdir, lat)
     c.train.num_steps = 1
     c.eval.num_samples = 0

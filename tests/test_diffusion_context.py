@@ -23,7 +23,6 @@ def context_config(ae_workdir, latents_dir, context_dir):
     """One level (the fastest to compile): the context enters the middle block's
     cross-attention (the down/up blocks' is in test_unet_parity_monai)."""
     c = tiny_diffusion_config(ae_workdir, latents_dir, levels=1)
-    c.unet.num_head_channels = (8,)
     c.unet.with_conditioning = True
     c.unet.cross_attention_dim = DIM
     c.conditioning.context_dir = context_dir

@@ -220,18 +220,11 @@ def check_stage1(tmp_path, monkeypatch):
 def check_stage2(tmp_path, ae):
     """Latents extracted (in this process) from the 2-process stage-1 checkpoint `ae`,
     then stage 2 on 2 processes: 4 steps."""
-    from ldm_jax.cli import extract as extract_cli
     from ldm_jax.cli.train import make_task
-    from ldm_jax.data.filaments import render_filaments
     from tests.multihost_config import diffusion_config, fingerprints
+    from tests.tiny import extract_filament_latents
 
-    vols, lat = tmp_path / "vols", str(tmp_path / "latents")
-    vols.mkdir()
-    for i in range(6):
-        v = render_filaments((16, 16, 8), seed=i, index=0, num_filaments=(3, 3))
-        np.save(vols / f"v{i}.npy", v.astype(np.float32))
-    assert extract_cli.main(["x", f"--workdir={ae}", f"--input={vols}", f"--output={lat}",
-                             "--step=latest", "--noprogress"]) == 0
+    lat = extract_filament_latents(ae, str(tmp_path), 6)
 
     wd, rec = str(tmp_path / "ldm"), str(tmp_path / "ldm_batches")
     config = f"{CONFIG}:diffusion,{rec},{ae},{lat}"

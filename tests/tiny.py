@@ -62,3 +62,24 @@ def changed(section, **values):
         yield section
     finally:
         section.update(old)
+
+
+def extract_filament_latents(ae_workdir, folder, num_volumes, shape=(16, 16, 8)):
+    """Renders `num_volumes` filament volumes of `shape` into folder/vols (npy) and
+    extracts their latents with `ae_workdir`'s autoencoder by `python -m ldm_jax.extract`
+    into folder/latents; returns that latents folder (a str)."""
+    import os
+
+    import numpy as np
+
+    from ldm_jax.cli import extract as extract_cli
+    from ldm_jax.data.filaments import render_filaments
+
+    vols, out = os.path.join(folder, "vols"), os.path.join(folder, "latents")
+    os.makedirs(vols)
+    for i in range(num_volumes):
+        v = render_filaments(tuple(shape), seed=i, index=0, num_filaments=(3, 3))
+        np.save(os.path.join(vols, f"v{i}.npy"), v.astype(np.float32))
+    assert extract_cli.main(["x", f"--workdir={ae_workdir}", f"--input={vols}",
+                             f"--output={out}", "--step=latest", "--noprogress"]) == 0
+    return out

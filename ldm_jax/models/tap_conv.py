@@ -61,9 +61,12 @@ def for_mesh(mesh):
 
 
 def _taps(kernel_shape):
+    """The kernel taps' (x, y, z) offsets in kernel order, as three int32 arrays (what
+    `lax.scan` / `lax.map` hand their body one element of per tap)."""
     kx, ky, kz = kernel_shape[:3]
-    return np.array([(a, b, c) for a in range(kx) for b in range(ky) for c in range(kz)],
+    grid = np.array([(a, b, c) for a in range(kx) for b in range(ky) for c in range(kz)],
                     np.int32)
+    return tuple(jnp.asarray(grid[:, axis]) for axis in range(3))
 
 
 # (B, X, Y, Z, C_in) x (C_in, C_out) -> (B, X, Y, Z, C_out), and the kernel gradient's
@@ -94,7 +97,7 @@ def tap_conv(x, w, padding):
         return acc + term(*tap), None
 
     first = term(0, 0, 0, lax.index_in_dim(wt, 0, keepdims=False))
-    acc, _ = lax.scan(body, first, (*(jnp.asarray(taps[1:, a]) for a in range(3)), wt[1:]))
+    acc, _ = lax.scan(body, first, (*(t[1:] for t in taps), wt[1:]))
     return acc.astype(x.dtype)
 
 
@@ -139,7 +142,7 @@ def kernel_grad(x, g, kernel_shape, padding):
         xs = lax.dynamic_slice(xp, (0, *tap, 0), size)
         return lax.dot_general(xs, g, _TAP_KERNEL_DOT, preferred_element_type=jnp.float32)
 
-    dw = lax.map(one_tap, tuple(jnp.asarray(taps[:, a]) for a in range(3)))
+    dw = lax.map(one_tap, taps)
     return dw.reshape(*kernel_shape[:3], x.shape[-1], g.shape[-1])
 
 
