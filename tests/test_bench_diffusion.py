@@ -14,8 +14,9 @@ from tests.test_diffusion import tiny_diffusion_config
 LATENT = (8, 8, 4, 2)
 
 
-def _tiny(batch=1, **unet):
-    c = tiny_diffusion_config("unused")  # shapes-only: the autoencoder is never loaded
+def _tiny(batch=1, levels=1, **unet):
+    # Shapes only: the autoencoder is never loaded. One level compiles fastest.
+    c = tiny_diffusion_config("unused", levels=levels)
     c.latents.latent_shape = LATENT
     c.unet.update(unet)
     return bench_diffusion.bench_config(c, batch=batch)
@@ -49,7 +50,7 @@ def test_cli_real_steps_row_json_and_table(tmp_path, capsys):
     path = tmp_path / "tiny_stage2.py"
     path.write_text("from tests.test_diffusion import tiny_diffusion_config\n\n"
                     "def get_config():\n"
-                    "    c = tiny_diffusion_config('unused')\n"
+                    "    c = tiny_diffusion_config('unused', levels=1)\n"
                     f"    c.latents.latent_shape = {LATENT}\n"
                     "    return c\n")
     out = tmp_path / "rows.json"
@@ -86,7 +87,7 @@ def test_monai_side_times_a_step_and_a_sampling():
     from benchmarks import bench_diffusion_monai
     from monai.networks.nets import DiffusionModelUNet
 
-    config = _tiny(batch=2, num_res_blocks=(1, 2))
+    config = _tiny(batch=2, levels=2, num_res_blocks=(1, 2))
     kwargs = monai_unet_kwargs(config.unet)
     assert kwargs["channels"] == [8, 16] and kwargs["num_res_blocks"] == [1, 2]
     monai_params = sum(p.numel() for p in DiffusionModelUNet(**kwargs).parameters())

@@ -150,7 +150,7 @@ def test_resume_changes_of_the_diffusion_task():
 
 
 def test_on_the_fly_encoding_trains(ae_workdir, tmp_path):
-    c = tiny_diffusion_config(ae_workdir, None)
+    c = tiny_diffusion_config(ae_workdir, None, levels=1)  # compiles fastest
     c.train.num_steps = 2
     c.eval.num_samples = 0
     state = train_and_evaluate(c, str(tmp_path / "otf"), progress=False)
@@ -207,8 +207,8 @@ def test_guidance_one_equals_conditional_model():
     unet = build_unet(c.unet)
     sched = build_scheduler(c.scheduler, name="ddim")
     x = jnp.zeros((1, 8, 8, 4, 2))
-    params = unet.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32),
-                       class_labels=jnp.zeros((1,), jnp.int32))["params"]
+    params = jax.jit(unet.init)(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32),
+                                class_labels=jnp.zeros((1,), jnp.int32))["params"]
     labels = jnp.array([1, 2], jnp.int32)
     key = jax.random.PRNGKey(3)
     shape = (8, 8, 4, 2)

@@ -26,7 +26,7 @@ class Chain(nn.Module):
 def _setup(dtype=jnp.float32, shape=(1, 8, 8, 4, 8)):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    params = Chain(False).init(jax.random.key(0), x)["params"]
+    params = jax.jit(Chain(False).init)(jax.random.key(0), x)["params"]
     # Non-trivial norm affines so a wrong scale/bias gradient shows.
     params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype),
                           params)
@@ -49,8 +49,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_same_params_values_and_gradients(dtype, tol):
     x, params, w = _setup()
-    assert jax.tree.structure(Chain(True).init(jax.random.key(0), x)) == \
-        jax.tree.structure(Chain(False).init(jax.random.key(0), x))
+    assert jax.tree.structure(jax.eval_shape(Chain(True).init, jax.random.key(0), x)) == \
+        jax.tree.structure(jax.eval_shape(Chain(False).init, jax.random.key(0), x))
     results = {}
     for r in (True, False):
         y = jax.jit(lambda p, x: Chain(r, dtype).apply({"params": p}, x.astype(dtype)))(params, x)
@@ -82,7 +82,7 @@ def test_unet_resnet_block_same_params_values_and_gradients(dtype, tol):
     def block(r):
         return ResnetBlock(16, 4, 1e-6, dtype=dtype, recompute_norm_act=r)
 
-    init = {r: block(r).init(jax.random.key(0), x, emb)["params"] for r in (True, False)}
+    init = {r: jax.jit(block(r).init)(jax.random.key(0), x, emb)["params"] for r in (True, False)}
     assert jax.tree.structure(init[True]) == jax.tree.structure(init[False])
     assert not np.any(np.asarray(init[True]["conv2"]["kernel"]))  # MONAI's zero_module
     params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype),

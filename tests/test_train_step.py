@@ -55,11 +55,15 @@ def _max_abs(a, b):
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_learns_warms_up_and_skips_non_finite_steps():
-    """One compiled step, three behaviours: warm-up, learning, the non-finite guard."""
-    config = tiny_config()
-    config.loss.adv_warmup_steps = 2
-    mesh, state, step, perc = _setup(config, jax.devices()[:1])
+def test_learns_warms_up_and_skips_non_finite_steps(tiny_run):
+    """One compiled step, three behaviours: warm-up (tiny_config's 2 steps), learning, the
+    non-finite guard. The step is tiny_run's (its task keeps it traced and compiled)."""
+    task = tiny_run.task
+    config = task.config
+    assert config.loss.adv_warmup_steps == 2
+    mesh = sharding.make_mesh(config.mesh)
+    state, abstract = init_train_state(task, mesh)
+    step, perc = compile_train_step(task, mesh, abstract), task.step_consts()
     batch = _put(_batch(config, 2), mesh)
     d0 = jax.device_get(state.d_params)
     losses = []
