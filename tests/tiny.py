@@ -26,7 +26,7 @@ def tiny_config():
     config.data.num_train_volumes = 8
     config.data.num_val_volumes = 2
     config.data.num_filaments = (2, 4)
-    config.loss.adv_warmup_steps = 2  # the 4-step runs cross the adversarial warm-up
+    config.loss.adv_warmup_steps = 1  # every run (2 or 4 steps) crosses the warm-up
     config.train.batch_size = 2
     config.train.num_steps = 4
     config.train.learning_rate = 1e-3
