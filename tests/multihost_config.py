@@ -24,7 +24,7 @@ def autoencoder_config():
 
 def diffusion_config(ae_workdir, latents_dir):
     from tests.test_diffusion import tiny_diffusion_config
-    c = tiny_diffusion_config(ae_workdir, latents_dir, levels=1)  # compiles fastest
+    c = tiny_diffusion_config(ae_workdir, latents_dir)
     c.mesh.data = -1
     c.train.batch_size = 4
     c.train.eval_every_steps = 2

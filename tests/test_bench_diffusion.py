@@ -15,8 +15,7 @@ LATENT = (8, 8, 4, 2)
 
 
 def _tiny(batch=1, levels=1, **unet):
-    # Shapes only: the autoencoder is never loaded. One level compiles fastest.
-    c = tiny_diffusion_config("unused", levels=levels)
+    c = tiny_diffusion_config("unused", levels=levels)  # shapes only: no autoencoder loaded
     c.latents.latent_shape = LATENT
     c.unet.update(unet)
     return bench_diffusion.bench_config(c, batch=batch)
@@ -50,7 +49,7 @@ def test_cli_real_steps_row_json_and_table(tmp_path, capsys):
     path = tmp_path / "tiny_stage2.py"
     path.write_text("from tests.test_diffusion import tiny_diffusion_config\n\n"
                     "def get_config():\n"
-                    "    c = tiny_diffusion_config('unused', levels=1)\n"
+                    "    c = tiny_diffusion_config('unused')\n"
                     f"    c.latents.latent_shape = {LATENT}\n"
                     "    return c\n")
     out = tmp_path / "rows.json"

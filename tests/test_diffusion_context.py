@@ -22,7 +22,7 @@ DIM, S = 4, 3  # cross_attention_dim, context length
 def context_config(ae_workdir, latents_dir, context_dir):
     """One level (the fastest to compile): the context enters the middle block's
     cross-attention (the down/up blocks' is in test_unet_parity_monai)."""
-    c = tiny_diffusion_config(ae_workdir, latents_dir, levels=1)
+    c = tiny_diffusion_config(ae_workdir, latents_dir)
     c.unet.with_conditioning = True
     c.unet.cross_attention_dim = DIM
     c.conditioning.context_dir = context_dir
