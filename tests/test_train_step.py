@@ -21,14 +21,15 @@ def _batch(config, n, seed=0):
     return {"image": x}
 
 
-def _setup(config, devices):
-    config = prepare_config(config)
-    mesh = sharding.make_mesh(config.mesh, devices=devices)
-    stage = AutoencoderTask(config)
-    perc = stage.step_consts()
-    state, abstract = init_train_state(stage, mesh)
-    step = compile_train_step(stage, mesh, abstract)
-    return mesh, state, step, perc
+def _setup(config, devices=None, task=None):
+    """(mesh, initial state, compiled step, step constants) of `task`, or of a new task
+    of `config` on `devices`."""
+    if task is None:
+        config = prepare_config(config)
+        task = AutoencoderTask(config)
+    mesh = sharding.make_mesh(task.config.mesh, devices=devices)
+    state, abstract = init_train_state(task, mesh)
+    return mesh, state, compile_train_step(task, mesh, abstract), task.step_consts()
 
 
 def _put(batch, mesh):
@@ -58,12 +59,9 @@ def _max_abs(a, b):
 def test_learns_warms_up_and_skips_non_finite_steps(tiny_run):
     """One compiled step, three behaviours: warm-up (tiny_config's 1 step), learning, the
     non-finite guard. The step is tiny_run's (its task keeps it traced and compiled)."""
-    task = tiny_run.task
-    config = task.config
+    config = tiny_run.task.config
     assert config.loss.adv_warmup_steps == 1
-    mesh = sharding.make_mesh(config.mesh)
-    state, abstract = init_train_state(task, mesh)
-    step, perc = compile_train_step(task, mesh, abstract), task.step_consts()
+    mesh, state, step, perc = _setup(config, task=tiny_run.task)
     batch = _put(_batch(config, 2), mesh)
     d0 = jax.device_get(state.d_params)
     losses = []
