@@ -24,6 +24,34 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import pytest  # noqa: E402  (after the environment above, before jax is imported)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _xla_convolutions():
+    """Tests trace XLA's own convolutions, not the CPU tap convolutions
+    (`ldm_jax.models.tap_conv`), unless marked `tap_conv`.
+
+    The taps are a CPU speed path with the same values: XLA compiles a tiny training step
+    built on its own convolutions in ~40% less time (4.5 s -> 2.9 s), and compiling is
+    most of this suite's time. What the taps compute is checked where it matters: against
+    lax in tests/test_tap_conv.py, and in whole models by the tests marked `tap_conv`
+    (MONAI parity, the sharded step, multi-host training, whose train.py processes use
+    the taps as every CPU run does).
+    """
+    from ldm_jax.models import tap_conv
+    with tap_conv.disabled():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _tap_convolutions_when_marked(request):
+    """Tests marked `tap_conv` trace with the tap convolutions, as users' CPU runs do."""
+    if request.node.get_closest_marker("tap_conv") is None:
+        yield
+        return
+    from ldm_jax.models import tap_conv
+    with tap_conv.enabled():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny run shared by the tests that need a trained workdir (they copy it before

@@ -250,6 +250,7 @@ def check_stage2(tmp_path, ae):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(ema))
 
 
+@pytest.mark.tap_conv  # the one-process run must trace what train.py's processes trace
 def test_two_processes_train_resume_and_match_one(tmp_path, monkeypatch):
     # One test, not two sharing a fixture: under pytest -n 2 each worker would launch
     # stage 1 again.

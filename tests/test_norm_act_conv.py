@@ -9,6 +9,8 @@ import pytest
 from ldm_jax.models.layers import ResBlock
 from ldm_jax.models.unet import ResnetBlock
 
+pytestmark = pytest.mark.tap_conv  # the recomputation as CPU runs trace it (tap convs)
+
 
 class Chain(nn.Module):
     """A few ResBlocks, as a level of the autoencoder stacks them."""

@@ -14,6 +14,8 @@ monai_nets = pytest.importorskip("monai.networks.nets")
 from ldm_jax.models.convert import ConversionError, discriminator_from_monai, from_monai  # noqa: E402
 from ldm_jax.models import build_autoencoder, build_discriminator  # noqa: E402
 
+pytestmark = pytest.mark.tap_conv  # the convolutions CPU runs use, against MONAI's
+
 TOL = 1e-5
 
 CASES = {

@@ -10,6 +10,8 @@ from jax import lax
 from ldm_jax import sharding
 from ldm_jax.models import tap_conv
 
+pytestmark = pytest.mark.tap_conv
+
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
 
@@ -99,7 +101,11 @@ def test_disabled_traces_lax_convolutions():
 
     with tap_conv.disabled():
         text = jax.jit(jax.grad(f)).lower(w).as_text()
-    assert "while" not in text and "convolution" in text
+        with tap_conv.enabled():  # nested: taps again, then back to lax's
+            nested = jax.jit(jax.grad(f)).lower(w).as_text()
+        after = jax.jit(jax.grad(f)).lower(w).as_text()
+    assert "while" not in text and "convolution" in text and "while" not in after
+    assert ("while" in nested) == (jax.default_backend() == "cpu")
     assert ("while" in jax.jit(jax.grad(f)).lower(w).as_text()) == (
         jax.default_backend() == "cpu")
 

@@ -118,6 +118,7 @@ def one_device_step():
     return config, batch, jax.device_get(state), float(m["loss"])
 
 
+@pytest.mark.tap_conv
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 @pytest.mark.parametrize("data,spatial", [(8, 1), (4, 2)])
 def test_sharded_step_equals_one_device(one_device_step, data, spatial):

@@ -38,18 +38,26 @@ _ENABLED = contextvars.ContextVar("tap_conv_enabled", default=True)
 
 
 @contextlib.contextmanager
+def enabled(flag: bool = True):
+    """Inside this block, trace convs by kernel taps where they apply (`flag` True, the
+    setting outside any block) or with `lax.conv_general_dilated` everywhere (False).
+    Blocks nest; each puts back the setting it found. Only tracing reads it: a function
+    jitted and traced before keeps the convolutions it was traced with."""
+    token = _ENABLED.set(bool(flag))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
 def disabled():
-    """Trace with `lax.conv_general_dilated` everywhere inside this block.
+    """`enabled(False)`: trace with `lax.conv_general_dilated` everywhere inside the block.
 
     For programs whose activations are sharded along a spatial axis (`mesh.spatial` > 1):
     the taps' `dynamic_slice` along a sharded axis makes XLA's partitioner gather the
     whole activation on every device, where its own convolutions exchange halos only.
     """
-    token = _ENABLED.set(False)
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
+    return enabled(False)
 
 
 def for_mesh(mesh):
