@@ -4,12 +4,15 @@ import os
 import tempfile
 
 # Eight simulated CPU devices for the sharding tests. The suite is bound by compiling many
-# small programs, not by running them: LLVM at -O0 (~35% less compile time) and XLA:CPU's
+# small programs, not by running them: LLVM at -O0 (~35% less compile time), XLA:CPU's
 # older loop emitters instead of its MLIR fusion emitters (tiny train steps compile in
-# 4.1 s instead of 7.1 s; same results).
+# 4.1 s instead of 7.1 s; same results), and each program's machine code in one piece
+# (splitting it for parallel codegen cost a tiny train step 4.5-4.9 CPU-s of compile
+# instead of 3.5-3.8; both cores are busy with test workers anyway).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                                    "--xla_backend_optimization_level=0 "
-                                   "--xla_cpu_use_fusion_emitters=false")
+                                   "--xla_cpu_use_fusion_emitters=false "
+                                   "--xla_cpu_parallel_codegen_split_count=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Threefry in its partitionable form compiles ~10x slower on XLA:CPU; values stay
 # independent of sharding either way.

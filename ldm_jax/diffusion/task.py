@@ -43,7 +43,7 @@ import optax
 
 from ldm_jax.config import ConfigError
 from ldm_jax.diffusion.latents import load_frozen_autoencoder, pad_widths
-from ldm_jax.optim import make_optimizer
+from ldm_jax.optim import all_finite, keep_if, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -436,12 +436,11 @@ class DiffusionTask:
         decay = jnp.minimum(float(self.config.train.get("ema_decay", 0.0)),
                             (1.0 + n) / (10.0 + n))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        from ldm_jax.autoencoder.task import all_finite
         finite = all_finite((loss, grads, params))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, ema, opt = keep_if(finite, (params, ema, opt),
+                                   (state.params, state.ema_params, state.opt))
         new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params),
-            ema_params=keep(ema, state.ema_params), opt=keep(opt, state.opt), rng=rng,
+            step=state.step + 1, params=params, ema_params=ema, opt=opt, rng=rng,
             bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
         return new_state, dict(loss=loss, finite=finite.astype(jnp.float32))
