@@ -237,6 +237,13 @@ def compile_train_step(task, mesh, abstract_state):
     return _memo(task, ("train_step", mesh), make)
 
 
+def _init_fn(task, mesh):
+    """`task.init_state` jitted, its output replicated on the mesh; one object per task
+    and mesh, so its shapes (`.eval_shape`) and its call share one trace."""
+    return _memo(task, ("init", mesh),
+                 lambda: jax.jit(task.init_state, out_shardings=sharding.replicated(mesh)))
+
+
 def abstract_train_state(task, mesh):
     """The task's train state as `jax.ShapeDtypeStruct`s, replicated on the mesh
     (nothing allocated): what `compile_train_step(...).lower` takes."""
@@ -244,17 +251,14 @@ def abstract_train_state(task, mesh):
         rng = jax.random.PRNGKey(int(task.config.train.seed))
         repl = sharding.replicated(mesh)
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                            jax.eval_shape(task.init_state, rng))
+                            _init_fn(task, mesh).eval_shape(rng))
     return _memo(task, ("abstract_state", mesh), make)
 
 
 def init_train_state(task, mesh, abstract=None):
     """(state, abstract state with shardings): the initial state, replicated on the mesh."""
     abstract = abstract_train_state(task, mesh) if abstract is None else abstract
-    state_sh = jax.tree.map(lambda x: x.sharding, abstract)
-    init = _memo(task, ("init", mesh),
-                 lambda: jax.jit(task.init_state, out_shardings=state_sh))
-    return init(jax.random.PRNGKey(int(task.config.train.seed))), abstract
+    return _init_fn(task, mesh)(jax.random.PRNGKey(int(task.config.train.seed))), abstract
 
 
 def put_batch(batch, mesh):
