@@ -1,6 +1,8 @@
 """Optimisers for generator and discriminator: Adam, schedule, clipping, accumulation;
 and the guard that skips a non-finite update (`all_finite`, `keep_if`)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -49,11 +51,13 @@ def learning_rate_schedule(peak, train_cfg):
         f"train.schedule={train_cfg.schedule!r} is not known; use 'constant' or 'cosine'.")
 
 
-def make_optimizer(peak_lr, train_cfg):
+def make_optimizer(peak_lr, train_cfg, *, multisteps_always=False):
     """Adam with global-norm clipping, wrapped in MultiSteps for gradient accumulation.
 
     The schedule counts optimizer updates, not micro-batches: MultiSteps only advances
-    the inner optimizer every `grad_accum_steps` calls.
+    the inner optimizer every `grad_accum_steps` calls. With `grad_accum_steps` 1 the
+    update is MultiSteps' without its cond (`_every_step`: same values, same state),
+    unless `multisteps_always`. Raises ConfigError for `grad_accum_steps` < 1.
     """
     parts = []
     if train_cfg.grad_clip_norm and train_cfg.grad_clip_norm > 0:
@@ -65,7 +69,21 @@ def make_optimizer(peak_lr, train_cfg):
     k = int(train_cfg.grad_accum_steps)
     if k < 1:
         raise ConfigError(f"train.grad_accum_steps must be >= 1, got {k}.")
-    return optax.MultiSteps(tx, every_k_schedule=k)
+    multi = optax.MultiSteps(tx, every_k_schedule=k)
+    if k > 1 or multisteps_always:
+        return multi
+    return optax.GradientTransformation(multi.init, functools.partial(_every_step, tx))
+
+
+def _every_step(inner, updates, state, params=None):
+    """`optax.MultiSteps.update` at every_k_schedule=1, without its accumulation and its
+    skip branch: the same updates, and a state of the same structure (acc_grads stay
+    zero), so checkpoints of either resume with the other. MultiSteps traces the inner
+    optimiser three times (update, skip branch, accumulation) and made the tiny stage-1
+    step's trace and compile ~X% longer."""
+    new_updates, inner_state = inner.update(updates, state.inner_opt_state, params)
+    return new_updates, state._replace(
+        gradient_step=optax.safe_increment(state.gradient_step), inner_opt_state=inner_state)
 
 
 def all_finite(trees):
