@@ -441,6 +441,33 @@ def latent_shape(config) -> tuple[int, int, int, int]:
 # Loading.
 
 
+def missing_config_hint(path) -> str:
+    """For a config file `path` that does not exist: " Did you mean F?" naming the config
+    file (one with a get_config) closest by file name in the path's folder, then in
+    configs/ and configs/diffusion/ (relative to the working directory); else
+    " Configs in FOLDER: a.py, b.py." for the path's folder; else ""."""
+    import difflib
+    import re
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    name = p.name if p.suffix == ".py" else p.name + ".py"
+
+    def configs_in(folder):
+        if not folder.is_dir():
+            return []
+        return sorted(q for q in folder.glob("*.py") if q.name != "__init__.py"
+                      and re.search(r"^def get_config\(", q.read_text(errors="replace"), re.M))
+
+    for folder in (p.parent, Path("configs"), Path("configs", "diffusion")):
+        found = configs_in(folder)
+        close = difflib.get_close_matches(name, [q.name for q in found], n=1, cutoff=0.6)
+        if close:
+            return f" Did you mean {folder / close[0]}?"
+    names = configs_in(p.parent)
+    return f" Configs in {p.parent}: {', '.join(q.name for q in names)}." if names else ""
+
+
 def load_config(path, arg: str | None = None):
     """Load a configs/*.py file by path and return its get_config() (get_config(arg) if given).
 
@@ -453,14 +480,9 @@ def load_config(path, arg: str | None = None):
 
     p = Path(path).expanduser()
     if not p.is_file():
-        hint = ""
-        if p.parent.is_dir():
-            names = sorted(q.name for q in p.parent.glob("*.py") if q.name != "__init__.py")
-            if names:
-                hint = f" Configs in {p.parent}: {', '.join(names)}."
         raise ConfigError(
             f"config file {str(path)!r} does not exist; pass the path of a Python file with a "
-            f"get_config() function, like configs/balanced.py.{hint}"
+            f"get_config() function, like configs/balanced.py.{missing_config_hint(path)}"
         )
     p = p.resolve()
     name = f"_ldm_jax_config_{p.stem}_{abs(hash(str(p)))}"

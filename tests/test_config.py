@@ -277,6 +277,23 @@ def test_load_config_missing_file():
         load_config(os.path.join(ROOT, "configs", "no_such_config.py"))
 
 
+def test_missing_config_suggests_a_config_that_exists(tmp_path, monkeypatch):
+    """A bare name or a misspelt path gets the closest configs/ file, and the suggestion
+    exists; files without a get_config() are never offered."""
+    monkeypatch.chdir(ROOT)
+    for typed, meant in (("balanced", "configs/balanced.py"),
+                         ("configs/balance.py", "configs/balanced.py"),
+                         ("configs/diffusion/monai_3d.py", "configs/diffusion/monai_3d_ldm.py")):
+        with pytest.raises(ConfigError) as err:
+            load_config(typed)
+        assert str(err.value).endswith(f"Did you mean {meant}?") and os.path.isfile(meant)
+    (tmp_path / "helpers.py").write_text("x = 1\n")
+    (tmp_path / "mine.py").write_text("def get_config():\n    return None\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(tmp_path / "zzz.py"))
+    assert str(err.value).endswith(f"Configs in {tmp_path}: mine.py.")
+
+
 def test_load_config_without_get_config(tmp_path):
     p = tmp_path / "empty.py"
     p.write_text("x = 1\n")

@@ -236,19 +236,14 @@ def check_config_file(path: str) -> None:
     exist, naming the closest existing config."""
     from pathlib import Path
 
-    from ldm_jax.config import ConfigError
+    from ldm_jax.config import ConfigError, missing_config_hint
 
     p = Path(str(path).split(":", 1)[0]).expanduser()
     if p.is_file():
         return
-    folder = p.parent if p.parent.is_dir() else None
-    names = sorted(str(q) for q in folder.glob("*.py") if q.name != "__init__.py") \
-        if folder else []
-    close = difflib.get_close_matches(str(p), names, n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]}?" if close else (
-        f" Configs in {folder}: {', '.join(Path(n).name for n in names)}." if names else "")
     raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a Python "
-                      f"file with a get_config() function, like configs/balanced.py.{hint}")
+                      f"file with a get_config() function, like configs/balanced.py."
+                      f"{missing_config_hint(p)}")
 
 
 def check_overrides(config, overrides, where: str) -> None:
