@@ -38,6 +38,9 @@ def test_format_plan_balanced_shapes():
     # The seed's head convolves 32 channels at full resolution: 256x256x64x32x2 B.
     assert any("head: nearest x2" in l and "256.0 MiB" in l for l in lines)
     assert "parameters" not in text
+    assert "upsample_head nearest_conv," in lines[0]
+    # With a stem of 1 there is no head to name (MONAI's decoder).
+    assert "upsample_head none (stem 1)," in format_plan(cfg("monai_3d_ldm"), with_params=False)
 
 
 def test_format_plan_anisotropic_and_invalid():

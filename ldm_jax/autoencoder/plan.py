@@ -88,10 +88,12 @@ def format_plan(config, *, with_params: bool = True, title: str | None = None) -
     lines = []
     if title:
         lines.append(title)
+    stem = _step(ae.initial_downsample_factor)
+    # The head undoes the stem: with a stem of 1 there is none (MONAI's decoder).
+    head = ae.get("upsample_head", "nearest_conv") if stem != "1" else "none (stem 1)"
     lines.append(
-        f"autoencoder: num_channels {tuple(ae.num_channels)}, stem /"
-        f"{_step(ae.initial_downsample_factor)}, level factors {level_f}, "
-        f"upsample_head {ae.get('upsample_head', 'nearest_conv')}, dtype {dtype}"
+        f"autoencoder: num_channels {tuple(ae.num_channels)}, stem /{stem}, "
+        f"level factors {level_f}, upsample_head {head}, dtype {dtype}"
     )
     header = ("path", "stage", "shape (XxYxZ)", "channels", "factor",
               f"activation ({dtype}, batch 1)")
