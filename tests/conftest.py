@@ -34,10 +34,10 @@ def _xla_convolutions():
 
     The taps are a CPU speed path with the same values: XLA compiled the tiny training
     step (tests/tiny.py) built on its own convolutions in 2.6-3.2 s instead of 4.2-5.0,
-    and compiling is most of this suite's time. What the taps compute is checked where it matters: against
-    lax in tests/test_tap_conv.py, and in whole models by the tests marked `tap_conv`
-    (MONAI parity, the sharded step, multi-host training, whose train.py processes use
-    the taps as every CPU run does).
+    and compiling is most of this suite's time. What the taps compute is checked where
+    it matters: against lax in tests/test_tap_conv.py, and in whole models by the tests
+    marked `tap_conv` (MONAI parity, the sharded step, multi-host training, whose
+    train.py processes use the taps as every CPU run does).
     """
     from ldm_jax.models import tap_conv
     with tap_conv.disabled():
