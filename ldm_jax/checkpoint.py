@@ -13,12 +13,10 @@ import os
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+from ldm_jax.errors import CheckpointNotFoundError
 
 DEFAULT_BEST_METRIC = "val_l1"  # checkpoints written before tasks named their own
 
-
-class CheckpointNotFoundError(FileNotFoundError):
-    pass
 
 
 def checkpoint_dir(workdir):
@@ -162,7 +160,7 @@ def _check_process_count(manager, step):
     `step` (grain keeps one data-iterator state per process: process_I-of-N.json)."""
     import jax
 
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
 
     path = ocp.step.find_step_path(manager.directory, ocp.step.standard_name_format(),
                                    step=int(step)) / "data"

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine")
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 MESH_AXES = ("data", "spatial")
 

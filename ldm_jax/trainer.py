@@ -67,12 +67,10 @@ import numpy as np
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import distributed, options, sharding, stopping
 from ldm_jax.models import tap_conv
+from ldm_jax.errors import TrainingDivergedError
 
 LONG_RUN_HOURS = 2.0  # CPU runs estimated longer than this get the task's quick-run hint
 
-
-class TrainingDivergedError(RuntimeError):
-    """`train.max_bad_steps` non-finite steps in a row; the last good checkpoint is kept."""
 
 
 class TrainingStopped(Exception):
@@ -170,7 +168,7 @@ def _describe_changes(changes, sep="; ") -> str:
 def _check_resume(task, manager, step):
     """Refuses (ConfigError) a resume whose config changes fixed fields; returns the
     accepted changes. Reads only the config saved with `step`."""
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
 
     refused, accepted = resume_changes(task, ckpt.restore_config(manager, step))
     if refused:
@@ -192,7 +190,7 @@ def _restore(manager, step, abstract_state, train_iter, accepted):
     `step`. A state that does not fit the config's is a ConfigError naming the changed
     settings; a data position that cannot be restored (a changed batch size or dataset)
     restarts the data stream, said in one line."""
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
 
     try:
         state = ckpt.restore_train(manager, step, abstract_state)
@@ -434,7 +432,7 @@ def train(task, workdir, progress=True):
     steps in a row (the last good checkpoint is kept) and TrainingStopped after SIGINT or
     SIGTERM (a checkpoint of the step reached is saved first).
     """
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
 
     config = task.config
     workdir = os.path.abspath(workdir)

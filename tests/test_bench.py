@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from benchmarks import bench, bench_monai, bench_plot
-from ldm_jax import config as config_lib
-from ldm_jax.config import ConfigError
+from ldm_jax.autoencoder import geometry
+from ldm_jax.autoencoder import config as ae_config
+from ldm_jax.errors import ConfigError
 from ldm_jax.models import build_autoencoder, build_discriminator
 from tests.tiny import tiny_config
 
@@ -51,8 +52,8 @@ def test_cli_json_and_table_with_real_steps(tmp_path, capsys):
         assert key in row, key
     assert row["volume"] == [16, 16, 8] and row["batch"] == 1
     config = tiny_config()
-    assert tuple(row["latent_shape"]) == config_lib.latent_shape(config)
-    assert row["total_factor"] == list(config_lib.total_factor(config.autoencoder))
+    assert tuple(row["latent_shape"]) == geometry.latent_shape(config)
+    assert row["total_factor"] == list(geometry.total_factor(config.autoencoder))
     ae = build_autoencoder(config.autoencoder)
     params = jax.eval_shape(lambda: ae.init(
         {"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(1)},
@@ -93,11 +94,11 @@ def test_seed_table_configs_match_the_seed():
         c, got_claim = by_name[name]
         assert c.autoencoder.initial_downsample_factor == init
         assert tuple(c.autoencoder.downsample_factors) == factors
-        assert config_lib.total_factor(c.autoencoder) == (total,) * 3
+        assert geometry.total_factor(c.autoencoder) == (total,) * 3
         assert tuple(c.data.volume_size) == (256, 256, 64)
         assert got_claim == claim
     for name, c, _ in rows:
-        config_lib.validate(c)
+        ae_config.validate(c)
         assert c.train.batch_size == 1
         assert c.autoencoder.dtype == c.discriminator.dtype == "bfloat16"
         assert c.loss.adv_warmup_steps == 0  # the full step is measured
@@ -156,7 +157,7 @@ def test_bad_arguments_fail_with_a_message(capsys):
 def test_worker_spec_round_trip_keeps_the_model():
     config = bench.bench_config(tiny_config(), head="subpixel", remat="levels")
     back = ml_collections.ConfigDict(json.loads(json.dumps(config.to_dict())))
-    config_lib.validate(back)
+    ae_config.validate(back)
     assert build_autoencoder(back.autoencoder) == build_autoencoder(config.autoencoder)
     assert build_discriminator(back.discriminator) == build_discriminator(config.discriminator)
     assert back.train.remat == "levels" and back.loss.adv_warmup_steps == 0

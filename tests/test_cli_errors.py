@@ -85,8 +85,9 @@ def test_verbosity_1_adds_the_traceback(capsys):
 
 
 def test_overrides_are_checked_against_the_config():
-    from ldm_jax.config import ConfigError, load_config
+    from ldm_jax.config import load_config
 
+    from ldm_jax.errors import ConfigError
     config = load_config(os.path.join(REPO, "configs", "balanced.py"))
     common.check_overrides(config, [("--config.data.volume_size", "data.volume_size")], "c.py")
     with pytest.raises(ConfigError, match=r"no field loss\.kl_wieght\. Did you mean "
@@ -99,7 +100,9 @@ def test_overrides_are_checked_against_the_config():
 def test_synthetic_source_with_a_data_folder_is_an_error(tmp_path):
     import numpy as np
 
-    from ldm_jax.config import ConfigError, validate
+    from ldm_jax.autoencoder.config import validate
+
+    from ldm_jax.errors import ConfigError
     from tests.tiny import tiny_config
 
     np.save(tmp_path / "a.npy", np.zeros((4, 4, 4), np.float32))

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
 
 from ldm_jax.cli import export as export_cli  # noqa: E402
-from ldm_jax.config import ConfigError  # noqa: E402
+from ldm_jax.errors import ConfigError  # noqa: E402
 from ldm_jax.models.convert import (ConversionError, discriminator_from_monai,  # noqa: E402
                              discriminator_to_monai, from_monai, monai_autoencoder_kwargs,
                              monai_discriminator_kwargs, monai_incompatibilities, to_monai)

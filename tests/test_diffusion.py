@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import ldm_jax
-from ldm_jax.checkpoint import CheckpointNotFoundError
+from ldm_jax.errors import CheckpointNotFoundError
 from ldm_jax.cli import sample as sample_cli
 from ldm_jax.cli.train import train_and_evaluate
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from ldm_jax.data import DataError
-from ldm_jax.data.filaments import render_filaments
+from ldm_jax.data.synthetic.filaments import render_filaments
 from tests.tiny import changed, extract_filament_latents
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from ldm_jax.cli import sample as sample_cli
 from ldm_jax.cli.train import make_task
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from ldm_jax.data import DataError
 from tests.test_diffusion import tiny_diffusion_config
 

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from ldm_jax import metrics
+from ldm_jax.metrics import image as metrics
 from ldm_jax.cli import evaluate as cli_evaluate
-from ldm_jax.data.filaments import render_filaments
+from ldm_jax.data.synthetic.filaments import render_filaments
 from ldm_jax.diffusion import evaluate as ev
 
 SIZE = (32, 32, 32)  # the smallest cube VGG16 and AlexNet slices both accept

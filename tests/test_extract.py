@@ -14,12 +14,13 @@ import ldm_jax
 from ldm_jax.cli import decode as decode_cli
 from ldm_jax.cli import extract as extract_cli
 from ldm_jax.cli import reconstruct as reconstruct_cli
-from ldm_jax.checkpoint import CheckpointNotFoundError
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import CheckpointNotFoundError
+from ldm_jax.errors import ConfigError
 from ldm_jax.data import load_volume
-from ldm_jax.data.filaments import render_filaments
-from ldm_jax.autoencoder.inference import ChannelMismatchError, latent_affine, model_config_hash
-from ldm_jax.data.files import OutputDirError
+from ldm_jax.data.synthetic.filaments import render_filaments
+from ldm_jax.autoencoder.inference import latent_affine, model_config_hash
+from ldm_jax.errors import ChannelMismatchError
+from ldm_jax.errors import OutputDirError
 from tests.tiny import tiny_config
 
 FACTOR = (2, 2, 2)  # tiny_config: stem 1, one level factor 2

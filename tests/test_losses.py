@@ -7,7 +7,7 @@ import pytest
 
 from configs import default
 from ldm_jax.autoencoder import losses
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 
 def _cfg(**overrides):

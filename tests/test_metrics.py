@@ -5,9 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax import metrics
-
-
+from ldm_jax.metrics import image as metrics
 def _vol(seed=0, shape=(2, 16, 14, 12, 1)):
     rs = np.random.RandomState(seed)
     # Smooth-ish structure plus texture, in [0, 1].

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from ldm_jax.models import build_autoencoder, build_discriminator
 from ldm_jax.models.autoencoder import DecoderHead
 from ldm_jax.models.layers import (

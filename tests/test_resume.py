@@ -9,7 +9,7 @@ import pytest
 from ldm_jax import options, trainer
 from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
 from ldm_jax.cli.train import train_and_evaluate
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from tests.test_messages import check_suggestions
 from tests.tiny import tiny_config
 

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from ldm_jax.schedulers import (DDIMScheduler, DDPMScheduler, RFlowScheduler, build_scheduler,
                                 sample_loop, timestep_transform)
 

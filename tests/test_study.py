@@ -6,7 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from ldm_jax import config as config_lib
+from ldm_jax.autoencoder import geometry
+
+from ldm_jax.autoencoder import config as ae_config
+
+from ldm_jax.errors import ConfigError
 from benchmarks import study
 
 
@@ -38,8 +42,7 @@ def test_fmt():
 def test_eval_metrics_match_closed_forms():
     """The study's per-volume metrics (metrics.py via make_eval_fn's formulas) on known
     inputs: PSNR of a constant error, SSIM of identical volumes, Dice of known masks."""
-    from ldm_jax import metrics
-
+    from ldm_jax.metrics import image as metrics
     x = np.zeros((2, 8, 8, 8, 1), np.float32)
     y = x + 0.1  # MSE 0.01 -> PSNR 20 dB with data range 1
     np.testing.assert_allclose(np.asarray(metrics.psnr(y, x)), [20.0, 20.0], rtol=1e-5)
@@ -120,8 +123,8 @@ def test_study_config_is_valid_and_same_recipe(key, total):
     v = next(v for v in study.variants() if v.key == key)
     s = study.Settings(steps=10, volume=(64, 64, 32))
     c = study.study_config(v, "filaments", s)
-    config_lib.validate(c)
-    assert config_lib.total_factor(c.autoencoder) == (total,) * 3
+    ae_config.validate(c)
+    assert geometry.total_factor(c.autoencoder) == (total,) * 3
     assert c.loss.adv_warmup_steps > s.steps  # adversarial term never on
     assert c.autoencoder.strided_kernel == v.strided_kernel
     assert c.data.source == "synthetic_filaments"
@@ -129,9 +132,9 @@ def test_study_config_is_valid_and_same_recipe(key, total):
 
 
 def test_bad_arguments_are_config_errors():
-    with pytest.raises(config_lib.ConfigError, match="divisible by 32"):
+    with pytest.raises(ConfigError, match="divisible by 32"):
         study.settings_from_args(study.parse_args(["--volume", "48,48,48"]))
-    with pytest.raises(config_lib.ConfigError, match="unknown"):
+    with pytest.raises(ConfigError, match="unknown"):
         study.select("E")
     assert [v.key for v in study.select("C_subpixel_vc,A")] == ["A_nearest_vc",
                                                                 "C_subpixel_vc", "A_nearest_k3"]

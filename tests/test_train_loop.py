@@ -19,7 +19,8 @@ from PIL import Image
 import ldm_jax.data
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import trainer
-from ldm_jax.trainer import TrainingDivergedError, TrainingStopped, Writers
+from ldm_jax.trainer import TrainingStopped, Writers
+from ldm_jax.errors import TrainingDivergedError
 from tests.tiny import changed
 
 
@@ -224,8 +225,9 @@ def test_keep_policy_keeps_latest_and_best(tmp_path):
 
 
 def test_quick_volume_is_small_and_divisible():
-    from ldm_jax.config import load_config, smallest_volume, total_factor
+    from ldm_jax.config import load_config
 
+    from ldm_jax.autoencoder.geometry import smallest_volume, total_factor
     def quick_volume(config, smallest=32):
         return smallest_volume(total_factor(config.autoencoder), smallest)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

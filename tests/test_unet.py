@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.diffusion.default import get_config
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from ldm_jax.models import build_unet, unet_padded_shape, validate_unet
 from ldm_jax.models.unet import timestep_embedding
 

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
 
-from ldm_jax.models.state_dict import ConversionError  # noqa: E402
+from ldm_jax.errors import ConversionError  # noqa: E402
 from ldm_jax.models import build_unet  # noqa: E402
 from ldm_jax.models.unet_convert import unet_from_monai, unet_to_monai  # noqa: E402
 

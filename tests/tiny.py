@@ -73,7 +73,7 @@ def extract_filament_latents(ae_workdir, folder, num_volumes, shape=(16, 16, 8))
     import numpy as np
 
     from ldm_jax.cli import extract as extract_cli
-    from ldm_jax.data.filaments import render_filaments
+    from ldm_jax.data.synthetic.filaments import render_filaments
 
     vols, out = os.path.join(folder, "vols"), os.path.join(folder, "latents")
     os.makedirs(vols)

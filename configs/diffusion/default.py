@@ -140,7 +140,7 @@ def get_config():
 
 def paired(config, stage1_config, workdir):
     """Points a stage-2 config at a stage-1 config/workdir: latent channels and shape."""
-    from ldm_jax.config import latent_shape
+    from ldm_jax.autoencoder.geometry import latent_shape
 
     shape = latent_shape(stage1_config)
     config.latents.autoencoder_workdir = workdir

@@ -29,9 +29,11 @@ import numpy as np
 
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import config as config_lib
-from ldm_jax.config import ConfigError
+from ldm_jax.autoencoder import geometry
+from ldm_jax.errors import ConfigError
 from ldm_jax.autoencoder import memory
 from ldm_jax.autoencoder.sliding import sliding_apply, tiles
+from ldm_jax.errors import ChannelMismatchError
 
 AUTO = "auto"  # window / windows per call chosen by memory
 
@@ -42,9 +44,6 @@ PREPROCESS_FIELDS = ("spacing", "voxel_resize", "a_min", "a_max", "b_min", "b_ma
 # Autoencoder fields that do not change the function the params compute.
 _NON_MODEL_FIELDS = ("remat",)
 
-
-class ChannelMismatchError(ValueError):
-    """A volume's channel count differs from the model's in_channels / latent_channels."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -217,7 +216,7 @@ class Autoencoder:
     memory_budget: Optional[int] = None  # bytes per call; None: memory.default_budget()
 
     def __post_init__(self):
-        self.factor = tuple(config_lib.total_factor(self.config.autoencoder))
+        self.factor = tuple(geometry.total_factor(self.config.autoencoder))
         self.in_channels = int(self.config.autoencoder.in_channels)
         self.latent_channels = int(self.config.autoencoder.latent_channels)
         self.config_hash = model_config_hash(self.config)
@@ -366,7 +365,7 @@ class Autoencoder:
 
 def _check_params(model, params, config, workdir, step):
     """Clear error when the saved params do not fit the model the saved config builds."""
-    shape = (1, *(max(f, 1) for f in config_lib.total_factor(config.autoencoder)),
+    shape = (1, *(max(f, 1) for f in geometry.total_factor(config.autoencoder)),
              int(config.autoencoder.in_channels))
     expected = jax.eval_shape(
         lambda: model.init({"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(0)},
@@ -425,14 +424,14 @@ def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, confi
     finally:
         manager.close()
     cfg = ml_collections.ConfigDict(saved)
-    config_lib.total_factor(cfg.autoencoder)  # validates the factors
+    geometry.total_factor(cfg.autoencoder)  # validates the factors
     ae_cfg = ml_collections.ConfigDict(saved["autoencoder"])
     if dtype is not None:
         ae_cfg.dtype = str(dtype)
     from ldm_jax.models import build_autoencoder
     model = build_autoencoder(ae_cfg, remat="none")
     _check_params(model, params, cfg, workdir, step)
-    factor = config_lib.total_factor(cfg.autoencoder)
+    factor = geometry.total_factor(cfg.autoencoder)
     if isinstance(window, str) and window == "training":
         window = tuple(int(v) for v in cfg.data.volume_size)
     return Autoencoder(model=model, params=params, config=cfg, step=int(step), workdir=workdir,

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 RECON_LOSSES = ("l1", "mse", "weighted", "dice", "combined")
 NOISE_MODES = ("gaussian", "dropout", "mixed")

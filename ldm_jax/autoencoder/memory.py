@@ -24,7 +24,7 @@ import math
 import os
 from typing import Optional, Sequence
 
-from ldm_jax import config as config_lib
+from ldm_jax.autoencoder import geometry
 from ldm_jax.models import layers
 
 ACTIVATION_COPIES = 6  # live float32 copies of the largest activation at the peak
@@ -35,8 +35,8 @@ _GIB = 1 << 30
 
 def _levels(ae, window) -> list[tuple[int, int]]:
     """(voxels, channels) at each level for an input `window` (X, Y, Z)."""
-    cum = config_lib.initial_factor(ae)
-    factors = config_lib.level_factors(ae)
+    cum = geometry.initial_factor(ae)
+    factors = geometry.level_factors(ae)
     out = []
     for i, c in enumerate(ae.num_channels):
         if i > 0:
@@ -58,7 +58,7 @@ def call_bytes(ae, window: Sequence[int], op: str, batch: int = 1) -> int:
     elements = [voxels * io_channels] + [v * c for v, c in levels]
     if op == "decode":  # each upsample puts level i's channels on level i-1's grid
         elements += [levels[i - 1][0] * levels[i][1] for i in range(1, len(levels))]
-    init = config_lib.initial_factor(ae)
+    init = geometry.initial_factor(ae)
     if op == "decode" and init != (1, 1, 1):
         head = ae.get("upsample_head", "nearest_conv")
         # nearest_conv convolves level 0's channels at full resolution.

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 PERCEPTUAL_NETS = ("alexnet", "vgg16")
 # Smallest slice side for which every LPIPS feature map is non-empty: AlexNet's stride-4

@@ -10,14 +10,9 @@ from __future__ import annotations
 
 import math
 
-from ldm_jax.config import (
-    _step,
-    format_factor,
-    level_shapes,
-    smallest_volume,
-    total_factor,
-    validate,
-)
+from ldm_jax.autoencoder.config import validate
+from ldm_jax.autoencoder.geometry import (format_factor, format_step, level_shapes,
+                                          smallest_volume, total_factor)
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -83,12 +78,12 @@ def format_plan(config, *, with_params: bool = True, title: str | None = None) -
     total = total_factor(ae)
     factors = ae.get("downsample_factors")
     level_f = "2 everywhere (MONAI)" if factors is None else ", ".join(
-        "/" + _step(f) for f in factors)
+        "/" + format_step(f) for f in factors)
 
     lines = []
     if title:
         lines.append(title)
-    stem = _step(ae.initial_downsample_factor)
+    stem = format_step(ae.initial_downsample_factor)
     # The head undoes the stem: with a stem of 1 there is none (MONAI's decoder).
     head = ae.get("upsample_head", "nearest_conv") if stem != "1" else "none (stem 1)"
     lines.append(

@@ -13,8 +13,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax import config as config_lib
-from ldm_jax import metrics, sharding, visualize
+from ldm_jax.autoencoder import geometry
+
+from ldm_jax.autoencoder import config as ae_config
+
+from ldm_jax import sharding, visualize
+from ldm_jax.metrics import image as metrics
 from ldm_jax.autoencoder import losses
 from ldm_jax.autoencoder.inference import PREPROCESS_FIELDS
 from ldm_jax.models import build_autoencoder, build_discriminator
@@ -39,7 +43,7 @@ def prepare_config(config):
     config = config.copy_and_resolve_references()
     if config.train.get("remat") is not None:
         config.autoencoder.remat = config.train.remat
-    config_lib.validate(config)
+    ae_config.validate(config)
     return config
 
 
@@ -107,8 +111,8 @@ class AutoencoderTask:
     def quick_run_hint(self, seconds, first_seconds, steps) -> str:
         """What a CPU run costs and the quick run of this config: its smallest volume
         (>= 32 voxels per axis), 300 steps (README "Train")."""
-        vol = ",".join(str(v) for v in config_lib.smallest_volume(
-            config_lib.total_factor(self.config.autoencoder)))
+        vol = ",".join(str(v) for v in geometry.smallest_volume(
+            geometry.total_factor(self.config.autoencoder)))
         config = self.config_path or "CONFIG"
         return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
                 f"{seconds:.2f} s per step: about {seconds * steps / 3600:.1f} h for the "
@@ -149,7 +153,7 @@ class AutoencoderTask:
         if sample_shape is None:
             vol = tuple(min(v, s) for v, s in zip(
                 self.config.data.volume_size,
-                config_lib.smallest_volume(config_lib.total_factor(self.config.autoencoder))))
+                geometry.smallest_volume(geometry.total_factor(self.config.autoencoder))))
             sample_shape = (1, *vol, int(self.config.autoencoder.in_channels))
         g_rng, d_rng, s_rng, run_rng = jax.random.split(rng, 4)
         x = jnp.zeros(sample_shape, jnp.float32)

@@ -98,7 +98,7 @@ def define_frame_flag(fv: flags.FlagValues) -> None:
 
 def parse_frame(value):
     """--frame -> None (the checkpoint's), an int, FRAME_ALL or FRAME_NONE; ConfigError else."""
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
     if value is None or str(value).strip() == "":
         return None
     v = str(value).strip().lower()
@@ -123,9 +123,9 @@ def volume_jobs(files, names, frame, in_channels: int) -> list[tuple]:
     """
     import os
 
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
     from ldm_jax.data import io
-    from ldm_jax.data.files import OutputDirError
+    from ldm_jax.errors import OutputDirError
 
     jobs = []
     for path, name in zip(files, names):
@@ -174,17 +174,10 @@ def model_kwargs(fv) -> dict:
 
 def user_errors() -> tuple:
     """The exception types `run` reports as one `error:` line (exit 2): problems with the
-    command line, the config, paths and data files, never bugs. Types of modules not yet
-    imported cannot have been raised, so they are not imported for this (fast errors)."""
-    from ldm_jax.config import ConfigError
+    command line, the config, paths and data files, never bugs (`ldm_jax.errors`)."""
+    from ldm_jax.errors import USER_ERRORS
 
-    found = [flags.Error, ConfigError, FileNotFoundError, NotADirectoryError]
-    for module, name in (("ldm_jax.data.errors", "DataError"),
-                         ("ldm_jax.data.files", "OutputDirError"),
-                         ("ldm_jax.autoencoder.inference", "ChannelMismatchError")):
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
-    return tuple(found)
+    return (flags.Error, *USER_ERRORS)
 
 
 def error_text(e) -> str:
@@ -236,8 +229,10 @@ def check_config_file(path: str) -> None:
     exist, naming the closest existing config."""
     from pathlib import Path
 
-    from ldm_jax.config import ConfigError, missing_config_hint
+    from ldm_jax.config import missing_config_hint
 
+
+    from ldm_jax.errors import ConfigError
     p = Path(str(path).split(":", 1)[0]).expanduser()
     if p.is_file():
         return
@@ -249,7 +244,7 @@ def check_config_file(path: str) -> None:
 def check_overrides(config, overrides, where: str) -> None:
     """Raises ConfigError for the first `--config.a.b` whose field `a.b` is not in `config`,
     with the closest existing field as a suggestion."""
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
 
     for flag, path in overrides:
         node, done = config, []
@@ -270,8 +265,9 @@ def check_overrides(config, overrides, where: str) -> None:
 
 def _parse(fv, argv, config, config_default):
     """Parses argv into fv (config flag included); user errors as ConfigError/flags.Error."""
-    from ldm_jax.config import ConfigError, load_config
+    from ldm_jax.config import load_config
 
+    from ldm_jax.errors import ConfigError
     if config:
         from ml_collections import config_flags
 

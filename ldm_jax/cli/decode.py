@@ -19,9 +19,7 @@ import sys
 
 import numpy as np
 
-from ldm_jax.data import files as vf
-
-
+from ldm_jax import outputs as vf
 def _load_meta(latents_json, files, log):
     if latents_json in ("none", ""):
         return None
@@ -89,7 +87,7 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
 
     from ldm_jax import data as data_lib
     from ldm_jax.autoencoder import inference
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)

@@ -91,7 +91,7 @@ def _parse_range(text):
 
 def _body(fv):
     from ldm_jax.cli.extract import dumps
-    from ldm_jax.data import files as vf
+    from ldm_jax import outputs as vf
     from ldm_jax.diffusion import evaluate as ev
 
     result = ev.evaluate(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 MONAI_AE = "monai.networks.nets.AutoencoderKL"
 MONAI_DISC = "monai.networks.nets.PatchDiscriminator"
@@ -60,7 +60,7 @@ def _targets(outputs, overwrite):
 
 
 def _save(torch, path, state_dict, meta):
-    from ldm_jax.data import files as vf
+    from ldm_jax import outputs as vf
     from ldm_jax.cli.extract import dumps
 
     os.makedirs(os.path.dirname(path), exist_ok=True)

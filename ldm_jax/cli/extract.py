@@ -23,8 +23,7 @@ import zlib
 
 import numpy as np
 
-from ldm_jax.data import files as vf
-
+from ldm_jax import outputs as vf
 LATENTS_JSON = "latents.json"
 _SAVE_EVERY_S = 30.0
 
@@ -108,7 +107,7 @@ def _previous(out_dir, meta, overwrite, log):
             and prev.get("encoding", {}).get("seed") == meta["encoding"]["seed"]
             and prev.get("encoding", {}).get("frame") == meta["encoding"]["frame"])
     if not same and not overwrite:
-        from ldm_jax.config import ConfigError
+        from ldm_jax.errors import ConfigError
         raise ConfigError(
             f"{out_dir} holds latents from another model or encoding (step "
             f"{pk.get('step')}, config hash {pk.get('config_hash')}, mode "

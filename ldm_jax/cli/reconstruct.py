@@ -9,7 +9,7 @@ affine, which is the input's own unless data.spacing/voxel_resize resample), NAM
 and a row of metrics.json / metrics.csv with PSNR and 3D SSIM against the preprocessed
 input.
 
-Point clouds (.csv/.tsv/.npz/.h5/.hdf5, 2D .npy; see ldm_jax.data.pointcloud) are voxelised
+Point clouds (.csv/.tsv/.npz/.h5/.hdf5, 2D .npy; see ldm_jax.data.pointcloud.clouds) are voxelised
 with the checkpoint's data.pointcloud_* settings; their rows add the Chamfer and EMD
 distances (nm) of points sampled back from the reconstruction (NAME_points.csv) and, as
 the floor, from the voxelisation alone.
@@ -24,14 +24,13 @@ import sys
 
 import numpy as np
 
-from ldm_jax.data import files as vf
-
+from ldm_jax import outputs as vf
 METRICS_JSON = "metrics.json"
 
 
 def _scores(x, r, data_range):
     """PSNR and 3D SSIM (gaussian window 7, or the largest odd size that fits)."""
-    from ldm_jax import metrics
+    from ldm_jax.metrics import image as metrics
     win = min(7, min(x.shape[:3]))
     win -= (win + 1) % 2  # odd
     out = {"psnr": float(metrics.psnr(r[None], x[None], data_range=data_range)[0]),
@@ -57,10 +56,9 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     from ldm_jax import data as data_lib
     from ldm_jax import visualize
     from ldm_jax.autoencoder import inference
-    from ldm_jax.autoencoder.inference import ChannelMismatchError
+    from ldm_jax.errors import ChannelMismatchError
     from ldm_jax.data import io as data_io
-    from ldm_jax.data import pointcloud as pc
-
+    from ldm_jax.data.pointcloud import clouds as pc
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     frame = cli.parse_frame(frame)
     # Checked before loading anything: the input exists and holds volumes or clouds.

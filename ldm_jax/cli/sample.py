@@ -70,8 +70,8 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     import jax
     from tqdm import tqdm
 
-    from ldm_jax.config import ConfigError
-    from ldm_jax.data import files as vf
+    from ldm_jax.errors import ConfigError
+    from ldm_jax import outputs as vf
     from ldm_jax.diffusion.pipeline import load_pipeline, save_sheet
 
     if int(num_samples) < 1:

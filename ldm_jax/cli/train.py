@@ -18,7 +18,7 @@ def make_task(config, config_path=None):
     """The trainer task for `config.stage` ("autoencoder", the default, or "diffusion"),
     with the config prepared and validated; `config_path` (the file, for hints) is set as
     `task.config_path`. Raises ConfigError for an unknown stage or an invalid config."""
-    from ldm_jax.config import ConfigError
+    from ldm_jax.errors import ConfigError
 
     stage = str(config.get("stage", "autoencoder"))
     if stage == "autoencoder":
@@ -58,8 +58,9 @@ def _body(fv, argv):
     import jax
 
     from ldm_jax import cli
-    from ldm_jax.trainer import TrainingDivergedError, TrainingStopped
+    from ldm_jax.trainer import TrainingStopped
 
+    from ldm_jax.errors import TrainingDivergedError
     if fv.multihost:
         from absl import logging
 

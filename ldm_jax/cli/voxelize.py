@@ -22,8 +22,7 @@ import sys
 
 import numpy as np
 
-from ldm_jax.data import files as vf
-
+from ldm_jax import outputs as vf
 MANIFEST = "voxelize.json"
 
 
@@ -46,8 +45,8 @@ def numbers(text, name, count=3, cast=float):
 
 def spec_from_flags(fv):
     """A CloudSpec from the command-line flags."""
-    from ldm_jax.data.pointcloud import CloudSpec, parse_columns, parse_fov
-    from ldm_jax.data.pointcloud_grid import triple
+    from ldm_jax.data.pointcloud.clouds import CloudSpec, parse_columns, parse_fov
+    from ldm_jax.data.pointcloud.grid import triple
 
     return CloudSpec(
         voxel_size=triple(numbers(fv.voxel_size, "voxel_size"), "--voxel_size"),
@@ -69,8 +68,8 @@ def voxelize_files(input, output, spec, *, overwrite=False, skip_bad_files=False
     from tqdm import tqdm
 
     from ldm_jax.data import BadFileError, io
-    from ldm_jax.data import pointcloud_io as pio
-    from ldm_jax.data.pointcloud import save_volume
+    from ldm_jax.data.pointcloud import io as pio
+    from ldm_jax.data.pointcloud.clouds import save_volume
 
     files = io.list_volume_files(input, pio.CLOUD_PATTERNS)
     out_dir = vf.prepare_output_dir(output, files)
@@ -163,7 +162,7 @@ def _define(fv):
 
 def _body(fv):
     from ldm_jax.data import DataError
-    from ldm_jax.data.pointcloud import write_demo_clouds
+    from ldm_jax.data.pointcloud.clouds import write_demo_clouds
 
     spec = spec_from_flags(fv)
     if fv.demo_clouds:

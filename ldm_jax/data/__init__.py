@@ -11,7 +11,7 @@ Training batches are {"image": float32 (batch, X, Y, Z, C), "name": str (batch,)
 batches {"image"}.
 """
 
-from ldm_jax.data.errors import (
+from ldm_jax.errors import (
     BadFileError,
     DataError,
     DataWarning,

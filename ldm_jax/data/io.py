@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ldm_jax import options
-from ldm_jax.data.errors import BadFileError, NoFilesError, VolumeShapeError
+from ldm_jax.errors import BadFileError, NoFilesError, VolumeShapeError
 
 NIFTI_PATTERNS = ("*.nii", "*.nii.gz")
 NPY_PATTERNS = ("*.npy",)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import grain.python as gp
 import numpy as np
 
-from ldm_jax.data.errors import DataError
+from ldm_jax.errors import DataError
 
 LATENTS_JSON = "latents.json"
 
@@ -41,7 +41,7 @@ def read_latent_folder(path: str, expected_hash: Optional[str] = None):
         DataError: no folder / no latents.json / no latents / unequal latent shapes /
             latents from another autoencoder (hash mismatch).
     """
-    from ldm_jax.data.files import read_latent
+    from ldm_jax.outputs import read_latent
 
     json_path = os.path.join(path, LATENTS_JSON)
     if not os.path.isfile(json_path):

@@ -21,7 +21,7 @@ import grain.python as gp
 import numpy as np
 
 from ldm_jax.data import io, sources
-from ldm_jax.data.errors import DataError
+from ldm_jax.errors import DataError
 from ldm_jax.data.sampler import make_loader
 from ldm_jax.data.transforms import Prep, crop_or_pad, flip_rot, preprocess
 
@@ -53,7 +53,7 @@ class Augment(gp.RandomMapTransform):
 
 
 def _mni_sample(template: np.ndarray, p: Prep, rng: np.random.Generator, bounds=None) -> np.ndarray:
-    from ldm_jax.data import mni152
+    from ldm_jax.data.sources import mni152
     from ldm_jax.data.transforms import warn_once
 
     if any(n < s for n, s in zip(template.shape[:3], p.volume_size)):

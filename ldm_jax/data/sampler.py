@@ -19,7 +19,7 @@ import sys
 import grain.python as gp
 import numpy as np
 
-from ldm_jax.data.errors import DataError
+from ldm_jax.errors import DataError
 
 
 class GlobalBatchSampler:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ldm_jax import options
-from ldm_jax.data.errors import BadFileError, DataError, DataWarning, NonFiniteError
+from ldm_jax.errors import BadFileError, DataError, DataWarning, NonFiniteError
 
 # Names already warned about (per process), so each epoch does not repeat the warning.
 _WARNED: set = set()

@@ -15,7 +15,7 @@ Four numbers, each with its limits (`evaluate` returns them all as one dict):
   the feature dimension (reported as a warning). Slices keep their native size (no resize
   to 224): slice sides must be >= 16 (VGG16) or >= 31 (AlexNet).
 - **MS-SSIM among pairs** (diversity), the quantity MONAI's LDM tutorials report: the mean
-  3D MS-SSIM (`ldm_jax.metrics.ms_ssim3d` = MONAI's MultiScaleSSIMMetric) over pairs of
+  3D MS-SSIM (`ldm_jax.metrics.image.ms_ssim3d` = MONAI's MultiScaleSSIMMetric) over pairs of
   generated volumes, and the same over pairs of real volumes as its reference. Lower =
   more diverse; samples far above the real value suggest mode collapse, far below
   suggest noise. Window `ms_ssim_kernel` (4 by default, the MONAI generative tutorials'
@@ -57,7 +57,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 FEATURE_NETS = ("vgg16", "alexnet")
 FEATURE_LAYER = {"vgg16": "relu5_3", "alexnet": "relu5"}
@@ -290,7 +290,7 @@ def slice_frechet(real_feats: dict, fake_feats: dict) -> dict:
 def fit_ms_ssim_scales(shape: Sequence[int], kernel: int, max_scales: int = 5) -> int:
     """The most scales (<= max_scales) that MS-SSIM with window `kernel` can use on spatial
     `shape` (X, Y, Z); 0 when not even one window fits."""
-    from ldm_jax.metrics import ms_ssim_min_size
+    from ldm_jax.metrics.image import ms_ssim_min_size
 
     fits = [s for s in range(1, max_scales + 1) if min(shape) >= ms_ssim_min_size(kernel, s)]
     return max(fits, default=0)
@@ -298,7 +298,7 @@ def fit_ms_ssim_scales(shape: Sequence[int], kernel: int, max_scales: int = 5) -
 
 def ms_ssim_weights(num_scales: int) -> tuple:
     """MONAI's MS-SSIM weights: all five, or the first `num_scales` renormalised to sum 1."""
-    from ldm_jax.metrics import MS_SSIM_WEIGHTS
+    from ldm_jax.metrics.image import MS_SSIM_WEIGHTS
 
     if num_scales == len(MS_SSIM_WEIGHTS):
         return MS_SSIM_WEIGHTS
@@ -318,11 +318,11 @@ def pair_indices(n: int, max_pairs: int, seed: int) -> np.ndarray:
 def pairwise_ms_ssim(volumes, *, data_range: float, kernel: int = 4, sigma: float = 1.5,
                      weights: Sequence[float], max_pairs: int = 1000, seed: int = 0,
                      batch_size: int = 4) -> dict:
-    """MS-SSIM (ldm_jax.metrics.ms_ssim3d) over pairs of volumes (N, X, Y, Z, C).
+    """MS-SSIM (ldm_jax.metrics.image.ms_ssim3d) over pairs of volumes (N, X, Y, Z, C).
 
     Returns {"mean", "std", "num_pairs"}; mean/std are None with fewer than 2 volumes.
     """
-    from ldm_jax.metrics import ms_ssim3d
+    from ldm_jax.metrics.image import ms_ssim3d
 
     v = np.asarray(volumes, np.float32)
     pairs = pair_indices(v.shape[0], max_pairs, seed)
@@ -422,7 +422,7 @@ def latent_distances(sample_latents: Sequence[np.ndarray],
 
 def read_sample_latents(folder: str, scale_factor: float = 1.0) -> list:
     """(x, y, z, C) float32 arrays of folder/*.npy, each divided by scale_factor."""
-    from ldm_jax.data import files as vf
+    from ldm_jax import outputs as vf
     from ldm_jax.data import list_volume_files
 
     paths = list_volume_files(folder, patterns=("*.npy",))
@@ -438,8 +438,7 @@ def read_reference_latents(folder: str) -> tuple[list, dict]:
     """
     import json
 
-    from ldm_jax.data import files as vf
-
+    from ldm_jax import outputs as vf
     path = os.path.join(folder, LATENTS_JSON)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -503,7 +502,7 @@ def read_volumes(path: str, *, config=None, max_volumes: int = 0,
         BadFileError / NonFiniteError: an unreadable file, NaN/Inf voxels.
     """
     from ldm_jax.data import NoFilesError, list_volume_files, load_volume
-    from ldm_jax.data import files as vf
+    from ldm_jax import outputs as vf
     from ldm_jax.data.transforms import Prep, crop_or_pad
 
     where = os.path.expanduser(str(path))
@@ -618,7 +617,7 @@ def _frechet_section(fake, real, features, k, value_range, log) -> dict:
 
 def _ms_ssim_section(fake, real, kernel, num_scales, data_range, max_pairs, seed,
                      log) -> dict:
-    from ldm_jax.metrics import MS_SSIM_WEIGHTS, ms_ssim_min_size
+    from ldm_jax.metrics.image import MS_SSIM_WEIGHTS, ms_ssim_min_size
 
     fit = fit_ms_ssim_scales(fake.shape[1:4], kernel)
     scales = fit if num_scales is None else int(num_scales)

@@ -18,7 +18,7 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 
 class Pipeline:
@@ -30,7 +30,7 @@ class Pipeline:
     """
 
     def __init__(self, config, unet, params, autoencoder, step: int = 0):
-        from ldm_jax.config import latent_shape
+        from ldm_jax.autoencoder.geometry import latent_shape
         from ldm_jax.diffusion.latents import pad_widths
         from ldm_jax.models import unet_padded_shape
 

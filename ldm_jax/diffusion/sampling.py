@@ -13,7 +13,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 SAMPLERS = ("ddim", "ddpm", "rflow")
 

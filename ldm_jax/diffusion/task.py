@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from ldm_jax.diffusion.latents import load_frozen_autoencoder, pad_widths
 from ldm_jax.optim import all_finite, keep_if, make_optimizer
 
@@ -205,7 +205,7 @@ class DiffusionTask:
         self.names, self.train_latents, self.val_latents, self.labels = [], None, None, None
         self.train_contexts = self.val_contexts = None
         if self.on_the_fly:
-            from ldm_jax.config import latent_shape
+            from ldm_jax.autoencoder.geometry import latent_shape
             self.latent_shape = tuple(latent_shape(self.ae.config))
         else:
             self._read_folder()

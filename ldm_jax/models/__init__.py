@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from ldm_jax.models.autoencoder import AutoencoderKL
 from ldm_jax.models.discriminator import PatchDiscriminator
 from ldm_jax.models.unet import DiffusionModelUNet, unet_padded_shape, validate_unet

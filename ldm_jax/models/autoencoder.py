@@ -25,7 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.config import ConfigError, as_triple
+from ldm_jax.config import as_triple
+
+from ldm_jax.errors import ConfigError
 from ldm_jax.models.layers import (
     AttentionBlock,
     Downsample,

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping
+from ldm_jax.errors import ConversionError
 
 # Sub-dict names tried first when several nested state dicts fit equally well (a training
 # checkpoint with both the model and an EMA copy picks the model; pass the EMA's sub-dict
@@ -28,10 +29,6 @@ PREFERRED_NAMES = ("state_dict", "model_state_dict", "model", "autoencoder", "va
 _MAX_DEPTH = 4
 _SHOW = 5  # keys listed in an error
 
-
-class ConversionError(ValueError):
-    """A state dict does not fit the model built from the config (keys, shapes), or a
-    checkpoint file cannot be read as one."""
 
 
 def _is_array(v) -> bool:

@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.config import ConfigError, _get, _is_pos_int, _raise
+from ldm_jax.config import get_field, is_pos_int, raise_problems
+from ldm_jax.errors import ConfigError
 from ldm_jax.models import layers
 from ldm_jax.models.layers import avg_pool, conv, group_norm, nearest_upsample, torch_like_init
 
@@ -462,7 +463,7 @@ class DiffusionModelUNet(nn.Module):
 
 def unet_factor(unet_cfg) -> int:
     """Total downsampling 2^(levels - 1) of the UNet: every latent axis must divide by it."""
-    return 2 ** (len(tuple(_get(unet_cfg, "num_channels", ()))) - 1)
+    return 2 ** (len(tuple(get_field(unet_cfg, "num_channels", ()))) - 1)
 
 
 def unet_padded_shape(latent_shape, unet_cfg) -> tuple[int, ...]:
@@ -475,21 +476,21 @@ def unet_padded_shape(latent_shape, unet_cfg) -> tuple[int, ...]:
 
 def _unet_problems(u, latent_shape) -> list[str]:
     p = "unet."
-    ch = _get(u, "num_channels")
-    if not isinstance(ch, (list, tuple)) or not ch or not all(_is_pos_int(c) for c in ch):
+    ch = get_field(u, "num_channels")
+    if not isinstance(ch, (list, tuple)) or not ch or not all(is_pos_int(c) for c in ch):
         return [f"{p}num_channels must be a non-empty sequence of positive ints like (32, 64, 64); "
                 f"got {ch!r}"]
     ch, n = tuple(int(c) for c in ch), len(ch)
     problems: list[str] = []
-    g = _get(u, "norm_num_groups", 32)
-    if not _is_pos_int(g):
+    g = get_field(u, "norm_num_groups", 32)
+    if not is_pos_int(g):
         problems.append(f"{p}norm_num_groups must be a positive int; got {g!r}")
     elif any(c % g for c in ch):
         problems.append(f"{p}norm_num_groups={g} must divide every entry of num_channels={ch} "
                         "(GroupNorm needs whole groups); change one or the other")
 
     def per_level(name, default, ok, what):
-        v = _get(u, name, default)
+        v = get_field(u, name, default)
         seq = tuple(v) if isinstance(v, (list, tuple)) else None
         if seq is not None and len(seq) != n:
             problems.append(f"{p}{name} needs one value per level ({n}, like num_channels={ch}); "
@@ -501,8 +502,8 @@ def _unet_problems(u, latent_shape) -> list[str]:
             return None
         return vals
 
-    per_level("num_res_blocks", 2, _is_pos_int, "a positive int")
-    att = _get(u, "attention_levels", (False,) * n)
+    per_level("num_res_blocks", 2, is_pos_int, "a positive int")
+    att = get_field(u, "attention_levels", (False,) * n)
     if not isinstance(att, (list, tuple)) or len(att) != n:
         problems.append(f"{p}attention_levels needs one bool per level ({n}, like num_channels="
                         f"{ch}); got {att!r}")
@@ -522,24 +523,24 @@ def _unet_problems(u, latent_shape) -> list[str]:
                 f"{p}num_head_channels[-1]={hc[-1]} must be a positive divisor of "
                 f"num_channels[-1]={ch[-1]}: the middle block always has attention (MONAI); "
                 f"e.g. {ch[-1]} for one head")
-    cond, xdim = bool(_get(u, "with_conditioning", False)), _get(u, "cross_attention_dim")
+    cond, xdim = bool(get_field(u, "with_conditioning", False)), get_field(u, "cross_attention_dim")
     if cond and xdim is None:
         problems.append(f"{p}with_conditioning=True needs cross_attention_dim (the channels of "
                         "the context); set it, or with_conditioning=False")
     if xdim is not None and not cond:
         problems.append(f"{p}cross_attention_dim={xdim!r} is set but with_conditioning=False; "
                         "set with_conditioning=True, or cross_attention_dim=None")
-    if xdim is not None and not _is_pos_int(xdim):
+    if xdim is not None and not is_pos_int(xdim):
         problems.append(f"{p}cross_attention_dim must be a positive int or None; got {xdim!r}")
     for name in ("in_channels", "out_channels", "transformer_num_layers"):
-        if not _is_pos_int(_get(u, name, 1)):
-            problems.append(f"{p}{name} must be a positive int; got {_get(u, name)!r}")
-    ncls = _get(u, "num_class_embeds")
-    if ncls is not None and not _is_pos_int(ncls):
+        if not is_pos_int(get_field(u, name, 1)):
+            problems.append(f"{p}{name} must be a positive int; got {get_field(u, name)!r}")
+    ncls = get_field(u, "num_class_embeds")
+    if ncls is not None and not is_pos_int(ncls):
         problems.append(f"{p}num_class_embeds must be a positive int or None; got {ncls!r}")
-    if _get(u, "remat", "none") not in REMAT_MODES:
-        problems.append(f"{p}remat must be one of {REMAT_MODES}; got {_get(u, 'remat')!r}")
-    dt = _get(u, "dtype", "float32")
+    if get_field(u, "remat", "none") not in REMAT_MODES:
+        problems.append(f"{p}remat must be one of {REMAT_MODES}; got {get_field(u, 'remat')!r}")
+    dt = get_field(u, "dtype", "float32")
     try:
         dt_ok = jnp.dtype(dt).name in ("float32", "bfloat16")
     except TypeError:
@@ -547,7 +548,7 @@ def _unet_problems(u, latent_shape) -> list[str]:
     if not dt_ok:
         problems.append(f"{p}dtype must be 'float32' or 'bfloat16'; got {dt!r}")
     if latent_shape is not None:
-        problems += _latent_problems(tuple(latent_shape), ch, _get(u, "in_channels"), u)
+        problems += _latent_problems(tuple(latent_shape), ch, get_field(u, "in_channels"), u)
     return problems
 
 
@@ -574,4 +575,4 @@ def validate_unet(unet_cfg, latent_shape=None) -> None:
     when given, of the latent shape (X, Y, Z) or (X, Y, Z, C) it will be trained on."""
     if unet_cfg is None:
         raise ConfigError("config.unet is missing; start from configs/diffusion/default.py")
-    _raise(_unet_problems(unet_cfg, latent_shape))
+    raise_problems(_unet_problems(unet_cfg, latent_shape))

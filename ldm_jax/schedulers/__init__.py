@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from ldm_jax.schedulers.base import DiffusionState, DiscreteScheduler, check_num_inference_steps
 from ldm_jax.schedulers.betas import (NOISE_SCHEDULES, cosine, linear_beta, make_schedule,
                                       scaled_linear_beta, sigmoid_beta)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 from ldm_jax.schedulers.betas import NOISE_SCHEDULES, linspace32, make_schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ldm_jax.data import io
-from ldm_jax.data.errors import BadFileError, DataError, DataWarning
+from ldm_jax.errors import BadFileError, DataError, DataWarning
 from ldm_jax.data.transforms import Prep, preprocess
 
 # Split ids inside the synthetic generators' seed: train and validation never share a volume.
@@ -139,7 +139,7 @@ class FilamentSource:
         )
 
     def __getitem__(self, index: int) -> dict:
-        from ldm_jax.data.filaments import render_filaments
+        from ldm_jax.data.synthetic.filaments import render_filaments
 
         if not 0 <= index < self._num:
             raise IndexError(index)
@@ -192,7 +192,7 @@ def _preprocessed_template(prep: Prep):
 
 def _template_locked(prep: Prep):
     if prep not in _TEMPLATE_CACHE:
-        from ldm_jax.data.mni152 import foreground_bounds, load_template
+        from ldm_jax.data.sources.mni152 import foreground_bounds, load_template
 
         vol, affine, zooms = load_template(prep.mni152_resolution)
         out, _ = preprocess(vol[..., None], prep, "mni152", zooms, affine)
@@ -204,7 +204,7 @@ def _template_locked(prep: Prep):
 
 def _patterns(prep: Prep) -> tuple:
     if prep.source == "pointcloud":
-        from ldm_jax.data.pointcloud_io import CLOUD_PATTERNS
+        from ldm_jax.data.pointcloud.io import CLOUD_PATTERNS
         return CLOUD_PATTERNS
     return io.NPY_PATTERNS if prep.source == "npy" else io.NIFTI_PATTERNS
 
@@ -262,7 +262,7 @@ def build_source(config, prep: Prep, split: str):
         num_records_check(num, f"data.num_{split}_volumes")
         return FilamentSource(num, prep, seed, TRAIN if split == "train" else VAL)
     if prep.source in ("pointcloud", "synthetic_smlm"):
-        from ldm_jax.data.pointcloud_sources import build_cloud_source
+        from ldm_jax.data.sources.pointcloud import build_cloud_source
         return build_cloud_source(config, prep, split)
     if prep.source == "mni152":
         num = d.num_train_volumes if split == "train" else d.num_val_volumes

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from ldm_jax.data.errors import DataError
+from ldm_jax.errors import DataError
 
 
 def _check(a, b) -> tuple:

@@ -1,10 +1,10 @@
 """Point clouds (SMLM localisations, nm) in and out of the volume world.
 
-  read      ldm_jax.data.pointcloud_io     CSV / .npy / .npz / HDF5 -> (N, 3) nm
-  voxelise  ldm_jax.data.pointcloud_grid   (N, 3) nm -> (X, Y, Z) + 4x4 affine (nm)
-  sample    ldm_jax.data.pointcloud_sample (X, Y, Z) + affine -> (N, 3) nm
-  score     ldm_jax.data.pointcloud_metrics Chamfer, EMD approximation (nm)
-  simulate  ldm_jax.data.smlm              built-in SMLM-like clouds
+  read      ldm_jax.data.pointcloud.io     CSV / .npy / .npz / HDF5 -> (N, 3) nm
+  voxelise  ldm_jax.data.pointcloud.grid   (N, 3) nm -> (X, Y, Z) + 4x4 affine (nm)
+  sample    ldm_jax.data.pointcloud.sample (X, Y, Z) + affine -> (N, 3) nm
+  score     ldm_jax.metrics.pointcloud Chamfer, EMD approximation (nm)
+  simulate  ldm_jax.data.synthetic.smlm              built-in SMLM-like clouds
 
 This module holds what ties them to a config (`CloudSpec`, from the data.pointcloud_*
 and data.smlm_* fields) and to files on disk.
@@ -26,13 +26,13 @@ from typing import Optional
 
 import numpy as np
 
-from ldm_jax.data import pointcloud_io as pio
-from ldm_jax.data.errors import BadFileError, DataError
-from ldm_jax.data.pointcloud_grid import Grid, make_grid, triple, voxelize
-from ldm_jax.data.pointcloud_io import CloudRef, list_clouds, read_cloud, write_csv
-from ldm_jax.data.pointcloud_metrics import chamfer_distance, emd_approx
-from ldm_jax.data.pointcloud_sample import sample_points
-from ldm_jax.data.smlm import SMLMParams, simulate_localisations
+from ldm_jax.data.pointcloud import io as pio
+from ldm_jax.errors import BadFileError, DataError
+from ldm_jax.data.pointcloud.grid import Grid, make_grid, triple, voxelize
+from ldm_jax.data.pointcloud.io import CloudRef, list_clouds, read_cloud, write_csv
+from ldm_jax.metrics.pointcloud import chamfer_distance, emd_approx
+from ldm_jax.data.pointcloud.sample import sample_points
+from ldm_jax.data.synthetic.smlm import SMLMParams, simulate_localisations
 
 NIFTI_UNITS = "micron"
 NM_PER_UNIT = {"meter": 1e9, "mm": 1e6, "micron": 1e3, "nm": 1.0}
@@ -146,8 +146,7 @@ def save_volume(path: str, volume, affine_nm, description: str = "") -> None:
     """float32 NIfTI with the affine in micrometres and xyzt_units "micron" (atomic write)."""
     import nibabel as nib
 
-    from ldm_jax.data import files as vf
-
+    from ldm_jax import outputs as vf
     aff = to_nifti_affine(affine_nm)
     img = nib.Nifti1Image(np.asarray(volume, np.float32), aff)
     img.header.set_data_dtype(np.float32)
@@ -203,7 +202,7 @@ def list_inputs(input: str, config) -> tuple:
 
     An entry is a volume path (str) or a CloudRef (one per cloud in a file).
     """
-    from ldm_jax.data import files as vf
+    from ldm_jax import outputs as vf
     from ldm_jax.data import io
 
     files = io.list_volume_files(input, io.ALL_PATTERNS + LIST_PATTERNS)
@@ -296,8 +295,7 @@ def write_demo_clouds(output: str, num: int, shape, voxel_size, *, seed: int = 0
                       params: SMLMParams = SMLMParams(), overwrite: bool = False) -> list:
     """Writes `num` built-in SMLM-like clouds as OUTPUT/smlm_NNN.csv (nm); returns the
     paths written (existing files are kept unless overwrite)."""
-    from ldm_jax.data import files as vf
-
+    from ldm_jax import outputs as vf
     out = vf.prepare_output_dir(output)
     v = triple(voxel_size, "--voxel_size")
     written = []

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from ldm_jax.data.errors import DataError, VolumeShapeError
+from ldm_jax.errors import DataError, VolumeShapeError
 
 JITTERS = ("uniform", "gaussian", "none")
 

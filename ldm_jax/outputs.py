@@ -14,12 +14,10 @@ import tempfile
 import uuid
 
 import numpy as np
+from ldm_jax.errors import OutputDirError
 
 SUFFIXES = {"npy": ".npy", "nifti": ".nii.gz"}
 
-
-class OutputDirError(ValueError):
-    """The output directory cannot be used (not creatable, not writable, the input dir)."""
 
 
 def stem(path: str) -> str:

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ldm_jax.data.errors import DataError
+from ldm_jax.errors import DataError
 
 METHODS = ("occupancy", "density", "gaussian")
 _TRUNCATE = 4.0  # gaussian splat radius in sigmas

@@ -3,7 +3,7 @@
   pointcloud      clouds from files (data.train_dir: CSV / .npy / .npz / HDF5), each
                   voxelised with data.pointcloud_* (per-cloud bounds by default, so the
                   grid's size varies; training then crops data.volume_size from it)
-  synthetic_smlm  built-in SMLM-like localisations (ldm_jax.data.smlm) in a field of view
+  synthetic_smlm  built-in SMLM-like localisations (ldm_jax.data.synthetic.smlm) in a field of view
                   of data.volume_size voxels of data.pointcloud_voxel_size nm, voxelised
                   onto exactly that grid
 
@@ -19,10 +19,10 @@ from __future__ import annotations
 import hashlib
 import warnings
 
-from ldm_jax.data import pointcloud_io as pio
-from ldm_jax.data.errors import BadFileError, DataError, DataWarning
-from ldm_jax.data.pointcloud import CloudSpec
-from ldm_jax.data.pointcloud_grid import Grid
+from ldm_jax.data.pointcloud import io as pio
+from ldm_jax.errors import BadFileError, DataError, DataWarning
+from ldm_jax.data.pointcloud.clouds import CloudSpec
+from ldm_jax.data.pointcloud.grid import Grid
 from ldm_jax.data.transforms import Prep, preprocess
 
 
@@ -88,7 +88,7 @@ class SMLMSource:
 
     def points(self, index: int):
         """Localisations (N, 3) nm of record `index`."""
-        from ldm_jax.data.smlm import simulate_localisations
+        from ldm_jax.data.synthetic.smlm import simulate_localisations
 
         if not 0 <= index < self._num:
             raise IndexError(index)

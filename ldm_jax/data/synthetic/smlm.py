@@ -1,6 +1,6 @@
 """SMLM-like localisations of microtubules: the built-in point clouds.
 
-The filaments are the curves of ldm_jax.data.filaments (same generator, same rng order:
+The filaments are the curves of ldm_jax.data.synthetic.filaments (same generator, same rng order:
 cloud (seed, split, index) follows the filaments of `render_filaments` with the same
 arguments), scaled from voxels to nm by the voxel size. Per filament:
   labels        Poisson(label_density * length) positions uniform along the curve, each
@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ldm_jax.data.errors import DataError
-from ldm_jax.data.filaments import _STEP, filament_curves
+from ldm_jax.errors import DataError
+from ldm_jax.data.synthetic.filaments import _STEP, filament_curves
 
 BLINK_DISTRIBUTIONS = ("geometric", "poisson")
 

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ldm_jax.data.errors import BadFileError, DataError
+from ldm_jax.errors import BadFileError, DataError
 
 CLOUD_SUFFIXES = (".csv", ".tsv", ".txt", ".npy", ".npz", ".h5", ".hdf5")
 CLOUD_PATTERNS = tuple("*" + s for s in CLOUD_SUFFIXES)
@@ -304,8 +304,7 @@ def check_points(xyz: np.ndarray, name: str) -> None:
 
 def write_csv(path: str, points: np.ndarray) -> None:
     """Writes (N, 3) nm positions as CSV with the header `x [nm],y [nm],z [nm]` (atomic)."""
-    from ldm_jax.data import files as vf
-
+    from ldm_jax import outputs as vf
     pts = np.asarray(points, np.float64).reshape(-1, 3)
 
     def write(tmp):

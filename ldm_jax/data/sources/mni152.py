@@ -64,7 +64,7 @@ def load_template(resolution: int = 1):
     that suits the seed's data suits the brain too.
     """
     if resolution not in (1, 2):
-        from ldm_jax.data.errors import DataError
+        from ldm_jax.errors import DataError
 
         raise DataError(f"data.mni152_resolution must be 1 or 2 (mm), got {resolution!r}.")
     vol, affine = _load_nilearn(resolution)  # 0..1 like nilearn

@@ -96,7 +96,7 @@ def filament_curves(
 
     Points are 0.5 voxel apart along the curve, voxel k's centre at coordinate k, kept
     within 3 sigma of the volume. `render_filaments` draws these curves (same rng, same
-    order); ldm_jax.data.smlm places localisations along them.
+    order); ldm_jax.data.synthetic.smlm places localisations along them.
     """
     nmin, nmax, wmin, wmax = _ranges(num_filaments, width)
     dims = np.array([int(s) for s in shape], np.float64)
