@@ -1,7 +1,7 @@
 """How the running command spells a setting, so that error messages suggest only real options.
 
 Library code names a setting by its config field (`data.frame`). Commands offer it
-differently: `python train.py` as `--config.data.frame=K`; `python -m ldm_jax.extract` as
+differently: `python train.py` as `--config.data.frame=K`; `ldm-jax extract` as
 `--frame=K`; and some not at all (extract's model and preprocessing come from the
 checkpoint). A message asks `setting("data.frame", "K")` and suggests only what it gets
 back, so no command suggests a flag it does not have:

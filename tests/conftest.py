@@ -95,7 +95,7 @@ def ae_workdir(tiny_run):
 @pytest.fixture(scope="session")
 def latents_dir(ae_workdir, tmp_path_factory):
     """Latents (8x8x4x2) of six 16x16x8 filament volumes, extracted with `ae_workdir`'s
-    autoencoder by `python -m ldm_jax.extract`: the stage-2 tests' training data."""
+    autoencoder by `ldm-jax extract`: the stage-2 tests' training data."""
     from tests.tiny import extract_filament_latents
     return extract_filament_latents(ae_workdir, str(tmp_path_factory.mktemp("stage2")), 6)
 

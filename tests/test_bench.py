@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from benchmarks import bench, bench_monai, bench_plot
+from benchmarks import bench, bench_monai, bench_plot, common
 from ldm_jax.autoencoder import geometry
 from ldm_jax.autoencoder import config as ae_config
 from ldm_jax.errors import ConfigError
@@ -149,9 +149,9 @@ def test_bad_arguments_fail_with_a_message(capsys):
     assert bench.main(["--config", "configs/balanced.py", "--remat", "all"]) == 2
     assert "--remat all" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="3 positive ints"):
-        bench._parse_ints("256,256", "--volume", 3)
+        common.parse_ints("256,256", "--volume", 3)
     with pytest.raises(ConfigError, match="does not exist"):
-        bench.load("configs/nope.py")
+        common.load("configs/nope.py")
 
 
 def test_worker_spec_round_trip_keeps_the_model():
@@ -164,18 +164,18 @@ def test_worker_spec_round_trip_keeps_the_model():
 
 
 def test_subprocess_json_reads_the_marker_line_and_reports_failures():
-    ok = bench._subprocess_json(
+    ok = common.subprocess_json(
         [sys.executable, "-c", "print('noise'); print('MARK {\"a\": 1}')"], "MARK")
     assert ok == {"a": 1}
-    bad = bench._subprocess_json([sys.executable, "-c", "import sys; sys.exit(3)"], "MARK")
+    bad = common.subprocess_json([sys.executable, "-c", "import sys; sys.exit(3)"], "MARK")
     assert "exit code 3" in bad["error"]
 
 
 def test_device_count_flag_is_merged_not_duplicated():
     env = {"XLA_FLAGS": "--foo=1 --xla_force_host_platform_device_count=2"}
-    bench._set_device_count(env, 8)
+    common.set_device_count(env, 8)
     assert env["XLA_FLAGS"].split() == ["--foo=1", "--xla_force_host_platform_device_count=8"]
-    bench._set_device_count(env, 4)  # never lowers what is already there
+    common.set_device_count(env, 4)  # never lowers what is already there
     assert env["XLA_FLAGS"].endswith("=8")
 
 
@@ -277,3 +277,36 @@ def test_memory_plot_series_and_png(tmp_path):
         assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 3  # something drawn
     with pytest.raises(ValueError, match="no rows"):
         bench_plot.plot_memory(rows, str(tmp_path / "n.png"), "t", volume=(1, 2, 3))
+
+
+def test_benchmark_modules_import_no_circle_and_no_private_names():
+    """benchmarks.common holds what the benches share: no import circle among
+    benchmarks.*, and no module imports another's underscore name."""
+    import ast
+    from pathlib import Path
+
+    root = Path(common.__file__).parent
+    graph = {}
+    for path in sorted(root.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [a.name for a in node.names]
+                if node.module == "benchmarks":
+                    deps.update(f"benchmarks.{n}" for n in names)
+                elif node.module.startswith("benchmarks."):
+                    deps.add(node.module)
+                    private = [n for n in names if n.startswith("_")]
+                    assert not private, f"{path.name} imports {private} from {node.module}"
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("benchmarks."))
+        graph[f"benchmarks.{path.stem}"] = deps & {f"benchmarks.{p.stem}" for p in
+                                                    root.glob("*.py")}
+
+    def visit(mod, stack):
+        assert mod not in stack, "import circle: " + " -> ".join([*stack, mod])
+        for dep in graph[mod]:
+            visit(dep, [*stack, mod])
+
+    for mod in graph:
+        visit(mod, [])

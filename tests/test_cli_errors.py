@@ -10,8 +10,8 @@ import pytest
 from ldm_jax.cli import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_CLIS = {"train": ["train.py"], "plan": ["-m", "ldm_jax.plan"],
-               "preview": ["-m", "ldm_jax.preview"], "throughput": ["-m", "ldm_jax.throughput"]}
+CONFIG_CLIS = {"train": ["train.py"], "plan": ["-m", "ldm_jax", "plan"],
+               "preview": ["-m", "ldm_jax", "preview"], "throughput": ["-m", "ldm_jax", "throughput"]}
 MODEL_CLIS = ("extract", "reconstruct", "decode")
 
 
@@ -24,7 +24,7 @@ def _cases(tmp):
                   f"'{tmp}/nope' does not exist"),
         # plan reads no data; its input is the config, here one the discriminator rejects
         "plan": (["--config.data.volume_size=(32,32,16)"], "too small for the discriminator"),
-        "preview": (nifti + [f"--out={tmp}/p.png"], f"'{tmp}/nope' does not exist"),
+        "preview": (nifti + [f"--output={tmp}/p.png"], f"'{tmp}/nope' does not exist"),
         "throughput": (nifti, f"'{tmp}/nope' does not exist"),
     }
     cases = {}

@@ -354,7 +354,7 @@ def test_export_refuses_a_model_monai_cannot_hold(tmp_path, capsys):
     from ldm_jax import checkpoint as ckpt
     from ldm_jax import sharding
     from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
-    from ldm_jax.trainer import init_train_state
+    from ldm_jax.trainer.loop import init_train_state
     config = tiny_config()
     config.autoencoder.initial_downsample_factor = 2
     config.autoencoder.upsample_head = "subpixel"

@@ -44,7 +44,7 @@ def test_preview_cli_writes_png(tmp_path):
     out = tmp_path / "preview.png"
     cmd = [
         sys.executable, "-m", "ldm_jax.data.preview", "--config", "configs/balanced.py",
-        "--config.data.volume_size=(48,48,16)", "--num_samples=2", f"--out={out}",
+        "--config.data.volume_size=(48,48,16)", "--num_samples=2", f"--output={out}",
     ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

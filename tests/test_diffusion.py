@@ -53,7 +53,7 @@ def ldm_run(ae_workdir, latents_dir, tmp_path_factory):
     """(workdir, task) of 30 steps (evaluations and checkpoints at 15 and 30). Tests that
     train the same model again pass the task to `ldm_jax.trainer.train`, which reuses its
     compiled step and evaluation."""
-    from ldm_jax import trainer
+    from ldm_jax.trainer import loop as trainer
     from ldm_jax.cli.train import make_task
     wd = str(tmp_path_factory.mktemp("ldm"))
     c = tiny_diffusion_config(ae_workdir, latents_dir)
@@ -90,7 +90,7 @@ def test_training_loss_falls_and_writes_everything(ldm_workdir):
 
 
 def test_resume_is_exact(ldm_run, tmp_path):
-    from ldm_jax import trainer
+    from ldm_jax.trainer import loop as trainer
 
     _, task = ldm_run  # its compiled step and evaluation serve the three runs here
     with changed(task.config.eval, num_samples=0), changed(
@@ -130,7 +130,7 @@ def test_resume_refuses_a_changed_unet_or_latents(ae_workdir, latents_dir, ldm_w
 
 
 def test_resume_changes_of_the_diffusion_task():
-    from ldm_jax import trainer
+    from ldm_jax.trainer import resume
     from ldm_jax.diffusion.task import DiffusionTask, prepare_config
 
     task = DiffusionTask.__new__(DiffusionTask)
@@ -144,7 +144,7 @@ def test_resume_changes_of_the_diffusion_task():
     saved["latents"]["scale_factor"] = 0.5
     saved["conditioning"]["num_classes"] = 3
     saved["train"]["learning_rate"] = 1.0
-    refused, accepted = trainer.resume_changes(task, saved)
+    refused, accepted = resume.resume_changes(task, saved)
     assert [k for k, *_ in refused] == ["conditioning.num_classes", "latents.autoencoder_step",
                                         "scheduler.name", "unet.num_res_blocks"]
     assert [k for k, *_ in accepted] == ["latents.scale_factor", "train.learning_rate",
@@ -170,8 +170,8 @@ def test_sampling_is_deterministic_and_cli_writes(ldm_workdir, tmp_path):
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 0
     out = str(tmp_path / "s")
-    args = ["x", f"--workdir={ldm_workdir}", f"--output={out}", "--num-samples=3",
-            "--steps=3", "--batch-size=2", "--format=both", "--noprogress"]
+    args = ["x", f"--workdir={ldm_workdir}", f"--output={out}", "--num_samples=3",
+            "--num_inference_steps=3", "--batch_size=2", "--format=both", "--noprogress"]
     assert sample_cli.main(args) == 0
     rec = json.load(open(os.path.join(out, "samples.json")))
     assert rec["num_samples"] == 3 and rec["scheduler"] == "ddim"
@@ -182,7 +182,7 @@ def test_sampling_is_deterministic_and_cli_writes(ldm_workdir, tmp_path):
     assert sample_cli.main(args) == 2  # existing outputs are kept without --overwrite
     # A refused request (here a class for an unconditional model, a sampler it was not
     # trained for, too many steps) leaves no --output folder behind.
-    for bad in ("--class_label=0", "--scheduler=rflow", "--steps=1000"):
+    for bad in ("--class_label=0", "--scheduler=rflow", "--num_inference_steps=1000"):
         refused = str(tmp_path / "refused")
         assert sample_cli.main(["x", f"--workdir={ldm_workdir}", f"--output={refused}",
                                 "--noprogress", bad]) == 2

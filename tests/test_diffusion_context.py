@@ -48,7 +48,7 @@ def ctx_run(ae_workdir, latents_dir, context_dir, tmp_path_factory):
     """(workdir, task) of 4 steps (eval and a sample sheet at 2 and 4). No condition
     dropout here, so the tests can reuse the task's compiled step, evaluation and sampler
     as the conditional model; `_loss_with_dropout` compiles a step with dropout 1."""
-    from ldm_jax import trainer
+    from ldm_jax.trainer import loop as trainer
     wd = str(tmp_path_factory.mktemp("ldm_ctx"))
     c = context_config(ae_workdir, latents_dir, context_dir)
     c.train.learning_rate = 1e-2  # so 4 steps move the zero-initialised proj_out
@@ -164,8 +164,8 @@ def test_sample_cli_with_context(ctx_run, tmp_path, capsys):
     np.save(one, rng.normal(size=(S, DIM)).astype(np.float32))
     per = tmp_path / "per.npy"
     np.save(per, rng.normal(size=(2, S, DIM)).astype(np.float32))
-    base = ["x", f"--workdir={wd}", "--num-samples=2", "--steps=2", "--batch-size=2",
-            "--format=npy", "--noprogress", "--step=latest", "--guidance-scale=2"]
+    base = ["x", f"--workdir={wd}", "--num_samples=2", "--num_inference_steps=2", "--batch_size=2",
+            "--format=npy", "--noprogress", "--step=latest", "--guidance_scale=2"]
     for name, ctx in (("one", one), ("per", per)):
         out = str(tmp_path / f"s_{name}")
         assert sample_cli.main(base + [f"--output={out}", f"--context={ctx}"]) == 0

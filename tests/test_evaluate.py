@@ -1,5 +1,5 @@
 """Sample-quality evaluation: Fréchet distances, MS-SSIM (against MONAI), intensity and
-latent distances, and `python -m ldm_jax.evaluate` end to end on tiny volumes."""
+latent distances, and `ldm-jax evaluate` end to end on tiny volumes."""
 
 import json
 import os

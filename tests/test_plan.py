@@ -1,4 +1,4 @@
-"""ldm_jax.plan: the shape table, parameter counts, and the command line's exit codes."""
+"""ldm-jax plan: the shape table, parameter counts, and the command line's exit codes."""
 
 import os
 import subprocess
@@ -19,7 +19,7 @@ def cfg(name):
 
 
 def run_plan(*args):
-    return subprocess.run([sys.executable, "-m", "ldm_jax.plan", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ldm_jax", "plan", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""python -m ldm_jax.voxelize / ldm_jax.to_points end to end, in process, on tmp data."""
+"""ldm-jax voxelize / to_points end to end, in process, on tmp data."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """The whole point-cloud path on a tiny checkpoint trained 2 steps on synthetic_smlm:
-clouds -> volumes -> autoencoder -> volumes -> clouds, scored by ldm_jax.reconstruct."""
+clouds -> volumes -> autoencoder -> volumes -> clouds, scored by ldm-jax reconstruct."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import pytest
 from ldm_jax.cli import reconstruct as reconstruct_cli
 from ldm_jax import to_points
 from ldm_jax.data.pointcloud import io as pio
-from ldm_jax.data.pointcloud.clouds import write_demo_clouds
+from ldm_jax.data.pointcloud.volumes import write_demo_clouds
 from ldm_jax.cli.train import train_and_evaluate
 from tests.tiny import tiny_config
 

@@ -11,7 +11,7 @@ import pytest
 
 from ldm_jax import options, trainer
 from ldm_jax.cli.train import train_and_evaluate
-from ldm_jax.trainer import AbsurdLossWatch
+from ldm_jax.trainer.loop import AbsurdLossWatch
 from ldm_jax.errors import TrainingDivergedError
 from tests.test_messages import check_suggestions
 from tests.test_train_loop import _hooked_loader

@@ -18,8 +18,10 @@ from PIL import Image
 
 import ldm_jax.data
 from ldm_jax import checkpoint as ckpt
-from ldm_jax import trainer
-from ldm_jax.trainer import TrainingStopped, Writers
+from ldm_jax.trainer import loop as trainer
+from ldm_jax.trainer.writers import dropped_note
+from ldm_jax.trainer import TrainingStopped
+from ldm_jax.trainer.writers import Writers
 from ldm_jax.errors import TrainingDivergedError
 from tests.tiny import changed
 
@@ -185,7 +187,7 @@ def test_metrics_rows_without_checkpoint_are_dropped_and_nan_is_null(tmp_path):
     path.write_text('{"step": 1, "loss": 0.5}\n{"step": 10, "loss": 0.4}\n{"step": 1')
     writers = Writers(str(tmp_path), 0)
     assert (writers.dropped, writers.last_dropped_step) == (3, 10)
-    note = trainer._dropped_note(str(tmp_path), writers, 0)
+    note = dropped_note(str(tmp_path), writers, 0)
     assert "has 3 metrics.jsonl row(s) (up to step 10) but no checkpoint" in note
     writers.write(1, {"loss": float("nan"), "x": math.inf, "y": 2.0})
     writers.close()
@@ -199,7 +201,7 @@ def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
     keeps it from doing so. In a fresh interpreter: this one may have torch loaded."""
     import subprocess
     import sys
-    code = ("import sys; from ldm_jax.trainer import Writers; "
+    code = ("import sys; from ldm_jax.trainer.writers import Writers; "
             f"w = Writers({str(tmp_path)!r}, 0); w.write(1, {{'loss': 0.5}}); w.close(); "
             "print('torch loaded:', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -66,7 +66,7 @@ def changed(section, **values):
 
 def extract_filament_latents(ae_workdir, folder, num_volumes, shape=(16, 16, 8)):
     """Renders `num_volumes` filament volumes of `shape` into folder/vols (npy) and
-    extracts their latents with `ae_workdir`'s autoencoder by `python -m ldm_jax.extract`
+    extracts their latents with `ae_workdir`'s autoencoder by `ldm-jax extract`
     into folder/latents; returns that latents folder (a str)."""
     import os
 

@@ -83,7 +83,7 @@ def get_config():
     lat.autoencoder_workdir = "runs/balanced"  # a trained stage-1 workdir
     # "best" | "latest" | a step; resolved to a number at start (saved in checkpoints).
     lat.autoencoder_step = ml_collections.FieldReference("best", field_type=object)
-    # A folder written by `python -m ldm_jax.extract` (latents.json + NAME.npy); None:
+    # A folder written by `ldm-jax extract` (latents.json + NAME.npy); None:
     # encode the autoencoder's own training data on the fly inside the step.
     lat.dir = ml_collections.config_dict.placeholder(str)
     lat.val_fraction = 0.1  # latents.dir: the first 10% of the sorted files validate

@@ -4,5 +4,5 @@
 - `losses`, `perceptual`: reconstruction, KL, adversarial and 2.5D LPIPS losses.
 - `inference`: `load_autoencoder(workdir)` -> encode/decode whole volumes.
 - `sliding`: gaussian-blended sliding windows for volumes larger than one pass.
-- `plan`: the per-level shape table (`python -m ldm_jax.plan`).
+- `plan`: the per-level shape table (`ldm-jax plan`).
 """

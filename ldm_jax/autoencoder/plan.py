@@ -3,7 +3,7 @@
 Why: the seed's users pick downsampling factors by drawing the levels by hand; this prints
 that drawing (and fails with a clear message on a config that cannot work) before anything
 is compiled. The trainer prints the same table at start via `format_plan(config)`; the
-command line is `python -m ldm_jax.plan` (`ldm_jax.cli.plan`).
+command line is `ldm-jax plan` (`ldm_jax.cli.plan`).
 """
 
 from __future__ import annotations

@@ -1,21 +1,23 @@
-"""Shared command-line plumbing: every command (train.py and each `python -m ldm_jax.<name>`)
-goes through `run`, so they all parse, report errors and exit the same way.
+"""Shared command-line plumbing: every command (`ldm-jax <command>`, `python train.py`)
+goes through `run`, so they all parse, report errors and exit the same way, and defines
+its shared flags (--workdir, --step, --input, --output, --seed, ...) with the `define_*`
+functions here, so a flag has one spelling and one meaning everywhere.
 
 The pattern a command follows (see ldm_jax/cli/extract.py or plan.py)::
 
     def _define(fv):                  # flags on the command's own FlagValues
-        flags.DEFINE_string("out", "x.png", "Where to write it.", flag_values=fv)
+        cli.define_output_flag(fv, "Where to write it.", default="x.png")
 
     def _body(fv):                    # the work; returns None (exit 0) or an exit code
         ...                           # user errors: raise ConfigError, DataError or
                                       # FileNotFoundError with a one-line message
 
     def main(argv=None) -> int:
-        return cli.run("ldm_jax.name", __doc__, _define, _body, argv, config="required")
+        return cli.run("ldm-jax name", __doc__, _define, _body, argv, config="required")
 
 What `run` guarantees:
 - Each command parses into fresh `FlagValues`, so commands can run in one process (tests).
-  `--skip-bad-files` and `--skip_bad_files` are both accepted.
+  Flags are snake_case; `--skip-bad-files` is accepted for `--skip_bad_files`.
 - `config="required"`/`"optional"` adds `--config` (an ml_collections config file with
   `--config.a.b=value` overrides). The file and every override's field are checked before
   absl loads them: a missing file or a misspelt field is one line with a "did you mean".
@@ -51,11 +53,46 @@ FLAG_CHOICES = {"frame": ("all", "none")}
 FRAME_ALL, FRAME_NONE = "all", "none"
 
 
+def define_workdir_flag(fv: flags.FlagValues, help: str = "Training workdir holding "
+                        "checkpoints/.", default: str | None = None) -> None:
+    """--workdir: a training run's folder."""
+    flags.DEFINE_string("workdir", default, help, flag_values=fv)
+
+
+def define_step_flag(fv: flags.FlagValues, help: str = "'best' (lowest validation L1; "
+                     "latest when none is recorded), 'latest' or a step number.") -> None:
+    """--step: which checkpoint of the workdir."""
+    flags.DEFINE_string("step", "best", help, flag_values=fv)
+
+
+def define_output_flag(fv: flags.FlagValues, help: str = "Output directory (created; must "
+                       "not be the input directory).", default: str | None = None) -> None:
+    """--output: where a command writes (every command spells it so)."""
+    flags.DEFINE_string("output", default, help, flag_values=fv)
+
+
+def define_overwrite_flag(fv: flags.FlagValues, help: str = "Rewrite outputs that exist "
+                          "(default: skip them).") -> None:
+    flags.DEFINE_bool("overwrite", False, help, flag_values=fv)
+
+
+def define_progress_flag(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+
+
+def define_skip_bad_files_flag(fv: flags.FlagValues, help: str = "Skip unreadable inputs "
+                               "(counted and listed) instead of stopping.") -> None:
+    flags.DEFINE_bool("skip_bad_files", False, help, flag_values=fv)
+
+
+def define_seed_flag(fv: flags.FlagValues, help: str = "Random seed.") -> None:
+    flags.DEFINE_integer("seed", 0, help, flag_values=fv)
+
+
 def define_checkpoint_flags(fv: flags.FlagValues) -> None:
     """--workdir, --step, --config: which checkpoint to read."""
-    flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.", flag_values=fv)
-    flags.DEFINE_string("step", "best", "'best' (lowest validation L1; latest when none is "
-                        "recorded), 'latest' or a step number.", flag_values=fv)
+    define_workdir_flag(fv)
+    define_step_flag(fv)
     flags.DEFINE_string("config", None, "Optional config file; it must agree with the config "
                         "saved in the checkpoint (which is what is used).", flag_values=fv)
 
@@ -79,14 +116,12 @@ def define_model_flags(fv: flags.FlagValues) -> None:
 
 
 def define_io_flags(fv: flags.FlagValues, input_help: str) -> None:
+    """--input, --output, --overwrite, --skip_bad_files, --progress."""
     flags.DEFINE_string("input", None, input_help, flag_values=fv)
-    flags.DEFINE_string("output", None, "Output directory (created; must not be the input "
-                        "directory).", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Rewrite outputs that exist (default: skip them).",
-                      flag_values=fv)
-    flags.DEFINE_bool("skip_bad_files", False, "Skip unreadable inputs (counted and listed) "
-                      "instead of stopping.", flag_values=fv)
-    flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+    define_output_flag(fv)
+    define_overwrite_flag(fv)
+    define_skip_bad_files_flag(fv)
+    define_progress_flag(fv)
 
 
 def define_frame_flag(fv: flags.FlagValues) -> None:

@@ -1,6 +1,6 @@
 r"""Measure generated 3D volumes against real ones (FD, MS-SSIM diversity, intensities).
 
-  python -m ldm_jax.evaluate --samples samples/ --reference DIR_OR_CONFIG.py \
+  ldm-jax evaluate --samples samples/ --reference DIR_OR_CONFIG.py \
       [--output eval.json] [--features vgg16|alexnet] [--num_slices K] [--seed 0]
       [--config CONFIG.py] [--range LO,HI] [--reference_latents LATENTS_DIR]
 
@@ -27,7 +27,7 @@ What the numbers mean (printed as a table; all of them, with N and settings, in 
   intensity W1   Wasserstein-1 distance between real and generated voxel intensities
                  (intensity units); histogram intersection over 256 bins (1 = same).
                  Marginal intensities only, no structure.
-  latent FD      With SAMPLES/latents and --reference_latents (python -m ldm_jax.extract's
+  latent FD      With SAMPLES/latents and --reference_latents (ldm-jax extract's
                  output): per voxel (each latent voxel a C-vector; well estimated) and per
                  volume (each flattened latent one sample; strongly biased when N < dim).
 --range LO,HI sets the intensity range mapped to [-1, 1] for the feature nets and MS-SSIM's
@@ -43,12 +43,14 @@ import sys
 def _define(fv):
     from absl import flags
 
+    from ldm_jax import cli
+
     from ldm_jax.diffusion.evaluate import FEATURE_NETS
     flags.DEFINE_string("samples", None, "Folder (or glob) of generated volumes.",
                         flag_values=fv)
     flags.DEFINE_string("reference", None, "Folder of real volumes, or a config .py whose "
                         "validation volumes are the reference.", flag_values=fv)
-    flags.DEFINE_string("output", None, "Write the results as JSON here.", flag_values=fv)
+    cli.define_output_flag(fv, "Write the results as JSON here.")
     flags.DEFINE_string("config", None, "Config .py to preprocess a reference folder like "
                         "validation data (window, resampling, crop to data.volume_size).",
                         flag_values=fv)
@@ -57,8 +59,7 @@ def _define(fv):
                       flag_values=fv)
     flags.DEFINE_integer("num_slices", 16, "Slices per axis and volume (evenly spaced).",
                          flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Seed for the MS-SSIM pair subset and voxel subsample.",
-                         flag_values=fv)
+    cli.define_seed_flag(fv, "Seed for the MS-SSIM pair subset and voxel subsample.")
     flags.DEFINE_string("range", None, "LO,HI intensity range of the volumes.",
                         flag_values=fv)
     flags.DEFINE_integer("ms_ssim_kernel", 4, "MS-SSIM gaussian window (voxels).",
@@ -72,7 +73,7 @@ def _define(fv):
     flags.DEFINE_string("latents", None, "Generated latents folder (default: "
                         "SAMPLES/latents).", flag_values=fv)
     flags.DEFINE_string("reference_latents", None, "Folder with latents.json from "
-                        "python -m ldm_jax.extract.", flag_values=fv)
+                        "ldm-jax extract.", flag_values=fv)
     flags.DEFINE_float("latent_scale_factor", 1.0, "Divide generated latents by this first "
                        "(their scale_factor, if they were saved scaled).", flag_values=fv)
 
@@ -116,7 +117,7 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.evaluate", __doc__, _define, _body, argv,
+    return cli.run("ldm-jax evaluate", __doc__, _define, _body, argv,
                    required=("samples", "reference"))
 
 

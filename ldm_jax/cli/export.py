@@ -1,6 +1,6 @@
 r"""Write a trained autoencoder (and its discriminator) as MONAI state dicts.
 
-  python -m ldm_jax.export --workdir runs/x --output model.pt [--step best|latest|N] \
+  ldm-jax export --workdir runs/x --output model.pt [--step best|latest|N] \
       [--discriminator disc.pt] [--overwrite]
 
 model.pt is `torch.save` of a state dict that `monai.networks.nets.AutoencoderKL` loads with
@@ -31,7 +31,7 @@ def _need_torch():
     try:
         import torch
     except ImportError:
-        raise ConfigError("python -m ldm_jax.export writes PyTorch files and needs torch: "
+        raise ConfigError("ldm-jax export writes PyTorch files and needs torch: "
                           "pip install torch (nothing else in ldm-jax needs it)") from None
     return torch
 
@@ -129,11 +129,11 @@ def _define(fv):
 
     from ldm_jax import cli
     cli.define_checkpoint_flags(fv)
-    flags.DEFINE_string("output", None, "The autoencoder's state dict (.pt); its constructor "
-                        "arguments go to the .json beside it.", flag_values=fv)
+    cli.define_output_flag(fv, "The autoencoder's state dict (.pt); its constructor "
+                        "arguments go to the .json beside it.")
     flags.DEFINE_string("discriminator", None, "Also write the discriminator's state dict "
                         "(.pt, with its .json).", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Replace files that exist.", flag_values=fv)
+    cli.define_overwrite_flag(fv, "Replace files that exist.")
 
 
 def _body(fv):
@@ -143,7 +143,7 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.export", __doc__, _define, _body, argv,
+    return cli.run("ldm-jax export", __doc__, _define, _body, argv,
                    required=("workdir", "output"))
 
 

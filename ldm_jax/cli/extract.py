@@ -1,6 +1,6 @@
 r"""Turn a dataset into latents for the diffusion stage.
 
-  python -m ldm_jax.extract --workdir runs/x --input DIR_OR_GLOB --output latents/ \
+  ldm-jax extract --workdir runs/x --input DIR_OR_GLOB --output latents/ \
       [--step best|latest|N] [--format npy|nifti|both] [--sample --seed S] [--overwrite]
 
 The checkpoint alone defines the model and the preprocessing (intensity window, spacing,
@@ -280,8 +280,7 @@ def _define(fv):
     flags.DEFINE_enum("format", "npy", ["npy", "nifti", "both"], "Latent file format.",
                       flag_values=fv)
     flags.DEFINE_bool("sample", False, "Draw mu + sigma * eps instead of mu.", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Seed for --sample (combined with each file's name).",
-                         flag_values=fv)
+    cli.define_seed_flag(fv, "Seed for --sample (combined with each file's name).")
 
 
 def _body(fv):
@@ -294,7 +293,7 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.extract", __doc__, _define, _body, argv,
+    return cli.run("ldm-jax extract", __doc__, _define, _body, argv,
                    required=("workdir", "input", "output"))
 
 

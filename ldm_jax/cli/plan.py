@@ -1,8 +1,8 @@
 """Print what a config does to a volume: shapes per level, activation sizes, parameters.
 
-    python -m ldm_jax.plan --config configs/balanced.py \
+    ldm-jax plan --config configs/balanced.py \
         --config.autoencoder.initial_downsample_factor=4
-    python -m ldm_jax.plan --config configs/diffusion/balanced.py
+    ldm-jax plan --config configs/diffusion/balanced.py
 
 A config that cannot work stops with one `error:` line (exit 2) before anything is
 compiled.
@@ -44,4 +44,4 @@ def _body(fv):
 def main(argv=None) -> int:
     from ldm_jax import cli
 
-    return cli.run("ldm_jax.plan", __doc__, lambda fv: None, _body, argv, config="required")
+    return cli.run("ldm-jax plan", __doc__, lambda fv: None, _body, argv, config="required")

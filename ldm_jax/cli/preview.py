@@ -1,9 +1,9 @@
 """Write a PNG of what the model will see: a few samples, each as three orthogonal
 mid-slices and a maximum-intensity projection, labelled.
 
-  python -m ldm_jax.preview --config configs/balanced.py --out preview.png
-  python -m ldm_jax.preview --config configs/balanced.py --config.data.source=mni152
-  python -m ldm_jax.preview --config configs/balanced.py --split=val \\
+  ldm-jax preview --config configs/balanced.py --output preview.png
+  ldm-jax preview --config configs/balanced.py --config.data.source=mni152
+  ldm-jax preview --config configs/balanced.py --split=val \\
       --config.data.source=nifti --config.data.train_dir=/data/vols
 
 Rows are samples (named by file or synthetic index); columns are the XY slice at mid Z,
@@ -47,10 +47,10 @@ def _body(fv):
     lo, hi = sorted((float(cfg.data.b_min), float(cfg.data.b_max)))
     title = (f"{fv.split} samples of data.source={cfg.data.source!r}; grey {lo:g} (black) to "
              f"{hi:g} (white)")
-    visualize.samples_image(vols, names, (lo, hi), title).save(fv.out)
+    visualize.samples_image(vols, names, (lo, hi), title).save(fv.output)
     print(data_lib.describe(cfg))
     print(
-        f"Wrote {fv.out}: {len(vols)} {fv.split} sample(s) from data.source="
+        f"Wrote {fv.output}: {len(vols)} {fv.split} sample(s) from data.source="
         f"{cfg.data.source!r}, each {vols[0].shape} (X, Y, Z, C), values "
         f"{min(float(v.min()) for v in vols):.3f}..{max(float(v.max()) for v in vols):.3f}."
     )
@@ -59,15 +59,16 @@ def _body(fv):
 def _define(fv):
     from absl import flags
 
-    flags.DEFINE_string("out", "preview.png", "Where to write the PNG.", flag_values=fv)
+    from ldm_jax import cli
+
+    cli.define_output_flag(fv, "Where to write the PNG.", default="preview.png")
     flags.DEFINE_integer("num_samples", 3, "Number of samples (rows).", flag_values=fv)
     flags.DEFINE_enum("split", "train", ["train", "val"], "Augmented training samples or "
                       "validation crops.", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Shuffle/augmentation seed for training samples.",
-                         flag_values=fv)
+    cli.define_seed_flag(fv, "Shuffle/augmentation seed for training samples.")
 
 
 def main(argv=None) -> int:
     from ldm_jax import cli
 
-    return cli.run("ldm_jax.preview", __doc__, _define, _body, argv, config="required")
+    return cli.run("ldm-jax preview", __doc__, _define, _body, argv, config="required")

@@ -1,6 +1,6 @@
 r"""See what the autoencoder keeps: volume -> latent (mu) -> reconstruction, with scores.
 
-  python -m ldm_jax.reconstruct --workdir runs/x --input DIR_OR_GLOB --output recon/ \
+  ldm-jax reconstruct --workdir runs/x --input DIR_OR_GLOB --output recon/ \
       [--step best|latest|N] [--denormalize] [--overwrite]
 
 Per input: NAME.nii.gz (the reconstruction on the preprocessed grid, with that grid's
@@ -9,7 +9,7 @@ affine, which is the input's own unless data.spacing/voxel_resize resample), NAM
 and a row of metrics.json / metrics.csv with PSNR and 3D SSIM against the preprocessed
 input.
 
-Point clouds (.csv/.tsv/.npz/.h5/.hdf5, 2D .npy; see ldm_jax.data.pointcloud.clouds) are voxelised
+Point clouds (.csv/.tsv/.npz/.h5/.hdf5, 2D .npy; see ldm_jax.data.pointcloud.volumes) are voxelised
 with the checkpoint's data.pointcloud_* settings; their rows add the Chamfer and EMD
 distances (nm) of points sampled back from the reconstruction (NAME_points.csv) and, as
 the floor, from the voxelisation alone.
@@ -58,7 +58,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     from ldm_jax.autoencoder import inference
     from ldm_jax.errors import ChannelMismatchError
     from ldm_jax.data import io as data_io
-    from ldm_jax.data.pointcloud import clouds as pc
+    from ldm_jax.data.pointcloud import volumes as pc
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     frame = cli.parse_frame(frame)
     # Checked before loading anything: the input exists and holds volumes or clouds.
@@ -175,7 +175,7 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.reconstruct", __doc__, _define, _body, argv,
+    return cli.run("ldm-jax reconstruct", __doc__, _define, _body, argv,
                    required=("workdir", "input", "output"))
 
 

@@ -1,16 +1,17 @@
 r"""Generate volumes with a trained latent diffusion model (stage 2).
 
-  python -m ldm_jax.sample --workdir runs/ldm --num-samples 8 --output samples/ \
-      [--steps 50] [--scheduler ddim|ddpm|rflow] [--eta 0] [--guidance-scale 3 \
-      --class-label K] [--context FILE.npy] [--seed 0] [--step best|latest|N] \
-      [--format nifti|npy|both] [--batch-size 8] [--no-ema] [--overwrite]
+  ldm-jax sample --workdir runs/ldm --num_samples 8 --output samples/ \
+      [--num_inference_steps 50] [--scheduler ddim|ddpm|rflow] [--eta 0] \
+      [--guidance_scale 3 --class_label K] [--context FILE.npy] [--seed 0] \
+      [--step best|latest|N] [--format nifti|npy|both] [--batch_size 8] [--noema] \
+      [--overwrite]
 
 Noise is denoised in one jitted loop per batch (`jax.lax.fori_loop`), the latents are
 cropped to the autoencoder's latent shape, divided by the run's scale_factor and decoded
 by the stage-1 autoencoder from its checkpoint. Writes, in --output:
   sample_0000.nii.gz ...   volumes (X, Y, Z, C) float32; the affine carries the training
                            data's voxel size (data.spacing, else 1 mm)
-  latents/sample_0000.npy  the unscaled latents (decode them again with ldm_jax.decode)
+  latents/sample_0000.npy  the unscaled latents (decode them again with ldm-jax decode)
   samples.png              contact sheet: per sample XY, XZ, YZ mid-slices and the XY MIP
   samples.json             seed, steps, scheduler, context file, checkpoints used, seconds
 --context (models trained with unet.with_conditioning): a .npy float32 (S, D) or (D,)
@@ -32,11 +33,13 @@ import numpy as np
 def _define(fv):
     from absl import flags
 
-    flags.DEFINE_string("workdir", None, "Stage-2 training workdir (checkpoints/).",
-                        flag_values=fv)
-    flags.DEFINE_string("output", None, "Output directory (created).", flag_values=fv)
+    from ldm_jax import cli
+
+    cli.define_workdir_flag(fv, "Stage-2 training workdir (checkpoints/).")
+    cli.define_step_flag(fv, "'best' (lowest validation loss), 'latest' or a step number.")
+    cli.define_output_flag(fv, "Output directory (created).")
     flags.DEFINE_integer("num_samples", 8, "Volumes to generate.", flag_values=fv)
-    flags.DEFINE_integer("steps", 50, "Denoising steps.", flag_values=fv)
+    flags.DEFINE_integer("num_inference_steps", 50, "Denoising steps.", flag_values=fv)
     flags.DEFINE_enum("scheduler", None, ["ddim", "ddpm", "rflow"], "Sampler (default: "
                       "ddim for DDPM/DDIM-trained models, rflow for rectified flow).",
                       flag_values=fv)
@@ -48,17 +51,14 @@ def _define(fv):
     flags.DEFINE_string("context", None, "Cross-attention context .npy (models trained with "
                         "unet.with_conditioning): (S, D) or (D,) for every sample, or "
                         "(num_samples, S, D).", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same samples.",
-                         flag_values=fv)
-    flags.DEFINE_string("step", "best", "'best' (lowest validation loss), 'latest' or a "
-                        "step number.", flag_values=fv)
+    cli.define_seed_flag(fv, "Random seed: the same seed gives the same samples.")
     flags.DEFINE_enum("format", "nifti", ["npy", "nifti", "both"], "Volume file format.",
                       flag_values=fv)
     flags.DEFINE_integer("batch_size", 8, "Samples per jitted loop.", flag_values=fv)
     flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema: the raw ones).",
                       flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Replace existing outputs.", flag_values=fv)
-    flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+    cli.define_overwrite_flag(fv, "Replace existing outputs.")
+    cli.define_progress_flag(fv)
 
 
 def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
@@ -159,7 +159,7 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
 
 
 def _body(fv):
-    sample(fv.workdir, fv.output, num_samples=fv.num_samples, steps=fv.steps,
+    sample(fv.workdir, fv.output, num_samples=fv.num_samples, steps=fv.num_inference_steps,
            scheduler=fv.scheduler, eta=fv.eta, guidance_scale=fv.guidance_scale,
            class_label=fv.class_label, context=fv.context, seed=fv.seed, step=fv.step,
            format=fv.format, batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,
@@ -168,7 +168,7 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.sample", __doc__, _define, _body, argv,
+    return cli.run("ldm-jax sample", __doc__, _define, _body, argv,
                    required=("workdir", "output"))
 
 

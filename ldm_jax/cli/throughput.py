@@ -1,7 +1,7 @@
 """Measure the training loader's volumes/s for a config (compile-free: numpy + grain only).
 
-  python -m ldm_jax.throughput --config configs/balanced.py --num_batches 20
-  python -m ldm_jax.throughput --config configs/balanced.py \\
+  ldm-jax throughput --config configs/balanced.py --num_batches 20
+  ldm-jax throughput --config configs/balanced.py \\
       --config.data.source=nifti --config.data.train_dir=/data/vols --config.data.num_workers=2
 
 The first batches (worker start-up, imports, caches) are excluded: timing starts after
@@ -65,4 +65,4 @@ def _define(fv):
 def main(argv=None) -> int:
     from ldm_jax import cli
 
-    return cli.run("ldm_jax.throughput", __doc__, _define, _body, argv, config="required")
+    return cli.run("ldm-jax throughput", __doc__, _define, _body, argv, config="required")

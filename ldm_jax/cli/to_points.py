@@ -1,11 +1,11 @@
 r"""Volumes -> point clouds: localisations drawn in proportion to intensity, in nm.
 
-  python -m ldm_jax.to_points --input samples/ --output clouds/ \
+  ldm-jax to_points --input samples/ --output clouds/ \
       [--num_points N | --points_per_unit_intensity k] [--threshold t] [--seed 0] \
       [--jitter uniform|gaussian|none] [--units auto|nm|micron|mm|meter] [--voxel_size nm]
 
 Inputs: .nii/.nii.gz/.npy volumes, (X, Y, Z) or (X, Y, Z, 1) (sampled volumes,
-reconstructions, ldm_jax.voxelize outputs). Each point picks a voxel with probability
+reconstructions, ldm-jax voxelize outputs). Each point picks a voxel with probability
 proportional to max(I - threshold, 0), then a position inside it (--jitter), mapped to nm
 by the volume's affine: NIfTI units from the header (none: micrometres, as ldm_jax
 writes them), .npy files have no affine: --voxel_size nm with the origin at 0. The count
@@ -26,7 +26,7 @@ from ldm_jax import outputs as vf
 def volume_to_points(path, *, num_points=None, points_per_unit=None, threshold=0.0,
                      jitter="uniform", seed=0, units="auto", voxel_size=None):
     """One volume file -> ((N, 3) float64 nm, note about units or "")."""
-    from ldm_jax.data.pointcloud.clouds import read_volume_nm
+    from ldm_jax.data.pointcloud.volumes import read_volume_nm
     from ldm_jax.data.pointcloud.sample import as_3d, num_points_for, sample_points
 
     arr, affine, note = read_volume_nm(path, units, voxel_size)
@@ -41,16 +41,17 @@ def volume_to_points(path, *, num_points=None, points_per_unit=None, threshold=0
 def _define(fv):
     from absl import flags
 
+    from ldm_jax import cli
+
     flags.DEFINE_string("input", None, "Volumes: a directory, a glob (quote it) or one file.",
                         flag_values=fv)
-    flags.DEFINE_string("output", None, "Output directory (created; not the input directory).",
-                        flag_values=fv)
+    cli.define_output_flag(fv, "Output directory (created; not the input directory).")
     flags.DEFINE_integer("num_points", None, "Points per volume.", flag_values=fv)
     flags.DEFINE_float("points_per_unit_intensity", None, "Points per unit of summed intensity "
                        "above the threshold (instead of --num_points).", flag_values=fv)
     flags.DEFINE_float("threshold", 0.0, "Voxels at or below it give no points; weights are "
                        "intensity - threshold.", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
+    cli.define_seed_flag(fv, "Random seed.")
     flags.DEFINE_enum("jitter", "uniform", ["uniform", "gaussian", "none"], "Position in the "
                       "voxel: uniform, gaussian around the centre (sd 1/sqrt(12) voxel) or the "
                       "centre.", flag_values=fv)
@@ -58,8 +59,7 @@ def _define(fv):
                       "NIfTI affines (auto: the header's; none given: micron).", flag_values=fv)
     flags.DEFINE_string("voxel_size", None, "nm per voxel for .npy volumes (one number or "
                         "x,y,z); default 1 (positions in voxels).", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Rewrite outputs that exist (default: skip them).",
-                      flag_values=fv)
+    cli.define_overwrite_flag(fv, "Rewrite outputs that exist (default: skip them).")
 
 
 def _body(fv):
@@ -93,7 +93,7 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.to_points", __doc__, _define, _body, argv,
+    return cli.run("ldm-jax to_points", __doc__, _define, _body, argv,
                    required=("input", "output"))
 
 

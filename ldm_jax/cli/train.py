@@ -1,4 +1,5 @@
-"""`python train.py --config CONFIG --workdir DIR`: the stage named by `config.stage`.
+"""`python train.py --config CONFIG --workdir DIR` (or `ldm-jax train ...`): the stage named
+by `config.stage`.
 
 Any config field can be overridden, e.g. --config.train.num_steps=2000. With no dataset
 configured stage 1 trains on built-in synthetic filament volumes.
@@ -45,13 +46,15 @@ def train_and_evaluate(config, workdir, progress=True, config_path=None):
 def _define(fv):
     from absl import flags
 
-    flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and images "
-                        "go; an existing workdir is resumed, never cleared.", flag_values=fv)
-    flags.DEFINE_bool("multihost", False, "One process per host, joined by jax.distributed "
-                      "(see --coordinator_address; README 'Multi-host').", flag_values=fv)
+    from ldm_jax import cli
     from ldm_jax.cli import multihost
+
+    cli.define_workdir_flag(fv, "Where checkpoints, metrics and images go; an existing "
+                            "workdir is resumed, never cleared.", default="runs/default")
+    flags.DEFINE_bool("multihost", False, "One process per host, joined by jax.distributed "
+                      "(see --coordinator_address; docs/multihost.md).", flag_values=fv)
     multihost.define_flags(fv)
-    flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+    cli.define_progress_flag(fv)
 
 
 def _body(fv, argv):
@@ -85,7 +88,8 @@ def _body(fv, argv):
         return 1
     except TrainingStopped as e:
         if jax.process_index() == 0:
-            command = shlex.join(["python", *argv])
+            prog = argv[0].split() if argv and argv[0].startswith("ldm-jax") else ["python", argv[0]]
+            command = shlex.join([*prog, *argv[1:]])
             print(f"{e} To resume, run the same command again:\n  {command}", flush=True)
         return 128 + e.signum
     return 0

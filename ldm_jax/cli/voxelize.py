@@ -1,9 +1,9 @@
 r"""Point clouds (localisations in nm) -> NIfTI volumes, for training or viewing.
 
-  python -m ldm_jax.voxelize --input clouds/ --output volumes/ --voxel_size 20 \
+  ldm-jax voxelize --input clouds/ --output volumes/ --voxel_size 20 \
       [--method gaussian --sigma 15] [--columns "x [nm],y [nm],z [nm]"] [--scale 1]
       [--dataset locs] [--shape X,Y,Z | --fov x0,y0,z0,x1,y1,z1] [--margin 0] [--overwrite]
-  python -m ldm_jax.voxelize --demo_clouds 8 --output clouds/     # built-in SMLM-like CSVs
+  ldm-jax voxelize --demo_clouds 8 --output clouds/     # built-in SMLM-like CSVs
 
 Inputs: a directory, a glob (quote it) or one file of .csv/.tsv/.txt/.npy/.npz/.h5/.hdf5
 localisation tables (HDF5 and .npz files may hold several clouds; see
@@ -45,7 +45,7 @@ def numbers(text, name, count=3, cast=float):
 
 def spec_from_flags(fv):
     """A CloudSpec from the command-line flags."""
-    from ldm_jax.data.pointcloud.clouds import CloudSpec, parse_columns, parse_fov
+    from ldm_jax.data.pointcloud.spec import CloudSpec, parse_columns, parse_fov
     from ldm_jax.data.pointcloud.grid import triple
 
     return CloudSpec(
@@ -69,7 +69,7 @@ def voxelize_files(input, output, spec, *, overwrite=False, skip_bad_files=False
 
     from ldm_jax.data import BadFileError, io
     from ldm_jax.data.pointcloud import io as pio
-    from ldm_jax.data.pointcloud.clouds import save_volume
+    from ldm_jax.data.pointcloud.volumes import save_volume
 
     files = io.list_volume_files(input, pio.CLOUD_PATTERNS)
     out_dir = vf.prepare_output_dir(output, files)
@@ -124,10 +124,11 @@ def voxelize_files(input, output, spec, *, overwrite=False, skip_bad_files=False
 def _define(fv):
     from absl import flags
 
+    from ldm_jax import cli
+
     flags.DEFINE_string("input", None, "Point clouds: a directory, a glob (quote it) or a file.",
                         flag_values=fv)
-    flags.DEFINE_string("output", None, "Output directory (created; not the input directory).",
-                        flag_values=fv)
+    cli.define_output_flag(fv, "Output directory (created; not the input directory).")
     flags.DEFINE_string("voxel_size", "20", "Voxel size in nm: one number or x,y,z.",
                         flag_values=fv)
     flags.DEFINE_enum("method", "gaussian", ["occupancy", "density", "gaussian"],
@@ -152,17 +153,15 @@ def _define(fv):
                          "to --output instead (no --input).", flag_values=fv)
     flags.DEFINE_string("demo_shape", "64,64,32", "Field of view of the demo clouds in voxels "
                         "of --voxel_size.", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Seed of the demo clouds.", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Rewrite outputs that exist (default: skip them).",
-                      flag_values=fv)
-    flags.DEFINE_bool("skip_bad_files", False, "Skip unreadable files instead of stopping.",
-                      flag_values=fv)
-    flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
+    cli.define_seed_flag(fv, "Seed of the demo clouds.")
+    cli.define_overwrite_flag(fv, "Rewrite outputs that exist (default: skip them).")
+    cli.define_skip_bad_files_flag(fv, "Skip unreadable files instead of stopping.")
+    cli.define_progress_flag(fv)
 
 
 def _body(fv):
     from ldm_jax.data import DataError
-    from ldm_jax.data.pointcloud.clouds import write_demo_clouds
+    from ldm_jax.data.pointcloud.volumes import write_demo_clouds
 
     spec = spec_from_flags(fv)
     if fv.demo_clouds:
@@ -181,7 +180,7 @@ def _body(fv):
 
 def main(argv=None) -> int:
     from ldm_jax import cli
-    return cli.run("ldm_jax.voxelize", __doc__, _define, _body, argv, required=("output",))
+    return cli.run("ldm-jax voxelize", __doc__, _define, _body, argv, required=("output",))
 
 
 if __name__ == "__main__":

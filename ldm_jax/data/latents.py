@@ -1,6 +1,6 @@
 """Latents for the diffusion stage: an extracted folder, or volumes encoded at start.
 
-A latents folder is what `python -m ldm_jax.extract` writes: `NAME.npy` (x, y, z, C)
+A latents folder is what `ldm-jax extract` writes: `NAME.npy` (x, y, z, C)
 float32 channels-last plus `latents.json` (per-file entries, the autoencoder checkpoint's
 workdir, step and model hash). `read_latent_folder` checks that hash against the
 autoencoder the diffusion run uses, so latents of another model are refused.
@@ -46,8 +46,8 @@ def read_latent_folder(path: str, expected_hash: Optional[str] = None):
     json_path = os.path.join(path, LATENTS_JSON)
     if not os.path.isfile(json_path):
         raise DataError(
-            f"latents.dir={path!r} has no {LATENTS_JSON}; write one with `python -m "
-            f"ldm_jax.extract --workdir AUTOENCODER_WORKDIR --input VOLUMES --output {path}`, "
+            f"latents.dir={path!r} has no {LATENTS_JSON}; write one with "
+            f"`ldm-jax extract --workdir AUTOENCODER_WORKDIR --input VOLUMES --output {path}`, "
             "or unset latents.dir to encode volumes on the fly.")
     with open(json_path) as f:
         meta = json.load(f)

@@ -7,5 +7,5 @@
 - `pipeline`: `load_pipeline(workdir)` -> UNet + its autoencoder; `.sample(n, rng)`.
 - `plan`: the UNet's level table.
 - `evaluate`: sample quality (slice-feature Frechet distance, MS-SSIM diversity, latent
-  Frechet distance, intensity distances) for `python -m ldm_jax.evaluate`.
+  Frechet distance, intensity distances) for `ldm-jax evaluate`.
 """

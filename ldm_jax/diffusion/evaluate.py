@@ -30,7 +30,7 @@ Four numbers, each with its limits (`evaluate` returns them all as one dict):
   They see only the marginal intensity distribution, no structure.
 - **Latent Fréchet distance** (when latents exist): generated latents (SAMPLES/latents/*.npy,
   in the autoencoder's unscaled latent space, i.e. after dividing out `scale_factor`)
-  against the latents that `python -m ldm_jax.extract` wrote (a folder with latents.json).
+  against the latents that `ldm-jax extract` wrote (a folder with latents.json).
   `fd_voxel` treats every latent voxel as one C-dim sample (well estimated; marginal
   statistics only); `fd_volume` treats each flattened latent as one sample (captures
   structure, but its dimension is usually far above N: then strongly biased, warned).
@@ -431,7 +431,7 @@ def read_sample_latents(folder: str, scale_factor: float = 1.0) -> list:
 
 def read_reference_latents(folder: str) -> tuple[list, dict]:
     """(latents, latents.json content): the latents that latents.json in `folder` lists
-    (python -m ldm_jax.extract's output; the .npy of each file when there is one).
+    (ldm-jax extract's output; the .npy of each file when there is one).
 
     Raises:
         FileNotFoundError: no latents.json, or a listed file is missing.
@@ -443,7 +443,7 @@ def read_reference_latents(folder: str) -> tuple[list, dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"--reference_latents {folder} has no {LATENTS_JSON}; pass the --output folder "
-            "of `python -m ldm_jax.extract`")
+            "of `ldm-jax extract`")
     with open(path) as f:
         meta = json.load(f)
     out = []
@@ -453,7 +453,7 @@ def read_reference_latents(folder: str) -> tuple[list, dict]:
         p = os.path.join(folder, pick)
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{path} lists {pick}, which is missing from {folder}; "
-                                    "re-run python -m ldm_jax.extract")
+                                    "re-run ldm-jax extract")
         out.append(vf.read_latent(p)[0])
     if not out:
         raise FileNotFoundError(f"{path} lists no latents")
@@ -648,7 +648,7 @@ def _latent_section(samples, latents, reference_latents, scale_factor) -> dict:
         return {"skipped": f"no generated latents ({lat_dir} is not a folder)"}
     if reference_latents is None:
         return {"skipped": "no --reference_latents (a folder with latents.json from "
-                           "python -m ldm_jax.extract)"}
+                           "ldm-jax extract)"}
     ref, meta = read_reference_latents(reference_latents)
     out = latent_distances(read_sample_latents(lat_dir, scale_factor), ref)
     ref_scale = meta.get("scale_factor")

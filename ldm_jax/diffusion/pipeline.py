@@ -62,15 +62,15 @@ class Pipeline:
 
         T = int(self.config.scheduler.num_train_timesteps)
         if not 1 <= int(steps) <= T:
-            raise ConfigError(f"--steps={steps} must be in [1, {T}] (the model was trained on "
+            raise ConfigError(f"--num_inference_steps={steps} must be in [1, {T}] (the model was trained on "
                               f"{T} timesteps).")
         sampler_for(self.config.scheduler, scheduler)
         if class_label is not None:
             if not self.num_classes:
-                raise ConfigError("--class-label given, but this model is unconditional "
-                                  "(conditioning.num_classes = 0); drop --class-label.")
+                raise ConfigError("--class_label given, but this model is unconditional "
+                                  "(conditioning.num_classes = 0); drop --class_label.")
             if not 0 <= int(class_label) < self.num_classes:
-                raise ConfigError(f"--class-label={class_label} is outside [0, "
+                raise ConfigError(f"--class_label={class_label} is outside [0, "
                                   f"{self.num_classes}) (the model's classes).")
             return class_label
         return self.null_label if self.num_classes else None
@@ -126,7 +126,7 @@ class Pipeline:
             raise ConfigError(
                 f"--context has shape {tuple(np.shape(context))}; this model takes (S, {d}) "
                 f"or ({d},) for every sample, or ({n}, S, {d}) one per sample "
-                f"(unet.cross_attention_dim={d}, --num-samples={n}).")
+                f"(unet.cross_attention_dim={d}, --num_samples={n}).")
         return c
 
     def decode(self, latents) -> np.ndarray:
@@ -164,7 +164,7 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
             raise ConfigError(
                 f"{workdir} is a stage-{1 if cfg.get('stage', 'autoencoder') == 'autoencoder' else '?'} "
                 "(autoencoder) run; sampling needs a diffusion run (configs/diffusion/*.py). For "
-                "reconstructions use python -m ldm_jax.reconstruct.")
+                "reconstructions use ldm-jax reconstruct.")
         params = ckpt.restore_state_item(manager, step, "ema_params" if use_ema else "params")
     finally:
         manager.close()

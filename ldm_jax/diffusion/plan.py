@@ -1,6 +1,6 @@
 """The stage-2 plan: the UNet's level shapes, attention tokens, parameters and scheduler.
 
-Printed by the trainer at start and by `python -m ldm_jax.plan --config configs/diffusion/X.py`.
+Printed by the trainer at start and by `ldm-jax plan --config configs/diffusion/X.py`.
 """
 
 from __future__ import annotations

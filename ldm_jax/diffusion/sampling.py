@@ -62,9 +62,9 @@ def make_sampler(unet, scheduler, *, shape, steps: int, guidance_scale: float = 
     state = scheduler.set_timesteps_for(scheduler.create_state(), int(steps), (1, *shape))
     g = float(guidance_scale)
     if g != 1.0 and null_label is None and not getattr(unet, "with_conditioning", False):
-        raise ConfigError("--guidance-scale needs a conditional model (trained with "
+        raise ConfigError("--guidance_scale needs a conditional model (trained with "
                           "conditioning.num_classes > 0 or conditioning.context_dir); use "
-                          "--guidance-scale 1.")
+                          "--guidance_scale 1.")
     kwargs = {"eta": float(eta)} if type(scheduler).__name__ == "DDIMScheduler" else {}
 
     def run(params, key, class_labels=None, context=None, *, n):

@@ -93,7 +93,7 @@ def diffusion_problems(config) -> list[str]:
         elif k and not (lat is not None and lat.get("dir")):
             problems.append(f"conditioning.labels_csv={cond.labels_csv!r} needs latents.dir "
                             "(labels are matched to extracted latents by file name); extract "
-                            "them with python -m ldm_jax.extract and set "
+                            "them with ldm-jax extract and set "
                             "--config.latents.dir=LATENTS")
     problems += context_problems(config)
     decay = float(config.train.get("ema_decay", 0.0))
@@ -119,8 +119,8 @@ def context_problems(config) -> list[str]:
                 "--config.conditioning.context_dir=''"]
     if ctx_dir and not config.get("latents", {}).get("dir"):
         return [f"conditioning.context_dir={ctx_dir!r} needs latents.dir (contexts are matched "
-                "to extracted latents by file name); extract them with python -m "
-                "ldm_jax.extract and set --config.latents.dir=LATENTS"]
+                "to extracted latents by file name); extract them with "
+                "ldm-jax extract and set --config.latents.dir=LATENTS"]
     return []
 
 
@@ -169,6 +169,7 @@ class DiffusionTask:
     """
 
     best_metric = "val_loss"
+    config_path = None  # the config file, for hints (set by ldm_jax.cli.train.make_task)
     params_key = "ema_params"
     progress_keys = {"loss": "loss"}
     loss_metric = "loss"  # watched by the trainer for absurd values

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Sequence
 
 import numpy as np
+
+from ldm_jax.data.transforms import Prep, preprocess
+from ldm_jax.errors import DataError
 
 
 _TEMPLATE_FILE = ("datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
@@ -148,3 +152,52 @@ def intensity_jitter(vol: np.ndarray, rng: np.random.Generator, amount: float, b
     contrast = 1.0 + rng.uniform(-amount, amount)
     unit = np.clip(np.power(unit, gamma) * contrast, 0.0, 1.0)
     return (bg + unit * (fg - bg)).astype(np.float32)
+
+
+class MNI152Source:
+    """`num` records of the (preprocessed) MNI152 template; augmentation makes them differ."""
+
+    def __init__(self, num: int, prep: Prep):
+        if prep.channels != 1:
+            raise DataError(
+                f"data.source='mni152' is a 1-channel T1 template but autoencoder.in_channels="
+                f"{prep.channels}; set in_channels=1."
+            )
+        self._num, self._prep = int(num), prep
+
+    def __len__(self) -> int:
+        return self._num
+
+    def __repr__(self) -> str:
+        return f"MNI152Source(num={self._num}, resolution={self._prep.mni152_resolution})"
+
+    def template(self) -> np.ndarray:
+        return _preprocessed_template(self._prep)[0]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self._num:
+            raise IndexError(index)
+        vol, (lo, hi) = _preprocessed_template(self._prep)
+        return {"image": vol, "name": "mni152", "fg_lo": lo, "fg_hi": hi}
+
+
+_TEMPLATE_CACHE: dict = {}
+
+
+_TEMPLATE_LOCK = threading.Lock()  # grain reads records from several threads
+
+
+def _preprocessed_template(prep: Prep):
+    """(template after preprocessing (read-only), brain bounds), once per process."""
+    with _TEMPLATE_LOCK:
+        return _template_locked(prep)
+
+
+def _template_locked(prep: Prep):
+    if prep not in _TEMPLATE_CACHE:
+        vol, affine, zooms = load_template(prep.mni152_resolution)
+        out, _ = preprocess(vol[..., None], prep, "mni152", zooms, affine)
+        bounds = foreground_bounds(out if not prep.invert else -out)
+        out.setflags(write=False)
+        _TEMPLATE_CACHE[prep] = (out, bounds)
+    return _TEMPLATE_CACHE[prep]

@@ -21,8 +21,10 @@ import warnings
 
 from ldm_jax.data.pointcloud import io as pio
 from ldm_jax.errors import BadFileError, DataError, DataWarning
-from ldm_jax.data.pointcloud.clouds import CloudSpec
+from ldm_jax.data.pointcloud.spec import CloudSpec
 from ldm_jax.data.pointcloud.grid import Grid
+from ldm_jax.data.sources.files import split_files
+from ldm_jax.data.sources.synthetic import TRAIN, VAL, num_records_check
 from ldm_jax.data.transforms import Prep, preprocess
 
 
@@ -137,16 +139,14 @@ def scan_clouds(paths, prep: Prep, spec: CloudSpec, where: str) -> list:
 
 def build_cloud_source(config, prep: Prep, split: str):
     """The train or val source for data.source 'pointcloud' or 'synthetic_smlm'."""
-    from ldm_jax.data import sources
-
     spec = CloudSpec.from_config(config)
     d = config.data
     if prep.source == "synthetic_smlm":
         num = d.num_train_volumes if split == "train" else d.num_val_volumes
-        sources.num_records_check(num, f"data.num_{split}_volumes")
+        num_records_check(num, f"data.num_{split}_volumes")
         return SMLMSource(num, prep, spec, int(d.get("seed", 0)),
-                          sources.TRAIN if split == "train" else sources.VAL)
-    train, val = sources.split_files(config, prep)
+                          TRAIN if split == "train" else VAL)
+    train, val = split_files(config, prep)
     paths = train if split == "train" else val
     where = d.train_dir if split == "train" or not d.get("val_dir") else d.val_dir
     return PointCloudSource(scan_clouds(paths, prep, spec, str(where)), prep, spec, split)

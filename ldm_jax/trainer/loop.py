@@ -18,26 +18,8 @@ What a user can rely on:
   refused, naming each field, before anything is built or restored; other changes are
   listed in one line (`resume_changes`).
 
-The loop knows nothing of a stage's models or losses. A task gives it (duck-typed):
-
-- `config` (validated), `best_metric` (a validation metric to minimise, e.g. "val_l1"),
-  `progress_keys` ({bar label: metric name}), `config_path` (the config file or None,
-  for hints; `ldm_jax.cli.train.make_task` sets it);
-- `init_state(rng) -> state`: a pytree with at least `step`, `rng`, `bad_steps` and
-  `skipped_steps` (int32 scalars; the non-finite guard reads the last two);
-- `train_step(state, batch, consts) -> (state, metrics)`; `step_consts()` gives the
-  replicated constants (e.g. perceptual-network weights) passed as `consts`;
-- `sample_shape()`: (1, X, Y, Z, C) of one training input;
-- `train_loader(batch_size)` and `eval_batches(batch_size)`: host batches, dicts of
-  numpy arrays with the batch first (eval batches may carry extra keys, e.g. names);
-- `evaluate(state, batches, put, image_path) -> metrics` (writes images on process 0);
-- `describe() -> str` (printed at start: the model and the data it reads) and
-  `quick_run_hint(seconds, first_seconds, steps) -> str` (printed on a CPU when the
-  remaining `steps` would take more than `LONG_RUN_HOURS`);
-- optionally `resume_fixed` / `resume_free`: dotted config prefixes that a resumed run
-  must keep (the state's shapes, the data's meaning: model sections, preprocessing), and
-  exceptions inside them (see `resume_changes`); `loss_metric` (default "loss"), the
-  metric watched for absurd values.
+The loop knows nothing of a stage's models or losses: a task implements
+`ldm_jax.trainer.task.Task`.
 
 Training batches may carry a "name" entry ((B,) strings: the files of each sample); the
 loop takes it off before the batch goes to the devices and names those files when a loss
@@ -54,7 +36,6 @@ the recent ones), which is also reported with the files of its batch.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import signal
@@ -67,10 +48,11 @@ import numpy as np
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import distributed, options, sharding, stopping
 from ldm_jax.models import tap_conv
+from ldm_jax.trainer import resume
+from ldm_jax.trainer.writers import Writers, dropped_note, say
 from ldm_jax.errors import TrainingDivergedError
 
 LONG_RUN_HOURS = 2.0  # CPU runs estimated longer than this get the task's quick-run hint
-
 
 
 class TrainingStopped(Exception):
@@ -97,123 +79,6 @@ def _memo(task, key, make):
 ABSURD_LOSS_RATIO = 1e6
 ABSURD_LOSS_WINDOW = 100
 _ABSURD_LOSS_MIN_HISTORY = 5
-
-# Config sections no task may change on resume.
-_ALWAYS_FIXED = ("stage",)
-
-
-def _flatten(tree, prefix=""):
-    """{"a": {"b": 1}} -> {"a.b": 1} (lists are values)."""
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _show(value) -> str:
-    if value is _ABSENT:
-        return "(absent)"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-_ABSENT = object()
-
-
-def _cli_value(value) -> str:
-    """A saved config value as a command-line override takes it ('(32,64,64)' quoted)."""
-    if isinstance(value, list):
-        inner = ",".join(_cli_value(v).strip("'") for v in value)
-        return f"'({inner}{',' if len(value) == 1 else ''})'"
-    return str(value)
-
-
-def _under(key, prefixes) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def resume_changes(task, saved: dict):
-    """Compares the config saved with a checkpoint to the task's config.
-
-    Returns (refused, accepted): lists of (field, checkpoint value, config value). A
-    field is refused when it lies under `task.resume_fixed` (or is `stage`) and not under
-    `task.resume_free`: it changes the state's shapes or what the data mean. Every other
-    change (steps, learning rates, cadences, batch size, ...) is accepted. A field the
-    checkpoint does not have (a newer version's) is accepted.
-    """
-    fixed = _ALWAYS_FIXED + tuple(getattr(task, "resume_fixed", ()))
-    free = tuple(getattr(task, "resume_free", ()))
-    old = _flatten(saved)
-    new = _flatten(json.loads(task.config.to_json()))
-    refused, accepted = [], []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-        if a == b:
-            continue
-        change = (key, a, b)
-        if a is not _ABSENT and _under(key, fixed) and not _under(key, free):
-            refused.append(change)
-        else:
-            accepted.append(change)
-    return refused, accepted
-
-
-def _describe_changes(changes, sep="; ") -> str:
-    return sep.join(f"{k}: checkpoint {_show(a)}, config {_show(b)}" for k, a, b in changes)
-
-
-def _check_resume(task, manager, step):
-    """Refuses (ConfigError) a resume whose config changes fixed fields; returns the
-    accepted changes. Reads only the config saved with `step`."""
-    from ldm_jax.errors import ConfigError
-
-    refused, accepted = resume_changes(task, ckpt.restore_config(manager, step))
-    if refused:
-        undo = options.fixes(*(options.setting(k, _cli_value(a)) for k, a, _ in refused),
-                             sep=" ")
-        raise ConfigError(
-            f"Cannot resume from the checkpoint at step {step} in {manager.directory}: "
-            f"{_describe_changes(refused)} (these change the model's state or what the data "
-            f"mean). Train this config in a new --workdir, or undo the change to resume"
-            + (f" ({undo})." if undo else "."))
-    if accepted:
-        say(f"Resuming with {len(accepted)} changed setting(s): "
-            + "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in accepted))
-    return accepted
-
-
-def _restore(manager, step, abstract_state, train_iter, accepted):
-    """The train state and (unless `train_iter` is None) the data position saved at
-    `step`. A state that does not fit the config's is a ConfigError naming the changed
-    settings; a data position that cannot be restored (a changed batch size or dataset)
-    restarts the data stream, said in one line."""
-    from ldm_jax.errors import ConfigError
-
-    try:
-        state = ckpt.restore_train(manager, step, abstract_state)
-    except (ValueError, KeyError, TypeError) as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        suspects = (f"Settings changed since: {_describe_changes(accepted)}; one of them "
-                    "changes the state's structure. Undo it, or train in a new --workdir."
-                    if accepted else "Nothing in the config changed, so the checkpoint "
-                    "comes from another version or stage; train in a new --workdir.")
-        raise ConfigError(
-            f"The train state saved at step {step} in {manager.directory} does not fit the "
-            f"state this config builds ({reason}). {suspects}") from None
-    if train_iter is None:
-        return state
-    try:
-        ckpt.restore_data(manager, step, train_iter)
-    except ConfigError:  # saved by another number of processes: say so, never guess
-        raise
-    except Exception as e:  # grain raises several types for a state of other data
-        say(f"note: the data position saved at step {step} does not fit this data setup "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            "); the data stream starts from its beginning.")
-    return state
 
 
 def compile_train_step(task, mesh, abstract_state):
@@ -264,93 +129,9 @@ def put_batch(batch, mesh):
     return {k: sharding.put_global_batch(np.asarray(v), mesh) for k, v in batch.items()}
 
 
-def _json_value(v):
-    """A metric as JSON: non-finite floats become null (JSON has no NaN or Infinity)."""
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
 def put_eval_batch(batch, mesh):
     """An evaluation batch, which every process holds whole, as global arrays."""
     return {k: sharding.put_shared_batch(np.asarray(v), mesh) for k, v in batch.items()}
-
-
-def _summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without torch: tensorboardX.writer imports
-    torch when it is installed, only to accept torch tensors (never logged here), which
-    costs a training process 1.3 s on a CPU. Raises ImportError without tensorboardX."""
-    block = "torch" not in sys.modules
-    if block:
-        sys.modules["torch"] = None  # `import torch` raises ImportError, which it catches
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        if block:
-            del sys.modules["torch"]
-    return SummaryWriter
-
-
-class Writers:
-    """metrics.jsonl and TensorBoard events of one run, written by process 0 only.
-
-    metrics.jsonl: one JSON object per row, {"step": int, name: float or null, ...}; a
-    non-finite value (NaN, inf) is null. A run starting at `start_step` first drops the
-    rows after that step (an earlier run's, written after its last checkpoint), so the
-    file never interleaves two runs; `dropped` counts them (`last_dropped_step` is the
-    highest). TensorBoard events after `start_step` are purged likewise.
-    """
-
-    def __init__(self, workdir, start_step=0):
-        self.active = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = None
-        self.dropped, self.last_dropped_step = 0, None
-        if not self.active:
-            return
-        self._drop_rows_after(int(start_step))
-        try:
-            self.tb = _summary_writer_class()(os.path.join(workdir, "tb"),
-                                              purge_step=int(start_step) + 1)
-        except ImportError:  # events are optional; metrics.jsonl always written
-            self.tb = None
-
-    def _drop_rows_after(self, start_step):
-        if not os.path.exists(self.path):
-            return
-        keep = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    step = int(json.loads(line)["step"])
-                except (ValueError, KeyError, TypeError):  # a torn last line
-                    step = None
-                if step is not None and step <= start_step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-                elif line.strip():
-                    self.dropped += 1
-                    if step is not None:
-                        self.last_dropped_step = max(step, self.last_dropped_step or 0)
-        if self.dropped:
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
-
-    def write(self, step, values):
-        """Appends {"step": step, **values}; non-finite values become null (strict JSON)."""
-        if not self.active or not values:
-            return
-        row = {"step": int(step), **{k: _json_value(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, float(v), int(step))
-            self.tb.flush()
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
 
 
 class AbsurdLossWatch:
@@ -401,29 +182,6 @@ def _diverged_message(step, bad, config, manager) -> str:
             f"metrics.jsonl. {kept} To fix: {fixes}.")
 
 
-def say(msg, bar=None):
-    """Prints on process 0 only; above a progress bar, on its own line."""
-    if jax.process_index() != 0:
-        return
-    if bar is not None:
-        bar.write(msg, file=sys.stdout)
-    else:
-        print(msg, flush=True)
-
-
-def _dropped_note(workdir, writers, start):
-    if not writers.dropped:
-        return None
-    rows = f"{writers.dropped} metrics.jsonl row(s)"
-    upto = (f" (up to step {writers.last_dropped_step})"
-            if writers.last_dropped_step is not None else "")
-    if start == 0:
-        return (f"note: {workdir} has {rows}{upto} but no checkpoint (the earlier run "
-                "stopped before its first save): starting from step 0, those rows dropped.")
-    return (f"note: dropped {rows}{upto} written after the checkpoint at step {start}, "
-            "so metrics.jsonl holds one run.")
-
-
 def train(task, workdir, progress=True):
     """Trains `task` in `workdir`; returns the final train state.
 
@@ -460,7 +218,7 @@ def train(task, workdir, progress=True):
     try:
         latest = manager.latest_step()
         # Reads only the saved config: a changed model is refused before anything is built.
-        accepted = _check_resume(task, manager, latest) if latest is not None else []
+        accepted = resume.check_resume(task, manager, latest) if latest is not None else []
         abstract_state = abstract_train_state(task, mesh)
         if latest is not None and int(latest) >= num_steps:
             longer = options.setting("train.num_steps", "N")
@@ -468,17 +226,17 @@ def train(task, workdir, progress=True):
                 f"train.num_steps={num_steps}. Nothing to do; "
                 + (f"raise {longer} to train longer, or " if longer else "")
                 + "train in a new workdir to start over.")
-            return _restore(manager, latest, abstract_state, None, accepted)
+            return resume.restore(manager, latest, abstract_state, None, accepted)
         train_iter = iter(train_loader)
         start = 0
         if latest is None:
             state, _ = init_train_state(task, mesh, abstract_state)
         else:
-            state = _restore(manager, latest, abstract_state, train_iter, accepted)
+            state = resume.restore(manager, latest, abstract_state, train_iter, accepted)
             start = int(latest)
             say(f"Resuming from the checkpoint at step {start} in {manager.directory}")
         writers = Writers(workdir, start)
-        note = _dropped_note(workdir, writers, start)
+        note = dropped_note(workdir, writers, start)
         if note:
             say(note)
         step_fn = compile_train_step(task, mesh, abstract_state)
@@ -499,7 +257,7 @@ def _loop(task, mesh, state, step_fn, consts, train_iter, eval_batches, manager,
     num_steps = int(config.train.num_steps)
     accum = int(config.train.grad_accum_steps)
     save_every_s = 60.0 * float(config.train.get("save_every_minutes", 0) or 0)
-    loss_key = getattr(task, "loss_metric", "loss")
+    loss_key = task.loss_metric
     watch = AbsurdLossWatch()
     bar = None
     if progress and jax.process_index() == 0:

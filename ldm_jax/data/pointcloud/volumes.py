@@ -1,124 +1,35 @@
-"""Point clouds (SMLM localisations, nm) in and out of the volume world.
-
-  read      ldm_jax.data.pointcloud.io     CSV / .npy / .npz / HDF5 -> (N, 3) nm
-  voxelise  ldm_jax.data.pointcloud.grid   (N, 3) nm -> (X, Y, Z) + 4x4 affine (nm)
-  sample    ldm_jax.data.pointcloud.sample (X, Y, Z) + affine -> (N, 3) nm
-  score     ldm_jax.metrics.pointcloud Chamfer, EMD approximation (nm)
-  simulate  ldm_jax.data.synthetic.smlm              built-in SMLM-like clouds
-
-This module holds what ties them to a config (`CloudSpec`, from the data.pointcloud_*
-and data.smlm_* fields) and to files on disk.
+"""Point clouds and volume files: NIfTI in micrometres, model inputs, round-trip scores.
 
 NIfTI units: NIfTI can say meter, mm or micron (xyzt_units), not nm. Volumes made from
 point clouds are written with units "micron" and the affine in micrometres (a 20 nm voxel
 is 0.02): viewers show true sizes, and positions read back (x 1000) agree with the nm
 positions to float32 precision of the header (< 0.01 nm over a 100 um field).
-Reading, a NIfTI without spatial units (e.g. written by ldm_jax.reconstruct) is taken as
+Reading, a NIfTI without spatial units (e.g. written by `ldm-jax reconstruct`) is taken as
 micrometres, the unit ldm_jax writes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import zlib
-from typing import Optional
 
 import numpy as np
 
 from ldm_jax.data.pointcloud import io as pio
 from ldm_jax.errors import BadFileError, DataError
-from ldm_jax.data.pointcloud.grid import Grid, make_grid, triple, voxelize
-from ldm_jax.data.pointcloud.io import CloudRef, list_clouds, read_cloud, write_csv
+from ldm_jax.data.pointcloud.grid import triple
+from ldm_jax.data.pointcloud.io import CloudRef
 from ldm_jax.metrics.pointcloud import chamfer_distance, emd_approx
 from ldm_jax.data.pointcloud.sample import sample_points
+from ldm_jax.data.pointcloud.spec import CloudSpec
 from ldm_jax.data.synthetic.smlm import SMLMParams, simulate_localisations
 
 NIFTI_UNITS = "micron"
 NM_PER_UNIT = {"meter": 1e9, "mm": 1e6, "micron": 1e3, "nm": 1.0}
-# What ldm_jax.reconstruct adds to a point cloud's metrics row.
+# What ldm-jax reconstruct adds to a point cloud's metrics row.
 SCORE_KEYS = ("points", "chamfer_nm", "chamfer_floor_nm", "emd_nm", "emd_floor_nm")
 # Listed from a directory next to volumes (.txt only by glob or file name: too common).
 LIST_PATTERNS = tuple(p for p in pio.CLOUD_PATTERNS if p != "*.txt")
-
-
-def parse_columns(value) -> Optional[tuple]:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [c.strip() for c in value.split(",")]
-    cols = tuple(int(c) if isinstance(c, (int, np.integer)) else str(c) for c in value)
-    # "3 names or indices": x, y, z in that order.
-    if len(cols) != 3:
-        raise DataError(f"data.pointcloud_columns must be 3 names or 0-based indices (x, y, z), "
-                        f"got {value!r}.")
-    return cols
-
-
-def parse_fov(value) -> Optional[tuple]:
-    if value is None:
-        return None
-    flat = np.asarray(value, np.float64).reshape(-1)
-    if flat.size != 6:
-        raise DataError(f"data.pointcloud_fov must be ((x0, y0, z0), (x1, y1, z1)) in nm, got {value!r}.")
-    return tuple(flat[:3]), tuple(flat[3:])
-
-
-@dataclasses.dataclass(frozen=True)
-class CloudSpec:
-    """How clouds are read and voxelised (lengths in nm); see configs/default.py."""
-
-    voxel_size: Optional[tuple] = (20.0, 20.0, 20.0)
-    shape: Optional[tuple] = None
-    fov: Optional[tuple] = None
-    margin: float = 0.0
-    method: str = "gaussian"
-    sigma: Optional[tuple] = (10.0, 10.0, 10.0)
-    columns: Optional[tuple] = None
-    scale: tuple = (1.0, 1.0, 1.0)
-    dataset: Optional[str] = None
-    max_gib: float = 2.0
-    smlm: SMLMParams = SMLMParams()
-
-    @classmethod
-    def from_config(cls, config) -> "CloudSpec":
-        """From config.data (fields missing in older configs take the defaults above)."""
-        d, c = config.data, cls()
-        shape = d.get("pointcloud_shape")
-        return cls(
-            voxel_size=triple(d.get("pointcloud_voxel_size", c.voxel_size), "data.pointcloud_voxel_size"),
-            shape=None if shape is None else tuple(int(s) for s in shape),
-            fov=parse_fov(d.get("pointcloud_fov")),
-            margin=float(d.get("pointcloud_margin", c.margin)),
-            method=str(d.get("pointcloud_method", c.method)),
-            sigma=triple(d.get("pointcloud_sigma", c.sigma), "data.pointcloud_sigma"),
-            columns=parse_columns(d.get("pointcloud_columns")),
-            scale=triple(d.get("pointcloud_scale", c.scale), "data.pointcloud_scale"),
-            dataset=d.get("pointcloud_dataset") or None,
-            max_gib=float(d.get("pointcloud_max_gib", c.max_gib)),
-            smlm=SMLMParams(
-                label_density=float(d.get("smlm_label_density", c.smlm.label_density)),
-                precision=triple(d.get("smlm_precision", c.smlm.precision), "data.smlm_precision", False),
-                blinks=float(d.get("smlm_blinks", c.smlm.blinks)),
-                blink_dist=str(d.get("smlm_blink_dist", c.smlm.blink_dist)),
-                background=float(d.get("smlm_background", c.smlm.background)),
-                radius=float(d.get("smlm_radius", c.smlm.radius)),
-            ),
-        )
-
-    def grid(self, points: np.ndarray, name: str = "cloud") -> Grid:
-        return make_grid(points, voxel_size=self.voxel_size, shape=self.shape, fov=self.fov,
-                         margin=self.margin, max_gib=self.max_gib, name=name)
-
-    def voxelize(self, points: np.ndarray, name: str = "cloud", grid: Optional[Grid] = None):
-        """(N, 3) nm -> (volume (X, Y, Z) float32, Grid, points inside the grid)."""
-        pio.check_points(np.asarray(points, np.float64).reshape(-1, 3), name)
-        grid = grid or self.grid(points, name)
-        vol, n_in = voxelize(points, grid, self.method, self.sigma)
-        return vol, grid, n_in
-
-    def read(self, ref: CloudRef) -> np.ndarray:
-        return pio.read_cloud(ref, self.columns, self.scale)
 
 
 # --------------------------------------------------------------------------------------
@@ -307,11 +218,3 @@ def write_demo_clouds(output: str, num: int, shape, voxel_size, *, seed: int = 0
         pio.write_csv(path, pts)
         written.append(path)
     return written
-
-
-__all__ = ["CloudRef", "CloudSpec", "Grid", "NIFTI_UNITS", "SCORE_KEYS", "SMLMParams",
-           "chamfer_distance", "emd_approx", "entry_path", "from_nifti_affine", "is_cloud",
-           "list_clouds", "list_inputs", "load_input", "make_grid", "parse_columns", "parse_fov",
-           "read_cloud", "read_volume_nm", "round_trip_scores", "sample_points", "save_volume",
-           "signal", "simulate_localisations", "to_nifti_affine", "voxelize", "write_csv",
-           "write_demo_clouds"]
