@@ -353,7 +353,8 @@ def test_export_refuses_a_model_monai_cannot_hold(tmp_path, capsys):
     """A strided stem with the subpixel head: saved from init (no training needed)."""
     from ldm_jax import checkpoint as ckpt
     from ldm_jax import sharding
-    from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
+    from ldm_jax.autoencoder.task import AutoencoderTask
+    from ldm_jax.autoencoder.config import prepare_config
     from ldm_jax.trainer.loop import init_train_state
     config = tiny_config()
     config.autoencoder.initial_downsample_factor = 2

@@ -131,8 +131,9 @@ def test_resume_refuses_a_changed_unet_or_latents(ae_workdir, latents_dir, ldm_w
 
 def test_resume_changes_of_the_diffusion_task():
     from ldm_jax.trainer import resume
-    from ldm_jax.diffusion.task import DiffusionTask, prepare_config
+    from ldm_jax.diffusion.task import DiffusionTask
 
+    from ldm_jax.diffusion.config import prepare_config
     task = DiffusionTask.__new__(DiffusionTask)
     task.config = prepare_config(tiny_diffusion_config("runs/ae"))
     saved = json.loads(task.config.to_json())
@@ -229,7 +230,7 @@ def test_guidance_one_equals_conditional_model():
 
 
 def test_odd_latents_are_padded_and_cropped(ae_workdir, tmp_path):
-    from ldm_jax.diffusion.latents import crop, pad_widths
+    from ldm_jax.diffusion.latent_space import crop, pad_widths
     w = pad_widths((6, 8, 5), (8, 8, 8))
     assert w == ((1, 1), (0, 0), (1, 2))
     z = np.random.rand(1, 6, 8, 5, 2)

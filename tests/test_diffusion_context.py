@@ -200,7 +200,7 @@ def test_context_for_a_model_without_cross_attention():
 
 
 def test_context_config_errors():
-    from ldm_jax.diffusion.task import prepare_config
+    from ldm_jax.diffusion.config import prepare_config
     c = tiny_diffusion_config("runs/ae", "latents/")
     c.unet.with_conditioning, c.unet.cross_attention_dim = True, DIM
     with pytest.raises(ConfigError, match=r"^unet.with_conditioning=True needs conditioning."

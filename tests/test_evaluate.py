@@ -10,8 +10,10 @@ import pytest
 from ldm_jax.metrics import image as metrics
 from ldm_jax.cli import evaluate as cli_evaluate
 from ldm_jax.data.synthetic.filaments import render_filaments
-from ldm_jax.diffusion import evaluate as ev
-
+from ldm_jax.metrics import diversity
+from ldm_jax.metrics import frechet
+from ldm_jax.metrics import intensity
+from ldm_jax.metrics import evaluation as ev
 SIZE = (32, 32, 32)  # the smallest cube VGG16 and AlexNet slices both accept
 
 
@@ -34,37 +36,37 @@ def test_frechet_distance_closed_form_for_diagonal_gaussians():
     v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
     # Commuting covariances: Tr(S1 + S2 - 2 (S1 S2)^1/2) = sum (sqrt(v1) - sqrt(v2))^2.
     expect = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
-    got = ev.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
+    got = frechet.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
     assert got == pytest.approx(expect, rel=1e-9)
-    assert ev.frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1)) == pytest.approx(0, abs=1e-9)
+    assert frechet.frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1)) == pytest.approx(0, abs=1e-9)
 
 
 def test_frechet_features_sqrtm_and_low_rank_paths_agree(monkeypatch):
     rs = np.random.RandomState(0)
     a = rs.randn(40, 64) @ rs.randn(64, 64) * 0.1
     b = rs.randn(30, 64) @ rs.randn(64, 64) * 0.1 + 0.05
-    full = ev.frechet_distance_features(a, b)
+    full = frechet.frechet_distance_features(a, b)
     assert full["method"].startswith("sqrtm") and full["num"] == [40, 30]
     assert "warning" in full  # N < D
-    monkeypatch.setattr(ev, "SQRTM_MAX_DIM", 0)
-    low = ev.frechet_distance_features(a, b)
+    monkeypatch.setattr(frechet, "SQRTM_MAX_DIM", 0)
+    low = frechet.frechet_distance_features(a, b)
     assert low["method"] == "low-rank"
     assert low["fd"] == pytest.approx(full["fd"], rel=1e-6)
-    assert ev.frechet_distance_features(a, a)["fd"] == pytest.approx(0, abs=1e-6)
+    assert frechet.frechet_distance_features(a, a)["fd"] == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match="same D"):
-        ev.frechet_distance_features(a, b[:, :10])
+        frechet.frechet_distance_features(a, b[:, :10])
 
 
 def test_slice_positions_evenly_spaced_and_capped():
-    np.testing.assert_array_equal(ev.slice_positions(32, 1), [16])
-    np.testing.assert_array_equal(ev.slice_positions(32, 4), [4, 12, 20, 28])
-    np.testing.assert_array_equal(ev.slice_positions(3, 10), [0, 1, 2])
+    np.testing.assert_array_equal(frechet.slice_positions(32, 1), [16])
+    np.testing.assert_array_equal(frechet.slice_positions(32, 4), [4, 12, 20, 28])
+    np.testing.assert_array_equal(frechet.slice_positions(3, 10), [0, 1, 2])
 
 
 def test_volume_slices_shapes_and_range():
     v = np.zeros((2, 20, 18, 16, 2), np.float32)
     v[0, 10] = 1.0  # one bright X-plane in the first volume, channel 0 and 1
-    s = ev.volume_slices(v, 3, (0.0, 1.0))
+    s = frechet.volume_slices(v, 3, (0.0, 1.0))
     assert s["x"].shape == (2 * 3 * 2, 18, 16, 3)
     assert s["y"].shape == (12, 20, 16, 3) and s["z"].shape == (12, 20, 18, 3)
     assert s["x"].min() == -1.0 and s["x"].max() == 1.0  # [0, 1] -> [-1, 1]
@@ -72,23 +74,23 @@ def test_volume_slices_shapes_and_range():
 
 
 def test_vgg16_features_deepest_layer_mean():
-    fn = ev.make_feature_fn("vgg16")
+    fn = frechet.make_feature_fn("vgg16")
     x = np.random.RandomState(0).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
     f = fn(x)
     assert f.shape == (3, 512) and np.all(np.isfinite(f)) and f.min() >= 0  # relu5_3 means
     assert np.abs(f[0] - f[1]).max() > 0
-    assert ev.make_feature_fn("vgg16") is fn  # loaded and compiled once per process
+    assert frechet.make_feature_fn("vgg16") is fn  # loaded and compiled once per process
 
 
 def test_slice_fd_zero_for_same_set_and_grows_with_blur_and_shift():
     # AlexNet (relu5, 256 features): the cheap net on CPU; VGG16 goes through the same code.
     real = _filaments(3, seed=0)
-    fn = ev.make_feature_fn("alexnet")
-    feats = {name: ev.slice_features(v, fn, 2, (0.0, 1.0)) for name, v in {
+    fn = frechet.make_feature_fn("alexnet")
+    feats = {name: frechet.slice_features(v, fn, 2, (0.0, 1.0)) for name, v in {
         "real": real, "blur1": _blur(real, 1.0), "blur2": _blur(real, 2.0),
         "shift": real + 0.25, "shift2": real + 0.5}.items()}
     assert feats["real"]["x"].shape == (3 * 2, 256)
-    fd = {k: ev.slice_frechet(feats["real"], f)["fd"] for k, f in feats.items()}
+    fd = {k: frechet.slice_frechet(feats["real"], f)["fd"] for k, f in feats.items()}
     assert fd["real"] < 1e-3 * fd["blur1"]
     assert 0 < fd["blur1"] < fd["blur2"]
     assert 0 < fd["shift"] < fd["shift2"]
@@ -122,22 +124,22 @@ def test_ms_ssim3d_min_size():
     x = np.zeros((1, 63, 64, 64, 1), np.float32)
     with pytest.raises(ValueError, match=">= 64"):
         metrics.ms_ssim3d(x, x, win_size=4)
-    assert ev.fit_ms_ssim_scales((32, 32, 32), 4) == 4
-    assert ev.fit_ms_ssim_scales((64, 70, 80), 4) == 5
-    assert ev.fit_ms_ssim_scales((3, 32, 32), 4) == 0
-    w = ev.ms_ssim_weights(3)
+    assert diversity.fit_ms_ssim_scales((32, 32, 32), 4) == 4
+    assert diversity.fit_ms_ssim_scales((64, 70, 80), 4) == 5
+    assert diversity.fit_ms_ssim_scales((3, 32, 32), 4) == 0
+    w = diversity.ms_ssim_weights(3)
     assert sum(w) == pytest.approx(1.0) and w[0] < w[1] < w[2]
 
 
 def test_pairwise_ms_ssim_identical_volumes_and_pair_subset():
     v = np.repeat(_blur(np.random.RandomState(0).rand(1, 16, 16, 16, 1), 1.0), 3, axis=0)
-    out = ev.pairwise_ms_ssim(v, data_range=1.0, kernel=3, weights=(0.5, 0.5))
+    out = diversity.pairwise_ms_ssim(v, data_range=1.0, kernel=3, weights=(0.5, 0.5))
     assert out["num_pairs"] == 3 and out["mean"] == pytest.approx(1.0, abs=1e-5)
-    p = ev.pair_indices(10, 7, seed=3)
+    p = diversity.pair_indices(10, 7, seed=3)
     assert p.shape == (7, 2) and np.all(p[:, 0] < p[:, 1])
-    np.testing.assert_array_equal(p, ev.pair_indices(10, 7, seed=3))
-    assert len(ev.pair_indices(10, 0, seed=0)) == 45
-    assert ev.pairwise_ms_ssim(v[:1], data_range=1.0, kernel=3, weights=(1.0,))["mean"] is None
+    np.testing.assert_array_equal(p, diversity.pair_indices(10, 7, seed=3))
+    assert len(diversity.pair_indices(10, 0, seed=0)) == 45
+    assert diversity.pairwise_ms_ssim(v[:1], data_range=1.0, kernel=3, weights=(1.0,))["mean"] is None
 
 
 # --- intensities and latents -------------------------------------------------------------
@@ -145,12 +147,12 @@ def test_pairwise_ms_ssim_identical_volumes_and_pair_subset():
 
 def test_intensity_distances_identical_and_shifted():
     v = _filaments(2, seed=0, shape=(16, 16, 16))
-    same = ev.intensity_distances(v, v.copy())
+    same = intensity.intensity_distances(v, v.copy())
     assert same["wasserstein1"] == 0.0 and same["histogram_intersection"] == pytest.approx(1.0)
-    shifted = ev.intensity_distances(v, v + 0.1)
+    shifted = intensity.intensity_distances(v, v + 0.1)
     assert shifted["wasserstein1"] == pytest.approx(0.1, rel=1e-4)  # W1 of a shift = shift
     assert shifted["histogram_intersection"] < 0.5
-    sub = ev.intensity_distances(v, v + 0.1, max_voxels=1000)
+    sub = intensity.intensity_distances(v, v + 0.1, max_voxels=1000)
     assert sub["voxels_used"] == [1000, 1000]
     assert sub["wasserstein1"] == pytest.approx(0.1, abs=0.02)
 
@@ -158,18 +160,18 @@ def test_intensity_distances_identical_and_shifted():
 def test_latent_distances_identical_shifted_and_mismatched():
     rs = np.random.RandomState(0)
     ref = [rs.randn(4, 4, 4, 2).astype(np.float32) for _ in range(5)]
-    same = ev.latent_distances(ref, ref)
+    same = frechet.latent_distances(ref, ref)
     assert same["fd_voxel"] == pytest.approx(0, abs=1e-6)
     assert same["fd_volume"] == pytest.approx(0, abs=1e-4)
     # Equal covariances: the FD is the squared mean shift, C per voxel, D per volume.
-    moved = ev.latent_distances([z + 1.0 for z in ref], ref)
+    moved = frechet.latent_distances([z + 1.0 for z in ref], ref)
     assert moved["fd_voxel"] == pytest.approx(2.0, rel=1e-6)
     assert moved["fd_volume"] == pytest.approx(4 * 4 * 4 * 2, rel=1e-3)
     assert "fd_volume_warning" in moved  # 5 latents, dimension 128
-    other = ev.latent_distances([rs.randn(6, 4, 4, 2).astype(np.float32)] * 2, ref)
+    other = frechet.latent_distances([rs.randn(6, 4, 4, 2).astype(np.float32)] * 2, ref)
     assert other["fd_volume"] is None and "differ" in other["fd_volume_note"]
     with pytest.raises(ValueError, match="channel counts"):
-        ev.latent_distances([rs.randn(4, 4, 4, 3)], ref)
+        frechet.latent_distances([rs.randn(4, 4, 4, 3)], ref)
 
 
 # --- reading inputs and the command line -------------------------------------------------

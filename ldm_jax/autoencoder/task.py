@@ -15,7 +15,6 @@ import optax
 
 from ldm_jax.autoencoder import geometry
 
-from ldm_jax.autoencoder import config as ae_config
 
 from ldm_jax import sharding, visualize
 from ldm_jax.metrics import image as metrics
@@ -35,16 +34,6 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array  # raw uint32 key, checkpointable
     bad_steps: jax.Array  # consecutive non-finite steps
     skipped_steps: jax.Array  # all non-finite steps so far
-
-
-def prepare_config(config):
-    """A resolved copy of a stage-1 config with `train.remat` applied to the model,
-    validated (raises ConfigError)."""
-    config = config.copy_and_resolve_references()
-    if config.train.get("remat") is not None:
-        config.autoencoder.remat = config.train.remat
-    ae_config.validate(config)
-    return config
 
 
 class AutoencoderTask:

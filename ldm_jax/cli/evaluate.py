@@ -45,7 +45,7 @@ def _define(fv):
 
     from ldm_jax import cli
 
-    from ldm_jax.diffusion.evaluate import FEATURE_NETS
+    from ldm_jax.metrics.frechet import FEATURE_NETS
     flags.DEFINE_string("samples", None, "Folder (or glob) of generated volumes.",
                         flag_values=fv)
     flags.DEFINE_string("reference", None, "Folder of real volumes, or a config .py whose "
@@ -93,8 +93,7 @@ def _parse_range(text):
 def _body(fv):
     from ldm_jax.cli.extract import dumps
     from ldm_jax import outputs as vf
-    from ldm_jax.diffusion import evaluate as ev
-
+    from ldm_jax.metrics import evaluation as ev
     result = ev.evaluate(
         fv.samples, fv.reference, config=fv.config, features=fv.features,
         num_slices=fv.num_slices, seed=fv.seed, value_range=_parse_range(fv.range),

@@ -23,10 +23,12 @@ def make_task(config, config_path=None):
 
     stage = str(config.get("stage", "autoencoder"))
     if stage == "autoencoder":
-        from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
+        from ldm_jax.autoencoder.task import AutoencoderTask
+        from ldm_jax.autoencoder.config import prepare_config
         task = AutoencoderTask(prepare_config(config))
     elif stage == "diffusion":
-        from ldm_jax.diffusion.task import DiffusionTask, prepare_config
+        from ldm_jax.diffusion.task import DiffusionTask
+        from ldm_jax.diffusion.config import prepare_config
         task = DiffusionTask(prepare_config(config))
     else:
         raise ConfigError(f"config.stage={stage!r} is unknown; expected 'autoencoder' or "

@@ -31,7 +31,7 @@ class Pipeline:
 
     def __init__(self, config, unet, params, autoencoder, step: int = 0):
         from ldm_jax.autoencoder.geometry import latent_shape
-        from ldm_jax.diffusion.latents import pad_widths
+        from ldm_jax.diffusion.latent_space import pad_widths
         from ldm_jax.models import unet_padded_shape
 
         self.config, self.unet, self.params, self.step = config, unet, params, int(step)
@@ -91,7 +91,7 @@ class Pipeline:
         model, or a sampler the model was not trained for.
         """
         from ldm_jax.diffusion.sampling import make_sampler, sample_latents, sampler_for
-        from ldm_jax.diffusion.latents import crop
+        from ldm_jax.diffusion.latent_space import crop
 
         class_label = self.check_request(steps, scheduler, class_label)
         context = self.contexts_for(int(n), context)
@@ -148,7 +148,7 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
     gone) and ConfigError (the workdir is a stage-1 run).
     """
     from ldm_jax import checkpoint as ckpt
-    from ldm_jax.diffusion.latents import load_frozen_autoencoder
+    from ldm_jax.diffusion.latent_space import load_frozen_autoencoder
     from ldm_jax.models import build_unet
 
     workdir = os.path.abspath(os.path.expanduser(str(workdir)))

@@ -1,0 +1,98 @@
+"""The checks of a stage-2 config (unet, scheduler, latents, loss, conditioning, train).
+
+`prepare_config(config)` resolves and validates a copy: this module's `diffusion_problems`,
+`ldm_jax.optim.train_problems`, the UNet's and the scheduler's own validators; every
+problem is listed in one ConfigError.
+"""
+
+from __future__ import annotations
+
+
+from ldm_jax.config import raise_problems
+
+ENCODINGS = ("sample", "mu")
+
+
+LOSSES = ("mse", "l1")
+
+
+def diffusion_problems(config) -> list[str]:
+    """One-line problems of the stage-2 sections (latents, conditioning, loss, eval)."""
+    problems = []
+    lat = config.get("latents")
+    if lat is None or not lat.get("autoencoder_workdir"):
+        problems.append("latents.autoencoder_workdir is not set; give the stage-1 workdir, "
+                        "e.g. --config.latents.autoencoder_workdir=runs/balanced")
+    elif lat.get("encode", "sample") not in ENCODINGS:
+        problems.append(f"latents.encode={lat.encode!r} is not known; use 'sample' or 'mu'.")
+    if lat is not None and lat.get("scale_factor") is not None and not float(
+            lat.scale_factor) > 0:
+        problems.append(f"latents.scale_factor must be > 0 or None, got {lat.scale_factor!r}")
+    loss = config.get("loss")
+    if loss is not None:
+        if loss.get("type", "mse") not in LOSSES:
+            problems.append(f"loss.type={loss.type!r} is not known; use 'mse' or 'l1'.")
+        if float(loss.get("min_snr_gamma", 0) or 0) < 0:
+            problems.append(f"loss.min_snr_gamma must be >= 0 (0: off), got {loss.min_snr_gamma}")
+    cond = config.get("conditioning")
+    if cond is not None:
+        k = int(cond.get("num_classes", 0) or 0)
+        if k < 0:
+            problems.append(f"conditioning.num_classes must be >= 0, got {k}")
+        if not 0.0 <= float(cond.get("drop_prob", 0.0)) < 1.0:
+            problems.append(f"conditioning.drop_prob must be in [0, 1), got {cond.drop_prob}")
+        if k and not cond.get("labels_csv"):
+            problems.append("conditioning.num_classes > 0 needs conditioning.labels_csv (a CSV "
+                            "name,label for the latents in latents.dir)")
+        elif k and not (lat is not None and lat.get("dir")):
+            problems.append(f"conditioning.labels_csv={cond.labels_csv!r} needs latents.dir "
+                            "(labels are matched to extracted latents by file name); extract "
+                            "them with ldm-jax extract and set "
+                            "--config.latents.dir=LATENTS")
+    problems += context_problems(config)
+    decay = float(config.train.get("ema_decay", 0.0))
+    if not 0.0 <= decay < 1.0:
+        problems.append(f"train.ema_decay must be in [0, 1) (0: no averaging), got {decay}")
+    return problems
+
+
+def context_problems(config) -> list[str]:
+    """unet.with_conditioning and conditioning.context_dir: both or neither, and the
+    contexts need extracted latents (they are matched by file name)."""
+    with_cond = bool(config.get("unet", {}).get("with_conditioning", False))
+    ctx_dir = (config.get("conditioning") or {}).get("context_dir")
+    if with_cond and not ctx_dir:
+        return ["unet.with_conditioning=True needs conditioning.context_dir (a folder with one "
+                "NAME.npy context (S, unet.cross_attention_dim) per latent in latents.dir); set "
+                "--config.conditioning.context_dir=DIR, or remove unet.with_conditioning and "
+                "unet.cross_attention_dim from the config"]
+    if ctx_dir and not with_cond:
+        return [f"conditioning.context_dir={ctx_dir!r} is set but unet.with_conditioning=False "
+                "(the UNet has no cross-attention); set --config.unet.with_conditioning=True "
+                "--config.unet.cross_attention_dim=D (D = the contexts' last axis), or "
+                "--config.conditioning.context_dir=''"]
+    if ctx_dir and not config.get("latents", {}).get("dir"):
+        return [f"conditioning.context_dir={ctx_dir!r} needs latents.dir (contexts are matched "
+                "to extracted latents by file name); extract them with "
+                "ldm-jax extract and set --config.latents.dir=LATENTS"]
+    return []
+
+
+def prepare_config(config):
+    """A resolved copy of a stage-2 config, validated (raises ConfigError listing every
+    problem): the UNet and scheduler sections by their own validators, the rest here."""
+    from ldm_jax.models import validate_unet
+    from ldm_jax.optim import train_problems
+    from ldm_jax.schedulers import build_scheduler
+
+    config = config.copy_and_resolve_references()
+    if config.train.get("remat") is not None:
+        config.unet.remat = config.train.remat
+    cond = config.get("conditioning")
+    if cond is not None and int(cond.get("num_classes", 0) or 0) > 0:
+        config.unet.num_class_embeds = int(cond.num_classes) + 1  # + the "no class" label
+    problems = diffusion_problems(config) + train_problems(config.train)
+    raise_problems(problems)
+    validate_unet(config.unet)
+    build_scheduler(config.scheduler)
+    return config
