@@ -2,15 +2,15 @@
 
     python -m benchmarks.bench --config configs/balanced.py [--volume 256,256,64] [--batch 1]
         [--steps 3] [--compile-only] [--vs-monai] [--buffers 10] [--json out.json]
-    python -m benchmarks.bench --table seed --compile-only        # the seed's comparison
+    python -m benchmarks.bench --table seed --compile-only  # original PyTorch project's table
     python -m benchmarks.bench --config configs/aggressive.py --volume 1024,1024,128 \\
-        --head subpixel --spatial 1,8 --compile-only               # per-device memory
+        --head subpixel --spatial 1,8 --compile-only              # per-device memory
 
-Why: users choose a configuration by its memory and speed, and the seed's memory tables
-were never measured. This builds the real stage-1 training step (autoencoder +
-PatchGAN discriminator, the config's losses and optimisers, state donation, the trainer's
-shardings) from abstract shapes, compiles it without allocating, and reads XLA's memory
-and cost analyses; then, unless --compile-only, it runs real steps.
+Why: users choose a configuration by its memory and speed, and the original PyTorch
+project's memory tables were never measured. This builds the real stage-1 training step
+(autoencoder + PatchGAN discriminator, the config's losses and optimisers, state donation,
+the trainer's shardings) from abstract shapes, compiles it without allocating, and reads
+XLA's memory and cost analyses; then, unless --compile-only, it runs real steps.
 
 What the numbers are (also printed under every table):
 - peak_memory_bytes: XLA memory analysis of the compiled step, per device:
@@ -19,7 +19,7 @@ What the numbers are (also printed under every table):
   arena of intermediates. Generated code is not included.
 - device_peak_bytes (GPU, real steps): max over the mesh's devices of
   memory_stats()["peak_bytes_in_use"], each row in a fresh process.
-- host_peak_bytes (CPU, real steps): peak RSS delta (see benchmarks.bench_monai.HostPeak).
+- host_peak_bytes (CPU, real steps): peak RSS delta (see benchmarks.common.HostPeak).
 - flops: XLA cost analysis of the compiled step (per device for a sharded step), plus
   loop_flops: the dot/conv FLOPs of while-loop iterations the analysis leaves out (it
   counts a loop body once; benchmarks.hlo_flops).
@@ -43,32 +43,31 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from ldm_jax import config as config_lib
-from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads, unsupported_reasons
-from ldm_jax.config import ConfigError
-from benchmarks.hlo_flops import loop_flops_correction
+from ldm_jax.autoencoder import geometry
+from ldm_jax.autoencoder import config as ae_config
+from benchmarks.bench_monai import unsupported_reasons
+from ldm_jax.errors import ConfigError
 from benchmarks.memory_listing import compile_with_listing, format_buffers
-from benchmarks.runner import add_run_args
+from benchmarks.common import (HOST_METHOD, MEMORY_METHOD, REPO_ROOT, HostPeak, add_run_args,
+                               count_params, cost_analysis, fmt_float, in_fresh_process,
+                               like_train_py, limit_threads, load, machine_name, memory_analysis,
+                               parse_ints, read_rows, run_exiting_on_sigterm, set_device_count,
+                               write_json)
 
 # JAX is imported inside functions on purpose: XLA_FLAGS (simulated devices for --spatial)
 # must be set before the first `import jax` of the process.
 
-MEMORY_METHOD = "XLA memory analysis: argument + output - alias + temp bytes, per device"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-REMAT_MODES = config_lib.REMAT_MODES
-HEADS = config_lib.UPSAMPLE_HEADS
+REMAT_MODES = ae_config.REMAT_MODES
+HEADS = ae_config.UPSAMPLE_HEADS
 
-# The seed's table (256x256x64, batch 1, mixed precision), GB as printed. Its second table
-# gives other numbers for the same settings (3.1 GB for "8x" = row A here, 1.8 GB for
-# "16x" = row B) and 2.3 GB for 512^3 with stem 4 and levels (4, 2).
+# The original PyTorch project's table (256x256x64, batch 1, mixed precision), GB as
+# printed. Its second table gives other numbers for the same settings (3.1 GB for "8x" =
+# row A here, 1.8 GB for "16x" = row B) and 2.3 GB for 512^3 with stem 4 and levels (4, 2).
 SEED_ROWS = (
     ("A", 1, (4, 2), 3.1),
     ("B", 2, (4, 2), 1.8),
@@ -80,26 +79,6 @@ SEED_AGGRESSIVE_CLAIM_GB = 2.3
 
 # ----------------------------------------------------------------------------------------
 # Building the list of configurations.
-
-
-def _parse_ints(text, name, count=None):
-    try:
-        values = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or (count is not None and len(values) != count) or min(values) < 1:
-        want = f"{count} positive ints" if count else "positive ints"
-        raise ConfigError(f"{name} must be {want} separated by commas, like "
-                          f"{'256,256,64' if count == 3 else '1,2,4,8'}; got {text!r}")
-    return values
-
-
-def load(path):
-    """A config file's get_config(); paths relative to the cwd or the repository root."""
-    p = Path(path)
-    if not p.is_file() and (REPO_ROOT / p).is_file():
-        p = REPO_ROOT / p
-    return config_lib.load_config(str(p))
 
 
 def bench_config(config, *, volume=None, batch=None, head=None, remat=None, dtype=None):
@@ -144,10 +123,11 @@ def apply_override(config, item):
 
 
 def seed_table_configs(heads=HEADS):
-    """The seed's comparison as (name, config, claimed GB) rows, one per decoder head.
+    """The original PyTorch project's comparison as (name, config, claimed GB) rows, one
+    per decoder head.
 
     A-D: configs/default.py's model (channels 32/64/64, latent 3) at 256x256x64, batch 1,
-    bf16, with the seed's stem and level factors; plus configs/aggressive.py at
+    bf16, with that project's stem and level factors; plus configs/aggressive.py at
     512x512x128. Row A has stem factor 1, where both heads are the same GN -> conv, so it
     appears once.
     """
@@ -169,7 +149,7 @@ def seed_table_configs(heads=HEADS):
 def _row_name(base, config, spatial=1):
     ae = config.autoencoder
     parts = [base]
-    if config_lib.initial_factor(ae) != (1, 1, 1):
+    if geometry.initial_factor(ae) != (1, 1, 1):
         parts.append(ae.upsample_head)
     remat = config.train.get("remat") or ae.remat
     if remat != "none":
@@ -198,38 +178,6 @@ def _devices(n):
         "(the bench's worker processes set it for you).")
 
 
-def _count(tree):
-    import jax
-    return int(sum(int(x.size) for x in jax.tree.leaves(tree)))
-
-
-def _cost(compiled):
-    """(FLOPs, bytes accessed, loop FLOPs added): XLA's cost analysis counts a while loop's
-    body once (the chunked attention's scans), so the dot/conv FLOPs of the remaining
-    iterations are added (benchmarks.hlo_flops)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
-        cost = cost[0] if cost else {}
-    cost = cost or {}
-    flops = cost.get("flops")
-    extra = loop_flops_correction(compiled.as_text()) if flops is not None else 0.0
-    return (None if flops is None else float(flops) + extra,
-            None if cost.get("bytes accessed") is None else float(cost["bytes accessed"]),
-            extra)
-
-
-def _memory(compiled):
-    m = compiled.memory_analysis()
-    if m is None:
-        return None, {}
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes")
-    raw = {f.replace("_size_in_bytes", "").replace("_in_bytes", ""): int(getattr(m, f))
-           for f in fields if getattr(m, f, None) is not None}
-    peak = raw["argument"] + raw["output"] - raw["alias"] + raw["temp"]
-    return peak, raw
-
-
 def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spatial=1,
             threads=None, buffers=0, around_steps=None):
     """Compiles (and unless compile_only, runs) the training step of `config`; one result row.
@@ -245,8 +193,9 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
     import jax.numpy as jnp
 
     from ldm_jax import sharding
-    from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
-    from ldm_jax.trainer import abstract_train_state, compile_train_step, init_train_state
+    from ldm_jax.autoencoder.task import AutoencoderTask
+    from ldm_jax.autoencoder.config import prepare_config
+    from ldm_jax.trainer.loop import abstract_train_state, compile_train_step, init_train_state
 
     config = prepare_config(config)
     config.mesh.data, config.mesh.spatial = 1, int(spatial)
@@ -277,8 +226,8 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
     else:
         compiled = lowered.compile()
     t2 = time.perf_counter()
-    peak, raw = _memory(compiled)
-    flops, bytes_accessed, loop_flops = _cost(compiled)
+    peak, raw = memory_analysis(compiled)
+    flops, bytes_accessed, loop_flops = cost_analysis(compiled)
 
     dev0 = devices[0]
     row = dict(
@@ -289,12 +238,12 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
         upsample_head=str(ae.upsample_head),
         remat=str(ae.remat),
         spatial=int(spatial),
-        initial_factor=list(config_lib.initial_factor(ae)),
-        downsample_factors=[list(f) for f in config_lib.level_factors(ae)],
-        total_factor=list(config_lib.total_factor(ae)),
-        latent_shape=list(config_lib.latent_shape(config)),
-        params=_count(abstract.g_params),
-        disc_params=_count(abstract.d_params),
+        initial_factor=list(geometry.initial_factor(ae)),
+        downsample_factors=[list(f) for f in geometry.level_factors(ae)],
+        total_factor=list(geometry.total_factor(ae)),
+        latent_shape=list(geometry.latent_shape(config)),
+        params=count_params(abstract.g_params),
+        disc_params=count_params(abstract.d_params),
         flops=flops,
         loop_flops=loop_flops,
         bytes_accessed=bytes_accessed,
@@ -311,7 +260,7 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
         device_kind=dev0.device_kind,
         simulated_devices=bool(simulated or (dev0.platform == "cpu" and spatial > 1)),
         jax_version=jax.__version__,
-        machine=_machine(dev0),
+        machine=machine_name(dev0),
         threads=(threads or len(os.sched_getaffinity(0))) if dev0.platform == "cpu" else None,
         date=datetime.date.today().isoformat(),
     )
@@ -355,12 +304,6 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
     return row
 
 
-def _machine(dev):
-    if dev.platform == "cpu":
-        return f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    return dev.device_kind
-
-
 # ----------------------------------------------------------------------------------------
 # Worker processes: one fresh process per configuration.
 
@@ -369,7 +312,7 @@ def _run_worker(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
     threads = limit_threads(spec.get("threads"))  # before JAX sizes its thread pools
-    _like_train_py()
+    like_train_py()
     import ml_collections
     config = ml_collections.ConfigDict(spec["config"])
     try:
@@ -383,62 +326,15 @@ def _run_worker(spec_path):
     print("BENCH_JSON " + json.dumps(row), flush=True)
 
 
-def _like_train_py():
-    """The process-wide JAX settings train.py makes, so the step measured is the one trained."""
-    import jax
-    if jax.default_backend() == "cpu":
-        jax.config.update("jax_threefry_partitionable", False)
-
-
-def _set_device_count(env, n):
-    flags = env.get("XLA_FLAGS", "")
-    key = "--xla_force_host_platform_device_count"
-    parts = [p for p in flags.split() if not p.startswith(key)]
-    have = [int(p.split("=")[1]) for p in flags.split() if p.startswith(key + "=")]
-    parts.append(f"{key}={max([n] + have)}")
-    env["XLA_FLAGS"] = " ".join(parts)
-    return env
-
-
-def _subprocess_json(cmd, marker, env=None, timeout=None):
-    """Runs cmd, streams its stderr, returns the JSON after `marker` on stdout (or an error)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
-                            cwd=str(REPO_ROOT))
-    try:
-        stdout, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return {"error": f"timed out after {timeout} s"}
-    finally:  # also on SIGTERM / Ctrl-C of the bench: never leave a worker holding a GPU
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    for line in reversed(stdout.splitlines()):
-        if line.startswith(marker + " "):
-            return json.loads(line[len(marker) + 1:])
-    tail = stdout[-1500:]
-    return {"error": f"exit code {proc.returncode} without a result (killed, out of memory?). "
-                     f"Output tail: {tail}"}
-
-
 def measure_isolated(config, *, name, steps, warmup, compile_only, spatial, threads=None,
                      timeout=None, buffers=0):
     """`measure` in a fresh `python -m benchmarks.bench --_worker` process."""
     spec = dict(config=config.to_dict(), name=name, steps=steps, warmup=warmup,
                 compile_only=compile_only, spatial=spatial, threads=threads, buffers=buffers)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
     env = dict(os.environ)
     if spatial > 1:
-        _set_device_count(env, spatial)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [
-        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    try:
-        row = _subprocess_json([sys.executable, "-m", "benchmarks.bench", "--_worker", f.name],
-                               "BENCH_JSON", env=env, timeout=timeout)
-    finally:
-        os.unlink(f.name)
+        set_device_count(env, spatial)
+    row = in_fresh_process("benchmarks.bench", "--_worker", spec, "BENCH_JSON", timeout, env)
     row.setdefault("name", name)
     return row
 
@@ -452,16 +348,8 @@ def measure_monai(config, *, steps, warmup, threads=None, timeout=None):
     spec = dict(config=config.to_dict(), volume=list(config.data.volume_size),
                 batch=int(config.train.batch_size), steps=steps, warmup=warmup,
                 dtype=str(config.autoencoder.dtype), device="auto", threads=threads)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [
-        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    try:
-        return _subprocess_json([sys.executable, "-m", "benchmarks.bench_monai", "--spec", f.name],
-                                "BENCH_MONAI_JSON", env=env, timeout=timeout)
-    finally:
-        os.unlink(f.name)
+    return in_fresh_process("benchmarks.bench_monai", "--spec", spec, "BENCH_MONAI_JSON",
+                            timeout)
 
 
 def add_monai_ratios(row, monai):
@@ -487,12 +375,8 @@ def _gb(b):
     return "-" if b is None else f"{b / 1e9:.2f}"
 
 
-def _s(v, digits=2):
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def _fmt_factor(t):
-    return config_lib.format_factor(tuple(t)) if t else "-"
+    return geometry.format_factor(tuple(t)) if t else "-"
 
 
 def format_table(rows):
@@ -515,17 +399,18 @@ def format_table(rows):
                  _fmt_factor(r["total_factor"]), "x".join(map(str, r["latent_shape"])),
                  f"{r['params'] / 1e6:.2f} M",
                  "-" if r["flops"] is None else f"{r['flops'] / 1e9:,.0f}",
-                 _gb(r["peak_memory_bytes"]), _gb(measured), _s(r["compile_s"], 1),
-                 _s(r["step_s"], 3)]
+                 _gb(r["peak_memory_bytes"]), _gb(measured), fmt_float(r["compile_s"], 1),
+                 fmt_float(r["step_s"], 3)]
         if seed:
-            cells.append(_s(r.get("seed_claim_gb"), 1))
+            cells.append(fmt_float(r.get("seed_claim_gb"), 1))
         if monai:
             m = r.get("monai") or {}
             if "error" in m:
                 cells += [m["error"][:120], "", "", ""]
             else:
-                cells += [_s(m.get("step_s"), 3), _gb(m.get("peak_memory_bytes")),
-                          _s(r.get("monai_step_ratio")), _s(r.get("monai_memory_ratio"))]
+                cells += [fmt_float(m.get("step_s"), 3), _gb(m.get("peak_memory_bytes")),
+                          fmt_float(r.get("monai_step_ratio")),
+                          fmt_float(r.get("monai_memory_ratio"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(notes(rows))
@@ -604,8 +489,8 @@ def _parse_args(argv):
 
 def plan_rows(args):
     """(name, config, seed claim or None, spatial) for every measurement the args ask for."""
-    volume = _parse_ints(args.volume, "--volume", 3) if args.volume else None
-    spatials = _parse_ints(args.spatial, "--spatial")
+    volume = parse_ints(args.volume, "--volume", 3) if args.volume else None
+    spatials = parse_ints(args.spatial, "--spatial")
     remats = [None]
     if args.remat:
         remats = [r.strip() for r in args.remat.split(",") if r.strip()]
@@ -628,7 +513,7 @@ def plan_rows(args):
         cfg = bench_config(cfg, volume=volume, batch=args.batch, dtype=args.dtype)
         for item in args.set:
             apply_override(cfg, item)
-        config_lib.validate(cfg)
+        ae_config.validate(cfg)
         for remat in remats:
             c = bench_config(cfg, remat=remat)
             if c.train.get("remat") is not None:
@@ -646,8 +531,6 @@ def plan_rows(args):
 
 
 def main(argv=None):
-    from benchmarks.runner import run_exiting_on_sigterm
-
     # `timeout` sends SIGTERM: exit through the finally blocks that stop workers.
     return run_exiting_on_sigterm(_main, _parse_args(argv))
 
@@ -657,10 +540,7 @@ def _main(args):
         _run_worker(args._worker)
         return 0
     if args.from_json:
-        rows = []
-        for path in args.from_json:
-            with open(path) as f:
-                rows += json.load(f)
+        rows = read_rows(args.from_json)
         print(format_table(rows))
         _maybe_plot(args.plot, rows)
         return 0
@@ -671,9 +551,9 @@ def _main(args):
         return 2
     if args.in_process:
         if max(n for *_, n in todo) > 1:
-            _set_device_count(os.environ, max(n for *_, n in todo))
+            set_device_count(os.environ, max(n for *_, n in todo))
         args.threads = limit_threads(args.threads)
-        _like_train_py()
+        like_train_py()
     results = []
     for name, cfg, claim, spatial in todo:
         print(f"[bench] {name}: volume {tuple(cfg.data.volume_size)}, batch "
@@ -706,7 +586,7 @@ def _main(args):
                                           f"compile {row['compile_s']} s, step {row['step_s']} s"),
               file=sys.stderr, flush=True)
         if args.json:  # after every row: a killed run keeps what it measured
-            _write_json(args.json, results)
+            write_json(args.json, results)
     print(format_table(results))
     _maybe_plot(args.plot, results)
     return 0 if all("error" not in r or "params" in r for r in results) else 1
@@ -725,14 +605,6 @@ def _maybe_plot(path, rows):
     plot_memory(rows, path, "Peak memory of one training step, 256x256x64, batch 1",
                 note=f"{what}; measured on {where}", key=key)
     print(f"wrote {path}", file=sys.stderr)
-
-
-def _write_json(path, rows):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

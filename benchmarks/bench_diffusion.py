@@ -15,9 +15,10 @@ in one jitted `fori_loop` -> one latent.
 
 What the numbers are (also printed under every table):
 - peak_memory_bytes / sample_peak_memory_bytes: XLA memory analysis of the compiled
-  training step / sampler (`benchmarks.bench`'s method: argument + output - alias + temp).
+  training step / sampler (`benchmarks.common.memory_analysis`, the stage-1 bench's method:
+  argument + output - alias + temp).
 - flops: XLA cost analysis of the training step, plus the while-loop iterations it leaves
-  out (loop_flops; `benchmarks.bench._cost`).
+  out (loop_flops; `benchmarks.common.cost_analysis`).
 - compile_s / sample_compile_s: XLA compile time of each (lowering not included).
 - step_s / step_cpu_s: median wall / process CPU time of --steps steps after --warmup.
 - sample_s / sample_cpu_s: wall / process CPU time of one sampling of one latent (after
@@ -41,11 +42,11 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench import (MEMORY_METHOD, _cost, _count, _like_train_py, _machine, _memory,
-                              _write_json, load)
-from benchmarks.bench_monai import HOST_METHOD, HostPeak, limit_threads
-from benchmarks.runner import add_run_args, in_fresh_process, read_rows, run_exiting_on_sigterm
-from ldm_jax.config import ConfigError
+from benchmarks.common import (HOST_METHOD, MEMORY_METHOD, HostPeak, add_run_args, count_params,
+                               cost_analysis, fmt_float, in_fresh_process, like_train_py,
+                               limit_threads, load, machine_name, memory_analysis, read_rows,
+                               run_exiting_on_sigterm, write_json)
+from ldm_jax.errors import ConfigError
 
 WORKER_MARK = "BENCH_DIFFUSION_JSON"
 MONAI_MARK = "BENCH_MONAI_JSON"
@@ -88,8 +89,9 @@ def measure(config, *, name="config", steps=5, warmup=1, sample_steps=50, compil
 
     from ldm_jax import sharding
     from ldm_jax.diffusion.sampling import make_sampler, sampler_for
-    from ldm_jax.diffusion.task import DiffusionTask, prepare_config
-    from ldm_jax.trainer import abstract_train_state, compile_train_step, init_train_state
+    from ldm_jax.diffusion.task import DiffusionTask
+    from ldm_jax.diffusion.config import prepare_config
+    from ldm_jax.trainer.loop import abstract_train_state, compile_train_step, init_train_state
 
     config = prepare_config(config)
     task = DiffusionTask(config, autoencoder=None)
@@ -110,20 +112,20 @@ def measure(config, *, name="config", steps=5, warmup=1, sample_steps=50, compil
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    peak, raw = _memory(compiled)
-    flops, bytes_accessed, loop_flops = _cost(compiled)
+    peak, raw = memory_analysis(compiled)
+    flops, bytes_accessed, loop_flops = cost_analysis(compiled)
 
     row = dict(
         name=name, stage=2, latent_shape=list(task.latent_shape),
         padded_shape=list(task.padded_shape), batch=batch_size, dtype=str(config.unet.dtype),
-        unet=config.unet.to_dict(), params=_count(abstract.params), flops=flops,
+        unet=config.unet.to_dict(), params=count_params(abstract.params), flops=flops,
         loop_flops=loop_flops, bytes_accessed=bytes_accessed, peak_memory_bytes=peak,
         memory_method=MEMORY_METHOD,
         xla_memory=raw, lower_s=round(t1 - t0, 3), compile_s=round(t2 - t1, 3),
         step_s=None, step_cpu_s=None, step_times=[], device_peak_bytes=None,
         host_peak_bytes=None, sample_steps=int(sample_steps), sample_s=None, sample_cpu_s=None,
         backend=dev0.platform, device_kind=dev0.device_kind, jax_version=jax.__version__,
-        machine=_machine(dev0),
+        machine=machine_name(dev0),
         threads=(threads or len(os.sched_getaffinity(0))) if dev0.platform == "cpu" else None,
         date=datetime.date.today().isoformat())
 
@@ -136,7 +138,7 @@ def measure(config, *, name="config", steps=5, warmup=1, sample_steps=50, compil
         t0 = time.perf_counter()
         sampler = fn.lower(abstract.ema_params, key, labels, n=1).compile()
         row["sample_compile_s"] = round(time.perf_counter() - t0, 3)
-        row["sample_peak_memory_bytes"] = _memory(sampler)[0]
+        row["sample_peak_memory_bytes"] = memory_analysis(sampler)[0]
     if compile_only or steps <= 0:
         return row
 
@@ -182,7 +184,7 @@ def _run_worker(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
     threads = limit_threads(spec.get("threads"))  # before JAX sizes its thread pools
-    _like_train_py()
+    like_train_py()
     import ml_collections
     try:
         row = measure(ml_collections.ConfigDict(spec["config"]), name=spec["name"],
@@ -244,12 +246,8 @@ def _mb(b):
     return "-" if b is None else f"{b / 1e6:,.0f}"
 
 
-def _s(v, digits=2):
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def _pair(a, b):
-    return "-" if a is None and b is None else f"{_s(a)} / {_s(b)}"
+    return "-" if a is None and b is None else f"{fmt_float(a)} / {fmt_float(b)}"
 
 
 def format_table(rows):
@@ -274,7 +272,7 @@ def format_table(rows):
                  "-" if r["flops"] is None else f"{r['flops'] / 1e9:,.1f}",
                  _mb(r["peak_memory_bytes"]), _mb(r.get("sample_peak_memory_bytes")),
                  _mb(r.get("device_peak_bytes") or r.get("host_peak_bytes")),
-                 f"{_s(r['compile_s'], 1)} + {_s(r.get('sample_compile_s'), 1)}",
+                 f"{fmt_float(r['compile_s'], 1)} + {fmt_float(r.get('sample_compile_s'), 1)}",
                  _pair(r.get("step_cpu_s"), r.get("step_s")),
                  _pair(r.get("sample_cpu_s"), r.get("sample_s"))]
         if monai:
@@ -287,7 +285,7 @@ def format_table(rows):
                           _mb(m.get("peak_memory_bytes")),
                           _pair(r.get("vs_monai_step_cpu"), r.get("vs_monai_step")),
                           _pair(r.get("vs_monai_sample_cpu"), r.get("vs_monai_sample")),
-                          _s(r.get("vs_monai_memory"))]
+                          fmt_float(r.get("vs_monai_memory"))]
             else:
                 cells += ["-"] * 6
         lines.append("| " + " | ".join(cells) + " |")
@@ -370,7 +368,7 @@ def _main(args):
         return 2
     if args.in_process:
         args.threads = limit_threads(args.threads)
-        _like_train_py()
+        like_train_py()
     results = []
     for path, cfg in todo:
         name = _row_name(path, cfg)
@@ -404,7 +402,7 @@ def _main(args):
             f"step {row['step_cpu_s']} CPU-s, sample {row['sample_cpu_s']} CPU-s"),
             file=sys.stderr, flush=True)
         if args.json:  # after every row: a killed run keeps what it measured
-            _write_json(args.json, results)
+            write_json(args.json, results)
     print(format_table(results))
     return 0 if all("params" in r for r in results) else 1
 

@@ -17,15 +17,16 @@ precomputed latents:
 
 bfloat16 is `torch.autocast(bfloat16)` around the UNet (the tutorial uses fp16 autocast
 with a GradScaler on GPU). Memory: CUDA `max_memory_allocated`; CPU
-`benchmarks.bench_monai.HostPeak` (peak RSS delta), the method our side uses on CPU.
+`benchmarks.common.HostPeak` (peak RSS delta), the method our side uses on CPU.
 """
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks.bench_monai import (HostPeak, MonaiUnsupported, run_fields, spec_main,
-                                    timed_runs, torch_device, with_torch_threads)
+from benchmarks.bench_monai import (MonaiUnsupported, run_fields, spec_main, timed_runs,
+                                    torch_device, with_torch_threads)
+from benchmarks.common import HostPeak
 
 SCHEDULERS = ("ddpm", "ddim")  # noise schedules both sides train the same way
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # MONAI DDPM/DDIM prediction types

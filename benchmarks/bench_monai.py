@@ -13,22 +13,22 @@ real -> backward -> Adam. Mixed precision is `torch.autocast(bfloat16)` when the
 computes in bfloat16.
 
 Memory: on CUDA `torch.cuda.max_memory_allocated()` (fresh process: models, optimiser
-states, gradients and activations). On CPU `HostPeak`: resident-set high-water mark
-during the timed steps minus the resident set before the models were built (Linux
-/proc; glibc's free lists are trimmed first) -- the same method the JAX side uses on CPU.
+states, gradients and activations). On CPU `benchmarks.common.HostPeak`: resident-set
+high-water mark during the timed steps minus the resident set before the models were built
+(Linux /proc; glibc's free lists are trimmed first) -- the same method the JAX side uses on
+CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import statistics
 import sys
 import time
 
-from ldm_jax.config import initial_factor, level_factors
+from benchmarks.common import HOST_METHOD, HostPeak, limit_threads
+from ldm_jax.autoencoder.geometry import initial_factor, level_factors
 
 # Fields of config.loss the MONAI step implements; anything else makes the comparison unfair.
 SUPPORTED_RECON = ("l1", "mse", "weighted")
@@ -115,79 +115,6 @@ def monai_kwargs(config) -> tuple[dict, dict]:
         last_conv_kernel_size=None if last_k is None else int(last_k),
     )
     return ae_kwargs, disc_kwargs
-
-
-# ----------------------------------------------------------------------------------------
-# Host memory on Linux: resident-set high-water mark that can be reset (clear_refs 5).
-
-
-class HostPeak:
-    """Peak resident memory of this process above a baseline, from /proc/self.
-
-    `baseline()` trims glibc's free lists and records VmRSS; `start()` trims again and
-    resets VmHWM (writing 5 to /proc/self/clear_refs, Linux >= 4.0); `peak_delta()` is
-    max(0, VmHWM - baseline) in bytes. None where /proc is unavailable.
-    """
-
-    def __init__(self):
-        self.base = None
-        self.available = _read_status("VmRSS") is not None
-
-    def baseline(self):
-        _malloc_trim()
-        self.base = _read_status("VmRSS")
-
-    def start(self):
-        _malloc_trim()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.available = False
-
-    def peak_delta(self):
-        hwm = _read_status("VmHWM")
-        if not self.available or hwm is None or self.base is None:
-            return None
-        # 0, not a negative number, when the process freed more since the baseline than
-        # the timed steps used (seen in a busy test process; a bench worker is fresh).
-        return max(0, hwm - self.base)
-
-
-HOST_METHOD = ("peak RSS delta: VmHWM during the timed steps (reset via /proc/self/clear_refs "
-               "after warm-up) minus VmRSS before the models were built, glibc heap trimmed")
-
-
-def _read_status(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def limit_threads(n):
-    """Pins this process to its first n CPUs (XLA's and PyTorch's pools follow the mask).
-
-    Why: on a shared CPU, spinning thread pools that lose their cores measure the
-    neighbours, not the code; with the same n on both sides the comparison stays fair.
-    Returns the CPU count in effect.
-    """
-    cpus = sorted(os.sched_getaffinity(0))
-    if n and 0 < int(n) < len(cpus):
-        os.sched_setaffinity(0, set(cpus[:int(n)]))
-        return int(n)
-    return len(cpus)
-
-
-def _malloc_trim():
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # ----------------------------------------------------------------------------------------

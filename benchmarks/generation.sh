@@ -20,7 +20,7 @@ $PY train.py --config configs/monai_3d_ldm.py --workdir "$AE" --noprogress \
 #    latents of the training ones.
 [ -d "$W/data/val" ] || $PY -m benchmarks.generation_data --config configs/monai_3d_ldm.py \
   --volume 32,32,32 --train 256 --val 16 --out "$W/data"
-[ -f "$W/latents/latents.json" ] || $PY -m ldm_jax.extract --workdir "$AE" \
+[ -f "$W/latents/latents.json" ] || $PY -m ldm_jax extract --workdir "$AE" \
   --input "$W/data/train" --output "$W/latents" --step latest --noprogress
 
 # 3. Stage 2: the MONAI tutorial UNet (float32 on a CPU) on the extracted 8x8x8x3 latents,
@@ -39,15 +39,15 @@ $PY train.py "${S2[@]}" --workdir "$W/ldm_untrained" --config.train.num_steps=1 
 
 # 4. Samples: 8 volumes, DDIM 50 steps, each model's EMA weights.
 for run in ldm ldm_untrained; do
-  [ -f "$W/samples_$run/samples.json" ] || $PY -m ldm_jax.sample --workdir "$W/$run" \
-    --num-samples 8 --steps 50 --output "$W/samples_$run" --step latest --noprogress
+  [ -f "$W/samples_$run/samples.json" ] || $PY -m ldm_jax sample --workdir "$W/$run" \
+    --num_samples 8 --num_inference_steps 50 --output "$W/samples_$run" --step latest --noprogress
 done
 # Baseline: Gaussian latents N(0, 1) / scale_factor, decoded.
 [ -f "$W/samples_gauss/latents/sample_0007.npy" ] || $PY - "$W" <<'EOF'
 import os, sys, json
 import numpy as np
 import ldm_jax
-from ldm_jax.data import files as vf
+from ldm_jax import outputs as vf
 w = sys.argv[1]
 pipe = ldm_jax.load_pipeline(os.path.join(w, "ldm"), "latest")
 z = np.random.default_rng(0).standard_normal((8, *pipe.latent_shape)).astype(np.float32)
@@ -61,7 +61,7 @@ EOF
 
 # 5. Evaluation against the 16 held-out volumes (and the training latents).
 for s in ldm ldm_untrained gauss; do
-  $PY -m ldm_jax.evaluate --samples "$W/samples_$s" --reference "$W/data/val" \
+  $PY -m ldm_jax evaluate --samples "$W/samples_$s" --reference "$W/data/val" \
     --reference_latents "$W/latents" --range 0,1 --features vgg16 --num_slices 8 \
     --output "$W/eval_$s.json" | tee "$W/eval_$s.txt"
 done

@@ -3,10 +3,10 @@
     python -m benchmarks.generation_data --config configs/monai_3d_ldm.py \
         --volume 32,32,32 --train 256 --val 16 --out runs/gen/data
 
-Writes OUT/train/vNNNN.npy in the data's raw units (what `python -m ldm_jax.extract`
+Writes OUT/train/vNNNN.npy in the data's raw units (what `ldm-jax extract`
 expects: it applies the checkpoint's intensity window itself) and OUT/val/vNNNN.npy
 preprocessed as the model sees them (b_min..b_max), the held-out reference for
-`python -m ldm_jax.evaluate`. Training volumes come from the training loader (random
+`ldm-jax evaluate`. Training volumes come from the training loader (random
 crops and flips of data.num_train_volumes = --train procedural volumes); validation
 volumes are the config's held-out centre crops, never seen in training.
 """

@@ -242,7 +242,7 @@ def _parse_args(argv):
 
 def main(argv=None):
     args = _parse_args(argv)
-    from benchmarks.bench_monai import limit_threads
+    from benchmarks.common import limit_threads
     threads = limit_threads(args.threads)  # before JAX sizes its thread pools
     config_path = args.config
     if args.code:
@@ -254,10 +254,11 @@ def main(argv=None):
             del sys.modules[mod]
         if not os.path.isabs(config_path):
             config_path = os.path.join(code, config_path)
-    from benchmarks.bench import _like_train_py, _parse_ints, bench_config, load
-    _like_train_py()
+    from benchmarks.bench import bench_config
+    from benchmarks.common import like_train_py, load, parse_ints
+    like_train_py()
     import ldm_jax
-    volume = _parse_ints(args.volume, "--volume", 3) if args.volume else None
+    volume = parse_ints(args.volume, "--volume", 3) if args.volume else None
     config = bench_config(load(config_path), volume=volume, batch=args.batch, dtype=args.dtype)
     row, s = profile(config, steps=args.steps, warmup=args.warmup, top=args.top,
                      threads=threads, log_dir=args.trace_dir)

@@ -35,7 +35,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,9 +43,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ldm_jax import config as config_lib
-from ldm_jax.config import ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from ldm_jax.autoencoder import geometry
+from ldm_jax.autoencoder import config as ae_config
+from benchmarks.common import REPO_ROOT, write_json
+from ldm_jax.errors import ConfigError
 
 # The seed's configurations: (stem factor, level factors).
 BASES = {"A": (1, (4, 2)), "B": (2, (4, 2)), "C": (4, (4, 2)), "D": (2, (8, 2))}
@@ -80,7 +80,7 @@ def variants() -> list:
     """A-D voxel-complete with every head that differs, then A-D with the seed's kernel 3."""
     out = []
     for base, (init, _) in BASES.items():
-        for head in (("nearest_conv",) if init == 1 else config_lib.UPSAMPLE_HEADS):
+        for head in (("nearest_conv",) if init == 1 else ae_config.UPSAMPLE_HEADS):
             out.append(Variant(base, head))
     out += [Variant(base, "nearest_conv", SEED_KERNEL) for base in BASES]
     return out
@@ -199,8 +199,7 @@ class _WarningLog(logging.Handler):
 
 def make_eval_fn(stage, s: Settings, with_dice: bool):
     """jit(params, x) -> (recon, per-sample metrics) on mu: the validation metrics."""
-    from ldm_jax import metrics
-
+    from ldm_jax.metrics import image as metrics
     data_range = float(stage.config.data.b_max - stage.config.data.b_min)
 
     def fn(params, x):
@@ -243,8 +242,9 @@ def train_and_score(variant: Variant, dataset: str, s: Settings, log=print):
     import jax
 
     from ldm_jax import data as data_lib
-    from ldm_jax.autoencoder.task import AutoencoderTask, prepare_config
+    from ldm_jax.autoencoder.task import AutoencoderTask
 
+    from ldm_jax.autoencoder.config import prepare_config
     config = prepare_config(study_config(variant, dataset, s))
     config.loss.adv_weight = 0.0  # reconstruction + KL only (see make_train_step)
     warn = _WarningLog()
@@ -295,10 +295,10 @@ def train_and_score(variant: Variant, dataset: str, s: Settings, log=print):
     result = dict(
         dataset=dataset, variant=variant.key, label=variant.label, base=variant.base,
         head=variant.head, strided_kernel=variant.strided_kernel,
-        initial_factor=list(config_lib.initial_factor(ae)),
-        downsample_factors=[list(f) for f in config_lib.level_factors(ae)],
-        total_factor=list(config_lib.total_factor(ae)),
-        latent_shape=list(config_lib.latent_shape(config)),
+        initial_factor=list(geometry.initial_factor(ae)),
+        downsample_factors=[list(f) for f in geometry.level_factors(ae)],
+        total_factor=list(geometry.total_factor(ae)),
+        latent_shape=list(geometry.latent_shape(config)),
         params=int(sum(x.size for x in jax.tree.leaves(params))),
         skips_voxels_warning=[m for m in warn.messages if "never reach" in m],
         settings=s.to_json(), per_volume=per_volume,
@@ -343,13 +343,6 @@ def _done(path: Path, s: Settings) -> bool:
         return json.loads(path.read_text()).get("settings") == s.to_json()
     except (OSError, ValueError):
         return False
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _save_strip(path: Path, volume, lo=0.0, hi=1.0) -> None:
@@ -515,7 +508,7 @@ def write_report(out: Path, bench_json: Sequence[str] = ()) -> dict:
     """study.json, recon_<dataset>.png and table.md from the finished runs."""
     study = gather(out, bench_json)
     study["contrasts"] = contrasts(study)
-    _write_json(out / "study.json", study)
+    write_json(out / "study.json", study)
     (out / "table.md").write_text(format_table(study) + "\n\n" +
                                   format_contrasts(study["contrasts"]) + "\n")
     for dataset in DATASETS:
@@ -653,7 +646,7 @@ def main(argv=None) -> int:
         result, (x, recon) = train_and_score(v, ds, s, log=lambda m: print(m, flush=True))
         _save_strip(out / "runs" / f"{ds}__input.png", x)
         _save_strip(out / "runs" / f"{ds}__{v.key}.png", recon)
-        _write_json(path, result)
+        write_json(path, result)
         p = result["summary"]["psnr"]
         print(f"    PSNR {fmt(p)} dB, {result['train_s']:.0f} s training", flush=True)
     if a.memory:
@@ -664,7 +657,7 @@ def main(argv=None) -> int:
             print(f"memory {v.key} at {vol} channels {ch}", flush=True)
             rows.append(peak_memory(v, vol, ch))
         suffix = "" if n == 1 else f"_{i}of{n}"
-        _write_json(out / f"memory{suffix}.json", rows)
+        write_json(out / f"memory{suffix}.json", rows)
     if n == 1:
         study = write_report(out, bench_json)
         print(format_table(study))

@@ -1,4 +1,5 @@
-"""The seed's recommendation: 256x256x64, stem /2 then levels /4 and /2 -> latent 16x16x4x3 (16x)."""
+"""The original PyTorch project's recommended setup: 256x256x64, stem /2 then levels /4
+and /2 -> latent 16x16x4x3 (16x)."""
 
 from configs import default
 

@@ -1,7 +1,8 @@
-"""balanced.py with the seed's decoder head (nearest upsample, then a conv at full resolution).
+"""balanced.py with the "nearest_conv" decoder head (nearest upsample, then a conv at full
+resolution), the original PyTorch project's head.
 
-Kept to reproduce the seed and for comparison: benchmarks/QUALITY.md measured it 2.4 dB
-PSNR below the subpixel head on the brain, and benchmarks/RESULTS.md 0.6 GB more memory.
+Kept for comparison: it reconstructs the brain worse than the subpixel head
+(benchmarks/QUALITY.md, "Results (H100, 64×64×32, 1000 steps × batch 2)").
 """
 
 from configs import balanced

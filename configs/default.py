@@ -13,7 +13,7 @@ def get_config():
     # (stage 2, configs/diffusion/*.py).
     config.stage = "autoencoder"
 
-    # --- Autoencoder (MONAI AutoencoderKL names, plus the seed's downsampling levers). ---
+    # --- Autoencoder (MONAI AutoencoderKL names, plus strided stem and per-level factors). ---
     ae = config.autoencoder = ml_collections.ConfigDict()
     ae.in_channels = 1
     ae.out_channels = 1
@@ -35,11 +35,11 @@ def get_config():
     ae.use_conv_downsample = True  # False: average pooling
     ae.use_convtranspose = False  # False: nearest upsample then conv (MONAI default)
     # Decoder's final upsample by the initial factor: "subpixel" (conv at the coarse grid,
-    # depth-to-space) | "nearest_conv" (the seed's). Subpixel measured better and smaller
-    # (benchmarks/QUALITY.md, RESULTS.md); with a stem of 1 the two are the same.
+    # depth-to-space) | "nearest_conv" (the original PyTorch project's). Subpixel reconstructs
+    # better (benchmarks/QUALITY.md, "Results (H100, ...)"); with a stem of 1 both are the same.
     ae.upsample_head = "subpixel"
     # Kernel of strided stages; None = voxel-complete (kernel >= stride on every axis).
-    # 3 reproduces the seed's stem, which skips input voxels for strides > 3.
+    # 3 reproduces the original PyTorch project's stem, which skips voxels for strides > 3.
     ae.strided_kernel = ml_collections.config_dict.placeholder(int)
     ae.dtype = "bfloat16"  # compute dtype; params stay float32
     ae.remat = "none"  # "none" | "res_blocks" | "levels"

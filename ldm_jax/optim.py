@@ -79,10 +79,8 @@ def _every_step(inner, updates, state, params=None):
     """`optax.MultiSteps.update` at every_k_schedule=1, without its accumulation and its
     skip branch: the same updates, and a state of the same structure (acc_grads stay
     zero), so checkpoints of either resume with the other. MultiSteps puts the inner
-    optimiser in a `lax.cond` with a skip branch that traces it again. Measured
-    2026-12-06 on the 2-core x86_64 CPU, runs interleaved: the tiny stage-1 step
-    (tests/tiny.py, XLA:CPU at -O0) compiled in 1.9-2.8 CPU-s without it, 2.6-3.2 with
-    it; monai_3d_ldm's step (default XLA flags) within the run-to-run spread (20-22 s)."""
+    optimiser in a `lax.cond` with a skip branch that traces it again, which slows the
+    compile of small steps (benchmarks/RESULTS.md, "Figures behind code comments")."""
     new_updates, inner_state = inner.update(updates, state.inner_opt_state, params)
     return new_updates, state._replace(
         gradient_step=optax.safe_increment(state.gradient_step), inner_opt_state=inner_state)
@@ -101,8 +99,8 @@ def keep_if(pred, new, old):
     structure, shapes and dtypes (e.g. the updated and the previous params and optimiser
     state of a step that may be skipped).
 
-    One `lax.cond` over the whole trees, not a `jnp.where` per leaf: the same values, but
-    XLA:CPU compiled a where per leaf of the tiny diffusion UNet's update (params, Adam
-    state, EMA: 74 leaves each) in 5.1-6.4 CPU-s against 1.6 with the cond.
+    One `lax.cond` over the whole trees, not a `jnp.where` per leaf: the same values, and
+    XLA:CPU compiles it several times faster (benchmarks/RESULTS.md, "Figures behind code
+    comments"; benchmarks/QUALITY.md, "Compile time").
     """
     return jax.lax.cond(pred, lambda n, o: n, lambda n, o: o, new, old)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.cli import reconstruct as reconstruct_cli
-from ldm_jax import to_points
+from ldm_jax.cli import to_points
 from ldm_jax.data.pointcloud import io as pio
 from ldm_jax.data.pointcloud.volumes import write_demo_clouds
 from ldm_jax.cli.train import train_and_evaluate

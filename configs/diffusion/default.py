@@ -57,7 +57,8 @@ def get_config():
     # rflow always predicts the velocity x0 - noise. v here: with this schedule
     # alphas_cumprod[T-1] = 1.4e-4, so an epsilon model's error reaches the predicted x0
     # x84 at the first sampling steps, and short trainings sample latents with 3-4x the
-    # data's std (benchmarks/GENERATION.md); v passes its error through at most x1.
+    # data's std (benchmarks/GENERATION.md, "Why v-prediction"); v passes its error through
+    # at most x1.
     # configs/diffusion/monai_3d_ldm.py keeps the tutorial's "epsilon".
     sched.prediction_type = "v_prediction"
     sched.variance_type = "fixed_small"  # ddpm: "fixed_small" | "fixed_large" | "learned" | "learned_range"

@@ -214,7 +214,7 @@ def level_shapes(config) -> list[dict]:
     head = get_field(ae, "upsample_head", "nearest_conv")
     out_c = int(ae.out_channels)
     if init != (1, 1, 1) and head == "nearest_conv":
-        # The seed's head: nearest-upsample the level-0 features, then convolve them at
+        # The original PyTorch project's head: nearest-upsample level 0, then convolve at
         # full resolution -- usually the largest activation in the network.
         out.append(dict(path="decoder", name=f"head: nearest x{format_step(init)}, conv",
                         shape=vol, channels=channels[0], factor=(1, 1, 1)))

@@ -2,9 +2,8 @@
 
 `load_autoencoder(workdir, step="best")` is the entry point for the diffusion stage and
 for the extract / reconstruct / decode commands. The model is rebuilt from the config
-saved IN the checkpoint (so its factors and strides are the ones it was trained with;
-the seed rebuilt it from a config file and could silently load the wrong strides), and
-only the autoencoder params are read.
+saved IN the checkpoint (so its factors and strides are the ones it was trained with,
+whatever a config file says now), and only the autoencoder params are read.
 
 `encode_volume` / `decode_volume` take one volume of any size: sizes that are not a
 multiple of the total factor are padded at the end (and cropped back after decoding).

@@ -1,6 +1,6 @@
 """Print what a config does to a volume: shapes per level, activation sizes, parameters.
 
-Why: the seed's users pick downsampling factors by drawing the levels by hand; this prints
+Why: picking downsampling factors means drawing the levels by hand; this prints
 that drawing (and fails with a clear message on a config that cannot work) before anything
 is compiled. The trainer prints the same table at start via `format_plan(config)`; the
 command line is `ldm-jax plan` (`ldm_jax.cli.plan`).

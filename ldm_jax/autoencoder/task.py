@@ -65,8 +65,9 @@ class AutoencoderTask:
         self.perceptual_params = perceptual_params
         self.g_tx = make_optimizer(config.train.learning_rate, config.train)
         # The discriminator's update inside MultiSteps' cond even without accumulation:
-        # scheduled freely, XLA put it inside the autoencoder's backward pass (+11 MB at
-        # the peak of monai_3d_ldm, bf16, 96x96x64); its few leaves compile fast anyway.
+        # scheduled freely, XLA puts it inside the autoencoder's backward pass, raising the
+        # peak (benchmarks/RESULTS.md, "Figures behind code comments"); its few leaves
+        # compile fast anyway.
         self.d_tx = make_optimizer(config.train.disc_learning_rate, config.train,
                                    multisteps_always=True)
         self._eval_fn = None
@@ -229,8 +230,8 @@ class AutoencoderTask:
             finite = all_finite((aux["loss"], g_grads, d_loss, d_grads, g_params, d_params))
             # Before warm-up the discriminator is frozen: its optimiser must not even count.
             # Its few leaves take a where each: a cond over them (as for the autoencoder's
-            # below) kept one more copy of its params at the step's peak (+11 MB of
-            # 1.36 GB: monai_3d_ldm, bf16, 96x96x64).
+            # below) keeps one more copy of its params at the step's peak
+            # (benchmarks/RESULTS.md, "Figures behind code comments").
             d_params, d_opt, d_stats = _select(
                 adversarial_on & finite, (d_params, d_opt, d_stats),
                 (state.d_params, state.d_opt, state.d_stats))

@@ -79,7 +79,7 @@ def _body(fv, argv):
         if jax.process_index() != 0 and not fv["verbosity"].present:
             logging.set_verbosity(logging.ERROR)  # process 0 speaks for all
     if jax.default_backend() == "cpu":
-        # XLA:CPU compiles partitionable threefry ~10x slower; on one CPU host nothing
+        # XLA:CPU compiles partitionable threefry much slower; on one CPU host nothing
         # is gained from it.
         jax.config.update("jax_threefry_partitionable", False)
     try:

@@ -189,8 +189,8 @@ def make_latent_loader(latents, labels=None, contexts=None, *, batch_size: int, 
     pi, pc = _process_index_count(process_index, process_count)
     source = _ArraySource(latents, labels, contexts)
     # In memory: one reading thread, two batches ahead. (grain's default read-ahead of 500
-    # records on 16 threads cost seconds of CPU per loader: its index shuffle takes
-    # ~6 ms per record for a handful of latents.)
+    # records on 16 threads costs far more CPU in its index shuffle than reading a
+    # handful of in-memory latents.)
     read_options = gp.ReadOptions(num_threads=1, prefetch_buffer_size=2 * int(batch_size))
     loader = make_loader(source, [], batch_size=int(batch_size), seed=int(seed),
                          process_index=pi, process_count=pc, read_options=read_options)

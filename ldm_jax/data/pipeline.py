@@ -75,7 +75,7 @@ class BatchIterator:
 
     With worker processes grain hands out SharedMemoryArray batches whose shared memory
     lives until they are garbage collected (and warns about leaks at exit when a caller
-    keeps one); a copy (~5 ms per 256x256x64 volume) gives the trainer ordinary arrays.
+    keeps one); a copy gives the trainer ordinary arrays.
     get_state / set_state / start_prefetch (what grain's orbax handler calls) and
     everything else delegate to the grain iterator.
     """

@@ -9,7 +9,7 @@ With `initial_downsample_factor=1`, every level factor 2, conv downsampling and 
 - `downsample_factors`: each level transition downsamples by its own (per-axis) factor;
   the decoder upsamples by the same factors in reverse order.
 - The decoder head undoes f0. "nearest_conv": GN -> nearest upsample x f0 -> conv k3 to
-  out_channels at full resolution (the seed's head; GN commutes with nearest upsampling,
+  out_channels at full resolution (the original PyTorch project's head; GN commutes with nearest upsampling,
   so normalising on the coarse grid is the same function and cheaper; the upsample + conv
   is computed on the coarse grid, `layers.nearest_conv`). "subpixel": GN ->
   conv k3 to out_channels * prod(f0) on the coarse grid -> depth-to-space (the mirror of

@@ -48,9 +48,10 @@ def strided_axis_geometry(stride: int, kernel: int | None = None) -> tuple[int, 
     voxel of the next -- and every input voxel is seen (k >= s) at a cost only slightly
     above a patchify conv (k = s).
 
-    `kernel` overrides the kernel on strided axes (the seed used 3 everywhere). With
-    kernel < stride the padding is the seed's symmetric (k-1)//2 and the conv floors the
-    output to n/stride: stride - kernel voxels of every block never reach the output.
+    `kernel` overrides the kernel on strided axes (the original PyTorch project used 3).
+    With kernel < stride the padding is (k-1)//2 at the start (the windows of the original
+    project's symmetric padding) and the conv floors the output to n/stride: stride -
+    kernel voxels of every block never reach the output.
     """
     if stride < 1:
         raise ConfigError(f"strides must be positive ints, got {stride}")
@@ -82,7 +83,7 @@ def warn_if_skipping(where: str, factor, kernel: int | None) -> None:
     if skips_voxels(factor, kernel):
         log.warning(
             "%s: strided_kernel=%s is smaller than the stride %s on some axis, so some input "
-            "voxels never reach the latent (the seed's behaviour). Set "
+            "voxels never reach the latent (as in the original PyTorch project). Set "
             "autoencoder.strided_kernel=None for a voxel-complete kernel.",
             where, kernel, as_triple(factor),
         )
@@ -191,8 +192,8 @@ def norm_act_conv(module: nn.Module, x, features: int, groups: int, eps: float, 
     values, same params) the backward pass keeps only x and the params and recomputes
     the normalisation and activation from them once this block's gradient arrives (a
     `jax.custom_vjp`); without it, it keeps x - mean and SiLU's output as well: two more
-    tensors of x's size per call. Measured (XLA:CPU memory analysis, float32): the
-    monai_3d_ldm training step at 96x96x64 peaks at 1.67 GB with it, 2.79 GB without.
+    tensors of x's size per call, which is why it is the default (the step's peak memory:
+    benchmarks/RESULTS.md, section 8, "GroupNorm -> SiLU -> conv").
     """
     if recompute and not module.is_initializing():
         p = module.variables["params"]
@@ -237,8 +238,8 @@ def attention(q, k, v, implementation: str | None = None, *, query_chunk: int | 
       so there is nothing to save); otherwise `ldm_jax.models.chunked_attention`, memory
       linear in T and S (online softmax over key chunks, a backward that recomputes the
       scores per block instead of storing T x S probabilities). On XLA:CPU the chunked
-      form was also faster than plain attention: forward + backward at T = S = 9,216,
-      D = 64, float32, 1.8-2.2 CPU-s against 4.1-4.4 (temp memory 17 MB against 1.36 GB).
+      form was also faster than plain attention (benchmarks/RESULTS.md, "Figures behind
+      code comments").
     - "chunked": always the chunked form; "xla" / "cudnn": `jax.nn.dot_product_attention`.
 
     `query_chunk` / `key_chunk` (None: `default_chunks()`) set the block sizes.
@@ -264,9 +265,9 @@ def attention(q, k, v, implementation: str | None = None, *, query_chunk: int | 
 
 
 def default_chunks() -> tuple[int, int]:
-    """(query_chunk, key_chunk) of `attention`: 512 x 512 on CPU (fastest of 128-2048 at
-    T = 9,216 on XLA:CPU), 1024 x 2048 on accelerators (fewer loop iterations, each a
-    kernel launch; not yet measured)."""
+    """(query_chunk, key_chunk) of `attention`: 512 x 512 on CPU (the fastest block size
+    measured there: benchmarks/RESULTS.md, "Figures behind code comments"), 1024 x 2048 on
+    accelerators (fewer loop iterations, each a kernel launch; not yet measured)."""
     return (512, 512) if jax.default_backend() == "cpu" else (1024, 2048)
 
 

@@ -11,13 +11,11 @@ kernel larger than 1x1x1, it computes (a `jax.custom_vjp`):
   matmul per tap in a `lax.map` (`kernel_grad`).
 
 One shifted copy of an activation exists at a time; the matmuls run in XLA:CPU's matmul
-library (YNNPACK). Why: XLA:CPU's own 3D convolutions ran at 11-16 GFLOP/s on one core
-(PyTorch/oneDNN: ~80), and its kernel gradient -- a convolution whose window is the whole
-output grid, after transposing input and output gradient to feature-major copies -- took
-13.9 CPU-s against 0.1 for the forward of the folded upsample conv (kernel 2, 512 output
-channels, 24x24x16x64). Measured on one core of the 2-core x86_64 development machine,
-float32: the monai_3d_ldm autoencoder's gradient at 48x48x32 took 5.5 CPU-s against
-10.1 with XLA's convolutions, at the same peak memory. Everything else (other backends:
+library (YNNPACK). Why: XLA:CPU's own 3D convolutions are slow, and its kernel gradient
+-- a convolution whose window is the whole output grid, after transposing input and
+output gradient to feature-major copies -- is far slower than the forward; tap convs
+cut the step's CPU time at the same peak memory (benchmarks/RESULTS.md, section 8,
+"3D convolutions on CPU" and "Where the time went"). Everything else (other backends:
 cuDNN's convolutions are fast; strided convs; 1x1x1 kernels, which XLA turns into one
 matmul) is `lax.conv_general_dilated` itself.
 """
@@ -219,7 +217,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     larger than 1x1x1 (XLA turns those into a matmul already), NDHWC/DHWIO/NDHWC layout
     and explicit (lo, hi) padding (what `flax.linen.Conv` passes); strided convs are first
     rewritten as stride-1 convs (`strided_as_stride_one`: XLA:CPU's input gradient of a
-    strided conv took 3.2 CPU-s for a 1.2 GFLOP PatchGAN backward at 48x48x32). Anything
+    strided conv is slow, benchmarks/RESULTS.md, section 8). Anything
     else (other backends: cuDNN's convolutions are fast; code traced inside `disabled()`)
     is `lax.conv_general_dilated` itself. Usable as `nn.Conv(conv_general_dilated=...)`.
     """

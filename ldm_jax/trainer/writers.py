@@ -18,7 +18,8 @@ def _json_value(v):
 def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX.writer imports
     torch when it is installed, only to accept torch tensors (never logged here), which
-    costs a training process 1.3 s on a CPU. Raises ImportError without tensorboardX."""
+    would add torch's import time to every training process. Raises ImportError without
+    tensorboardX."""
     block = "torch" not in sys.modules
     if block:
         sys.modules["torch"] = None  # `import torch` raises ImportError, which it catches

@@ -37,9 +37,10 @@ def _template_path():
 def _load_nilearn(resolution: int):
     """Same template and grid as nilearn.datasets.load_mni152_template(resolution).
 
-    Reading the file with nibabel avoids importing nilearn.datasets (~7 s, in every grain
-    worker). nilearn rescales to 0..1 (by the 1 mm maximum) and, for 2 mm, samples the 1 mm grid at every second
-    voxel (identical to vol[::2, ::2, ::2], checked in tests); we do the same. Falls back
+    Reading the file with nibabel avoids importing nilearn.datasets (slow, and paid again
+    in every grain worker). nilearn rescales to 0..1 (by the 1 mm maximum) and, for 2 mm,
+    samples the 1 mm grid at every second voxel (identical to vol[::2, ::2, ::2], checked
+    in tests); we do the same. Falls back
     to nilearn's function if the file moves in a future nilearn.
     """
     path = _template_path()
@@ -65,7 +66,7 @@ def load_template(resolution: int = 1):
     """(volume (X, Y, Z) float32 scaled to 0..255, affine, zooms) of the MNI152 T1 template.
 
     Scaled to 0..255 (nilearn gives 0..1) so the default window a_min=0, a_max=255 -> 0..1
-    that suits the seed's data suits the brain too.
+    that suits the uint8 microscopy volumes suits the brain too.
     """
     if resolution not in (1, 2):
         from ldm_jax.errors import DataError

@@ -2,13 +2,13 @@
 
 Each volume holds a random number of long, gently curving 3D filaments (some crossing),
 rendered with a gaussian point-spread onto the voxel grid, intensities 0..255 (uint8) like
-the seed's voxelised point clouds. A volume depends only on (seed, split, index), so every
-host and worker regenerates the same volume for the same index.
+the original PyTorch project's voxelised point clouds. A volume depends only on (seed,
+split, index), so every host and worker regenerates the same volume for the same index.
 
 Rendering: a unit-peak gaussian stamp (the point-spread, sigma = the filament's width) is
 added every ~1.2 sigma along each curve, all summed with one np.bincount. This touches only
-voxels near filaments, so it is ~10x faster than splatting then blurring the whole grid,
-and every filament keeps its own width.
+voxels near filaments, so it is faster than splatting then blurring the whole grid, and
+every filament keeps its own width.
 """
 
 from __future__ import annotations
