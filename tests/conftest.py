@@ -35,7 +35,7 @@ def _xla_convolutions():
     The taps are a CPU speed path with the same values: XLA compiled the tiny training
     step (tests/tiny.py) built on its own convolutions in 2.6-3.2 s instead of 4.2-5.0,
     and compiling is most of this suite's time. What the taps compute is checked where
-    it matters: against lax in tests/test_tap_conv.py, and in whole models by the tests
+    it matters: against lax in tests/models/test_tap_conv.py, and in whole models by the tests
     marked `tap_conv` (MONAI parity, the sharded step, multi-host training, whose
     train.py processes use the taps as every CPU run does).
     """
@@ -103,8 +103,8 @@ def latents_dir(ae_workdir, tmp_path_factory):
 # The longest test files, started first (pytest.ini: `--dist loadfile
 # --no-loadscope-reorder` hands out whole files, in this order): the two workers then end
 # within seconds of each other instead of one waiting for the other's last long file.
-LONGEST_FIRST = ("tests/test_multihost.py", "tests/test_diffusion.py", "tests/test_train_step.py",
-                 "tests/test_unet.py", "tests/test_unet_parity_monai.py", "tests/test_models.py")
+LONGEST_FIRST = ("tests/trainer/test_multihost.py", "tests/diffusion/test_diffusion.py", "tests/autoencoder/test_train_step.py",
+                 "tests/models/test_unet.py", "tests/models/test_unet_parity_monai.py", "tests/models/test_models.py")
 
 
 def pytest_collection_modifyitems(config, items):

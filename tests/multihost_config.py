@@ -1,4 +1,4 @@
-"""Tiny configs for tests/test_multihost.py, given to train.py as a config file:
+"""Tiny configs for tests/trainer/test_multihost.py, given to train.py as a config file:
 
     --config=tests/multihost_config.py:autoencoder,RECORD_DIR
     --config=tests/multihost_config.py:diffusion,RECORD_DIR,AE_WORKDIR,LATENTS_DIR
@@ -23,7 +23,7 @@ def autoencoder_config():
 
 
 def diffusion_config(ae_workdir, latents_dir):
-    from tests.test_diffusion import tiny_diffusion_config
+    from tests.diffusion.test_diffusion import tiny_diffusion_config
     c = tiny_diffusion_config(ae_workdir, latents_dir)
     c.mesh.data = -1
     c.train.batch_size = 4

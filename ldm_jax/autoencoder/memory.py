@@ -14,7 +14,7 @@ activation (float32: GroupNorm works in float32 whatever the compute dtype) plus
 largest attention site (`attention_bytes`: q, k, v and the output, plus three float32
 score arrays -- logits, their exponentials and the probabilities -- of T x T, or of one
 chunk's block when the attention is chunked).
-tests/test_inference_memory.py checks it against XLA's own memory analysis: never below
+tests/autoencoder/test_inference_memory.py checks it against XLA's own memory analysis: never below
 it, and within a small factor.
 """
 

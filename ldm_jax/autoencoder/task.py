@@ -100,14 +100,14 @@ class AutoencoderTask:
 
     def quick_run_hint(self, seconds, first_seconds, steps) -> str:
         """What a CPU run costs and the quick run of this config: its smallest volume
-        (>= 32 voxels per axis), 300 steps (README "Train")."""
+        (>= 32 voxels per axis), 300 steps (docs/training.md, "Quick CPU run")."""
         vol = ",".join(str(v) for v in geometry.smallest_volume(
             geometry.total_factor(self.config.autoencoder)))
         config = self.config_path or "CONFIG"
         return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
                 f"{seconds:.2f} s per step: about {seconds * steps / 3600:.1f} h for the "
-                f"{steps} steps to go. The quick CPU run (README, \"Train\") of this "
-                "config at its smallest volume:\n"
+                f"{steps} steps to go. The quick CPU run (docs/training.md, \"Quick CPU "
+                "run\") of this config at its smallest volume:\n"
                 f"  python train.py --config {config} --workdir runs/quick "
                 f"--config.data.volume_size='({vol})' --config.train.num_steps=300")
 

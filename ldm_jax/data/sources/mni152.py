@@ -1,7 +1,7 @@
 """The ICBM152 T1 template shipped inside nilearn, as an offline brain-MRI source.
 
 `nilearn.datasets.load_mni152_template` reads a file inside the installed package (no
-download; tests/test_data_sources.py checks it with the network blocked); we read that
+download; tests/data/test_data.py checks it with the network blocked); we read that
 same file directly (see `_load_nilearn`). One template
 becomes many training samples through random small affines, crops and intensity jitter.
 """

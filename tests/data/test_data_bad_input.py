@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ldm_jax import data
-from tests.test_data import SIZE, make_config, take, write_nifti
+from tests.data.test_data import SIZE, make_config, take, write_nifti
 
 
 def good_files(tmp_path, n=4, shape=(32, 32, 16)):

@@ -11,7 +11,7 @@ from ldm_jax.autoencoder.geometry import (format_factor, latent_shape, level_fac
 from ldm_jax.config import as_triple, load_config
 from ldm_jax.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(
     p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
     if not p.endswith("__init__.py")

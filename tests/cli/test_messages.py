@@ -19,7 +19,7 @@ from absl import flags
 from ldm_jax import data, options
 from ldm_jax.cli import extract as extract_cli
 from ldm_jax.cli import reconstruct as reconstruct_cli
-from tests.test_data import make_config
+from tests.data.test_data import make_config
 
 _FLAG = re.compile(r"(?<![\w.-])--([A-Za-z_][\w.]*[\w])(?:=([^\s,;)]*[^\s,;).]))?")
 _BARE_FIELD = re.compile(r"(?<![\w.-])(?:data|autoencoder|train|loss)\.[a-z_]+=")

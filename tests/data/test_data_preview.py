@@ -9,7 +9,7 @@ import numpy as np
 
 from ldm_jax import visualize
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_views_and_layout():
@@ -43,7 +43,7 @@ def test_comparison_image_titles_and_error_bar():
 def test_preview_cli_writes_png(tmp_path):
     out = tmp_path / "preview.png"
     cmd = [
-        sys.executable, "-m", "ldm_jax.data.preview", "--config", "configs/balanced.py",
+        sys.executable, "-m", "ldm_jax", "preview", "--config", "configs/balanced.py",
         "--config.data.volume_size=(48,48,16)", "--num_samples=2", f"--output={out}",
     ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -165,7 +165,7 @@ def test_sliding_window_on_twice_the_patch(ae):
     latent voxel). Not tighter because the model is not local: its receptive field is
     larger than the 16x16x8 window and GroupNorm statistics are per window (measured on
     2-step checkpoints: correlation 0.73-0.79, mean |diff| 0.66-0.71 std). Placement and
-    blending are checked tightly with local models in tests/test_sliding.py.
+    blending are checked tightly with local models in tests/autoencoder/test_sliding.py.
     """
     x = (_filaments((32, 32, 16), 7) / 255.0)[..., None]
     lay = ae.layout(x.shape, window="training")

@@ -11,7 +11,7 @@ from ldm_jax.config import load_config
 from ldm_jax.errors import ConfigError
 from ldm_jax.autoencoder.plan import format_plan, human_bytes, param_counts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def cfg(name):

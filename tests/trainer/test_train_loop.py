@@ -113,7 +113,7 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monk
     assert "SIGTERM: stopping after the current step and saving a checkpoint" in out
     # The CPU hint: its own line, the real config path, the quick run named.
     hint = next(l for l in out.splitlines() if l.startswith("CPU only"))
-    assert "the 4 steps to go" in hint and 'quick CPU run (README, "Train")' in hint
+    assert "the 4 steps to go" in hint and 'quick CPU run (docs/training.md, "Quick CPU run")' in hint
     assert ("  python train.py --config tests/tiny.py --workdir runs/quick "
             "--config.data.volume_size='(32,32,32)' --config.train.num_steps=300") in out
 
@@ -205,7 +205,7 @@ def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
             f"w = Writers({str(tmp_path)!r}, 0); w.write(1, {{'loss': 0.5}}); w.close(); "
             "print('torch loaded:', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch loaded: False" in out.stdout
     events = os.listdir(tmp_path / "tb")
@@ -232,7 +232,7 @@ def test_quick_volume_is_small_and_divisible():
     from ldm_jax.autoencoder.geometry import smallest_volume, total_factor
     def quick_volume(config, smallest=32):
         return smallest_volume(total_factor(config.autoencoder), smallest)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     vol = {name: quick_volume(load_config(os.path.join(root, "configs", f"{name}.py")))
            for name in ("monai_3d_ldm", "balanced", "extreme")}
     assert vol == {"monai_3d_ldm": (32, 32, 32), "balanced": (32, 32, 32),

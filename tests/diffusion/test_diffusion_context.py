@@ -14,7 +14,7 @@ from ldm_jax.cli import sample as sample_cli
 from ldm_jax.cli.train import make_task
 from ldm_jax.errors import ConfigError
 from ldm_jax.data import DataError
-from tests.test_diffusion import tiny_diffusion_config
+from tests.diffusion.test_diffusion import tiny_diffusion_config
 
 DIM, S = 4, 3  # cross_attention_dim, context length
 
@@ -62,7 +62,8 @@ def ctx_run(ae_workdir, latents_dir, context_dir, tmp_path_factory):
 def _loss(task, params, batch):
     """The trainer's compiled step's loss for `batch` from a fresh state with `params`
     (always the same noise and timesteps)."""
-    from ldm_jax import sharding, trainer
+    from ldm_jax import sharding
+    from ldm_jax.trainer import loop as trainer
     mesh = sharding.make_mesh(task.config.mesh)
     step = trainer.compile_train_step(task, mesh, trainer.abstract_train_state(task, mesh))
     state = trainer.init_train_state(task, mesh)[0].replace(

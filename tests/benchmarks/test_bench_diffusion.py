@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import bench_diffusion
 from benchmarks.bench_diffusion_monai import monai_unet_kwargs, unsupported_reasons
-from tests.test_diffusion import tiny_diffusion_config
+from tests.diffusion.test_diffusion import tiny_diffusion_config
 
 LATENT = (8, 8, 4, 2)
 
@@ -47,7 +47,7 @@ def test_compile_only_row_has_memory_and_flops():
 
 def test_cli_real_steps_row_json_and_table(tmp_path, capsys):
     path = tmp_path / "tiny_stage2.py"
-    path.write_text("from tests.test_diffusion import tiny_diffusion_config\n\n"
+    path.write_text("from tests.diffusion.test_diffusion import tiny_diffusion_config\n\n"
                     "def get_config():\n"
                     "    c = tiny_diffusion_config('unused')\n"
                     f"    c.latents.latent_shape = {LATENT}\n"

@@ -6,12 +6,14 @@ import shutil
 
 import pytest
 
-from ldm_jax import options, trainer
+from ldm_jax import options
+from ldm_jax.trainer import loop as trainer
+from ldm_jax.trainer import resume
 from ldm_jax.autoencoder.task import AutoencoderTask
 from ldm_jax.autoencoder.config import prepare_config
 from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.errors import ConfigError
-from tests.test_messages import check_suggestions
+from tests.cli.test_messages import check_suggestions
 from tests.tiny import tiny_config
 
 
@@ -89,6 +91,6 @@ def test_resume_changes_classifies_by_task_sections():
     saved["data"]["frame"] = 1
     saved["stage"] = "diffusion"
     import json
-    refused, accepted = trainer.resume_changes(task, json.loads(json.dumps(saved)))
+    refused, accepted = resume.resume_changes(task, json.loads(json.dumps(saved)))
     assert [k for k, *_ in refused] == ["autoencoder.num_channels", "data.frame", "stage"]
     assert [k for k, *_ in accepted] == ["autoencoder.dtype", "train.num_steps"]

@@ -13,8 +13,8 @@ from ldm_jax import options, trainer
 from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.trainer.loop import AbsurdLossWatch
 from ldm_jax.errors import TrainingDivergedError
-from tests.test_messages import check_suggestions
-from tests.test_train_loop import _hooked_loader
+from tests.cli.test_messages import check_suggestions
+from tests.trainer.test_train_loop import _hooked_loader
 from tests.tiny import changed, tiny_config
 
 

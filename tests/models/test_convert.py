@@ -1,7 +1,7 @@
 """MONAI <-> ldm-jax conversion both ways, state dicts as people save them, and the export CLI.
 
 Round trips are exact (transposes only); the forward direction's numerics are covered by
-tests/test_parity_monai.py, the way back's here (MONAI strict-loads `to_monai` output of
+tests/models/test_parity_monai.py, the way back's here (MONAI strict-loads `to_monai` output of
 our own random params and computes what our model computes).
 """
 
@@ -293,7 +293,7 @@ def test_state_dict_loader_edge_cases(tmp_path):
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"state_dict": {k: torch.zeros(2) for k in sd}, "obj": _Unsafe()}, unsafe)
     with pytest.raises(ConversionError, match=r"weights_only=True\) refused .*Unsupported "
-                       r"global: GLOBAL tests.test_convert._Unsafe\)"):
+                       r"global: GLOBAL tests.models.test_convert._Unsafe\)"):
         load_state_dict(unsafe, ["a.weight"])
 
 

@@ -26,7 +26,7 @@ from ldm_jax import checkpoint as ckpt
 
 pytestmark = pytest.mark.multihost
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "tests", "multihost_config.py")
 LAUNCH_TIMEOUT_S = 600  # per launch of both processes; both are killed after it
 _launches = itertools.count()

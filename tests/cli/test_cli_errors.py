@@ -9,7 +9,7 @@ import pytest
 
 from ldm_jax.cli import common
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_CLIS = {"train": ["train.py"], "plan": ["-m", "ldm_jax", "plan"],
                "preview": ["-m", "ldm_jax", "preview"], "throughput": ["-m", "ldm_jax", "throughput"]}
 MODEL_CLIS = ("extract", "reconstruct", "decode")
@@ -38,7 +38,7 @@ def _cases(tmp):
         cases[name, "input"] = (prog + ["--config=configs/monai_3d_ldm.py"] + args, text)
     for name in MODEL_CLIS:
         io = [f"--workdir={tmp}/run", f"--output={tmp}/out"]
-        prog = ["-m", f"ldm_jax.{name}"]
+        prog = ["-m", "ldm_jax", name]
         cases[name, "config path"] = (prog + io + [f"--input={tmp}", "--config=configs/balance.py"],
                                       "Did you mean configs/balanced.py?")
         cases[name, "override"] = (prog + io + [f"--input={tmp}", "--wrkdir=x"],
