@@ -48,16 +48,32 @@ import sys
 import time
 from pathlib import Path
 
-from ldm_jax.autoencoder import geometry
-from ldm_jax.autoencoder import config as ae_config
 from benchmarks.bench_monai import unsupported_reasons
-from ldm_jax.errors import ConfigError
+from benchmarks.common import (
+    HOST_METHOD,
+    MEMORY_METHOD,
+    REPO_ROOT,
+    HostPeak,
+    add_run_args,
+    cost_analysis,
+    count_params,
+    fmt_float,
+    in_fresh_process,
+    like_train_py,
+    limit_threads,
+    load,
+    machine_name,
+    memory_analysis,
+    parse_ints,
+    read_rows,
+    run_exiting_on_sigterm,
+    set_device_count,
+    write_json,
+)
 from benchmarks.memory_listing import compile_with_listing, format_buffers
-from benchmarks.common import (HOST_METHOD, MEMORY_METHOD, REPO_ROOT, HostPeak, add_run_args,
-                               count_params, cost_analysis, fmt_float, in_fresh_process,
-                               like_train_py, limit_threads, load, machine_name, memory_analysis,
-                               parse_ints, read_rows, run_exiting_on_sigterm, set_device_count,
-                               write_json)
+from ldm_jax.autoencoder import config as ae_config
+from ldm_jax.autoencoder import geometry
+from ldm_jax.errors import ConfigError
 
 # JAX is imported inside functions on purpose: XLA_FLAGS (simulated devices for --spatial)
 # must be set before the first `import jax` of the process.
@@ -193,8 +209,8 @@ def measure(config, *, name="config", steps=3, warmup=1, compile_only=False, spa
     import jax.numpy as jnp
 
     from ldm_jax import sharding
-    from ldm_jax.autoencoder.task import AutoencoderTask
     from ldm_jax.autoencoder.config import prepare_config
+    from ldm_jax.autoencoder.task import AutoencoderTask
     from ldm_jax.trainer.loop import abstract_train_state, compile_train_step, init_train_state
 
     config = prepare_config(config)

@@ -42,10 +42,24 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (HOST_METHOD, MEMORY_METHOD, HostPeak, add_run_args, count_params,
-                               cost_analysis, fmt_float, in_fresh_process, like_train_py,
-                               limit_threads, load, machine_name, memory_analysis, read_rows,
-                               run_exiting_on_sigterm, write_json)
+from benchmarks.common import (
+    HOST_METHOD,
+    MEMORY_METHOD,
+    HostPeak,
+    add_run_args,
+    cost_analysis,
+    count_params,
+    fmt_float,
+    in_fresh_process,
+    like_train_py,
+    limit_threads,
+    load,
+    machine_name,
+    memory_analysis,
+    read_rows,
+    run_exiting_on_sigterm,
+    write_json,
+)
 from ldm_jax.errors import ConfigError
 
 WORKER_MARK = "BENCH_DIFFUSION_JSON"
@@ -88,9 +102,9 @@ def measure(config, *, name="config", steps=5, warmup=1, sample_steps=50, compil
     import jax.numpy as jnp
 
     from ldm_jax import sharding
+    from ldm_jax.diffusion.config import prepare_config
     from ldm_jax.diffusion.sampling import make_sampler, sampler_for
     from ldm_jax.diffusion.task import DiffusionTask
-    from ldm_jax.diffusion.config import prepare_config
     from ldm_jax.trainer.loop import abstract_train_state, compile_train_step, init_train_state
 
     config = prepare_config(config)

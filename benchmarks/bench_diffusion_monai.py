@@ -24,8 +24,14 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.bench_monai import (MonaiUnsupported, run_fields, spec_main, timed_runs,
-                                    torch_device, with_torch_threads)
+from benchmarks.bench_monai import (
+    MonaiUnsupported,
+    run_fields,
+    spec_main,
+    timed_runs,
+    torch_device,
+    with_torch_threads,
+)
 from benchmarks.common import HostPeak
 
 SCHEDULERS = ("ddpm", "ddim")  # noise schedules both sides train the same way

@@ -24,7 +24,6 @@ total can be a little below `argument + output - alias + temp`).
 from __future__ import annotations
 
 import contextlib
-
 import glob
 import os
 import re

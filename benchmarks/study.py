@@ -42,10 +42,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ldm_jax import config as config_lib
-from ldm_jax.autoencoder import geometry
-from ldm_jax.autoencoder import config as ae_config
 from benchmarks.common import REPO_ROOT, write_json
+from ldm_jax import config as config_lib
+from ldm_jax.autoencoder import config as ae_config
+from ldm_jax.autoencoder import geometry
 from ldm_jax.errors import ConfigError
 
 # The seed's configurations: (stem factor, level factors).
@@ -242,9 +242,8 @@ def train_and_score(variant: Variant, dataset: str, s: Settings, log=print):
     import jax
 
     from ldm_jax import data as data_lib
-    from ldm_jax.autoencoder.task import AutoencoderTask
-
     from ldm_jax.autoencoder.config import prepare_config
+    from ldm_jax.autoencoder.task import AutoencoderTask
     config = prepare_config(study_config(variant, dataset, s))
     config.loss.adv_weight = 0.0  # reconstruction + KL only (see make_train_step)
     warn = _WarningLog()

@@ -13,10 +13,10 @@ import os
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
 from ldm_jax.errors import CheckpointNotFoundError
 
 DEFAULT_BEST_METRIC = "val_l1"  # checkpoints written before tasks named their own
-
 
 
 def checkpoint_dir(workdir):

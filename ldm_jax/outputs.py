@@ -14,10 +14,10 @@ import tempfile
 import uuid
 
 import numpy as np
+
 from ldm_jax.errors import OutputDirError
 
 SUFFIXES = {"npy": ".npy", "nifti": ".nii.gz"}
-
 
 
 def stem(path: str) -> str:

@@ -8,7 +8,8 @@ partitioner inserts the halo exchanges the convolutions need.
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ldm_jax.errors import ConfigError
 

@@ -38,8 +38,8 @@ def _autoencoder_problems(ae) -> list[str]:
     if not is_pos_int(groups):
         problems.append(f"autoencoder.norm_num_groups must be a positive int; got {groups!r}")
     elif channels:
-        from math import gcd
         from functools import reduce
+        from math import gcd
 
         common = reduce(gcd, channels)
         valid = ", ".join(str(d) for d in divisors(common))

@@ -28,11 +28,9 @@ import numpy as np
 
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import config as config_lib
-from ldm_jax.autoencoder import geometry
-from ldm_jax.errors import ConfigError
-from ldm_jax.autoencoder import memory
+from ldm_jax.autoencoder import geometry, memory
 from ldm_jax.autoencoder.sliding import sliding_apply, tiles
-from ldm_jax.errors import ChannelMismatchError
+from ldm_jax.errors import ChannelMismatchError, ConfigError
 
 AUTO = "auto"  # window / windows per call chosen by memory
 
@@ -42,7 +40,6 @@ PREPROCESS_FIELDS = ("spacing", "voxel_resize", "a_min", "a_max", "b_min", "b_ma
                      "invert", "frame", "nan_to_num")
 # Autoencoder fields that do not change the function the params compute.
 _NON_MODEL_FIELDS = ("remat",)
-
 
 
 # ----------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from ldm_jax.config import get_field
 from ldm_jax.errors import ConfigError
 from ldm_jax.models.lpips import MIN_SLICE_SIZE, load_lpips
 
-
 PerceptualFn = Callable[..., jax.Array]
 
 

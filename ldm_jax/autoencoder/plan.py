@@ -11,8 +11,13 @@ from __future__ import annotations
 import math
 
 from ldm_jax.autoencoder.config import validate
-from ldm_jax.autoencoder.geometry import (format_factor, format_step, level_shapes,
-                                          smallest_volume, total_factor)
+from ldm_jax.autoencoder.geometry import (
+    format_factor,
+    format_step,
+    level_shapes,
+    smallest_volume,
+    total_factor,
+)
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 

@@ -13,13 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.autoencoder import geometry
-
-
 from ldm_jax import sharding, visualize
-from ldm_jax.metrics import image as metrics
-from ldm_jax.autoencoder import losses
+from ldm_jax.autoencoder import geometry, losses
 from ldm_jax.autoencoder.inference import PREPROCESS_FIELDS
+from ldm_jax.metrics import image as metrics
 from ldm_jax.models import build_autoencoder, build_discriminator
 from ldm_jax.optim import all_finite, keep_if, make_optimizer
 

@@ -6,12 +6,26 @@ and plumbing are in `ldm_jax.cli.common`, whose docstring gives the pattern a ne
 follows (one `error:` line and exit 2 for user errors).
 """
 
-from ldm_jax.cli.common import (config_path, define_checkpoint_flags, define_frame_flag,
-                                define_io_flags, define_model_flags, define_output_flag,
-                                define_overwrite_flag, define_progress_flag, define_seed_flag,
-                                define_skip_bad_files_flag, define_step_flag,
-                                define_workdir_flag, error_text, model_kwargs, parse_frame, run,
-                                volume_jobs, with_skip_hint)
+from ldm_jax.cli.common import (
+                                config_path,
+                                define_checkpoint_flags,
+                                define_frame_flag,
+                                define_io_flags,
+                                define_model_flags,
+                                define_output_flag,
+                                define_overwrite_flag,
+                                define_progress_flag,
+                                define_seed_flag,
+                                define_skip_bad_files_flag,
+                                define_step_flag,
+                                define_workdir_flag,
+                                error_text,
+                                model_kwargs,
+                                parse_frame,
+                                run,
+                                volume_jobs,
+                                with_skip_hint,
+)
 
 __all__ = ["config_path", "define_checkpoint_flags", "define_frame_flag", "define_io_flags",
            "define_model_flags", "define_output_flag", "define_overwrite_flag",

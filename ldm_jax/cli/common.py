@@ -158,9 +158,8 @@ def volume_jobs(files, names, frame, in_channels: int) -> list[tuple]:
     """
     import os
 
-    from ldm_jax.errors import ConfigError
     from ldm_jax.data import io
-    from ldm_jax.errors import OutputDirError
+    from ldm_jax.errors import ConfigError, OutputDirError
 
     jobs = []
     for path, name in zip(files, names):
@@ -265,8 +264,6 @@ def check_config_file(path: str) -> None:
     from pathlib import Path
 
     from ldm_jax.config import missing_config_hint
-
-
     from ldm_jax.errors import ConfigError
     p = Path(str(path).split(":", 1)[0]).expanduser()
     if p.is_file():
@@ -301,7 +298,6 @@ def check_overrides(config, overrides, where: str) -> None:
 def _parse(fv, argv, config, config_default):
     """Parses argv into fv (config flag included); user errors as ConfigError/flags.Error."""
     from ldm_jax.config import load_config
-
     from ldm_jax.errors import ConfigError
     if config:
         from ml_collections import config_flags

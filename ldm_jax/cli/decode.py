@@ -20,6 +20,8 @@ import sys
 import numpy as np
 
 from ldm_jax import outputs as vf
+
+
 def _load_meta(latents_json, files, log):
     if latents_json in ("none", ""):
         return None

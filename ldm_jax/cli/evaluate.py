@@ -44,7 +44,6 @@ def _define(fv):
     from absl import flags
 
     from ldm_jax import cli
-
     from ldm_jax.metrics.frechet import FEATURE_NETS
     flags.DEFINE_string("samples", None, "Folder (or glob) of generated volumes.",
                         flag_values=fv)
@@ -91,8 +90,8 @@ def _parse_range(text):
 
 
 def _body(fv):
-    from ldm_jax.cli.extract import dumps
     from ldm_jax import outputs as vf
+    from ldm_jax.cli.extract import dumps
     from ldm_jax.metrics import evaluation as ev
     result = ev.evaluate(
         fv.samples, fv.reference, config=fv.config, features=fv.features,

@@ -82,9 +82,14 @@ def export(workdir, output, *, step="best", discriminator=None, config=None,
     """
     torch = _need_torch()
     from ldm_jax import checkpoint as ckpt
-    from ldm_jax.models.convert import (discriminator_to_monai, monai_autoencoder_kwargs,
-                                 monai_discriminator_kwargs, monai_incompatibilities, to_monai)
     from ldm_jax.autoencoder.inference import PREPROCESS_FIELDS, load_autoencoder
+    from ldm_jax.models.convert import (
+        discriminator_to_monai,
+        monai_autoencoder_kwargs,
+        monai_discriminator_kwargs,
+        monai_incompatibilities,
+        to_monai,
+    )
 
     paths = _targets([output] + ([discriminator] if discriminator else []), overwrite)
     ae = load_autoencoder(workdir, step, config=config, window="whole")

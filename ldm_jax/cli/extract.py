@@ -24,6 +24,7 @@ import zlib
 import numpy as np
 
 from ldm_jax import outputs as vf
+
 LATENTS_JSON = "latents.json"
 _SAVE_EVERY_S = 30.0
 
@@ -132,8 +133,12 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
 
     from ldm_jax import cli
     from ldm_jax import data as data_lib
-    from ldm_jax.autoencoder.inference import (PREPROCESS_FIELDS, ChannelMismatchError, latent_affine,
-                                   load_autoencoder)
+    from ldm_jax.autoencoder.inference import (
+        PREPROCESS_FIELDS,
+        ChannelMismatchError,
+        latent_affine,
+        load_autoencoder,
+    )
     from ldm_jax.data import io as data_io
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))

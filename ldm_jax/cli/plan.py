@@ -14,9 +14,9 @@ from __future__ import annotations
 def diffusion_plan(config) -> str:
     """The stage-2 plan of a diffusion config, on `latents.latent_shape` (the paired
     stage-1 config's latent; no checkpoint is read)."""
-    from ldm_jax.errors import ConfigError
-    from ldm_jax.diffusion.plan import format_unet_plan
     from ldm_jax.diffusion.config import prepare_config
+    from ldm_jax.diffusion.plan import format_unet_plan
+    from ldm_jax.errors import ConfigError
     from ldm_jax.models import unet_padded_shape
 
     config = prepare_config(config)

@@ -25,6 +25,7 @@ import sys
 import numpy as np
 
 from ldm_jax import outputs as vf
+
 METRICS_JSON = "metrics.json"
 
 
@@ -52,13 +53,12 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     """
     from tqdm import tqdm
 
-    from ldm_jax import cli
+    from ldm_jax import cli, visualize
     from ldm_jax import data as data_lib
-    from ldm_jax import visualize
     from ldm_jax.autoencoder import inference
-    from ldm_jax.errors import ChannelMismatchError
     from ldm_jax.data import io as data_io
     from ldm_jax.data.pointcloud import volumes as pc
+    from ldm_jax.errors import ChannelMismatchError
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     frame = cli.parse_frame(frame)
     # Checked before loading anything: the input exists and holds volumes or clouds.

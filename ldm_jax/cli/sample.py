@@ -70,9 +70,9 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     import jax
     from tqdm import tqdm
 
-    from ldm_jax.errors import ConfigError
     from ldm_jax import outputs as vf
     from ldm_jax.diffusion.pipeline import load_pipeline, save_sheet
+    from ldm_jax.errors import ConfigError
 
     if int(num_samples) < 1:
         raise ConfigError(f"--num_samples={num_samples} must be >= 1.")

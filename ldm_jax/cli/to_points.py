@@ -23,11 +23,13 @@ import zlib
 import numpy as np
 
 from ldm_jax import outputs as vf
+
+
 def volume_to_points(path, *, num_points=None, points_per_unit=None, threshold=0.0,
                      jitter="uniform", seed=0, units="auto", voxel_size=None):
     """One volume file -> ((N, 3) float64 nm, note about units or "")."""
-    from ldm_jax.data.pointcloud.volumes import read_volume_nm
     from ldm_jax.data.pointcloud.sample import as_3d, num_points_for, sample_points
+    from ldm_jax.data.pointcloud.volumes import read_volume_nm
 
     arr, affine, note = read_volume_nm(path, units, voxel_size)
     vol = as_3d(arr, str(path))
@@ -63,9 +65,9 @@ def _define(fv):
 
 
 def _body(fv):
+    from ldm_jax.cli.voxelize import numbers
     from ldm_jax.data import io
     from ldm_jax.data.pointcloud.io import write_csv
-    from ldm_jax.cli.voxelize import numbers
 
     files = io.list_volume_files(fv.input)
     names = vf.output_names(files)

@@ -23,12 +23,12 @@ def make_task(config, config_path=None):
 
     stage = str(config.get("stage", "autoencoder"))
     if stage == "autoencoder":
-        from ldm_jax.autoencoder.task import AutoencoderTask
         from ldm_jax.autoencoder.config import prepare_config
+        from ldm_jax.autoencoder.task import AutoencoderTask
         task = AutoencoderTask(prepare_config(config))
     elif stage == "diffusion":
-        from ldm_jax.diffusion.task import DiffusionTask
         from ldm_jax.diffusion.config import prepare_config
+        from ldm_jax.diffusion.task import DiffusionTask
         task = DiffusionTask(prepare_config(config))
     else:
         raise ConfigError(f"config.stage={stage!r} is unknown; expected 'autoencoder' or "
@@ -63,9 +63,8 @@ def _body(fv, argv):
     import jax
 
     from ldm_jax import cli
-    from ldm_jax.trainer import TrainingStopped
-
     from ldm_jax.errors import TrainingDivergedError
+    from ldm_jax.trainer import TrainingStopped
     if fv.multihost:
         from absl import logging
 

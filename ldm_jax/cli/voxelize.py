@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from ldm_jax import outputs as vf
+
 MANIFEST = "voxelize.json"
 
 
@@ -45,8 +46,8 @@ def numbers(text, name, count=3, cast=float):
 
 def spec_from_flags(fv):
     """A CloudSpec from the command-line flags."""
-    from ldm_jax.data.pointcloud.spec import CloudSpec, parse_columns, parse_fov
     from ldm_jax.data.pointcloud.grid import triple
+    from ldm_jax.data.pointcloud.spec import CloudSpec, parse_columns, parse_fov
 
     return CloudSpec(
         voxel_size=triple(numbers(fv.voxel_size, "voxel_size"), "--voxel_size"),

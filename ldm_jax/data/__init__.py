@@ -19,6 +19,7 @@ from ldm_jax.errors import (
     NonFiniteError,
     VolumeShapeError,
 )
+
 # The loaders (grain, and through it jax) load on first use: a command that only reads
 # files or stops at a bad argument starts in half the time (PEP 562).
 _LAZY = {

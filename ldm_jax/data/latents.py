@@ -181,10 +181,10 @@ def make_latent_loader(latents, labels=None, contexts=None, *, batch_size: int, 
     Returns a `ldm_jax.data.pipeline.TrainLoader` (iterator checkpointable with grain).
     Raises DataError when there are no latents.
     """
+    import grain.python as gp
+
     from ldm_jax.data.pipeline import TrainLoader, _process_index_count
     from ldm_jax.data.sampler import make_loader
-
-    import grain.python as gp
 
     pi, pc = _process_index_count(process_index, process_count)
     source = _ArraySource(latents, labels, contexts)

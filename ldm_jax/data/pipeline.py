@@ -21,9 +21,9 @@ import grain.python as gp
 import numpy as np
 
 from ldm_jax.data import io, sources
-from ldm_jax.errors import DataError
 from ldm_jax.data.sampler import make_loader
 from ldm_jax.data.transforms import Prep, crop_or_pad, flip_rot, preprocess
+from ldm_jax.errors import DataError
 
 
 class DropBadFiles(gp.FilterTransform):

@@ -7,7 +7,6 @@ problem is listed in one ConfigError.
 
 from __future__ import annotations
 
-
 from ldm_jax.config import raise_problems
 
 ENCODINGS = ("sample", "mu")

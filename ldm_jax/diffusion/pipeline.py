@@ -90,8 +90,8 @@ class Pipeline:
         model without cross-attention or of the wrong shape, guidance for an unconditional
         model, or a sampler the model was not trained for.
         """
-        from ldm_jax.diffusion.sampling import make_sampler, sample_latents, sampler_for
         from ldm_jax.diffusion.latent_space import crop
+        from ldm_jax.diffusion.sampling import make_sampler, sample_latents, sampler_for
 
         class_label = self.check_request(steps, scheduler, class_label)
         context = self.contexts_for(int(n), context)

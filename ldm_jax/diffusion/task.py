@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ldm_jax.errors import ConfigError
 from ldm_jax.diffusion.latent_space import load_frozen_autoencoder, pad_widths
+from ldm_jax.errors import ConfigError
 from ldm_jax.optim import all_finite, keep_if, make_optimizer
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,15 @@ import numpy as np
 
 from ldm_jax.errors import ConfigError
 from ldm_jax.metrics.diversity import fit_ms_ssim_scales, ms_ssim_weights, pairwise_ms_ssim
-from ldm_jax.metrics.frechet import (FEATURE_LAYER, FEATURE_NETS, latent_distances,
-                                     make_feature_fn, slice_features, slice_frechet,
-                                     slice_positions)
+from ldm_jax.metrics.frechet import (
+    FEATURE_LAYER,
+    FEATURE_NETS,
+    latent_distances,
+    make_feature_fn,
+    slice_features,
+    slice_frechet,
+    slice_positions,
+)
 from ldm_jax.metrics.intensity import intensity_distances
 
 LATENTS_JSON = "latents.json"
@@ -134,8 +140,8 @@ def read_volumes(path: str, *, config=None, max_volumes: int = 0,
         NoFilesError: no such path, or no volumes in it. VolumeShapeError: shapes differ.
         BadFileError / NonFiniteError: an unreadable file, NaN/Inf voxels.
     """
-    from ldm_jax.data import NoFilesError, list_volume_files, load_volume
     from ldm_jax import outputs as vf
+    from ldm_jax.data import NoFilesError, list_volume_files, load_volume
     from ldm_jax.data.transforms import Prep, crop_or_pad
 
     where = os.path.expanduser(str(path))

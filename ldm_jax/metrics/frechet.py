@@ -32,7 +32,6 @@ import numpy as np
 
 from ldm_jax.errors import ConfigError
 
-
 FEATURE_NETS = ("vgg16", "alexnet")
 
 

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.config import as_triple
-
 from ldm_jax.errors import ConfigError
 from ldm_jax.models.layers import (
     AttentionBlock,

@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.errors import ConfigError
+from ldm_jax.errors import ConfigError, ConversionError
 from ldm_jax.models.state_dict import load_state_dict
 
-from ldm_jax.errors import ConversionError
 __all__ = ["ConversionError", "from_monai", "to_monai", "discriminator_from_monai",
            "discriminator_to_monai", "monai_autoencoder_kwargs",
            "monai_discriminator_kwargs", "monai_incompatibilities", "old_generative_names"]

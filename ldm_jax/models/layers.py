@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.config import as_triple
-
 from ldm_jax.errors import ConfigError
 from ldm_jax.models.chunked_attention import chunked_attention
 from ldm_jax.models.tap_conv import after, conv_general_dilated

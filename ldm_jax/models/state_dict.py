@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping
+
 from ldm_jax.errors import ConversionError
 
 # Sub-dict names tried first when several nested state dicts fit equally well (a training
@@ -28,7 +29,6 @@ PREFERRED_NAMES = ("state_dict", "model_state_dict", "model", "autoencoder", "va
                    "discriminator", "unet", "net", "network", "generator", "module")
 _MAX_DEPTH = 4
 _SHOW = 5  # keys listed in an error
-
 
 
 def _is_array(v) -> bool:

@@ -23,10 +23,10 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from ldm_jax.errors import ConversionError
 from ldm_jax.models.convert import _np
 from ldm_jax.models.state_dict import load_state_dict
 
-from ldm_jax.errors import ConversionError
 _LISTS = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|transformer_blocks|time_embed|out)"
                     r"_(\d+)$")
 _HINT = ("check num_channels, num_res_blocks, attention_levels, num_head_channels, "

@@ -20,8 +20,14 @@ from typing import Any
 
 from ldm_jax.errors import ConfigError
 from ldm_jax.schedulers.base import DiffusionState, DiscreteScheduler, check_num_inference_steps
-from ldm_jax.schedulers.betas import (NOISE_SCHEDULES, cosine, linear_beta, make_schedule,
-                                      scaled_linear_beta, sigmoid_beta)
+from ldm_jax.schedulers.betas import (
+    NOISE_SCHEDULES,
+    cosine,
+    linear_beta,
+    make_schedule,
+    scaled_linear_beta,
+    sigmoid_beta,
+)
 from ldm_jax.schedulers.ddim import DDIMScheduler
 from ldm_jax.schedulers.ddpm import DDPMScheduler
 from ldm_jax.schedulers.loop import sample_loop

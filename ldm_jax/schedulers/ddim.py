@@ -11,8 +11,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.schedulers.base import (DiffusionState, DiscreteScheduler, check_bool, check_int,
-                                     check_num_inference_steps, linspace_timesteps, step_noise)
+from ldm_jax.schedulers.base import (
+    DiffusionState,
+    DiscreteScheduler,
+    check_bool,
+    check_int,
+    check_num_inference_steps,
+    linspace_timesteps,
+    step_noise,
+)
 
 
 @dataclasses.dataclass(frozen=True)

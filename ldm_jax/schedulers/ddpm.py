@@ -11,9 +11,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.schedulers.base import (DiffusionState, DiscreteScheduler, check_bool,
-                                     check_choice, linspace_timesteps, following_timestep,
-                                     step_noise)
+from ldm_jax.schedulers.base import (
+    DiffusionState,
+    DiscreteScheduler,
+    check_bool,
+    check_choice,
+    following_timestep,
+    linspace_timesteps,
+    step_noise,
+)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 

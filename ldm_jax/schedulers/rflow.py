@@ -16,9 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ldm_jax.schedulers.base import (check_bool, check_choice, check_int,
-                                     check_num_inference_steps, check_number, expand_right,
-                                     following_timestep)
+from ldm_jax.schedulers.base import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_num_inference_steps,
+    check_number,
+    expand_right,
+    following_timestep,
+)
 
 SAMPLE_METHODS = ("uniform", "logit-normal")
 

@@ -47,10 +47,10 @@ import numpy as np
 
 from ldm_jax import checkpoint as ckpt
 from ldm_jax import distributed, options, sharding, stopping
+from ldm_jax.errors import TrainingDivergedError
 from ldm_jax.models import tap_conv
 from ldm_jax.trainer import resume
 from ldm_jax.trainer.writers import Writers, dropped_note, say
-from ldm_jax.errors import TrainingDivergedError
 
 LONG_RUN_HOURS = 2.0  # CPU runs estimated longer than this get the task's quick-run hint
 

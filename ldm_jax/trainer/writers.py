@@ -9,6 +9,7 @@ import sys
 
 import jax
 
+
 def _json_value(v):
     """A metric as JSON: non-finite floats become null (JSON has no NaN or Infinity)."""
     v = float(v)

@@ -6,8 +6,13 @@ import os
 import pytest
 
 from ldm_jax.autoencoder.config import validate
-from ldm_jax.autoencoder.geometry import (format_factor, latent_shape, level_factors,
-                                          level_shapes, total_factor)
+from ldm_jax.autoencoder.geometry import (
+    format_factor,
+    latent_shape,
+    level_factors,
+    level_shapes,
+    total_factor,
+)
 from ldm_jax.config import as_triple, load_config
 from ldm_jax.errors import ConfigError
 

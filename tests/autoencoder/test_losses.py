@@ -248,7 +248,8 @@ def test_mixed_noise_picks_one_mode_per_sample():
 
 
 def test_noise_and_losses_equal_on_sharded_batch():
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     if jax.device_count() < 4:
         pytest.skip("needs 4 (simulated) devices")

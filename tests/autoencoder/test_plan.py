@@ -6,10 +6,9 @@ import sys
 
 import pytest
 
-from ldm_jax.config import load_config
-
-from ldm_jax.errors import ConfigError
 from ldm_jax.autoencoder.plan import format_plan, human_bytes, param_counts
+from ldm_jax.config import load_config
+from ldm_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -122,8 +122,8 @@ def test_padding_and_affines_round_trip():
 
 
 def test_parse_window():
-    from ldm_jax.errors import ConfigError
     from ldm_jax.autoencoder.inference import parse_window
+    from ldm_jax.errors import ConfigError
     assert parse_window("whole", (2, 2, 2)) is None and parse_window(0, (2, 2, 2)) is None
     assert parse_window("auto", (2, 2, 2)) == "auto"
     assert parse_window("64,64,32", (16, 16, 16)) == (64, 64, 32)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ldm_jax import sharding
-from ldm_jax.autoencoder.task import AutoencoderTask
 from ldm_jax.autoencoder.config import prepare_config
+from ldm_jax.autoencoder.task import AutoencoderTask
 from ldm_jax.trainer.loop import compile_train_step, init_train_state
 from tests.tiny import tiny_config
 

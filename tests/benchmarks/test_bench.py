@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from benchmarks import bench, bench_monai, bench_plot, common
-from ldm_jax.autoencoder import geometry
 from ldm_jax.autoencoder import config as ae_config
+from ldm_jax.autoencoder import geometry
 from ldm_jax.errors import ConfigError
 from ldm_jax.models import build_autoencoder, build_discriminator
 from tests.tiny import tiny_config

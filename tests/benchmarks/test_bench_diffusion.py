@@ -83,8 +83,9 @@ def test_bad_arguments_fail_with_a_message(capsys):
 def test_monai_side_times_a_step_and_a_sampling():
     pytest.importorskip("monai")
     torch = pytest.importorskip("torch")
-    from benchmarks import bench_diffusion_monai
     from monai.networks.nets import DiffusionModelUNet
+
+    from benchmarks import bench_diffusion_monai
 
     config = _tiny(batch=2, levels=2, num_res_blocks=(1, 2))
     kwargs = monai_unet_kwargs(config.unet)

@@ -6,12 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from ldm_jax.autoencoder import geometry
-
-from ldm_jax.autoencoder import config as ae_config
-
-from ldm_jax.errors import ConfigError
 from benchmarks import study
+from ldm_jax.autoencoder import config as ae_config
+from ldm_jax.autoencoder import geometry
+from ldm_jax.errors import ConfigError
 
 
 # ------------------------------------------------------------------ aggregation

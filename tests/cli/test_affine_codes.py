@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from ldm_jax import outputs as vf
 from ldm_jax.autoencoder.inference import latent_affine
 from ldm_jax.cli import decode as decode_cli
 from ldm_jax.cli import extract as extract_cli
 from ldm_jax.cli import reconstruct as reconstruct_cli
-from ldm_jax import outputs as vf
+
 FACTOR = (2, 2, 2)  # tests/tiny.py
 
 

@@ -86,7 +86,6 @@ def test_verbosity_1_adds_the_traceback(capsys):
 
 def test_overrides_are_checked_against_the_config():
     from ldm_jax.config import load_config
-
     from ldm_jax.errors import ConfigError
     config = load_config(os.path.join(REPO, "configs", "balanced.py"))
     common.check_overrides(config, [("--config.data.volume_size", "data.volume_size")], "c.py")
@@ -101,7 +100,6 @@ def test_synthetic_source_with_a_data_folder_is_an_error(tmp_path):
     import numpy as np
 
     from ldm_jax.autoencoder.config import validate
-
     from ldm_jax.errors import ConfigError
     from tests.tiny import tiny_config
 

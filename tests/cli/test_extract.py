@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 
 import ldm_jax
+from ldm_jax.autoencoder.inference import latent_affine, model_config_hash
 from ldm_jax.cli import decode as decode_cli
 from ldm_jax.cli import extract as extract_cli
 from ldm_jax.cli import reconstruct as reconstruct_cli
-from ldm_jax.errors import CheckpointNotFoundError
-from ldm_jax.errors import ConfigError
 from ldm_jax.data import load_volume
 from ldm_jax.data.synthetic.filaments import render_filaments
-from ldm_jax.autoencoder.inference import latent_affine, model_config_hash
-from ldm_jax.errors import ChannelMismatchError
-from ldm_jax.errors import OutputDirError
+from ldm_jax.errors import (
+    ChannelMismatchError,
+    CheckpointNotFoundError,
+    ConfigError,
+    OutputDirError,
+)
 from tests.tiny import tiny_config
 
 FACTOR = (2, 2, 2)  # tiny_config: stem 1, one level factor 2

@@ -9,6 +9,8 @@ import pytest
 
 from ldm_jax.cli import to_points, voxelize
 from ldm_jax.data.pointcloud import io as pio
+
+
 def _run(module, *args):
     return module.main(["prog", *args, "--progress=false"] if module is voxelize
                        else ["prog", *args])

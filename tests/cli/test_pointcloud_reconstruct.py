@@ -10,9 +10,9 @@ import pytest
 
 from ldm_jax.cli import reconstruct as reconstruct_cli
 from ldm_jax.cli import to_points
+from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.data.pointcloud import io as pio
 from ldm_jax.data.pointcloud.volumes import write_demo_clouds
-from ldm_jax.cli.train import train_and_evaluate
 from tests.tiny import tiny_config
 
 try:

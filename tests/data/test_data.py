@@ -8,9 +8,9 @@ import pytest
 from configs import default
 from ldm_jax import data
 from ldm_jax.data import transforms
-
-from ldm_jax.data.synthetic import filaments
 from ldm_jax.data.sources import mni152
+from ldm_jax.data.synthetic import filaments
+
 SIZE = (32, 32, 16)
 
 

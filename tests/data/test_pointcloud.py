@@ -7,12 +7,11 @@ from scipy import stats
 
 from ldm_jax.data import DataError
 from ldm_jax.data.pointcloud import io as pio
-from ldm_jax.data.pointcloud.spec import CloudSpec
 from ldm_jax.data.pointcloud.grid import Grid, make_grid, voxelize
-from ldm_jax.metrics.pointcloud import chamfer_distance, emd_approx
 from ldm_jax.data.pointcloud.sample import num_points_for, sample_points
+from ldm_jax.data.pointcloud.spec import CloudSpec
 from ldm_jax.data.synthetic.smlm import SMLMParams, simulate_localisations
-
+from ldm_jax.metrics.pointcloud import chamfer_distance, emd_approx
 
 
 def _cloud(n=3000, seed=0):

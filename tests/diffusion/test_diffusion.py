@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 import ldm_jax
-from ldm_jax.errors import CheckpointNotFoundError
 from ldm_jax.cli import sample as sample_cli
 from ldm_jax.cli.train import train_and_evaluate
-from ldm_jax.errors import ConfigError
 from ldm_jax.data import DataError
 from ldm_jax.data.synthetic.filaments import render_filaments
+from ldm_jax.errors import CheckpointNotFoundError, ConfigError
 from tests.tiny import changed, extract_filament_latents
 
 
@@ -53,8 +52,8 @@ def ldm_run(ae_workdir, latents_dir, tmp_path_factory):
     """(workdir, task) of 30 steps (evaluations and checkpoints at 15 and 30). Tests that
     train the same model again pass the task to `ldm_jax.trainer.train`, which reuses its
     compiled step and evaluation."""
-    from ldm_jax.trainer import loop as trainer
     from ldm_jax.cli.train import make_task
+    from ldm_jax.trainer import loop as trainer
     wd = str(tmp_path_factory.mktemp("ldm"))
     c = tiny_diffusion_config(ae_workdir, latents_dir)
     c.train.num_steps = 30
@@ -130,10 +129,9 @@ def test_resume_refuses_a_changed_unet_or_latents(ae_workdir, latents_dir, ldm_w
 
 
 def test_resume_changes_of_the_diffusion_task():
-    from ldm_jax.trainer import resume
-    from ldm_jax.diffusion.task import DiffusionTask
-
     from ldm_jax.diffusion.config import prepare_config
+    from ldm_jax.diffusion.task import DiffusionTask
+    from ldm_jax.trainer import resume
     task = DiffusionTask.__new__(DiffusionTask)
     task.config = prepare_config(tiny_diffusion_config("runs/ae"))
     saved = json.loads(task.config.to_json())

@@ -12,8 +12,8 @@ import pytest
 
 from ldm_jax.cli import sample as sample_cli
 from ldm_jax.cli.train import make_task
-from ldm_jax.errors import ConfigError
 from ldm_jax.data import DataError
+from ldm_jax.errors import ConfigError
 from tests.diffusion.test_diffusion import tiny_diffusion_config
 
 DIM, S = 4, 3  # cross_attention_dim, context length

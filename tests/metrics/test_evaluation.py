@@ -7,13 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from ldm_jax.metrics import image as metrics
 from ldm_jax.cli import evaluate as cli_evaluate
 from ldm_jax.data.synthetic.filaments import render_filaments
-from ldm_jax.metrics import diversity
-from ldm_jax.metrics import frechet
-from ldm_jax.metrics import intensity
+from ldm_jax.metrics import diversity, frechet, intensity
 from ldm_jax.metrics import evaluation as ev
+from ldm_jax.metrics import image as metrics
+
 SIZE = (32, 32, 32)  # the smallest cube VGG16 and AlexNet slices both accept
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from ldm_jax.metrics import image as metrics
+
+
 def _vol(seed=0, shape=(2, 16, 14, 12, 1)):
     rs = np.random.RandomState(seed)
     # Smooth-ish structure plus texture, in [0, 1].
@@ -95,7 +97,8 @@ def test_ssim_rejects_window_larger_than_volume():
 
 
 def test_metrics_equal_on_data_and_spatially_sharded_inputs():
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     if jax.device_count() < 4:
         pytest.skip("needs 4 (simulated) devices")

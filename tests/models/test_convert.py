@@ -19,10 +19,17 @@ monai_nets = pytest.importorskip("monai.networks.nets")
 
 from ldm_jax.cli import export as export_cli  # noqa: E402
 from ldm_jax.errors import ConfigError  # noqa: E402
-from ldm_jax.models.convert import (ConversionError, discriminator_from_monai,  # noqa: E402
-                             discriminator_to_monai, from_monai, monai_autoencoder_kwargs,
-                             monai_discriminator_kwargs, monai_incompatibilities, to_monai)
 from ldm_jax.models import build_autoencoder, build_discriminator  # noqa: E402
+from ldm_jax.models.convert import (  # noqa: E402
+    ConversionError,
+    discriminator_from_monai,
+    discriminator_to_monai,
+    from_monai,
+    monai_autoencoder_kwargs,
+    monai_discriminator_kwargs,
+    monai_incompatibilities,
+    to_monai,
+)
 from ldm_jax.models.state_dict import load_state_dict  # noqa: E402
 from tests.tiny import tiny_config, train_tiny  # noqa: E402
 
@@ -353,8 +360,8 @@ def test_export_refuses_a_model_monai_cannot_hold(tmp_path, capsys):
     """A strided stem with the subpixel head: saved from init (no training needed)."""
     from ldm_jax import checkpoint as ckpt
     from ldm_jax import sharding
-    from ldm_jax.autoencoder.task import AutoencoderTask
     from ldm_jax.autoencoder.config import prepare_config
+    from ldm_jax.autoencoder.task import AutoencoderTask
     from ldm_jax.trainer.loop import init_train_state
     config = tiny_config()
     config.autoencoder.initial_downsample_factor = 2

@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
 
-from ldm_jax.models.convert import ConversionError, discriminator_from_monai, from_monai  # noqa: E402
 from ldm_jax.models import build_autoencoder, build_discriminator  # noqa: E402
+from ldm_jax.models.convert import ConversionError, discriminator_from_monai, from_monai  # noqa: E402
 
 pytestmark = pytest.mark.tap_conv  # the convolutions CPU runs use, against MONAI's
 

@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 
 from ldm_jax.errors import ConfigError
-from ldm_jax.schedulers import (DDIMScheduler, DDPMScheduler, RFlowScheduler, build_scheduler,
-                                sample_loop, timestep_transform)
+from ldm_jax.schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    RFlowScheduler,
+    build_scheduler,
+    sample_loop,
+    timestep_transform,
+)
 
 torch = pytest.importorskip("torch")
 msched = pytest.importorskip("monai.networks.schedulers")

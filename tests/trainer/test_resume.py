@@ -7,12 +7,12 @@ import shutil
 import pytest
 
 from ldm_jax import options
-from ldm_jax.trainer import loop as trainer
-from ldm_jax.trainer import resume
-from ldm_jax.autoencoder.task import AutoencoderTask
 from ldm_jax.autoencoder.config import prepare_config
+from ldm_jax.autoencoder.task import AutoencoderTask
 from ldm_jax.cli.train import train_and_evaluate
 from ldm_jax.errors import ConfigError
+from ldm_jax.trainer import loop as trainer
+from ldm_jax.trainer import resume
 from tests.cli.test_messages import check_suggestions
 from tests.tiny import tiny_config
 

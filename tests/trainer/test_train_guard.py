@@ -11,11 +11,11 @@ import pytest
 
 from ldm_jax import options, trainer
 from ldm_jax.cli.train import train_and_evaluate
-from ldm_jax.trainer.loop import AbsurdLossWatch
 from ldm_jax.errors import TrainingDivergedError
+from ldm_jax.trainer.loop import AbsurdLossWatch
 from tests.cli.test_messages import check_suggestions
-from tests.trainer.test_train_loop import _hooked_loader
 from tests.tiny import changed, tiny_config
+from tests.trainer.test_train_loop import _hooked_loader
 
 
 def _strict_rows(path):

@@ -18,11 +18,10 @@ from PIL import Image
 
 import ldm_jax.data
 from ldm_jax import checkpoint as ckpt
-from ldm_jax.trainer import loop as trainer
-from ldm_jax.trainer.writers import dropped_note
-from ldm_jax.trainer import TrainingStopped
-from ldm_jax.trainer.writers import Writers
 from ldm_jax.errors import TrainingDivergedError
+from ldm_jax.trainer import TrainingStopped
+from ldm_jax.trainer import loop as trainer
+from ldm_jax.trainer.writers import Writers, dropped_note
 from tests.tiny import changed
 
 
@@ -227,9 +226,8 @@ def test_keep_policy_keeps_latest_and_best(tmp_path):
 
 
 def test_quick_volume_is_small_and_divisible():
-    from ldm_jax.config import load_config
-
     from ldm_jax.autoencoder.geometry import smallest_volume, total_factor
+    from ldm_jax.config import load_config
     def quick_volume(config, smallest=32):
         return smallest_volume(total_factor(config.autoencoder), smallest)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -16,6 +16,7 @@ from ldm_jax.data.pointcloud.io import CloudRef
 from ldm_jax.data.synthetic.smlm import SMLMParams
 from ldm_jax.errors import DataError
 
+
 def parse_columns(value) -> Optional[tuple]:
     if value is None:
         return None

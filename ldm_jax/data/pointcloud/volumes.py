@@ -16,13 +16,13 @@ import zlib
 import numpy as np
 
 from ldm_jax.data.pointcloud import io as pio
-from ldm_jax.errors import BadFileError, DataError
 from ldm_jax.data.pointcloud.grid import triple
 from ldm_jax.data.pointcloud.io import CloudRef
-from ldm_jax.metrics.pointcloud import chamfer_distance, emd_approx
 from ldm_jax.data.pointcloud.sample import sample_points
 from ldm_jax.data.pointcloud.spec import CloudSpec
 from ldm_jax.data.synthetic.smlm import SMLMParams, simulate_localisations
+from ldm_jax.errors import BadFileError, DataError
+from ldm_jax.metrics.pointcloud import chamfer_distance, emd_approx
 
 NIFTI_UNITS = "micron"
 NM_PER_UNIT = {"meter": 1e9, "mm": 1e6, "micron": 1e3, "nm": 1.0}

@@ -18,7 +18,6 @@ import numpy as np
 from ldm_jax.data.transforms import Prep, preprocess
 from ldm_jax.errors import DataError
 
-
 _TEMPLATE_FILE = ("datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
 
 

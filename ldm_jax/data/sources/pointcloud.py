@@ -20,12 +20,12 @@ import hashlib
 import warnings
 
 from ldm_jax.data.pointcloud import io as pio
-from ldm_jax.errors import BadFileError, DataError, DataWarning
-from ldm_jax.data.pointcloud.spec import CloudSpec
 from ldm_jax.data.pointcloud.grid import Grid
+from ldm_jax.data.pointcloud.spec import CloudSpec
 from ldm_jax.data.sources.files import split_files
 from ldm_jax.data.sources.synthetic import TRAIN, VAL, num_records_check
 from ldm_jax.data.transforms import Prep, preprocess
+from ldm_jax.errors import BadFileError, DataError, DataWarning
 
 
 def _one_channel(prep: Prep) -> None:

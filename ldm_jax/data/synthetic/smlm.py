@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ldm_jax.errors import DataError
 from ldm_jax.data.synthetic.filaments import _STEP, filament_curves
+from ldm_jax.errors import DataError
 
 BLINK_DISTRIBUTIONS = ("geometric", "poisson")
 
