@@ -163,6 +163,12 @@ def get_config():
     train.seed = 0
     train.remat = ml_collections.config_dict.placeholder(str)  # overrides autoencoder.remat
 
+    # --- Validation metrics. ---
+    ev = config.eval = ml_collections.ConfigDict()
+    # Foreground threshold of val_dice, val_psnr_fg and the background warning, as a
+    # fraction of the output range b_min..b_max (0.1: b_min + 0.1 * (b_max - b_min)).
+    ev.fg_threshold = 0.1
+
     # --- Device mesh: -1 fills the remaining devices. ---
     mesh = config.mesh = ml_collections.ConfigDict()
     mesh.data = -1

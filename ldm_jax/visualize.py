@@ -64,6 +64,13 @@ def psnr(x, r, data_range: float) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
+def dice_score(x, r, threshold: float) -> float:
+    """Dice of (x > threshold) and (r > threshold) of one volume (1.0 when both empty)."""
+    a, b = np.asarray(x) > threshold, np.asarray(r) > threshold
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
 def _font():
     try:
         return ImageFont.load_default(size=14)
@@ -145,12 +152,14 @@ def _headers(fig, x, titles, widths):
 
 
 def comparison_image(inputs, recons, names=None, data_range=(0.0, 1.0),
-                     max_volumes=4) -> Image.Image:
+                     max_volumes=4, threshold=None) -> Image.Image:
     """Input / reconstruction / |error| rows for up to `max_volumes` volumes (fewer when
-    they would make the image taller than MAX_HEIGHT), each titled with its name and PSNR.
+    they would make the image taller than MAX_HEIGHT), each titled with its name, PSNR,
+    the PSNR of a blank volume and, with `threshold`, the foreground Dice.
 
     `inputs`, `recons`: sequences of (X, Y, Z[, C]) arrays; `names`: str per volume (file
-    paths are shown by base name); `data_range` (lo, hi): the grey scale and PSNR range.
+    paths are shown by base name); `data_range` (lo, hi): the grey scale and PSNR range;
+    `threshold`: foreground above it, in intensity units.
     """
     lo, hi = (float(v) for v in data_range)
     pairs = list(zip(inputs, recons))
@@ -166,7 +175,10 @@ def comparison_image(inputs, recons, names=None, data_range=(0.0, 1.0),
             break
         err = np.abs(r - x)
         emax = float(np.nanmax(err)) if np.isfinite(err).any() else 0.0
-        fig.text(_PAD, f"{names[i]}: PSNR {psnr(x, r, hi - lo):.2f} dB, shape "
+        blank = psnr(x, np.full_like(x, lo), hi - lo)
+        dice = "" if threshold is None else f", Dice {dice_score(x, r, threshold):.3f}"
+        fig.text(_PAD, f"{names[i]}: PSNR {psnr(x, r, hi - lo):.2f} dB (blank "
+                       f"{blank:.2f}){dice}, shape "
                        f"{'x'.join(map(str, x.shape))}; grey {lo:g} (black) to {hi:g} "
                        f"(white), |error| 0 to {emax:.3g}")
         fig.newline()

@@ -87,6 +87,10 @@ def _autoencoder_problems(ae) -> list[str]:
 
 def _other_problems(config) -> list[str]:
     problems: list[str] = []
+    thr = get_field(get_field(config, "eval"), "fg_threshold", 0.1)
+    if not (isinstance(thr, numbers.Real) and not isinstance(thr, bool) and 0 < thr < 1):
+        problems.append(f"eval.fg_threshold must be a fraction of the output range in (0, 1), "
+                        f"like 0.1; got {thr!r}")
     disc = get_field(config, "discriminator")
     if disc is not None:
         check_choice(problems, get_field(disc, "norm", "batch"), "discriminator.norm", DISC_NORMS)

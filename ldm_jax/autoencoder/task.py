@@ -5,6 +5,7 @@ one pytree (`TrainState`), so one `jax.jit` with in/out shardings and buffer don
 covers the whole update (`ldm_jax.trainer` runs it; see its docstring for the contract).
 """
 
+import math
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ from ldm_jax.autoencoder.inference import PREPROCESS_FIELDS
 from ldm_jax.metrics import image as metrics
 from ldm_jax.models import build_autoencoder, build_discriminator
 from ldm_jax.optim import all_finite, keep_if, make_optimizer
+from ldm_jax.trainer.writers import say
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -108,30 +110,44 @@ class AutoencoderTask:
                 f"  python train.py --config {config} --workdir runs/quick "
                 f"--config.data.volume_size='({vol})' --config.train.num_steps=300")
 
+    def fg_threshold(self) -> float:
+        """The foreground threshold in output units: b_min + eval.fg_threshold x range."""
+        d = self.config.data
+        frac = float(self.config.get("eval", {}).get("fg_threshold", 0.1))
+        return float(d.b_min) + frac * float(d.b_max - d.b_min)
+
     def evaluate(self, state, batches, put, image_path):
-        """Validation metrics averaged over `batches`; up to 4 volumes drawn as labelled
-        input / reconstruction / |error| rows to `image_path` (process 0)."""
+        """Validation metrics averaged over `batches` (non-finite batch values, e.g. the
+        foreground PSNR of a volume without foreground, left out); up to 4 volumes drawn
+        as labelled input / reconstruction / |error| rows to `image_path` (process 0).
+        Says so when the reconstructions hold far less foreground than the inputs."""
         if self._eval_fn is None:
             self._eval_fn = jax.jit(self.eval_step)
-        totals, count, shown_x, shown_r, names = {}, 0, [], [], []
+        totals, counts, shown_x, shown_r, names = {}, {}, [], [], []
         for batch in batches:
             out, recon = self._eval_fn(state.g_params, put({"image": batch["image"]}))
             for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            count += 1
+                if math.isfinite(float(v)):
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                    counts[k] = counts.get(k, 0) + 1
             if len(shown_x) < 4:
                 shown_x += list(batch["image"])
                 shown_r += list(sharding.to_host(recon))  # all processes take part
                 names += list(batch.get("name", [f"volume {len(names) + i}"
                                                  for i in range(len(batch["image"]))]))
-        if count == 0:
+        if not counts:
             return {}
+        result = {k: totals[k] / counts[k] for k in totals}
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(image_path), exist_ok=True)
             d = self.config.data
             visualize.comparison_image(shown_x, shown_r, names,
-                                       (float(d.b_min), float(d.b_max))).save(image_path)
-        return {k: v / count for k, v in totals.items()}
+                                       (float(d.b_min), float(d.b_max)),
+                                       threshold=self.fg_threshold()).save(image_path)
+            warning = background_warning(result, int(state.step), self.config)
+            if warning:
+                say(warning)
+        return result
 
     # ---------------------------------------------------------------- initialisation
     def init_state(self, rng, sample_shape=None):
@@ -249,9 +265,13 @@ class AutoencoderTask:
 
     # ---------------------------------------------------------------- evaluation
     def eval_step(self, g_params, batch):
-        """Validation on mu (no sampling): L1, KL, PSNR and 3D SSIM per batch mean."""
+        """Validation on mu (no sampling), batch means: L1, KL, PSNR, 3D SSIM, and what a
+        blank output cannot pass: foreground Dice and PSNR (target > `fg_threshold`), the
+        PSNR of a blank (b_min) and of the best constant volume (`val_psnr_blank`,
+        `val_psnr_mean`) and the foreground fractions of input and reconstruction."""
         data_cfg = self.config.data
         data_range = float(data_cfg.b_max - data_cfg.b_min)
+        thr = self.fg_threshold()
         x = batch["image"].astype(jnp.float32)
         z_mu, z_sigma = self.ae.apply({"params": g_params}, x, method="encode")
         recon = self.ae.apply({"params": g_params}, z_mu, method="decode")
@@ -260,8 +280,37 @@ class AutoencoderTask:
             val_kl=losses.kl_loss(z_mu, z_sigma),
             val_psnr=jnp.mean(metrics.psnr(recon, x, data_range=data_range)),
             val_ssim=jnp.mean(metrics.ssim3d(recon, x, data_range=data_range)),
+            val_dice=jnp.mean(metrics.dice_score(recon, x, threshold=thr)),
+            val_psnr_fg=jnp.nanmean(metrics.foreground_psnr(recon, x, thr, data_range)),
+            val_psnr_blank=jnp.mean(metrics.constant_psnr(x, float(data_cfg.b_min),
+                                                          data_range)),
+            val_psnr_mean=jnp.mean(metrics.constant_psnr(x, None, data_range)),
+            val_fg_fraction=jnp.mean(metrics.foreground_fraction(x, thr)),
+            val_recon_fg_fraction=jnp.mean(metrics.foreground_fraction(recon, thr)),
         )
         return out, recon
+
+
+# A reconstruction with less than this share of the input's foreground voxels, after the
+# first evaluation, is reported: the model outputs background (docs/evaluation.md).
+BACKGROUND_SHARE = 0.25
+
+
+def background_warning(result: dict, step: int, config) -> str | None:
+    """A one-line warning when validation reconstructions are (nearly) blank: their
+    foreground fraction below BACKGROUND_SHARE of the inputs', from the first evaluation
+    on (`train.eval_every_steps`); None otherwise."""
+    fg, rec = result.get("val_fg_fraction"), result.get("val_recon_fg_fraction")
+    if fg is None or rec is None or fg <= 0 or step < int(config.train.eval_every_steps):
+        return None
+    if rec >= BACKGROUND_SHARE * fg:
+        return None
+    return (f"warning: at step {step} the model outputs background: "
+            f"{100 * rec:.2f}% of the reconstructed voxels are foreground against "
+            f"{100 * fg:.2f}% of the inputs' (val_dice {result.get('val_dice', 0):.3f}, "
+            f"val_psnr {result.get('val_psnr', 0):.2f} dB vs {result.get('val_psnr_blank', 0):.2f}"
+            " dB for a blank volume); see docs/evaluation.md, \"Stage 1: a model that "
+            "outputs background\".")
 
 
 def _select(pred, new, old):

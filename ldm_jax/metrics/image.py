@@ -49,6 +49,37 @@ def dice_score(x, y, threshold: float = 0.5) -> jax.Array:
     return jnp.where(total > 0, 2.0 * inter / jnp.maximum(total, 1.0), 1.0)
 
 
+def foreground_psnr(x, y, threshold: float, data_range: float = 1.0) -> jax.Array:
+    """PSNR of `x` against `y` over the voxels where `y` > threshold, per sample, (B,).
+
+    A reconstruction that is blank where the target has structure scores low here even
+    when its whole-volume PSNR looks fine (sparse data). NaN for a sample whose target
+    has no voxel above the threshold.
+    """
+    x, y = _f32(x), _f32(y)
+    fg = (y > threshold).astype(jnp.float32)
+    axes = _sample_axes(y)
+    n = jnp.sum(fg, axis=axes)
+    mse = jnp.sum(jnp.square(x - y) * fg, axis=axes) / jnp.maximum(n, 1.0)
+    return jnp.where(n > 0, 10.0 * jnp.log10(jnp.float32(data_range) ** 2 / mse), jnp.nan)
+
+
+def constant_psnr(y, value=None, data_range: float = 1.0) -> jax.Array:
+    """The PSNR a constant volume would score against `y`, per sample, (B,): `value`
+    (e.g. the background, b_min: a blank output) or, with None, each sample's mean (the
+    best constant: 10 log10(range^2 / variance))."""
+    y = _f32(y)
+    axes = _sample_axes(y)
+    c = jnp.mean(y, axis=axes, keepdims=True) if value is None else jnp.float32(value)
+    mse = jnp.mean(jnp.square(y - c), axis=axes)
+    return 10.0 * jnp.log10(jnp.float32(data_range) ** 2 / mse)
+
+
+def foreground_fraction(x, threshold: float) -> jax.Array:
+    """Fraction of voxels above `threshold`, per sample, (B,)."""
+    return jnp.mean((_f32(x) > threshold).astype(jnp.float32), axis=_sample_axes(_f32(x)))
+
+
 def gaussian_window(win_size: int, sigma: float) -> jax.Array:
     """Normalised 1D gaussian taps at offsets -(w-1)/2 .. (w-1)/2 (MONAI's gaussian_1d)."""
     d = jnp.arange(win_size, dtype=jnp.float32) - (win_size - 1) / 2.0

@@ -110,3 +110,25 @@ def test_metrics_equal_on_data_and_spatially_sharded_inputs():
     xs, ys = jax.device_put(x, sh), jax.device_put(y, sh)
     for f in (metrics.ssim3d, metrics.psnr, metrics.mae, metrics.dice_score):
         np.testing.assert_allclose(jax.jit(f)(ys, xs), f(y, x), rtol=1e-5, atol=1e-6)
+
+
+def test_foreground_and_constant_psnr_match_numpy():
+    x = _vol(8, shape=(2, 8, 8, 4, 1))
+    y = np.where(x > 0.7, x, 0.0).astype(np.float32)  # sparse target
+    r = np.clip(y + 0.05 * np.random.RandomState(9).randn(*y.shape), 0, 1).astype(np.float32)
+    for b in range(2):
+        fg = y[b] > 0.1
+        mse = np.mean((r[b][fg] - y[b][fg]) ** 2)
+        np.testing.assert_allclose(metrics.foreground_psnr(r, y, 0.1)[b], 10 * np.log10(1 / mse),
+                                   rtol=1e-5)
+        blank = np.mean(y[b] ** 2)
+        np.testing.assert_allclose(metrics.constant_psnr(y, 0.0)[b], 10 * np.log10(1 / blank),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(metrics.constant_psnr(y)[b], 10 * np.log10(1 / y[b].var()),
+                                   rtol=1e-4)
+        np.testing.assert_allclose(metrics.foreground_fraction(r, 0.1)[b], np.mean(r[b] > 0.1))
+    # A blank reconstruction: whole-volume PSNR equals the blank baseline, Dice 0.
+    zeros = np.zeros_like(y)
+    np.testing.assert_allclose(metrics.psnr(zeros, y), metrics.constant_psnr(y, 0.0), rtol=1e-6)
+    assert float(metrics.dice_score(zeros, y, 0.1)[0]) == 0.0
+    assert np.isnan(metrics.foreground_psnr(r, np.zeros_like(y), 0.1)).all()
