@@ -47,6 +47,34 @@ class ConversionError(ValueError):
     checkpoint file cannot be read as one."""
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint step cannot be read (truncated or missing files); `step` and `cause`
+    say which and why. Raised for an explicitly requested step; `latest`/`best` skip it."""
+
+    def __init__(self, message, step=None, cause=None):
+        super().__init__(message)
+        self.step, self.cause = step, cause
+
+
+class WorkdirInUseError(RuntimeError):
+    """Another live process holds the workdir's lock (`ldm_jax.lock`)."""
+
+
+class StorageError(RuntimeError):
+    """A folder cannot be written: disk full, read-only, a file where a folder should be,
+    no permission. The message names the path and the free space or the permission."""
+
+
+class NonFiniteResultError(ValueError):
+    """A command computed NaN or Inf values (samples, latents, reconstructions); nothing
+    was written for them. The message names the checkpoint step and the options."""
+
+
+class OutputConflictError(ValueError):
+    """An output folder holds outputs of another model, other options or other inputs
+    (or files without a record); a rerun refuses to replace them without --overwrite."""
+
+
 class TrainingDivergedError(RuntimeError):
     """`train.max_bad_steps` non-finite steps in a row; the last good checkpoint is kept."""
 
@@ -57,4 +85,5 @@ class DataWarning(UserWarning):
 
 # What the command line reports as one `error:` line (exit 2) instead of a traceback.
 USER_ERRORS = (ConfigError, DataError, ChannelMismatchError, OutputDirError,
-               FileNotFoundError, NotADirectoryError)
+               FileNotFoundError, NotADirectoryError, DamagedCheckpointError,
+               WorkdirInUseError, StorageError, NonFiniteResultError, OutputConflictError)

@@ -401,24 +401,19 @@ def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, confi
         raise ckpt.CheckpointNotFoundError(
             f"Workdir {workdir} {what}. Pass the --workdir a training run wrote (python "
             "train.py --workdir ...); it holds checkpoints/<step>/.")
-    manager = ckpt.make_manager(workdir, read_only=True)
-    try:
-        step = ckpt.resolve_step(manager, step)
-        saved = ckpt.restore_config(manager, step)
-        if config is not None:
-            if isinstance(config, (str, os.PathLike)):
-                config = config_lib.load_config(config)
-            diffs = config_differences(saved, config)
-            if diffs:
-                raise ConfigError(
-                    f"--config disagrees with the config saved in the checkpoint (step {step} "
-                    f"of {workdir}) on {len(diffs)} field(s):\n"
-                    + "\n".join(f"  - {d}" for d in diffs)
-                    + "\nThe checkpoint's own config is always used; drop --config, or pass "
-                    "the config this run was trained with.")
-        params = ckpt.restore_state_item(manager, step, "g_params")
-    finally:
-        manager.close()
+    # A damaged step is skipped for 'latest'/'best' (one line) and refused by number.
+    step, saved, params = ckpt.open_step(workdir, step, item="g_params", stage="autoencoder")
+    if config is not None:
+        if isinstance(config, (str, os.PathLike)):
+            config = config_lib.load_config(config)
+        diffs = config_differences(saved, config)
+        if diffs:
+            raise ConfigError(
+                f"--config disagrees with the config saved in the checkpoint (step {step} "
+                f"of {workdir}) on {len(diffs)} field(s):\n"
+                + "\n".join(f"  - {d}" for d in diffs)
+                + "\nThe checkpoint's own config is always used; drop --config, or pass "
+                "the config this run was trained with.")
     cfg = ml_collections.ConfigDict(saved)
     geometry.total_factor(cfg.autoencoder)  # validates the factors
     ae_cfg = ml_collections.ConfigDict(saved["autoencoder"])

@@ -48,6 +48,7 @@ FLAG_FIELDS = {
     "input": ("data.train_dir", "data.val_dir"),
     "skip_bad_files": ("data.skip_bad_files",),
     "frame": ("data.frame",),
+    "autoencoder_workdir": ("latents.autoencoder_workdir",),
 }
 FLAG_CHOICES = {"frame": ("all", "none")}
 FRAME_ALL, FRAME_NONE = "all", "none"

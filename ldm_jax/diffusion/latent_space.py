@@ -31,9 +31,18 @@ def load_frozen_autoencoder(config):
         return load_autoencoder(wd, lat.get("autoencoder_step", "best") or "best",
                                 window="training")
     except ckpt.CheckpointNotFoundError as e:
+        from ldm_jax import options
+        moved = options.setting("latents.autoencoder_workdir", "DIR")
+        cmd = options.current()
+        if moved and cmd is not None and not cmd.config_overrides:  # a trained model's
+            # stage 1 cannot be trained again: only its new place helps (ldm-jax sample)
+            raise ckpt.CheckpointNotFoundError(
+                f"The stage-1 autoencoder this diffusion model was trained with is not "
+                f"found: {e} If that run moved, pass its new folder: {moved}.") from None
         raise ckpt.CheckpointNotFoundError(
             f"No trained autoencoder for the diffusion stage: {e} Train stage 1 first: "
-            f"python train.py --config configs/balanced.py --workdir {lat.autoencoder_workdir} "
-            "(or set --config.latents.autoencoder_workdir to a trained one).") from None
+            f"python train.py --config configs/balanced.py --workdir {lat.autoencoder_workdir}"
+            + (f", or, if the stage-1 run moved, pass its new folder: {moved}." if moved
+               else ".")) from None
 
 

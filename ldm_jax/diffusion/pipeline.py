@@ -141,11 +141,19 @@ class Pipeline:
 
 
 def load_pipeline(workdir, step="best", *, use_ema: bool = True,
-                  dtype: Optional[str] = None) -> Pipeline:
+                  dtype: Optional[str] = None,
+                  autoencoder_workdir: Optional[str] = None) -> Pipeline:
     """The stage-2 run in `workdir` at `step` ('best' | 'latest' | N) with its autoencoder.
 
+    `autoencoder_workdir`: where the stage-1 run is now, when it moved since training
+    (default: the run's `latents.autoencoder_workdir`); the step the stage-2 run used
+    (`latents.autoencoder_step`) is read from it, and its latent channels must be the
+    UNet's.
+
     Raises CheckpointNotFoundError (no such workdir/step, or the autoencoder it names is
-    gone) and ConfigError (the workdir is a stage-1 run).
+    gone), DamagedCheckpointError (the step asked for by number, or every step, is
+    damaged; 'latest'/'best' skip damaged steps with one line) and ConfigError (the
+    workdir is a stage-1 run, or the autoencoder is another model).
     """
     from ldm_jax import checkpoint as ckpt
     from ldm_jax.diffusion.latent_space import load_frozen_autoencoder
@@ -156,21 +164,26 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
         raise ckpt.CheckpointNotFoundError(
             f"{workdir} holds no checkpoints; train stage 2 first: python train.py --config "
             f"configs/diffusion/balanced.py --workdir {workdir}")
-    manager = ckpt.make_manager(workdir, read_only=True, best_metric="val_loss")
-    try:
-        step = ckpt.resolve_step(manager, step)
-        cfg = ml_collections.ConfigDict(ckpt.restore_config(manager, step))
-        if cfg.get("stage") != "diffusion":
-            raise ConfigError(
-                f"{workdir} is a stage-{1 if cfg.get('stage', 'autoencoder') == 'autoencoder' else '?'} "
-                "(autoencoder) run; sampling needs a diffusion run (configs/diffusion/*.py). For "
-                "reconstructions use ldm-jax reconstruct.")
-        params = ckpt.restore_state_item(manager, step, "ema_params" if use_ema else "params")
-    finally:
-        manager.close()
+    # A damaged step is skipped for 'latest'/'best' (one line) and refused by number.
+    step, saved, params = ckpt.open_step(workdir, step, item="ema_params" if use_ema
+                                         else "params", stage="diffusion",
+                                         best_metric="val_loss")
+    cfg = ml_collections.ConfigDict(saved)
+    if autoencoder_workdir is not None:
+        cfg.latents.autoencoder_workdir = os.path.abspath(os.path.expanduser(
+            str(autoencoder_workdir)))
     if dtype is not None:
         cfg.unet.dtype = str(dtype)
     ae = load_frozen_autoencoder(cfg)
+    trained = cfg.latents.get("latent_shape")
+    if trained and int(trained[-1]) != int(ae.latent_channels):
+        from ldm_jax import options
+        fix = options.setting("latents.autoencoder_workdir", "DIR")
+        raise ConfigError(
+            f"The autoencoder at {ae.workdir} (step {ae.step}) makes {ae.latent_channels}-"
+            f"channel latents, but this diffusion model was trained on {trained[-1]}-channel "
+            "ones" + (f": point {fix} at the stage-1 run it was trained with." if fix else
+                      "; use the stage-1 run it was trained with."))
     return Pipeline(cfg, build_unet(cfg.unet), params, ae, step=step)
 
 

@@ -46,10 +46,12 @@ import jax
 import numpy as np
 
 from ldm_jax import checkpoint as ckpt
-from ldm_jax import distributed, options, sharding, stopping
-from ldm_jax.errors import TrainingDivergedError
+from ldm_jax import distributed, options, sharding, stopping, storage
+from ldm_jax.errors import DamagedCheckpointError, TrainingDivergedError
 from ldm_jax.models import tap_conv
+from ldm_jax.stopping import any_process
 from ldm_jax.trainer import resume
+from ldm_jax.trainer import workdir as workdir_lib
 from ldm_jax.trainer.writers import Writers, dropped_note, say
 
 LONG_RUN_HOURS = 2.0  # CPU runs estimated longer than this get the task's quick-run hint
@@ -186,14 +188,19 @@ def train(task, workdir, progress=True):
     """Trains `task` in `workdir`; returns the final train state.
 
     Raises ConfigError / DataError (before the workdir is created) for a batch/mesh
-    mismatch or bad data, TrainingDivergedError after `train.max_bad_steps` non-finite
-    steps in a row (the last good checkpoint is kept) and TrainingStopped after SIGINT or
-    SIGTERM (a checkpoint of the step reached is saved first).
+    mismatch or bad data, StorageError when a file stands where the workdir should be,
+    or it cannot be created or written (disk full, read-only; one line with the path and
+    the free space or permission), WorkdirInUseError when another live process holds its
+    lock, TrainingDivergedError after `train.max_bad_steps` non-finite steps in a row
+    (the last good checkpoint is kept) and TrainingStopped after SIGINT or SIGTERM (a
+    checkpoint of the step reached is saved first). A damaged checkpoint is set aside
+    (renamed `<step>.damaged`) with one line, and the run resumes from the newest intact
+    one.
     """
     from ldm_jax.errors import ConfigError
 
     config = task.config
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_lib.check_workdir(workdir)  # a file in its place: before any work
     mesh = sharding.make_mesh(config.mesh)
     global_batch = int(config.train.batch_size)
     sharding.check_batch_fits(mesh, global_batch, task.sample_shape()[1:4])
@@ -210,30 +217,72 @@ def train(task, workdir, progress=True):
         f"{mesh.devices.size} of {len(jax.devices())} {jax.devices()[0].platform} "
         f"device(s), {jax.process_count()} process(es)")
 
-    os.makedirs(workdir, exist_ok=True)
-    manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
-                                best_metric=task.best_metric)
+    held = workdir_lib.open_workdir(workdir)  # one writer per workdir
+    try:
+        workdir_lib.set_aside(workdir)  # damaged steps its small files show
+        return _resume_and_run(task, mesh, workdir, train_loader, eval_batches, progress)
+    except OSError as e:  # metrics, images, TensorBoard events: disk full, read-only, ...
+        err = storage.storage_error(
+            e, workdir, "writing the run's files",
+            "Checkpoints already saved are untouched; free some space or fix the folder, "
+            "then run the same command again to resume.")
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _resume_and_run(task, mesh, workdir, train_loader, eval_batches, progress):
+    """Resumes from the newest intact checkpoint (damaged ones set aside, one line each)
+    or starts, then runs the loop."""
+    config = task.config
     num_steps = int(config.train.num_steps)
     writers = None
+    manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
+                                best_metric=task.best_metric)
     try:
-        latest = manager.latest_step()
-        # Reads only the saved config: a changed model is refused before anything is built.
-        accepted = resume.check_resume(task, manager, latest) if latest is not None else []
-        abstract_state = abstract_train_state(task, mesh)
-        if latest is not None and int(latest) >= num_steps:
-            longer = options.setting("train.num_steps", "N")
-            say(f"{workdir} is finished: its latest checkpoint is step {latest} and "
-                f"train.num_steps={num_steps}. Nothing to do; "
-                + (f"raise {longer} to train longer, or " if longer else "")
-                + "train in a new workdir to start over.")
-            return resume.restore(manager, latest, abstract_state, None, accepted)
-        train_iter = iter(train_loader)
-        start = 0
-        if latest is None:
-            state, _ = init_train_state(task, mesh, abstract_state)
-        else:
-            state = resume.restore(manager, latest, abstract_state, train_iter, accepted)
-            start = int(latest)
+        abstract_state, tries = None, 0
+        while True:
+            latest = manager.latest_step()
+            try:
+                # Reads only the saved config: a changed model is refused before anything
+                # is built.
+                accepted = (resume.check_resume(task, manager, latest, quiet=tries > 0)
+                            if latest is not None else [])
+                abstract_state = abstract_train_state(task, mesh)
+                if latest is not None and int(latest) >= num_steps:
+                    longer = options.setting("train.num_steps", "N")
+                    restored = resume.restore(manager, latest, abstract_state, None, accepted)
+                    say(f"{workdir} is finished: its latest checkpoint is step {latest} and "
+                        f"train.num_steps={num_steps}. Nothing to do; "
+                        + (f"raise {longer} to train longer, or " if longer else "")
+                        + "train in a new workdir to start over.")
+                    return restored
+                train_iter = iter(train_loader)
+                start = 0
+                if latest is None:
+                    state, _ = init_train_state(task, mesh, abstract_state)
+                else:
+                    state = resume.restore(manager, latest, abstract_state, train_iter,
+                                           accepted)
+                    start = int(latest)
+                damaged = None
+            except DamagedCheckpointError as e:
+                damaged = e
+            if jax.process_count() > 1:  # one decision for all processes
+                if bool(any_process([damaged is not None])[0]) and damaged is None:
+                    damaged = DamagedCheckpointError("unreadable on another process", latest,
+                                                     "unreadable on another process")
+            if damaged is None:
+                break
+            manager.close()
+            tries += 1
+            workdir_lib.set_aside(workdir, {int(latest): damaged.cause or str(damaged)})
+            manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
+                                        best_metric=task.best_metric)
+        if start:
             say(f"Resuming from the checkpoint at step {start} in {manager.directory}")
         writers = Writers(workdir, start)
         note = dropped_note(workdir, writers, start)

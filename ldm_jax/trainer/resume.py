@@ -80,9 +80,10 @@ def _describe_changes(changes, sep="; ") -> str:
     return sep.join(f"{k}: checkpoint {_show(a)}, config {_show(b)}" for k, a, b in changes)
 
 
-def check_resume(task, manager, step):
+def check_resume(task, manager, step, quiet=False):
     """Refuses (ConfigError) a resume whose config changes fixed fields; returns the
-    accepted changes. Reads only the config saved with `step`."""
+    accepted changes, listed in one line unless `quiet`. Reads only the config saved with
+    `step` (DamagedCheckpointError when it cannot be read)."""
     from ldm_jax.errors import ConfigError
 
     refused, accepted = resume_changes(task, ckpt.restore_config(manager, step))
@@ -94,7 +95,7 @@ def check_resume(task, manager, step):
             f"{_describe_changes(refused)} (these change the model's state or what the data "
             f"mean). Train this config in a new --workdir, or undo the change to resume"
             + (f" ({undo})." if undo else "."))
-    if accepted:
+    if accepted and not quiet:
         say(f"Resuming with {len(accepted)} changed setting(s): "
             + "; ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in accepted))
     return accepted
@@ -102,22 +103,29 @@ def check_resume(task, manager, step):
 
 def restore(manager, step, abstract_state, train_iter, accepted):
     """The train state and (unless `train_iter` is None) the data position saved at
-    `step`. A state that does not fit the config's is a ConfigError naming the changed
-    settings; a data position that cannot be restored (a changed batch size or dataset)
-    restarts the data stream, said in one line."""
+    `step`.
+
+    Raises ConfigError when the saved state's arrays do not fit the state this config
+    builds (compared on the saved metadata first, so only a real change of structure is
+    reported, naming the changed settings), DamagedCheckpointError when the step cannot
+    be read (the caller sets it aside and tries the next one). A data position that
+    cannot be restored (a changed batch size or dataset) restarts the data stream, said
+    in one line.
+    """
     from ldm_jax.errors import ConfigError
 
-    try:
-        state = ckpt.restore_train(manager, step, abstract_state)
-    except (ValueError, KeyError, TypeError) as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    mismatch = ckpt.state_mismatch(manager, step, abstract_state)
+    if mismatch:
+        reason = "; ".join(mismatch[:3]) + (f"; and {len(mismatch) - 3} more"
+                                            if len(mismatch) > 3 else "")
         suspects = (f"Settings changed since: {_describe_changes(accepted)}; one of them "
                     "changes the state's structure. Undo it, or train in a new --workdir."
                     if accepted else "Nothing in the config changed, so the checkpoint "
                     "comes from another version or stage; train in a new --workdir.")
         raise ConfigError(
             f"The train state saved at step {step} in {manager.directory} does not fit the "
-            f"state this config builds ({reason}). {suspects}") from None
+            f"state this config builds ({reason}). {suspects}")
+    state = ckpt.restore_train(manager, step, abstract_state)
     if train_iter is None:
         return state
     try:
