@@ -26,7 +26,6 @@ import numpy as np
 from ldm_jax import outputs as vf
 
 LATENTS_JSON = "latents.json"
-_SAVE_EVERY_S = 30.0
 
 
 class LatentStats:
@@ -91,33 +90,25 @@ def _write_json(path, obj) -> None:
     vf.atomic_write(path, write)
 
 
-def _previous(out_dir, meta, overwrite, log):
-    """Entries of an earlier run's latents.json, if it used the same model and encoding."""
-    path = os.path.join(out_dir, LATENTS_JSON)
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            prev = json.load(f)
-    except (OSError, ValueError):
-        log(f"note: {path} is unreadable; it will be rewritten")
-        return {}
-    ck, pk = meta["checkpoint"], prev.get("checkpoint", {})
-    same = (pk.get("config_hash") == ck["config_hash"] and pk.get("step") == ck["step"]
-            and prev.get("encoding", {}).get("mode") == meta["encoding"]["mode"]
-            and prev.get("encoding", {}).get("seed") == meta["encoding"]["seed"]
-            and prev.get("encoding", {}).get("frame") == meta["encoding"]["frame"])
-    if not same and not overwrite:
-        from ldm_jax.errors import ConfigError
-        raise ConfigError(
-            f"{out_dir} holds latents from another model or encoding (step "
-            f"{pk.get('step')}, config hash {pk.get('config_hash')}, mode "
-            f"{prev.get('encoding', {}).get('mode')}, frame "
-            f"{prev.get('encoding', {}).get('frame')}) than this run (step {ck['step']}, "
-            f"hash {ck['config_hash']}, mode {meta['encoding']['mode']}, frame "
-            f"{meta['encoding']['frame']}). Mixing them would "
-            "corrupt the statistics; use a new --output, or --overwrite to re-encode all.")
-    return prev.get("files", {}) if same else {}
+def _latent_path(out_dir, rec) -> str:
+    """The file of a recorded latent to read back: its .npy if written, else its NIfTI."""
+    files = sorted(rec["files"], key=lambda f: not f.endswith(".npy"))
+    return os.path.join(out_dir, files[0])
+
+
+def write_summary(out_dir, meta, records, bad, complete) -> dict:
+    """latents.json over every recorded latent in `out_dir` (`records`: name -> record,
+    sorted): per-file entries and the statistics, read back from the files in name
+    order (the same bytes whatever runs wrote them). Returns its content."""
+    stats, entries = LatentStats(), {}
+    for name, rec in records.items():
+        z, _ = vf.read_latent(_latent_path(out_dir, rec))
+        stats.update(z)
+        entries[name] = rec["row"]
+    result = dict(meta, **stats.summary(), num_files=len(entries), files=entries,
+                  skipped_bad_files=bad, complete=bool(complete))
+    _write_json(os.path.join(out_dir, LATENTS_JSON), result)
+    return result
 
 
 def extract(workdir, input, output, *, step="best", format="npy", sample=False, seed=0,
@@ -128,6 +119,12 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
 
     `frame` (4D inputs): None (the checkpoint's data.frame), K, "all" (each frame its own
     latent, NAME_t0000 ...) or "none" (all frames as channels); see `cli.volume_jobs`.
+
+    A rerun completes the folder: latents made by the same checkpoint and encoding from
+    the same input files are reused, missing ones are made (`ldm_jax.outputs.Outputs`).
+    Raises OutputConflictError when the folder holds latents of another checkpoint (a
+    moved `--step best` included), encoding or input version, unless `overwrite`;
+    NonFiniteResultError when a latent comes out NaN or Inf (nothing is written for it).
     """
     from tqdm import tqdm
 
@@ -140,6 +137,7 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
         load_autoencoder,
     )
     from ldm_jax.data import io as data_io
+    from ldm_jax.errors import NonFiniteResultError
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
@@ -163,102 +161,100 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
                      "frame": frame,
                      "window": (ae.window if isinstance(ae.window, str) else
                                 list(ae.window) if ae.window else "whole"),
-                     "overlap": ae.overlap, "formats": fmts},
+                     "overlap": ae.overlap},
     }
-    previous = _previous(out_dir, meta, overwrite, log)
-    json_path = os.path.join(out_dir, LATENTS_JSON)
+    items = [(name, [name + vf.SUFFIXES[f] for f in fmts],
+              vf.source_of(path, frame=pick if isinstance(pick, int) else None))
+             for path, name, pick in jobs]
+    by_name = {name: (path, pick, src) for (path, name, pick), (_, _, src) in zip(jobs, items)}
+    bad, done_at = [], []
+    t_start = time.perf_counter()
+    with vf.Outputs(out_dir, "extract", meta, overwrite=overwrite, log=log) as outs:
+        make, reused = outs.plan(items)
+        if reused:
+            log(f"Reusing {len(reused)} latent(s) of this checkpoint and encoding from the "
+                f"same inputs ({', '.join(reused[:5])}{', ...' if len(reused) > 5 else ''}); "
+                f"encoding {len(make)}.")
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        loads = {}
 
-    stats, entries, bad = LatentStats(), {}, []
-    n_encoded, n_reused, done_at = 0, 0, []
-    last_save = t_start = time.perf_counter()
-    plan = []  # (path, name, frame, targets, formats to write, earlier entry)
-    for path, name, pick in jobs:
-        targets = {f: os.path.join(out_dir, name + vf.SUFFIXES[f]) for f in fmts}
-        missing = [f for f in fmts if overwrite or not os.path.exists(targets[f])]
-        plan.append((path, name, pick, targets, missing, previous.get(name)))
-    needs_load = [bool(m) or e is None for *_, m, e in plan]
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    loads = {}
+        def _load(path, pick):  # the volume, its affine and its header's (sform, qform)
+            vol, affine = data_lib.load_volume(path, ae.config, pick)
+            return vol, affine, data_io.nifti_codes(path)
 
-    def prefetch(i):  # read + preprocess the next volume while this one is encoded
-        if i < len(plan) and needs_load[i] and i not in loads:
-            loads[i] = pool.submit(_load, plan[i][0], plan[i][2])
+        def prefetch(i):  # read + preprocess the next volume while this one is encoded
+            if i < len(make) and i not in loads:
+                path, pick, _ = by_name[make[i]]
+                loads[i] = pool.submit(_load, path, pick)
 
-    def _load(path, pick):  # the volume, its affine and its header's (sform, qform) codes
-        vol, affine = data_lib.load_volume(path, ae.config, pick)
-        return vol, affine, data_io.nifti_codes(path)
-
-    bar = tqdm(range(len(plan)), desc="extract", unit="vol", disable=not progress,
-               file=sys.stdout, dynamic_ncols=True)
-    try:
-        for i in bar:
-            path, name, pick, targets, missing, entry = plan[i]
-            if not needs_load[i]:
-                z, _ = vf.read_latent(targets["npy" if "npy" in fmts else "nifti"])
-                if z.shape[-1] != ae.latent_channels:
-                    raise data_lib.DataError(
-                        f"{targets[fmts[0]]} has {z.shape[-1]} channels, not the model's "
-                        f"{ae.latent_channels}; use --overwrite or a new --output")
-                stats.update(z)
-                entries[name] = entry
-                n_reused += 1
-                continue
-            prefetch(i)
-            prefetch(i + 1)
-            try:
-                vol, affine, codes = loads.pop(i).result()
-            except data_lib.VolumeShapeError as e:  # a layout the model cannot take
-                raise ChannelMismatchError(str(e)) from None  # it says what the model takes
-            except data_lib.DataError as e:
-                if not skip_bad_files:
-                    raise cli.with_skip_hint(e) from None
-                bad.append({"input": os.path.abspath(path), "reason": str(e)})
-                log(f"skipped {path}: {e}")
-                continue
-            lay = ae.layout(vol.shape)
-            if lay.was_padded or lay.window is not None:
-                log(f"{name}: {lay.describe()}")
-            if not missing:  # outputs exist from an interrupted run: reuse, just record them
-                z, _ = vf.read_latent(targets["npy" if "npy" in fmts else "nifti"])
-                n_reused += 1
-            else:
+        interrupted = True
+        bar = tqdm(range(len(make)), desc="extract", unit="vol", disable=not progress,
+                   file=sys.stdout, dynamic_ncols=True)
+        try:
+            for i in bar:
+                name = make[i]
+                path, pick, src = by_name[name]
+                prefetch(i)
+                prefetch(i + 1)
                 try:
-                    z = ae.encode_volume(vol, sample=sample,
-                                         key=_sample_key(seed, name) if sample else None)
+                    vol, affine, codes = loads.pop(i).result()
+                except data_lib.VolumeShapeError as e:  # a layout the model cannot take
+                    raise ChannelMismatchError(str(e)) from None  # says what it takes
+                except data_lib.DataError as e:
+                    if not skip_bad_files:
+                        raise cli.with_skip_hint(e) from None
+                    bad.append({"input": os.path.abspath(path), "reason": str(e)})
+                    log(f"skipped {path}: {e}")
+                    continue
+                lay = ae.layout(vol.shape)
+                if lay.was_padded or lay.window is not None:
+                    log(f"{name}: {lay.describe()}")
+                try:
+                    z = np.asarray(ae.encode_volume(
+                        vol, sample=sample, key=_sample_key(seed, name) if sample else None),
+                        np.float32)
                 except ValueError as e:
                     raise type(e)(f"{path}: {e}") from None
+                if not np.isfinite(z).all():
+                    raise NonFiniteResultError(
+                        f"{path}: its latent from checkpoint step {ae.step} of {ae.workdir} "
+                        f"(encoding {meta['encoding']['mode']}, dtype {ae.model.dtype}, "
+                        f"window {lay.describe()}) holds NaN or Inf values, though the input "
+                        "is finite; nothing was written for it. Try --dtype float32 or "
+                        "another --step.")
                 lat_affine = latent_affine(affine, ae.factor)
-                for f in missing:
-                    vf.save(os.path.join(out_dir, name), f, z, lat_affine, codes)
-                n_encoded += 1
+                row = {
+                    "input": os.path.abspath(path),
+                    "frame": pick if isinstance(pick, int) else None,
+                    "input_shape": list(lay.shape),
+                    "padded_shape": list(lay.padded),
+                    "latent_shape": list(z.shape),
+                    "windows": lay.num_windows,
+                    "affine": np.asarray(affine, float).round(9).tolist(),
+                    "latent_affine": lat_affine.round(9).tolist(),
+                    "sform_code": None if codes is None else codes[0],
+                    "qform_code": None if codes is None else codes[1],
+                    "outputs": [name + vf.SUFFIXES[f] for f in fmts],
+                }
+                outs.write(name, {name + vf.SUFFIXES[f]: (
+                    lambda tmp, f=f: vf.write(tmp, f, z, lat_affine, codes)) for f in fmts},
+                    src, row)
                 done_at.append(time.perf_counter())
-            stats.update(z)
-            entries[name] = {
-                "input": os.path.abspath(path),
-                "frame": pick if isinstance(pick, int) else None,
-                "input_shape": list(lay.shape),
-                "padded_shape": list(lay.padded),
-                "latent_shape": list(z.shape),
-                "windows": lay.num_windows,
-                "affine": np.asarray(affine, float).round(9).tolist(),
-                "latent_affine": latent_affine(affine, ae.factor).round(9).tolist(),
-                "sform_code": None if codes is None else codes[0],
-                "qform_code": None if codes is None else codes[1],
-                "outputs": [os.path.basename(t) for t in targets.values()],
-            }
-            if time.perf_counter() - last_save > _SAVE_EVERY_S:  # resumable record
-                _write_json(json_path, dict(meta, files=entries, complete=False))
-                last_save = time.perf_counter()
-    finally:
-        bar.close()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-    if not entries:
+            interrupted = False
+        finally:
+            bar.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+            records = outs.complete()
+            if records and interrupted:  # the folder's summary still covers every latent
+                try:
+                    write_summary(out_dir, meta, records, bad, complete=False)
+                except Exception:  # noqa: BLE001 -- the interruption is what to report
+                    pass
+    if not records:
         raise data_lib.DataError(
             f"No latents: all {len(files)} input file(s) were unreadable ({len(bad)} skipped).")
-    result = dict(meta, **stats.summary(), num_files=len(entries), files=entries,
-                  skipped_bad_files=bad, complete=True)
-    _write_json(json_path, result)
+    result = write_summary(out_dir, meta, records, bad, complete=True)
+    json_path = os.path.join(out_dir, LATENTS_JSON)
     rate = ""
     if done_at:
         total = done_at[-1] - t_start
@@ -268,9 +264,9 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
                      "after the first")
         rate += ")"
     sf = result.get("scale_factor")
-    log(f"Encoded {n_encoded} volume(s){rate}, reused {n_reused} existing, skipped "
-        f"{len(bad)} unreadable. Wrote {json_path} (scale_factor "
-        f"{'undefined: all latents are constant' if sf is None else f'{sf:.6g}'}).")
+    log(f"Encoded {len(done_at)} volume(s){rate}, reused {len(reused)} complete, skipped "
+        f"{len(bad)} unreadable. Wrote {json_path} over {len(records)} latent(s) "
+        f"(scale_factor {'undefined: all latents are constant' if sf is None else f'{sf:.6g}'}).")
     return result
 
 
