@@ -50,6 +50,12 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
 
     `frame` (4D inputs): None (the checkpoint's data.frame), K, "all" (each frame its own
     reconstruction, NAME_t0000 ...) or "none"; see `cli.volume_jobs`.
+
+    A rerun completes the folder (`ldm_jax.outputs.Outputs`): reconstructions made by the
+    same checkpoint and options from the same inputs are reused with their scores, missing
+    ones are made; metrics.json/.csv cover every reconstruction in the folder. Raises
+    OutputConflictError for outputs of another checkpoint, options or input version
+    (unless `overwrite`), NonFiniteResultError for a NaN/Inf reconstruction.
     """
     from tqdm import tqdm
 
@@ -58,7 +64,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     from ldm_jax.autoencoder import inference
     from ldm_jax.data import io as data_io
     from ldm_jax.data.pointcloud import volumes as pc
-    from ldm_jax.errors import ChannelMismatchError
+    from ldm_jax.errors import ChannelMismatchError, NonFiniteResultError
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     frame = cli.parse_frame(frame)
     # Checked before loading anything: the input exists and holds volumes or clouds.
@@ -76,70 +82,119 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
         log("note: the checkpoint resamples inputs (data.spacing / voxel_resize); "
             "reconstructions are on that grid, with its affine.")
 
-    metrics_path = os.path.join(out_dir, METRICS_JSON)
-    rows = {}
-    if os.path.exists(metrics_path) and not overwrite:
-        try:
-            with open(metrics_path) as f:
-                rows = json.load(f).get("files", {})
-        except (OSError, ValueError):
-            rows = {}
-    bad, n_done, n_skipped = [], 0, 0
-    for path, name, pick in tqdm(jobs, desc="reconstruct", unit="vol",
-                                 disable=not progress, file=sys.stdout, dynamic_ncols=True):
-        target = os.path.join(out_dir, name + ".nii.gz")
-        if os.path.exists(target) and not overwrite:
-            n_skipped += 1
-            continue
-        try:
-            vol, affine = pc.load_input(path, ae.config, pick)
-            codes = None if pc.is_cloud(path) else data_io.nifti_codes(path)
-        except data_lib.VolumeShapeError as e:  # a layout the model cannot take: not skipped
-            raise ChannelMismatchError(str(e)) from None  # it says what the model takes
-        except data_lib.DataError as e:
-            if not skip_bad_files:
-                raise cli.with_skip_hint(e) from None
-            bad.append({"input": os.path.abspath(str(path)), "reason": str(e)})
-            log(f"skipped {path}: {e}")
-            continue
-        lay = ae.layout(vol.shape)
-        if lay.was_padded or lay.window is not None:
-            log(f"{name}: {lay.describe()}")
-        try:
-            z = ae.encode_volume(vol)
-            recon = ae.decode_volume(z, shape=vol.shape)
-        except ValueError as e:
-            raise type(e)(f"{path}: {e}") from None
-        row = {"input": os.path.abspath(str(path)), "shape": list(vol.shape)}
-        if isinstance(pick, int) and not pc.is_cloud(path):
-            row["frame"] = pick
-        if recon.shape == vol.shape:
-            row.update(_scores(vol, recon, data_range[1] - data_range[0]))
-            if pc.is_cloud(path):  # Chamfer / EMD of the points sampled back (NAME_points.csv)
-                row.update(pc.round_trip_scores(path, vol, recon, affine, ae.config, points_path=
-                                                os.path.join(out_dir, name + "_points.csv")))
-        vf.save_nifti(target, inference.denormalize(recon, d) if denormalize else recon, affine,
-                      codes)
-        visualize.comparison_image([vol], [recon], [name], data_range).save(
-            os.path.join(out_dir, name + ".png"))
-        rows[name] = row
-        n_done += 1
-        if "psnr" in row:
-            log(f"{name}: PSNR {row['psnr']:.2f} dB, SSIM {row.get('ssim', float('nan')):.4f}"
-                + (f", Chamfer {row['chamfer_nm']:.2f} nm (voxelisation alone "
-                   f"{row['chamfer_floor_nm']:.2f})" if "chamfer_nm" in row else ""))
+    made_by = {"checkpoint": {"workdir": ae.workdir, "step": ae.step,
+                              "config_hash": ae.config_hash},
+               "options": {"denormalize": bool(denormalize), "frame": frame,
+                           "dtype": str(ae.model.dtype), "overlap": ae.overlap,
+                           "window": (ae.window if isinstance(ae.window, str) else
+                                      list(ae.window) if ae.window else "whole")}}
 
+    def files_of(name, path):
+        return [name + ".nii.gz", name + ".png"] + (
+            [name + "_points.csv"] if pc.is_cloud(path) else [])
+
+    items = [(name, files_of(name, path), vf.source_of(
+        pc.entry_path(path), entry=str(path), frame=pick if isinstance(pick, int) else None))
+        for path, name, pick in jobs]
+    by_name = {name: (path, pick, src) for (path, name, pick), (_, _, src) in zip(jobs, items)}
+    bad, n_done = [], 0
+    with vf.Outputs(out_dir, "reconstruct", made_by, overwrite=overwrite, log=log) as outs:
+        make, reused = outs.plan(items)
+        if reused:
+            log(f"Reusing {len(reused)} reconstruction(s) of this checkpoint and options from "
+                f"the same inputs ({', '.join(reused[:5])}{', ...' if len(reused) > 5 else ''}"
+                f"); making {len(make)}.")
+        interrupted = True
+        try:
+            for name in tqdm(make, desc="reconstruct", unit="vol", disable=not progress,
+                             file=sys.stdout, dynamic_ncols=True):
+                path, pick, src = by_name[name]
+                try:
+                    vol, affine = pc.load_input(path, ae.config, pick)
+                    codes = None if pc.is_cloud(path) else data_io.nifti_codes(path)
+                except data_lib.VolumeShapeError as e:  # a layout the model cannot take
+                    raise ChannelMismatchError(str(e)) from None  # says what it takes
+                except data_lib.DataError as e:
+                    if not skip_bad_files:
+                        raise cli.with_skip_hint(e) from None
+                    bad.append({"input": os.path.abspath(str(path)), "reason": str(e)})
+                    log(f"skipped {path}: {e}")
+                    continue
+                lay = ae.layout(vol.shape)
+                if lay.was_padded or lay.window is not None:
+                    log(f"{name}: {lay.describe()}")
+                try:
+                    z = ae.encode_volume(vol)
+                    recon = np.asarray(ae.decode_volume(z, shape=vol.shape))
+                except ValueError as e:
+                    raise type(e)(f"{path}: {e}") from None
+                if not np.isfinite(recon).all():
+                    raise NonFiniteResultError(
+                        f"{path}: its reconstruction by checkpoint step {ae.step} of "
+                        f"{ae.workdir} (dtype {ae.model.dtype}, window {lay.describe()}) holds "
+                        "NaN or Inf values, though the input is finite; nothing was written "
+                        "for it. Try --dtype float32 or another --step.")
+                row = {"input": os.path.abspath(str(path)), "shape": list(vol.shape)}
+                if isinstance(pick, int) and not pc.is_cloud(path):
+                    row["frame"] = pick
+                points_tmp = (vf.temporary_name(os.path.join(out_dir, name + "_points.csv"))
+                              if pc.is_cloud(path) else None)
+                try:
+                    if recon.shape == vol.shape:
+                        row.update(_scores(vol, recon, data_range[1] - data_range[0]))
+                        if points_tmp:  # Chamfer / EMD of the points sampled back
+                            row.update(pc.round_trip_scores(path, vol, recon, affine, ae.config,
+                                                            points_path=points_tmp))
+                    out_vol = inference.denormalize(recon, d) if denormalize else recon
+                    files = {
+                        name + ".nii.gz": lambda t: vf.write_nifti(t, out_vol, affine, codes),
+                        name + ".png": lambda t: visualize.comparison_image(
+                            [vol], [recon], [name], data_range).save(t, format="PNG")}
+                    if points_tmp:
+                        files[name + "_points.csv"] = lambda t: os.replace(points_tmp, t)
+                    outs.write(name, files, src, row)
+                finally:
+                    if points_tmp and os.path.exists(points_tmp):
+                        os.remove(points_tmp)  # our own temporary file
+                n_done += 1
+                if "psnr" in row:
+                    log(f"{name}: PSNR {row['psnr']:.2f} dB, SSIM "
+                        f"{row.get('ssim', float('nan')):.4f}"
+                        + (f", Chamfer {row['chamfer_nm']:.2f} nm (voxelisation alone "
+                           f"{row['chamfer_floor_nm']:.2f})" if "chamfer_nm" in row else ""))
+            interrupted = False
+        finally:
+            records = outs.complete()
+            if interrupted and records:  # the summary still covers every output
+                try:
+                    _write_summary(out_dir, made_by, records, bad)
+                except Exception:  # noqa: BLE001 -- the interruption is what to report
+                    pass
+    result, scored = _write_summary(out_dir, made_by, records, bad)
+    means = ", ".join(f"{k} {v:.4f}" for k, v in result["mean"].items())
+    log(f"Reconstructed {n_done}, reused {len(reused)} complete, skipped {len(bad)} "
+        f"unreadable. Mean over {scored} file(s): {means or 'n/a'}. Wrote "
+        f"{os.path.join(out_dir, METRICS_JSON)} over {len(records)} reconstruction(s).")
+    return result
+
+
+def _write_summary(out_dir, made_by, records, bad):
+    """metrics.json and metrics.csv over every recorded reconstruction in `out_dir`
+    (`records`: name -> record, sorted by name); returns (metrics.json content, number of
+    scored files)."""
+    from ldm_jax.data.pointcloud import volumes as pc
+
+    rows = {name: rec["row"] for name, rec in records.items()}
     scored = [r for r in rows.values() if "psnr" in r]
     summary = {k: float(np.mean([r[k] for r in scored if k in r])) for k in ("psnr", "ssim", "mae",
                *pc.SCORE_KEYS[1:]) if any(k in r for r in scored)}
-    result = {"checkpoint": {"workdir": ae.workdir, "step": ae.step,
-                             "config_hash": ae.config_hash},
+    result = {"checkpoint": made_by["checkpoint"], "options": made_by["options"],
               "mean": summary, "files": rows, "skipped_bad_files": bad}
 
     def write_json(tmp):
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
-    vf.atomic_write(metrics_path, write_json)
+    vf.atomic_write(os.path.join(out_dir, METRICS_JSON), write_json)
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
@@ -149,10 +204,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
             for n, r in sorted(rows.items()):
                 w.writerow([n, *(r.get(k, "") for k in keys), r["input"]])
     vf.atomic_write(os.path.join(out_dir, "metrics.csv"), write_csv)
-    means = ", ".join(f"{k} {v:.4f}" for k, v in summary.items())
-    log(f"Reconstructed {n_done}, skipped {n_skipped} existing and {len(bad)} unreadable. "
-        f"Mean over {len(scored)} file(s): {means or 'n/a'}. Wrote {metrics_path}.")
-    return result
+    return result, len(scored)
 
 
 def _define(fv):
