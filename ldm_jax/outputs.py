@@ -421,8 +421,8 @@ class Outputs:
         return out
 
     def _conflict_text(self, conflicts, others) -> str:
-        fix = ("Use a new --output, or pass --overwrite to replace them (nothing else in the "
-               "folder is touched).")
+        fix = ("use a new --output, or pass --overwrite to replace them (nothing else in the "
+               "folder is touched)")
         known = [(name, rec, source) for name, _, rec, source in conflicts if rec is not None]
         known += [(name, self._complete_otherwise()[name], None) for name in others]
         if known:
@@ -433,13 +433,13 @@ class Outputs:
             else:
                 how, diff = ("by another model or with other options",
                              differences(rec.get("made_by", {}), self.made_by))
-            return (f"{self.dir} holds {len(known)} output(s) made {how} than this run "
-                    f"would make them (e.g. {name}: {diff}); this run does not mix them with "
-                    f"its own. Rerun with what made them, or: {fix}")
+            return (f"{self.dir} holds {len(known)} output(s) made {how} than this run's "
+                    f"(e.g. {name}: {diff}); a run does not mix them with its own. Rerun "
+                    f"with what made them, {fix}.")
         name, rel, _, _ = conflicts[0]
         return (f"{self.dir} holds {len(conflicts)} file(s) that ldm-jax {self.command} did "
                 f"not record in {RECORD}, or that changed since (e.g. {rel}); they are not "
-                f"taken as outputs of this run. {fix}")
+                f"taken as outputs of this run: {fix}.")
 
     def write(self, name: str, files: dict, source: dict, row=None) -> None:
         """Writes one output: `files` {path relative to the folder: write(tmp_path)},

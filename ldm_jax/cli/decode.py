@@ -9,6 +9,8 @@ back to and the input's affine, and scale_factor for --unscale (latents the diff
 stage produced are scaled by scale_factor; --unscale divides it out first). Without it,
 volumes keep the padded size and get the latent NIfTI's affine divided by the factor
 (identity for .npy).
+
+Reruns: as extract's (OUTPUT/provenance.jsonl records each volume and what made it).
 """
 
 from __future__ import annotations
@@ -84,12 +86,18 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
            skip_bad_files=False, config=None, window="auto", overlap=0.5,
            windows_per_batch=None, memory_budget=None, dtype=None,
            progress=True, log=None) -> list:
-    """Decodes every latent of `input` into `output`; returns the written paths."""
+    """Decodes every latent of `input` into `output`; returns the paths written.
+
+    A rerun completes the folder (`ldm_jax.outputs.Outputs`): volumes decoded by the same
+    checkpoint and options from the same latents are reused, missing ones are made.
+    Raises OutputConflictError for volumes made otherwise (unless `overwrite`), DataError
+    for a latent with NaN/Inf values, NonFiniteResultError for a NaN/Inf volume.
+    """
     from tqdm import tqdm
 
     from ldm_jax import data as data_lib
     from ldm_jax.autoencoder import inference
-    from ldm_jax.errors import ConfigError
+    from ldm_jax.errors import ConfigError, NonFiniteResultError
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
@@ -115,41 +123,62 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
                               "latents, --latents_json, or --scale_factor.")
         log(f"Dividing latents by scale_factor {float(scale_factor):.6g}.")
     entries = (meta or {}).get("files", {})
-    written, bad, n_skipped = [], [], 0
-    for path, name in tqdm(list(zip(files, names)), desc="decode", unit="vol",
-                           disable=not progress, file=sys.stdout, dynamic_ncols=True):
-        targets = {f: os.path.join(out_dir, name + vf.SUFFIXES[f]) for f in fmts}
-        missing = [f for f in fmts if overwrite or not os.path.exists(targets[f])]
-        if not missing:
-            n_skipped += 1
-            continue
-        try:
-            z, lat_affine = vf.read_latent(path)
-        except data_lib.DataError as e:
-            if not skip_bad_files:
-                raise
-            bad.append(path)
-            log(f"skipped {path}: {e}")
-            continue
-        if unscale:
-            z = z / np.float32(scale_factor)
-        entry = entries.get(name, {})
-        shape = entry.get("input_shape") if crop else None
-        affine = _affine(entry, lat_affine, ae.factor, name, meta, log)
-        codes = _codes(entry, path)
-        lay = ae.layout([n * f for n, f in zip(z.shape[:3], ae.factor)], op="decode")
-        if lay.window is not None:
-            log(f"{name}: {lay.describe()}")
-        try:
-            vol = ae.decode_volume(z, shape=shape)
-        except ValueError as e:
-            raise type(e)(f"{path}: {e}") from None
-        if denormalize:
-            vol = inference.denormalize(vol, ae.config.data)
-        for f in missing:
-            written.append(vf.save(os.path.join(out_dir, name), f, vol, affine, codes))
-    log(f"Decoded {len(files) - n_skipped - len(bad)} latent(s) into {out_dir}; skipped "
-        f"{n_skipped} existing and {len(bad)} unreadable.")
+    made_by = {"checkpoint": {"workdir": ae.workdir, "step": ae.step,
+                              "config_hash": ae.config_hash},
+               "options": {"unscale": bool(unscale),
+                           "scale_factor": float(scale_factor) if unscale else None,
+                           "crop": bool(crop), "denormalize": bool(denormalize),
+                           "dtype": str(ae.model.dtype), "overlap": ae.overlap,
+                           "window": (ae.window if isinstance(ae.window, str) else
+                                      list(ae.window) if ae.window else "whole")}}
+    items = [(name, [name + vf.SUFFIXES[f] for f in fmts],
+              vf.source_of(path, latents_json=entries.get(name) or None))
+             for path, name in zip(files, names)]
+    by_name = {name: (path, src) for (name, _, src), path in zip(items, files)}
+    written, bad = [], []
+    with vf.Outputs(out_dir, "decode", made_by, overwrite=overwrite, log=log) as outs:
+        make, reused = outs.plan(items)
+        for name in tqdm(make, desc="decode", unit="vol", disable=not progress,
+                         file=sys.stdout, dynamic_ncols=True):
+            path, src = by_name[name]
+            try:
+                z, lat_affine = vf.read_latent(path)
+                if not np.isfinite(z).all():
+                    raise data_lib.DataError(
+                        f"{path} holds NaN or Inf values; a latent must be finite (extract "
+                        "it again, or sample again).")
+            except data_lib.DataError as e:
+                if not skip_bad_files:
+                    raise
+                bad.append(path)
+                log(f"skipped {path}: {e}")
+                continue
+            if unscale:
+                z = z / np.float32(scale_factor)
+            entry = entries.get(name, {})
+            shape = entry.get("input_shape") if crop else None
+            affine = _affine(entry, lat_affine, ae.factor, name, meta, log)
+            codes = _codes(entry, path)
+            lay = ae.layout([n * f for n, f in zip(z.shape[:3], ae.factor)], op="decode")
+            if lay.window is not None:
+                log(f"{name}: {lay.describe()}")
+            try:
+                vol = np.asarray(ae.decode_volume(z, shape=shape))
+            except ValueError as e:
+                raise type(e)(f"{path}: {e}") from None
+            if not np.isfinite(vol).all():
+                raise NonFiniteResultError(
+                    f"{path}: its volume decoded by checkpoint step {ae.step} of {ae.workdir} "
+                    f"(dtype {ae.model.dtype}) holds NaN or Inf values, though the latent is "
+                    "finite; nothing was written for it. Try --dtype float32 or another "
+                    "--step.")
+            if denormalize:
+                vol = inference.denormalize(vol, ae.config.data)
+            outs.write(name, {name + vf.SUFFIXES[f]: (
+                lambda t, f=f: vf.write(t, f, vol, affine, codes)) for f in fmts}, src)
+            written += [os.path.join(out_dir, name + vf.SUFFIXES[f]) for f in fmts]
+    log(f"Decoded {len(make) - len(bad)} latent(s) into {out_dir}; reused {len(reused)} "
+        f"complete, skipped {len(bad)} unreadable.")
     return written
 
 

@@ -9,6 +9,13 @@ The checkpoint alone defines the model and the preprocessing (intensity window, 
 affine, voxel sizes times the total factor) plus latents.json: per-file shapes and
 affines, per-channel mean/std over the whole set, and scale_factor = 1/std, which the
 diffusion stage multiplies latents by (the LDM convention for unit-variance latents).
+
+Reruns: OUTPUT/provenance.jsonl records what made each output (checkpoint step and model
+hash, the options that change the result, the input's path, size and modification time,
+each file's SHA-256). A rerun with the same checkpoint and options completes the folder:
+complete outputs are reused (and named), missing ones are made; outputs made otherwise
+(another --step, a moved --step best included) are kept and the run refuses in one line
+unless --overwrite. An interrupted run leaves only complete outputs.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Point clouds (.csv/.tsv/.npz/.h5/.hdf5, 2D .npy; see ldm_jax.data.pointcloud.vol
 with the checkpoint's data.pointcloud_* settings; their rows add the Chamfer and EMD
 distances (nm) of points sampled back from the reconstruction (NAME_points.csv) and, as
 the floor, from the voxelisation alone.
+
+Reruns: as extract's (OUTPUT/provenance.jsonl records each reconstruction with its scores;
+metrics.json and metrics.csv always cover every reconstruction in the folder).
 """
 
 from __future__ import annotations

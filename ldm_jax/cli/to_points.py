@@ -10,8 +10,10 @@ proportional to max(I - threshold, 0), then a position inside it (--jitter), map
 by the volume's affine: NIfTI units from the header (none: micrometres, as ldm_jax
 writes them), .npy files have no affine: --voxel_size nm with the origin at 0. The count
 is --num_points, or round(k x the summed intensity above the threshold). Output:
-OUTPUT/NAME.csv with the header `x [nm],y [nm],z [nm]`; existing files are skipped unless
---overwrite. Each file's draw depends only on --seed and its name.
+OUTPUT/NAME.csv with the header `x [nm],y [nm],z [nm]`. Each file's draw depends only on
+--seed and its name. A rerun completes the folder: clouds drawn with the same options from
+the same volumes are reused, missing ones are made; clouds drawn otherwise are kept and
+the run refuses unless --overwrite (OUTPUT/provenance.jsonl records each).
 """
 
 from __future__ import annotations
@@ -73,24 +75,25 @@ def _body(fv):
     names = vf.output_names(files)
     out_dir = vf.prepare_output_dir(fv.output, files)
     voxel_size = numbers(fv.voxel_size, "voxel_size")
-    done = skipped = 0
+    options = dict(num_points=fv.num_points, points_per_unit=fv.points_per_unit_intensity,
+                   threshold=fv.threshold, jitter=fv.jitter, seed=fv.seed, units=fv.units,
+                   voxel_size=voxel_size)
+    items = [(name, [name + ".csv"], vf.source_of(path)) for path, name in zip(files, names)]
+    paths = dict(zip(names, files))
     notes = set()
-    for path, name in zip(files, names):
-        target = os.path.join(out_dir, name + ".csv")
-        if os.path.exists(target) and not fv.overwrite:
-            skipped += 1
-            continue
-        pts, note = volume_to_points(
-            path, num_points=fv.num_points, points_per_unit=fv.points_per_unit_intensity,
-            threshold=fv.threshold, jitter=fv.jitter, seed=fv.seed, units=fv.units,
-            voxel_size=voxel_size)
-        if note and note not in notes:
-            notes.add(note)
-            print(f"note: {note}")
-        write_csv(target, pts)
-        print(f"{name}: {len(pts)} points")
-        done += 1
-    print(f"Wrote {done} cloud(s), skipped {skipped} existing, into {out_dir}.")
+    with vf.Outputs(out_dir, "to_points", {"options": options}, overwrite=fv.overwrite) as outs:
+        make, reused = outs.plan(items)
+        for name, _, src in items:
+            if name not in make:
+                continue
+            pts, note = volume_to_points(paths[name], **options)
+            if note and note not in notes:
+                notes.add(note)
+                print(f"note: {note}")
+            outs.write(name, {name + ".csv": lambda t: write_csv(t, pts)}, src,
+                       {"points": int(len(pts))})
+            print(f"{name}: {len(pts)} points")
+    print(f"Wrote {len(make)} cloud(s), reused {len(reused)} complete, into {out_dir}.")
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,10 @@ ldm_jax/data/pointcloud_io.py). Each cloud becomes OUTPUT/NAME.nii.gz: float32, 
 micrometres with NIfTI units "micron" (20 nm voxels are 0.02), so positions in nm are kept.
 OUTPUT/voxelize.json lists per cloud the points read and kept, the grid and the largest
 voxel value (set data.a_max near the typical maximum when training on such volumes).
-Existing outputs are skipped unless --overwrite.
+A rerun completes the folder: volumes voxelised with the same settings from the same files
+are reused, missing ones are made, voxelize.json lists every volume in the folder; volumes
+made otherwise are kept and the run refuses unless --overwrite (OUTPUT/provenance.jsonl
+records each).
 """
 
 from __future__ import annotations
@@ -65,60 +68,83 @@ def spec_from_flags(fv):
 
 def voxelize_files(input, output, spec, *, overwrite=False, skip_bad_files=False,
                    progress=True, log=print) -> dict:
-    """Voxelises every cloud in `input` into OUTPUT/NAME.nii.gz; returns the manifest."""
+    """Voxelises every cloud in `input` into OUTPUT/NAME.nii.gz; returns the manifest.
+
+    A rerun completes the folder (`ldm_jax.outputs.Outputs`): volumes voxelised with the
+    same settings from the same files are reused, missing ones are made, and
+    voxelize.json lists every volume in the folder. Raises OutputConflictError for
+    volumes made with other settings or from another version of a file (unless
+    `overwrite`).
+    """
     from tqdm import tqdm
 
     from ldm_jax.data import BadFileError, io
     from ldm_jax.data.pointcloud import io as pio
     from ldm_jax.data.pointcloud.volumes import save_volume
 
+    import dataclasses
+
     files = io.list_volume_files(input, pio.CLOUD_PATTERNS)
     out_dir = vf.prepare_output_dir(output, files)
     refs = pio.list_clouds(files, spec.dataset)
-    manifest_path = os.path.join(out_dir, MANIFEST)
-    rows = {}
-    if os.path.exists(manifest_path):
-        try:
-            with open(manifest_path) as f:
-                rows = json.load(f).get("clouds", {})
-        except (OSError, ValueError):
-            rows = {}
-    done = skipped = 0
+    made_by = {"spec": {k: v for k, v in dataclasses.asdict(spec).items()
+                        if k not in ("max_gib", "smlm")}}  # max_gib only refuses
+    items = [(ref.name, [ref.name + ".nii.gz"], vf.source_of(ref.path, entry=str(ref)))
+             for ref in refs]
+    by_name = {ref.name: (ref, src) for ref, (_, _, src) in zip(refs, items)}
     bad = []
-    for ref in tqdm(refs, desc="voxelize", unit="cloud", disable=not progress, file=sys.stdout):
-        target = os.path.join(out_dir, ref.name + ".nii.gz")
-        if os.path.exists(target) and not overwrite:
-            skipped += 1
-            continue
+    with vf.Outputs(out_dir, "voxelize", made_by, overwrite=overwrite, log=log) as outs:
+        make, reused = outs.plan(items)
+        interrupted = True
         try:
-            pts = spec.read(ref)
-        except BadFileError as e:
-            if not skip_bad_files:
-                raise
-            bad.append(str(e))
-            continue
-        vol, grid, n_in = spec.voxelize(pts, str(ref))
-        save_volume(target, vol, grid.affine,
-                    f"ldm_jax {spec.method} voxel {grid.voxel_size[0]:g} nm, {n_in} points")
-        rows[ref.name] = {"input": os.path.abspath(str(ref)), "points": int(len(pts)),
-                          "points_in_grid": n_in, "shape": list(grid.shape),
-                          "voxel_size_nm": list(grid.voxel_size), "origin_nm": list(grid.origin),
-                          "method": spec.method, "max": float(vol.max())}
-        if n_in < len(pts):
-            log(f"{ref.name}: {len(pts) - n_in} of {len(pts)} points are outside the grid and "
-                f"left out.")
-        done += 1
-    manifest = {"clouds": rows, "skipped_bad_files": bad}
+            for name in tqdm(make, desc="voxelize", unit="cloud", disable=not progress,
+                             file=sys.stdout):
+                ref, src = by_name[name]
+                try:
+                    pts = spec.read(ref)
+                except BadFileError as e:
+                    if not skip_bad_files:
+                        raise
+                    bad.append(str(e))
+                    continue
+                vol, grid, n_in = spec.voxelize(pts, str(ref))
+                row = {"input": os.path.abspath(str(ref)), "points": int(len(pts)),
+                       "points_in_grid": n_in, "shape": list(grid.shape),
+                       "voxel_size_nm": list(grid.voxel_size),
+                       "origin_nm": list(grid.origin), "method": spec.method,
+                       "max": float(vol.max())}
+                outs.write(name, {name + ".nii.gz": lambda t: save_volume(
+                    t, vol, grid.affine, f"ldm_jax {spec.method} voxel "
+                    f"{grid.voxel_size[0]:g} nm, {n_in} points")}, src, row)
+                if n_in < len(pts):
+                    log(f"{name}: {len(pts) - n_in} of {len(pts)} points are outside the grid "
+                        "and left out.")
+            interrupted = False
+        finally:
+            records = outs.complete()
+            if interrupted:
+                try:
+                    _write_manifest(out_dir, records, bad)
+                except Exception:  # noqa: BLE001 -- the interruption is what to report
+                    pass
+    manifest = _write_manifest(out_dir, records, bad)
+    maxima = [r["max"] for r in manifest["clouds"].values()]
+    hint = (f" Voxel maxima: median {np.median(maxima):.3g}, largest {max(maxima):.3g} "
+            f"(a guide for data.a_max).") if maxima else ""
+    log(f"Voxelised {len(make) - len(bad)} cloud(s), reused {len(reused)} complete, "
+        f"{len(bad)} unreadable, into {out_dir}.{hint}")
+    return manifest
+
+
+def _write_manifest(out_dir, records, bad) -> dict:
+    """voxelize.json over every recorded volume in `out_dir`; returns its content."""
+    manifest = {"clouds": {name: rec["row"] for name, rec in records.items()},
+                "skipped_bad_files": bad}
 
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
-    vf.atomic_write(manifest_path, write)
-    maxima = [r["max"] for r in rows.values()]
-    hint = (f" Voxel maxima: median {np.median(maxima):.3g}, largest {max(maxima):.3g} "
-            f"(a guide for data.a_max).") if maxima else ""
-    log(f"Voxelised {done} cloud(s), skipped {skipped} existing, {len(bad)} unreadable, into "
-        f"{out_dir}.{hint}")
+    vf.atomic_write(os.path.join(out_dir, MANIFEST), write)
     return manifest
 
 

@@ -72,17 +72,24 @@ def test_to_points_npy_needs_voxel_size_for_nm(tmp_path, capsys):
     np.testing.assert_allclose(pts, [[50.0, 30.0, 70.0]] * 10)  # voxel (2, 1, 3) centre, nm
 
 
-def test_never_overwrites_without_overwrite(clouds, tmp_path):
+def test_never_overwrites_without_overwrite(clouds, tmp_path, capsys):
     vols = str(tmp_path / "vols")
     assert _run(voxelize, f"--input={clouds}", f"--output={vols}") == 0
     target = os.path.join(vols, "smlm_000.nii.gz")
     before = os.path.getmtime(target), os.path.getsize(target)
     os.utime(target, (1, 1))
-    assert _run(voxelize, f"--input={clouds}", f"--output={vols}", "--sigma=40") == 0
-    assert os.path.getmtime(target) == 1  # skipped
+    capsys.readouterr()
+    # Other settings: refused in one line naming the difference, the volume untouched.
+    assert _run(voxelize, f"--input={clouds}", f"--output={vols}", "--sigma=40") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "spec.sigma [10.0, 10.0, 10.0] there, [40.0, 40.0, " \
+        "40.0] here" in err
+    assert os.path.getmtime(target) == 1
     assert _run(voxelize, f"--input={clouds}", f"--output={vols}", "--sigma=40",
                 "--overwrite") == 0
     assert os.path.getmtime(target) > 1 and before[1] > 0
+    manifest = json.load(open(os.path.join(vols, "voxelize.json")))
+    assert sorted(manifest["clouds"]) == ["smlm_000", "smlm_001"]
     # demo clouds too: existing CSVs are kept.
     csv = os.path.join(clouds, "smlm_000.csv")
     os.utime(csv, (1, 1))
