@@ -4,7 +4,7 @@ r"""Generate volumes with a trained latent diffusion model (stage 2).
       [--num_inference_steps 50] [--scheduler ddim|ddpm|rflow] [--eta 0] \
       [--guidance_scale 3 --class_label K] [--context FILE.npy] [--seed 0] \
       [--step best|latest|N] [--format nifti|npy|both] [--batch_size 8] [--noema] \
-      [--overwrite]
+      [--autoencoder_workdir DIR] [--overwrite]
 
 Noise is denoised in one jitted loop per batch (`jax.lax.fori_loop`), the latents are
 cropped to the autoencoder's latent shape, divided by the run's scale_factor and decoded
@@ -13,11 +13,19 @@ by the stage-1 autoencoder from its checkpoint. Writes, in --output:
                            data's voxel size (data.spacing, else 1 mm)
   latents/sample_0000.npy  the unscaled latents (decode them again with ldm-jax decode)
   samples.png              contact sheet: per sample XY, XZ, YZ mid-slices and the XY MIP
-  samples.json             seed, steps, scheduler, context file, checkpoints used, seconds
+  samples.json             seed, steps, scheduler, context file, checkpoints used
+  provenance.jsonl         what made each sample (checkpoints, settings, batch, SHA-256s)
 --context (models trained with unet.with_conditioning): a .npy float32 (S, D) or (D,)
 context for every sample, or (num_samples, S, D) one per sample; without it such a model
 samples with the null context (zeros), i.e. unconditionally.
-Existing outputs are not overwritten without --overwrite.
+--autoencoder_workdir: where the stage-1 run is now if it moved since stage 2 was trained
+(the run's own latents.autoencoder_workdir by default).
+Batch k is drawn from fold_in(PRNGKey(seed), k) and written as soon as it is decoded. A
+rerun with the same settings completes the folder: complete samples are reused, only the
+batches with missing ones are drawn, so an interrupted run ends with exactly the files of
+an uninterrupted one. Samples other settings made (another --step, seed, --batch_size ...)
+are kept and the run refuses in one line unless --overwrite. NaN or Inf samples are an
+error naming the batch and the settings; nothing of that batch is written.
 """
 
 from __future__ import annotations
@@ -57,47 +65,80 @@ def _define(fv):
     flags.DEFINE_integer("batch_size", 8, "Samples per jitted loop.", flag_values=fv)
     flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema: the raw ones).",
                       flag_values=fv)
-    cli.define_overwrite_flag(fv, "Replace existing outputs.")
+    flags.DEFINE_string("autoencoder_workdir", None, "Where the stage-1 run this model was "
+                        "trained with is now, if it moved (default: the folder saved in the "
+                        "checkpoint's latents.autoencoder_workdir).", flag_values=fv)
+    cli.define_overwrite_flag(fv, "Replace outputs that other settings made.")
     cli.define_progress_flag(fv)
+
+
+def check_request(num_samples, steps, eta, guidance_scale, batch_size) -> None:
+    """The sampling flags' ranges, before any work. Raises ConfigError naming the flag,
+    what it takes and its value."""
+    import math
+
+    from ldm_jax.errors import ConfigError
+
+    if int(num_samples) < 1:
+        raise ConfigError(f"--num_samples={num_samples} must be >= 1.")
+    if int(steps) < 1:
+        raise ConfigError(f"--num_inference_steps={steps} must be >= 1.")
+    if int(batch_size) < 1:
+        raise ConfigError(f"--batch_size={batch_size} must be >= 1 (samples per jitted "
+                          "loop; 8 by default).")
+    if not (math.isfinite(float(eta)) and 0.0 <= float(eta) <= 1.0):
+        raise ConfigError(f"--eta={eta} must be in [0, 1] (DDIM's stochasticity: 0 "
+                          "deterministic, 1 as DDPM); pass e.g. --eta=0.")
+    if not math.isfinite(float(guidance_scale)):
+        raise ConfigError(f"--guidance_scale={guidance_scale} must be a finite number "
+                          "(1 = no guidance).")
 
 
 def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
            guidance_scale=1.0, class_label=None, context=None, seed=0, step="best",
            format="nifti", batch_size=8, ema=True, overwrite=False, progress=True,
-           log=print) -> dict:
+           autoencoder_workdir=None, log=print) -> dict:
     """Writes `num_samples` volumes to `output` (see the module docstring); returns the
-    samples.json content. Raises ConfigError / CheckpointNotFoundError / OutputDirError."""
+    samples.json content.
+
+    Batch k (samples k*batch_size ...) is drawn from fold_in(PRNGKey(seed), k) and written
+    as soon as it is decoded; a rerun with the same settings reuses the complete samples
+    and draws only the batches with missing ones (`ldm_jax.outputs.Outputs`), so an
+    interrupted run completes to exactly what an uninterrupted one writes.
+
+    Raises ConfigError (a flag out of range, a request the model cannot take),
+    CheckpointNotFoundError, DamagedCheckpointError, OutputDirError,
+    OutputConflictError (samples made otherwise in `output`, unless `overwrite`) and
+    NonFiniteResultError (a batch came out NaN/Inf: nothing of it is written).
+    """
+    import hashlib
+
     import jax
     from tqdm import tqdm
 
     from ldm_jax import outputs as vf
     from ldm_jax.diffusion.pipeline import load_pipeline, save_sheet
-    from ldm_jax.errors import ConfigError
+    from ldm_jax.errors import ConfigError, NonFiniteResultError
 
-    if int(num_samples) < 1:
-        raise ConfigError(f"--num_samples={num_samples} must be >= 1.")
-    context_array = None
+    check_request(num_samples, steps, eta, guidance_scale, batch_size)
+    n, bs = int(num_samples), int(batch_size)
+    context_array = context_digest = None
     if context is not None:
         try:
             context_array = np.load(context)
+            with open(context, "rb") as f:
+                context_digest = hashlib.sha256(f.read()).hexdigest()
         except (OSError, ValueError) as e:
             raise ConfigError(f"--context={context!r} is not a readable .npy file ({e}).") \
                 from None
-    names = [f"sample_{i:04d}" for i in range(int(num_samples))]
+    names = [f"sample_{i:04d}" for i in range(n)]
     fmts = vf.formats(format)
-    out_path = os.path.abspath(os.path.expanduser(str(output)))
-    targets = [os.path.join(out_path, n + vf.SUFFIXES[f]) for n in names for f in fmts]
-    existing = [t for t in targets + [os.path.join(out_path, "samples.json")]
-                if os.path.exists(t)]
-    if existing and not overwrite:
-        raise vf.OutputDirError(
-            f"{output} already holds {len(existing)} output(s) such as {existing[0]}; pass "
-            "--overwrite to replace them, or choose a new --output.")
-    pipe = load_pipeline(workdir, step, use_ema=ema)
+    pipe = load_pipeline(workdir, step, use_ema=ema, autoencoder_workdir=autoencoder_workdir)
     # Every check before --output is created: a refused request leaves nothing behind.
     pipe.check_request(steps, scheduler, class_label)
-    contexts = pipe.contexts_for(int(num_samples), context_array)
+    contexts = pipe.contexts_for(n, context_array)
     out_dir = vf.prepare_output_dir(output)
+    sampler = scheduler or ("rflow" if pipe.config.scheduler.name == "rflow" else "ddim")
     log(f"Stage-2 checkpoint step {pipe.step} of {os.path.abspath(workdir)} "
         f"({'EMA' if ema else 'raw'} weights); autoencoder step {pipe.autoencoder.step} of "
         f"{pipe.autoencoder.workdir}; latents {'x'.join(map(str, pipe.latent_shape))}, "
@@ -105,56 +146,122 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     if contexts is not None and context is None:
         log("This model cross-attends to a context; without --context it samples with the "
             "null context (zeros): unconditional samples.")
-    bar = tqdm(total=int(num_samples), desc="sample", unit="vol", disable=not progress,
-               file=sys.stdout, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    try:
-        z = pipe.sample_latents(int(num_samples), jax.random.PRNGKey(int(seed)), steps=steps,
-                                scheduler=scheduler, eta=eta, guidance_scale=guidance_scale,
-                                class_label=class_label, context=contexts,
-                                batch_size=int(batch_size),
-                                on_batch=lambda done: bar.update(done - bar.n))
-        t_sample = time.perf_counter() - t0
-        vols = pipe.decode(z)
-    finally:
-        bar.close()
-    t_total = time.perf_counter() - t0
-    d = pipe.autoencoder.config.data
-    spacing = d.get("spacing")
-    affine = np.diag([*(spacing if spacing else (1.0, 1.0, 1.0)), 1.0]).astype(np.float64)
-    os.makedirs(os.path.join(out_dir, "latents"), exist_ok=True)
-    for name, v, lat in zip(names, vols, z):
-        for f in fmts:
-            vf.save(os.path.join(out_dir, name), f, v, affine)
-        vf.save_npy(os.path.join(out_dir, "latents", name + ".npy"), lat)
-    save_sheet(vols, os.path.join(out_dir, "samples.png"), d, names,
-               title=f"{len(names)} samples, {steps} steps, seed {seed}, step {pipe.step} of "
-                     f"{os.path.basename(os.path.abspath(workdir))}")
-    record = {
-        "num_samples": int(num_samples), "seed": int(seed), "steps": int(steps),
-        "scheduler": scheduler or ("rflow" if pipe.config.scheduler.name == "rflow" else "ddim"),
-        "eta": float(eta), "guidance_scale": float(guidance_scale),
-        "class_label": class_label,
-        "context": None if context is None else os.path.abspath(context),
-        "context_shape": None if context_array is None else list(context_array.shape),
-        "ema": bool(ema),
-        "diffusion_checkpoint": {"workdir": os.path.abspath(workdir), "step": pipe.step},
+    made_by = {
+        "diffusion_checkpoint": {"workdir": os.path.abspath(workdir), "step": pipe.step,
+                                 "ema": bool(ema)},
         "autoencoder_checkpoint": {"workdir": pipe.autoencoder.workdir,
                                    "step": pipe.autoencoder.step,
                                    "config_hash": pipe.autoencoder.config_hash},
-        "scale_factor": pipe.scale_factor, "latent_shape": list(pipe.latent_shape),
-        "volume_shape": list(vols.shape[1:]),
-        "seconds": {"sampling": round(t_sample, 3), "total": round(t_total, 3),
-                    "per_sample": round(t_total / int(num_samples), 3)},
-        "files": names,
+        "sampling": {"seed": int(seed), "steps": int(steps), "scheduler": sampler,
+                     "eta": float(eta), "guidance_scale": float(guidance_scale),
+                     "class_label": class_label, "context_sha256": context_digest},
     }
+    d = pipe.autoencoder.config.data
+    spacing = d.get("spacing")
+    affine = np.diag([*(spacing if spacing else (1.0, 1.0, 1.0)), 1.0]).astype(np.float64)
+
+    def files_of(name):
+        return [name + vf.SUFFIXES[f] for f in fmts] + [f"latents/{name}.npy"]
+
+    batches = [(k, i, min(bs, n - i)) for k, i in enumerate(range(0, n, bs))]
+    items = [(names[i + j], files_of(names[i + j]),
+              {"index": i + j, "batch": [k, b], "batch_size": bs,
+               "context_row": None if context_array is None or context_array.ndim < 3
+               else i + j})
+             for k, i, b in batches for j in range(b)]
+    sources = {name: src for name, _, src in items}
+    rng = jax.random.PRNGKey(int(seed))
+    t0 = time.perf_counter()
+    with vf.Outputs(out_dir, "sample", made_by, overwrite=overwrite, log=log) as outs:
+        make, reused = outs.plan(items)
+        if reused:
+            log(f"Reusing {len(reused)} complete sample(s) of these settings "
+                f"({', '.join(reused[:5])}{', ...' if len(reused) > 5 else ''}); drawing the "
+                "batches of the missing ones.")
+        todo = set(make)
+        extra = {"context": None if context is None else os.path.abspath(context),
+                 "context_shape": None if context_array is None else
+                 list(context_array.shape)}
+        bar = tqdm(total=len(make), desc="sample", unit="vol", disable=not progress,
+                   file=sys.stdout, dynamic_ncols=True)
+        interrupted = True
+        try:
+            for k, i, b in batches:
+                wanted = [j for j in range(b) if names[i + j] in todo]
+                if not wanted:
+                    continue
+                z = pipe.sample_batch(rng, k, b, steps=steps, scheduler=scheduler, eta=eta,
+                                      guidance_scale=guidance_scale, class_label=class_label,
+                                      context=None if contexts is None else contexts[i:i + b])
+                vols = pipe.decode(z) if np.isfinite(z).all() else None
+                if vols is None or not np.isfinite(vols).all():
+                    raise NonFiniteResultError(
+                        f"samples {names[i]}..{names[i + b - 1]} (batch {k}) came out NaN or "
+                        f"Inf {'as latents' if vols is None else 'after decoding'}: stage-2 "
+                        f"step {pipe.step} of {os.path.abspath(workdir)} "
+                        f"({'EMA' if ema else 'raw'} weights), {sampler}, {steps} steps, eta "
+                        f"{eta}, guidance {guidance_scale}, seed {seed}; nothing of that batch "
+                        "was written. Try another --step, --noema, or a smaller "
+                        "--guidance_scale.")
+                for j in wanted:
+                    name, v, lat = names[i + j], vols[j], z[j]
+                    files = {name + vf.SUFFIXES[f]: (
+                        lambda t, f=f, v=v: vf.write(t, f, v, affine)) for f in fmts}
+                    files[f"latents/{name}.npy"] = lambda t, lat=lat: vf.write_npy(t, lat)
+                    outs.write(name, files, sources[name])
+                    bar.update(1)
+            interrupted = False
+        finally:
+            bar.close()
+            records = outs.complete()
+            if interrupted:  # the summary still covers every sample in the folder
+                try:
+                    _write_summary(out_dir, records, made_by, extra, pipe, workdir)
+                except Exception:  # noqa: BLE001 -- the interruption is what to report
+                    pass
+    record = _write_summary(out_dir, records, made_by, extra, pipe, workdir)
+    t_total = time.perf_counter() - t0
+    if make:
+        log(f"Drew {len(make)} sample(s) in {t_total:.1f} s ({t_total / len(make):.2f} s per "
+            f"sample); reused {len(reused)} complete. Wrote {out_dir}/samples.json over "
+            f"{len(records)} sample(s).")
+    else:
+        log(f"All {len(reused)} sample(s) were complete in {out_dir}; nothing to draw.")
+    return record
+
+
+def _write_summary(out_dir, records, made_by, extra, pipe, workdir):
+    """samples.json and samples.png over every recorded sample in `out_dir` (volumes read
+    back from the files, in name order); returns the samples.json content."""
+    from ldm_jax import outputs as vf
+    from ldm_jax.diffusion.pipeline import save_sheet
+
+    if not records:
+        return None
+    names = list(records)
+    vols = []
+    for name in names:
+        files = sorted((f for f in records[name]["files"] if not f.startswith("latents/")),
+                       key=lambda f: not f.endswith(".npy"))
+        vols.append(vf.read_latent(os.path.join(out_dir, files[0]))[0])
+    s = made_by["sampling"]
+    save_sheet(vols, os.path.join(out_dir, "samples.png"), pipe.autoencoder.config.data, names,
+               title=f"{len(names)} samples, {s['steps']} steps, seed {s['seed']}, step "
+                     f"{pipe.step} of {os.path.basename(os.path.abspath(workdir))}")
+    diffusion = made_by["diffusion_checkpoint"]
+    record = {
+        "num_samples": len(names), **s, **extra, "ema": diffusion["ema"],
+        "diffusion_checkpoint": {"workdir": diffusion["workdir"], "step": diffusion["step"]},
+        "autoencoder_checkpoint": made_by["autoencoder_checkpoint"],
+        "scale_factor": pipe.scale_factor, "latent_shape": list(pipe.latent_shape),
+        "volume_shape": list(vols[0].shape), "files": names,
+    }
+
     def write_json(tmp):
         with open(tmp, "w") as f:
             json.dump(record, f, indent=1)
 
     vf.atomic_write(os.path.join(out_dir, "samples.json"), write_json)
-    log(f"Wrote {num_samples} sample(s) to {out_dir} in {t_total:.1f} s "
-        f"({t_total / int(num_samples):.2f} s per sample, sampling {t_sample:.1f} s).")
     return record
 
 
@@ -163,7 +270,7 @@ def _body(fv):
            scheduler=fv.scheduler, eta=fv.eta, guidance_scale=fv.guidance_scale,
            class_label=fv.class_label, context=fv.context, seed=fv.seed, step=fv.step,
            format=fv.format, batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,
-           progress=fv.progress)
+           progress=fv.progress, autoencoder_workdir=fv.autoencoder_workdir)
 
 
 def main(argv=None) -> int:

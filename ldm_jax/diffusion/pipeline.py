@@ -91,19 +91,42 @@ class Pipeline:
         model, or a sampler the model was not trained for.
         """
         from ldm_jax.diffusion.latent_space import crop
-        from ldm_jax.diffusion.sampling import make_sampler, sample_latents, sampler_for
+        from ldm_jax.diffusion.sampling import sample_latents
 
         class_label = self.check_request(steps, scheduler, class_label)
         context = self.contexts_for(int(n), context)
+        z = sample_latents(self._sampler(steps, scheduler, guidance_scale, eta), self.params,
+                           rng, n=int(n), class_label=class_label, context=context,
+                           batch_size=batch_size, on_batch=on_batch)
+        return np.asarray(crop(z, self.pad)) / self.scale_factor
+
+    def _sampler(self, steps, scheduler, guidance_scale, eta):
+        """The jitted sampling loop for these settings (made once)."""
+        from ldm_jax.diffusion.sampling import make_sampler, sampler_for
+
         key = (scheduler, int(steps), float(guidance_scale), float(eta))
         if key not in self._samplers:
             self._samplers[key] = make_sampler(
                 self.unet, sampler_for(self.config.scheduler, scheduler),
                 shape=(*self.padded_shape, self.latent_shape[-1]), steps=int(steps),
                 guidance_scale=guidance_scale, null_label=self.null_label, eta=eta)
-        z = sample_latents(self._samplers[key], self.params, rng, n=int(n),
-                           class_label=class_label, context=context, batch_size=batch_size,
-                           on_batch=on_batch)
+        return self._samplers[key]
+
+    def sample_batch(self, rng, index: int, size: int, *, steps: int = 50,
+                     scheduler: Optional[str] = None, eta: float = 0.0,
+                     guidance_scale: float = 1.0, class_label: Optional[int] = None,
+                     context=None) -> np.ndarray:
+        """Batch `index` (of `size` samples) of what `sample_latents(..., batch_size=size)`
+        draws: unscaled latents (size, x, y, z, C) float32, the same values whichever
+        other batches are drawn. `context`: as `sample_latents`'s, for these `size`
+        samples. Raises ConfigError as `sample_latents`."""
+        from ldm_jax.diffusion.latent_space import crop
+        from ldm_jax.diffusion.sampling import sample_batch
+
+        class_label = self.check_request(steps, scheduler, class_label)
+        context = self.contexts_for(int(size), context)
+        z = sample_batch(self._sampler(steps, scheduler, guidance_scale, eta), self.params,
+                         rng, index, size, class_label=class_label, context=context)
         return np.asarray(crop(z, self.pad)) / self.scale_factor
 
     def contexts_for(self, n: int, context=None) -> Optional[np.ndarray]:

@@ -90,20 +90,33 @@ def make_sampler(unet, scheduler, *, shape, steps: int, guidance_scale: float = 
     return jax.jit(run, static_argnames=("n",))
 
 
+def sample_batch(fn, params, key, index: int, size: int, *,
+                 class_label: Optional[int] = None, context=None):
+    """Batch `index` of `size` latents (size, *shape) float32 (scaled, padded) from a
+    `make_sampler` function: drawn from fold_in(key, index), so a batch does not depend on
+    the batches before it (a rerun can make only the missing ones). `context`: None or
+    (size, S, D)."""
+    labels = None if class_label is None else jnp.full((size,), int(class_label), jnp.int32)
+    ctx = None if context is None else jnp.asarray(context, jnp.float32)
+    return fn(params, jax.random.fold_in(key, int(index)), labels, ctx, n=int(size))
+
+
 def sample_latents(fn, params, key, *, n: int, class_label: Optional[int] = None,
                    context=None, batch_size: int = 8, on_batch=None):
     """`n` latents (n, *shape) float32 (scaled, padded) from a `make_sampler` function, in
-    batches of `batch_size`; batch i is drawn from fold_in(key, i), so the same seed gives
-    the same samples. `context`: None or (n, S, D), row i for sample i. `on_batch(done)`
-    is called after each batch (progress)."""
+    batches of `batch_size`; batch i is drawn from fold_in(key, i) (`sample_batch`), so
+    the same seed gives the same samples. `context`: None or (n, S, D), row i for sample
+    i. `on_batch(done)` is called after each batch (progress). Raises ConfigError for
+    n < 1 or batch_size < 1."""
     if int(n) < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}.")
+    if int(batch_size) < 1:
+        raise ConfigError(f"the batch size must be >= 1, got {batch_size}.")
     out = []
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
-        labels = None if class_label is None else jnp.full((b,), int(class_label), jnp.int32)
-        ctx = None if context is None else jnp.asarray(context[i:i + b], jnp.float32)
-        out.append(fn(params, jax.random.fold_in(key, i // batch_size), labels, ctx, n=b))
+        out.append(sample_batch(fn, params, key, i // batch_size, b, class_label=class_label,
+                                context=None if context is None else context[i:i + b]))
         if on_batch is not None:
             on_batch(i + b)
     return jnp.concatenate(out)

@@ -178,7 +178,9 @@ def test_sampling_is_deterministic_and_cli_writes(ldm_workdir, tmp_path):
         assert os.path.exists(os.path.join(out, n + ".nii.gz"))
         assert np.load(os.path.join(out, "latents", n + ".npy")).shape == (8, 8, 4, 2)
     assert os.path.exists(os.path.join(out, "samples.png"))
-    assert sample_cli.main(args) == 2  # existing outputs are kept without --overwrite
+    assert sample_cli.main(args) == 0  # the same settings: complete, reused
+    assert sample_cli.main(args + ["--seed=1"]) == 2  # other settings: refused, kept
+    assert json.load(open(os.path.join(out, "samples.json"))) == rec
     # A refused request (here a class for an unconditional model, a sampler it was not
     # trained for, too many steps) leaves no --output folder behind.
     for bad in ("--class_label=0", "--scheduler=rflow", "--num_inference_steps=1000"):
