@@ -32,10 +32,14 @@ What the numbers mean (printed as a table; all of them, with N and settings, in 
                  volume (each flattened latent one sample; strongly biased when N < dim).
 --range LO,HI sets the intensity range mapped to [-1, 1] for the feature nets and MS-SSIM's
 data range (default: the config's data.b_min,b_max, else the reference's min,max).
+--output records what the results were computed from (each input file's path, size and
+modification time, every option); run again with the same inputs and options, it prints
+the stored results; with others it refuses unless --overwrite.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -49,7 +53,9 @@ def _define(fv):
                         flag_values=fv)
     flags.DEFINE_string("reference", None, "Folder of real volumes, or a config .py whose "
                         "validation volumes are the reference.", flag_values=fv)
-    cli.define_output_flag(fv, "Write the results as JSON here.")
+    cli.define_output_flag(fv, "Write the results as JSON here (with what they were "
+                           "computed from; the same inputs and options reuse them).")
+    cli.define_overwrite_flag(fv, "Replace an --output of other inputs or options.")
     flags.DEFINE_string("config", None, "Config .py to preprocess a reference folder like "
                         "validation data (window, resampling, crop to data.volume_size).",
                         flag_values=fv)
@@ -78,33 +84,137 @@ def _define(fv):
 
 
 def _parse_range(text):
+    """'LO,HI' -> (lo, hi) finite with lo < hi; ConfigError otherwise."""
+    import math
+
+    from ldm_jax.errors import ConfigError
     if text is None:
         return None
-    parts = text.split(",")
     try:
-        lo, hi = (float(p) for p in parts)
+        lo, hi = (float(p) for p in text.split(","))
     except ValueError:
-        raise ValueError(f"--range {text!r} is not LO,HI (two numbers, e.g. --range 0,1)") \
+        raise ConfigError(f"--range {text!r} is not LO,HI (two numbers, e.g. --range 0,1).") \
             from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ConfigError(f"--range {text!r} needs finite LO < HI, e.g. --range 0,1.")
     return lo, hi
+
+
+def _check_flags(fv) -> None:
+    """Every numeric flag's range, before any volume is read (ConfigError)."""
+    import math
+
+    from ldm_jax.errors import ConfigError
+    for name, low in (("num_slices", 1), ("max_pairs", 1), ("max_volumes", 0),
+                      ("ms_ssim_kernel", 1)):
+        if fv[name].value < low:
+            raise ConfigError(f"--{name}={fv[name].value} must be >= {low}.")
+    if fv.ms_ssim_scales is not None and fv.ms_ssim_scales < 1:
+        raise ConfigError(f"--ms_ssim_scales={fv.ms_ssim_scales} must be >= 1 (or left out: "
+                          "as many of 5 as fit).")
+    if not (math.isfinite(fv.latent_scale_factor) and fv.latent_scale_factor > 0):
+        raise ConfigError(f"--latent_scale_factor={fv.latent_scale_factor} must be a finite "
+                          "number > 0 (1 for unscaled latents).")
+
+
+def _inputs(path, patterns=None):
+    """What identifies a set of inputs: path, size and modification time of each file of
+    a folder or glob, or of one file (`outputs.source_of`); [] when there are none."""
+    from ldm_jax import outputs as vf
+    from ldm_jax.data import NoFilesError, list_volume_files
+
+    if path is None:
+        return None
+    if os.path.isfile(path):
+        return [vf.source_of(path)]
+    try:
+        files = list_volume_files(path, patterns=patterns)
+    except NoFilesError:
+        return []
+    extra = [os.path.join(path, "latents.json")] if os.path.isdir(path) else []
+    return [vf.source_of(p) for p in files + [e for e in extra if os.path.exists(e)]]
+
+
+def provenance(fv) -> dict:
+    """What the results depend on: every input file (path, size, modification time) and
+    every option that changes a number."""
+    latents = fv.latents or (os.path.join(fv.samples, "latents") if os.path.isdir(
+        os.path.join(str(fv.samples), "latents")) else None)
+    return {"samples": _inputs(fv.samples), "reference": _inputs(fv.reference),
+            "config": _inputs(fv.config), "latents": _inputs(latents, ("*.npy",)),
+            "reference_latents": _inputs(fv.reference_latents, ("*.npy", "*.nii.gz")),
+            "options": {k: fv[k].value for k in (
+                "features", "num_slices", "seed", "range", "ms_ssim_kernel", "ms_ssim_scales",
+                "max_pairs", "max_volumes", "latent_scale_factor")}}
+
+
+def _previous(path, made_by, overwrite):
+    """The results already at --output when the same inputs and options made them, else
+    None; OutputConflictError for results of other inputs or options (unless
+    `overwrite`)."""
+    from ldm_jax import outputs as vf
+    from ldm_jax.errors import OutputConflictError
+
+    if not os.path.exists(path):
+        return None
+    if os.path.isdir(path):
+        raise vf.OutputDirError(f"--output {path} is a folder; give a file name, e.g. "
+                                f"--output {os.path.join(path, 'eval.json')}.")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    theirs = old.get("provenance") if isinstance(old, dict) else None
+    if theirs == json.loads(json.dumps(made_by)):
+        return old
+    if overwrite:
+        return None
+    why = ("is not a results file of ldm-jax evaluate" if theirs is None else
+           f"holds results of other inputs or options ({vf.differences(theirs, made_by)})")
+    raise OutputConflictError(f"--output {path} {why}; use another --output, or pass "
+                              "--overwrite to replace it.")
 
 
 def _body(fv):
     from ldm_jax import outputs as vf
     from ldm_jax.cli.extract import dumps
     from ldm_jax.metrics import evaluation as ev
+
+    _check_flags(fv)
+    value_range = _parse_range(fv.range)
+    path = made_by = None
+    if fv.output:
+        from ldm_jax import storage
+        path = os.path.abspath(os.path.expanduser(fv.output))
+        storage.check_dir(os.path.dirname(path), "--output's folder")
+        made_by = provenance(fv)
+        old = _previous(path, made_by, fv.overwrite)
+        if old is not None:
+            print(ev.format_table(old))
+            print(f"{path} already holds these results (the same inputs and options); "
+                  "nothing computed.")
+            return
     result = ev.evaluate(
         fv.samples, fv.reference, config=fv.config, features=fv.features,
-        num_slices=fv.num_slices, seed=fv.seed, value_range=_parse_range(fv.range),
+        num_slices=fv.num_slices, seed=fv.seed, value_range=value_range,
         ms_ssim_kernel=fv.ms_ssim_kernel, ms_ssim_num_scales=fv.ms_ssim_scales,
         max_pairs=fv.max_pairs, latents=fv.latents, reference_latents=fv.reference_latents,
         latent_scale_factor=fv.latent_scale_factor, max_volumes=fv.max_volumes)
     print(ev.format_table(result))
     for note in result["notes"]:
         print(f"note: {note}")
-    if fv.output:
-        path = os.path.abspath(os.path.expanduser(fv.output))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    if path:
+        from ldm_jax import storage
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as e:
+            err = storage.storage_error(e, path, "creating --output's folder",
+                                        "Choose an --output you can write to.")
+            if err is None:
+                raise
+            raise err from None
+        result = dict(result, provenance=made_by)
 
         def write(tmp):
             with open(tmp, "w") as f:

@@ -230,6 +230,19 @@ def test_cli_end_to_end_with_latents(tmp_path, capsys):
     assert lat["reference_scale_factor"] == 2.0 and "note" not in lat
     assert "FD alexnet slices" in printed and "MS-SSIM pairs" in printed
     assert "Wrote" in printed
+    # A rerun with the same inputs and options reuses the results (the file untouched);
+    # other options are refused in one line, unless --overwrite.
+    argv = ["evaluate", "--samples", samples, "--reference", reference, "--num-slices", "2",
+            "--features", "alexnet", "--output", str(out), "--reference_latents", ref_lat_dir,
+            "--latent_scale_factor", "2"]
+    before = out.read_bytes()
+    assert cli_evaluate.main(argv) == 0
+    assert "already holds these results" in capsys.readouterr().out
+    assert out.read_bytes() == before
+    assert cli_evaluate.main(argv + ["--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "options.seed 0 there, 1 here" in err
+    assert out.read_bytes() == before
 
 
 def test_latent_section_notes_scaled_latents(tmp_path):
