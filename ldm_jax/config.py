@@ -100,7 +100,8 @@ def load_config(path, arg: str | None = None):
 
     Config files import `configs.default`: the `configs` package must be importable
     (`pip install -e .`, or run from the repository root). Raises ConfigError for a
-    missing file, an import failure or a file without get_config().
+    missing file, an import failure, a file without get_config(), or a get_config() that
+    returns something other than a ConfigDict (None, a plain dict).
     """
     import importlib.util
     from pathlib import Path
@@ -128,9 +129,25 @@ def load_config(path, arg: str | None = None):
             f"config file {str(p)!r} has no get_config() function; define one that returns an "
             "ml_collections.ConfigDict (see configs/balanced.py)"
         )
+    call = f"get_config({arg!r})" if arg is not None else "get_config()"
     try:
-        return get_config(arg) if arg is not None else get_config()
+        config = get_config(arg) if arg is not None else get_config()
     except Exception as e:  # a user file: say which call failed and why
-        call = f"get_config({arg!r})" if arg is not None else "get_config()"
         raise ConfigError(f"{call} of config file {str(p)!r} failed: "
                           f"{type(e).__name__}: {e}") from e
+    check_config_type(config, f"{call} of config file {str(p)!r}")
+    return config
+
+
+def check_config_type(config, where: str) -> None:
+    """Raises ConfigError unless `config` is an ml_collections ConfigDict (what every
+    command reads fields of), naming what `where` returned instead and how to fix it."""
+    import ml_collections
+
+    if isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        return
+    got = "None (no return statement?)" if config is None else type(config).__name__
+    wrap = (" (wrap it: return ml_collections.ConfigDict(d))"
+            if isinstance(config, dict) else "")
+    raise ConfigError(f"{where} returned {got}; it must return an ml_collections.ConfigDict"
+                      f"{wrap}, like configs/balanced.py.")

@@ -38,8 +38,9 @@ def read_latent_folder(path: str, expected_hash: Optional[str] = None):
         latents.json dict).
 
     Raises:
-        DataError: no folder / no latents.json / no latents / unequal latent shapes /
-            latents from another autoencoder (hash mismatch).
+        DataError: no folder / no latents.json / an interrupted extraction (latents.json
+            marked incomplete, or latents in the folder it does not list) / no latents /
+            unequal latent shapes / latents from another autoencoder (hash mismatch).
     """
     from ldm_jax.outputs import read_latent
 
@@ -49,8 +50,14 @@ def read_latent_folder(path: str, expected_hash: Optional[str] = None):
             f"latents.dir={path!r} has no {LATENTS_JSON}; write one with "
             f"`ldm-jax extract --workdir AUTOENCODER_WORKDIR --input VOLUMES --output {path}`, "
             "or unset latents.dir to encode volumes on the fly.")
-    with open(json_path) as f:
-        meta = json.load(f)
+    try:
+        with open(json_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{json_path} is not readable JSON ({type(e).__name__}: {e}); run "
+                        "the ldm-jax extract command that wrote it again (it reuses the "
+                        "complete latents).") from None
+    _check_complete(path, meta)
     got = meta.get("checkpoint", {}).get("config_hash")
     if expected_hash is not None and got != expected_hash:
         raise DataError(
@@ -78,12 +85,44 @@ def read_latent_folder(path: str, expected_hash: Optional[str] = None):
     return names, latents, meta
 
 
+def _check_complete(path: str, meta: dict) -> None:
+    """Raises DataError when the extraction that wrote `path` was interrupted: its
+    latents.json says so, or provenance.jsonl records latents that latents.json lacks (a
+    run killed before it could rewrite the summary)."""
+    from ldm_jax.outputs import RECORD
+
+    fix = ("run the same ldm-jax extract command again to complete it (it reuses the "
+           "complete latents and makes the missing ones).")
+    if meta.get("complete") is False:
+        raise DataError(f"The extraction into {path} was interrupted: its {LATENTS_JSON} "
+                        f"lists {len(meta.get('files', {}))} latent(s) so far; {fix}")
+    record = os.path.join(path, RECORD)
+    if not os.path.exists(record):
+        return
+    listed, made = set(meta.get("files", {})), set()
+    with open(record, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("made_by", {}).get("command") == "extract":
+                made.add(str(rec.get("name")))
+    extra = sorted(made - listed)
+    extra = [n for n in extra if any(os.path.exists(os.path.join(path, n + s))
+                                     for s in (".npy", ".nii.gz"))]
+    if extra:
+        raise DataError(f"{path} holds {len(extra)} latent(s) that its {LATENTS_JSON} does "
+                        f"not list (e.g. {extra[0]}): an extraction into it was interrupted; "
+                        f"{fix}")
+
+
 def read_labels(csv_path: str, names: Sequence[str], num_classes: int) -> np.ndarray:
     """Class labels (int32, one per name) from a CSV with columns `name,label`.
 
     Raises:
-        DataError: missing file or column, a name without a label, a label outside
-            [0, num_classes).
+        DataError: missing file or column, a name without a label, a label that is not an
+            integer or is outside [0, num_classes).
     """
     if not os.path.isfile(csv_path):
         raise DataError(f"data.labels_csv={csv_path!r} does not exist; give a CSV with "
@@ -98,7 +137,16 @@ def read_labels(csv_path: str, names: Sequence[str], num_classes: int) -> np.nda
     if missing:
         raise DataError(f"{csv_path} has no label for {len(missing)} latent(s), e.g. "
                         f"{missing[:3]}.")
-    labels = np.asarray([int(table[n]) for n in names], np.int32)
+    labels = []
+    for n in names:
+        try:
+            labels.append(int(str(table[n]).strip()))
+        except ValueError:
+            raise DataError(f"{csv_path}: the label of {n!r} is {table[n]!r}, not a class "
+                            f"number; labels are integers in [0, {num_classes}) "
+                            f"(conditioning.num_classes={num_classes}): map class names to "
+                            "0, 1, ... in the CSV.") from None
+    labels = np.asarray(labels, np.int32)
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
         raise DataError(f"{csv_path}: label {int(bad[0])} is outside [0, {num_classes}) "

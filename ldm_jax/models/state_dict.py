@@ -73,20 +73,38 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n\n|$)",
-                          str(e), re.S)
-        detail = found.group(1).strip() if found else _first_line(e)
-        if "Unsupported global" not in detail:
-            raise ConversionError(f"{path} is not a checkpoint torch.load can read ({detail})"
-                                  ) from None
+        detail = _refusal_detail(str(e))
+        if detail is None:
+            raise ConversionError(f"{path} is not a checkpoint torch.load can read "
+                                  f"({_first_line(e)})") from None
+        what = ("it is a plain pickle (pickle.dump, not torch.save), which the safe loader "
+                "does not read" if detail.startswith("Unsupported operand") else
+                "it holds objects other than tensors and plain containers")
         raise ConversionError(
-            f"torch.load(weights_only=True) refused {path}: it holds objects other than "
-            f"tensors and plain containers ({detail}). If you trust the file, load it with "
+            f"torch.load(weights_only=True) refused {path}: {what} ({detail}). If you "
+            "trust the file, load it with "
             "torch.load(path, weights_only=False) and pass the loaded object instead of the "
             "path") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ConversionError(f"{path} is not a checkpoint torch.load can read "
                               f"({_first_line(e)})") from None
+
+
+def _refusal_detail(text: str) -> str | None:
+    """What torch.load(weights_only=True) refused, from its message ("Unsupported global:
+    GLOBAL m.C", "Trying to load unsupported GLOBAL posix.system whose module posix is
+    blocked", "Unsupported operand 149"), or None when the message is not a refusal of
+    the file's objects (a damaged file)."""
+    if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
+        return None
+    for pattern in (r"WeightsUnpickler error:\s*(Unsupported global:.*?)(?: was not an "
+                    r"allowed global|\n\n|$)",
+                    r"(Trying to load unsupported GLOBAL .*?)(?:\.?\n|$)",
+                    r"WeightsUnpickler error:\s*(\S.*?)(?:\n\n|\n|$)"):
+        found = re.search(pattern, text, re.S)
+        if found and found.group(1).strip():
+            return " ".join(found.group(1).split())
+    return "an object the safe loader does not take"
 
 
 def _first_line(e: BaseException) -> str:

@@ -7,6 +7,7 @@ our own random params and computes what our model computes).
 
 import json
 import os
+import pickle
 import re
 import sys
 
@@ -302,6 +303,18 @@ def test_state_dict_loader_edge_cases(tmp_path):
     with pytest.raises(ConversionError, match=r"weights_only=True\) refused .*Unsupported "
                        r"global: GLOBAL tests.models.test_convert._Unsafe\)"):
         load_state_dict(unsafe, ["a.weight"])
+    # torch 2.13 words a blocked module's function differently: the same refusal.
+    blocked = tmp_path / "blocked.pt"
+    torch.save({"state_dict": {k: torch.zeros(2) for k in sd}, "hook": os.system}, blocked)
+    with pytest.raises(ConversionError, match=r"refused .*: it holds objects other than "
+                       r"tensors .*unsupported GLOBAL posix.system"):
+        load_state_dict(blocked, ["a.weight"])
+    plain = tmp_path / "plain.pt"
+    with open(plain, "wb") as f:
+        pickle.dump({k: torch.zeros(2) for k in sd}, f)
+    with pytest.raises(ConversionError, match=r"refused .*: it is a plain pickle .*"
+                       r"Unsupported operand"):
+        load_state_dict(plain, ["a.weight"])
 
 
 class _Unsafe:  # not on torch's weights_only allow-list
