@@ -273,8 +273,8 @@ def read_array(info: VolumeInfo, frame: Optional[int], channels: int) -> np.ndar
     except Exception as e:  # truncated .gz: EOFError / zlib.error / OSError / ValueError
         raise BadFileError(
             f"{info.path}: the header is fine but the voxel data cannot be read "
-            f"({type(e).__name__}: {e}); the file is probably truncated or corrupt. Replace it, "
-            f"{_skip_hint()}."
+            f"({type(e).__name__}: {e}); the file is probably truncated or corrupt. Replace "
+            f"it{_skip_hint()}."
         ) from e
     if arr.shape != info.shape and not (pick is not None and arr.shape == info.shape[:3]):
         raise BadFileError(f"{info.path}: read shape {arr.shape} != header shape {info.shape}.")
