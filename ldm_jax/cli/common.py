@@ -200,8 +200,47 @@ def with_skip_hint(err: Exception) -> Exception:
     return DataError(f"{err} (--skip_bad_files skips unreadable files and counts them.)")
 
 
+def check_range(name: str, value, low=None, high=None, *, high_open=False,
+                allow_none=True, what: str = "") -> None:
+    """Raises ConfigError unless flag --`name`'s `value` is a finite number in [low, high]
+    (`high_open`: [low, high)); None passes when `allow_none`. `what` says what the flag
+    means, for the message."""
+    import math
+
+    from ldm_jax.errors import ConfigError
+    if value is None and allow_none:
+        return
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    ok = math.isfinite(v) and (low is None or v >= low) and (
+        high is None or (v < high if high_open else v <= high))
+    if not ok:
+        if low is not None and high is not None:
+            want = f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            want = f">= {low:g}"
+        else:
+            want = "a finite number"
+        raise ConfigError(f"--{name}={value} must be {want}{what}.")
+
+
+def check_model_flags(fv) -> None:
+    """The model flags' ranges (--overlap, --windows_per_batch, --memory_gb), before any
+    work."""
+    check_range("overlap", fv.overlap, 0, 1, high_open=True,
+                what=" (the fraction of a window its neighbour shares; 0.5 by default)")
+    check_range("windows_per_batch", fv.windows_per_batch, 0,
+                what=" (0: as many as fit --memory_gb)")
+    if fv.memory_gb is not None:
+        check_range("memory_gb", fv.memory_gb, 1e-3, what=" (GiB one call may use)")
+
+
 def model_kwargs(fv) -> dict:
-    """load_autoencoder keyword arguments from the model flags."""
+    """load_autoencoder keyword arguments from the model flags (their ranges checked:
+    ConfigError)."""
+    check_model_flags(fv)
     return dict(step=fv.step, config=fv.config, window=fv.window, overlap=fv.overlap,
                 windows_per_batch=fv.windows_per_batch or None, dtype=fv.dtype,
                 memory_budget=None if fv.memory_gb is None else fv.memory_gb * 2**30)

@@ -204,6 +204,8 @@ def _define(fv):
 
 def _body(fv):
     from ldm_jax import cli
+    cli.check_range("scale_factor", fv.scale_factor, 1e-300,
+                    what=" (a positive number: the latents' scale_factor)")
     decode(fv.workdir, fv.input, fv.output, format=fv.format, unscale=fv.unscale,
            scale_factor=fv.scale_factor, latents_json=fv.latents_json, crop=fv.crop,
            denormalize=fv.denormalize, overwrite=fv.overwrite, skip_bad_files=fv.skip_bad_files,

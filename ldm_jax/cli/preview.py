@@ -41,6 +41,8 @@ def _body(fv):
     from ldm_jax import data as data_lib
     from ldm_jax import visualize
 
+    from ldm_jax import cli
+    cli.check_range("num_samples", fv.num_samples, 1)
     cfg = fv.config
     data_lib.check_data_config(cfg.data)
     vols, names = sample_volumes(cfg, fv.split, fv.num_samples, fv.seed)

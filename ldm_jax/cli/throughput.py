@@ -43,6 +43,10 @@ def measure(config, batch_size: int, num_batches: int, warmup: int = 2) -> dict:
 def _body(fv):
     from ldm_jax import data as data_lib
 
+    from ldm_jax import cli
+    cli.check_range("batch_size", fv.batch_size, 1)
+    cli.check_range("num_batches", fv.num_batches, 1)
+    cli.check_range("warmup", fv.warmup, 0)
     cfg = fv.config
     data_lib.check_data_config(cfg.data)
     r = measure(cfg, fv.batch_size, fv.num_batches, fv.warmup)

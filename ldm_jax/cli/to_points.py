@@ -71,6 +71,15 @@ def _body(fv):
     from ldm_jax.data import io
     from ldm_jax.data.pointcloud.io import write_csv
 
+    from ldm_jax import cli
+    from ldm_jax.errors import ConfigError
+    if (fv.num_points is None) == (fv.points_per_unit_intensity is None):
+        raise ConfigError("give one of --num_points N and --points_per_unit_intensity k "
+                          "(how many points each volume gives).")
+    cli.check_range("num_points", fv.num_points, 1)
+    cli.check_range("points_per_unit_intensity", fv.points_per_unit_intensity, 1e-300,
+                    what=" (points per unit of summed intensity, > 0)")
+    cli.check_range("threshold", fv.threshold)
     files = io.list_volume_files(fv.input)
     names = vf.output_names(files)
     out_dir = vf.prepare_output_dir(fv.output, files)

@@ -190,6 +190,10 @@ def _body(fv):
     from ldm_jax.data import DataError
     from ldm_jax.data.pointcloud.volumes import write_demo_clouds
 
+    from ldm_jax import cli
+    cli.check_range("margin", fv.margin, 0, what=" (nm around each cloud)")
+    cli.check_range("max_gib", fv.max_gib, 1e-6, what=" (GiB a grid may take)")
+    cli.check_range("demo_clouds", fv.demo_clouds, 0)
     spec = spec_from_flags(fv)
     if fv.demo_clouds:
         if fv.input:
