@@ -74,7 +74,7 @@ def _body(fv):
     from ldm_jax import cli
     from ldm_jax.errors import ConfigError
     if (fv.num_points is None) == (fv.points_per_unit_intensity is None):
-        raise ConfigError("give one of --num_points N and --points_per_unit_intensity k "
+        raise ConfigError("give exactly one of --num_points N and --points_per_unit_intensity k "
                           "(how many points each volume gives).")
     cli.check_range("num_points", fv.num_points, 1)
     cli.check_range("points_per_unit_intensity", fv.points_per_unit_intensity, 1e-300,
