@@ -38,10 +38,8 @@ def sample_volumes(config, split: str, num: int, seed: int = 0) -> tuple:
 
 
 def _body(fv):
+    from ldm_jax import cli, visualize
     from ldm_jax import data as data_lib
-    from ldm_jax import visualize
-
-    from ldm_jax import cli
     cli.check_range("num_samples", fv.num_samples, 1)
     cfg = fv.config
     data_lib.check_data_config(cfg.data)

@@ -117,7 +117,7 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     from tqdm import tqdm
 
     from ldm_jax import outputs as vf
-    from ldm_jax.diffusion.pipeline import load_pipeline, save_sheet
+    from ldm_jax.diffusion.pipeline import load_pipeline
     from ldm_jax.errors import ConfigError, NonFiniteResultError
 
     check_request(num_samples, steps, eta, guidance_scale, batch_size)

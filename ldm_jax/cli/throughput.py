@@ -41,9 +41,8 @@ def measure(config, batch_size: int, num_batches: int, warmup: int = 2) -> dict:
 
 
 def _body(fv):
-    from ldm_jax import data as data_lib
-
     from ldm_jax import cli
+    from ldm_jax import data as data_lib
     cli.check_range("batch_size", fv.batch_size, 1)
     cli.check_range("num_batches", fv.num_batches, 1)
     cli.check_range("warmup", fv.warmup, 0)

@@ -18,7 +18,6 @@ the run refuses unless --overwrite (OUTPUT/provenance.jsonl records each).
 
 from __future__ import annotations
 
-import os
 import sys
 import zlib
 
@@ -67,11 +66,10 @@ def _define(fv):
 
 
 def _body(fv):
+    from ldm_jax import cli
     from ldm_jax.cli.voxelize import numbers
     from ldm_jax.data import io
     from ldm_jax.data.pointcloud.io import write_csv
-
-    from ldm_jax import cli
     from ldm_jax.errors import ConfigError
     if (fv.num_points is None) == (fv.points_per_unit_intensity is None):
         raise ConfigError("give exactly one of --num_points N and --points_per_unit_intensity k "

@@ -76,13 +76,13 @@ def voxelize_files(input, output, spec, *, overwrite=False, skip_bad_files=False
     volumes made with other settings or from another version of a file (unless
     `overwrite`).
     """
+    import dataclasses
+
     from tqdm import tqdm
 
     from ldm_jax.data import BadFileError, io
     from ldm_jax.data.pointcloud import io as pio
     from ldm_jax.data.pointcloud.volumes import save_volume
-
-    import dataclasses
 
     files = io.list_volume_files(input, pio.CLOUD_PATTERNS)
     out_dir = vf.prepare_output_dir(output, files)
@@ -187,10 +187,9 @@ def _define(fv):
 
 
 def _body(fv):
+    from ldm_jax import cli
     from ldm_jax.data import DataError
     from ldm_jax.data.pointcloud.volumes import write_demo_clouds
-
-    from ldm_jax import cli
     cli.check_range("margin", fv.margin, 0, what=" (nm around each cloud)")
     cli.check_range("max_gib", fv.max_gib, 1e-6, what=" (GiB a grid may take)")
     cli.check_range("demo_clouds", fv.demo_clouds, 0)

@@ -94,3 +94,68 @@ def test_resume_changes_classifies_by_task_sections():
     refused, accepted = resume.resume_changes(task, json.loads(json.dumps(saved)))
     assert [k for k, *_ in refused] == ["autoencoder.num_channels", "data.frame", "stage"]
     assert [k for k, *_ in accepted] == ["autoencoder.dtype", "train.num_steps"]
+
+
+def _damage(step_dir, how):
+    """Truncates the largest array file of a step (every one: "truncated arrays"), or
+    removes its state's _METADATA."""
+    import glob
+    files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+    if how.startswith("truncated"):
+        for f in files if how == "truncated arrays" else [max(files, key=os.path.getsize)]:
+            os.truncate(f, os.path.getsize(f) // 2)
+        return "OUT_OF_RANGE"
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+    return "4/state/_METADATA is missing"
+
+
+@pytest.mark.parametrize("how", ["truncated array", "missing _METADATA"])
+def test_damaged_latest_is_set_aside_and_the_run_resumes_from_the_last_intact(
+        tiny_run, tmp_path, capsys, how):
+    """A damaged step 4 (found when restoring, or from its files): one line naming it and
+    its cause, the folder renamed aside with every file kept, and the run resumes from
+    step 2 to exactly the uninterrupted run's step 4."""
+    import jax
+    import numpy as np
+
+    wd = _copy(tiny_run.workdir, tmp_path)
+    cause = _damage(str(wd / "checkpoints" / "4"), how)
+    damaged = _hashes(wd / "checkpoints" / "4")
+    capsys.readouterr()
+    state = trainer.train(tiny_run.task, str(wd), progress=False)
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("warning: the checkpoint at step 4"))
+    assert "is damaged (" in line and cause in line
+    assert f"renamed to {wd / 'checkpoints' / '4.damaged'} (kept, not deleted)" in line
+    assert "resuming from step 2" in line or how == "truncated array"
+    assert "does not fit" not in out and "Resuming from the checkpoint at step 2" in out
+    assert _hashes(wd / "checkpoints" / "4.damaged") == damaged  # nothing deleted or changed
+    for x, y in zip(jax.tree.leaves(tiny_run.params),
+                    jax.tree.leaves(jax.device_get(state.g_params))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_readers_skip_a_damaged_latest_and_refuse_it_by_number(tiny_run, tmp_path, capsys):
+    from ldm_jax.cli import extract as extract_cli
+    wd = _copy(tiny_run.workdir, tmp_path)
+    _damage(str(wd / "checkpoints" / "4"), "truncated arrays")  # the params' too
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    import numpy as np
+    np.save(vols / "v.npy", np.zeros((16, 16, 8), np.float32))
+    base = ["x", f"--workdir={wd}", f"--input={vols}", "--noprogress"]
+    capsys.readouterr()
+    assert extract_cli.main(base + [f"--output={tmp_path / 'a'}", "--step=latest"]) == 0
+    captured = capsys.readouterr()
+    warning = [l for l in captured.err.splitlines() if l.startswith("warning:")]
+    assert len(warning) == 1 and "step 4" in warning[0] and "using step 2, the newest " \
+        "intact one" in warning[0]
+    import json
+    assert json.load(open(tmp_path / "a" / "latents.json"))["checkpoint"]["step"] == 2
+    assert extract_cli.main(base + [f"--output={tmp_path / 'b'}", "--step=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: The checkpoint at step 4 in "
+                                              f"{wd / 'checkpoints'} is damaged (")
+    assert "pick an intact one: --step latest, --step best or one of 2" in err
+    assert not os.path.exists(tmp_path / "b")
+    assert os.path.isdir(wd / "checkpoints" / "4")  # readers never rename
