@@ -471,7 +471,7 @@ class Outputs:
                     os.remove(tmp)  # our own partial file
 
     def _append(self, rec) -> None:
-        line = json.dumps(rec, sort_keys=True, allow_nan=False) + "\n"
+        line = json.dumps(rec, allow_nan=False) + "\n"
         with open(self.path, "a+b") as f:
             f.seek(0, os.SEEK_END)
             if f.tell():

@@ -275,3 +275,92 @@ def test_bad_inputs_have_clear_messages(ae_workdir, latents_dir, ldm_workdir, tm
         pipe.sample_latents(1, jax.random.PRNGKey(0), steps=2, scheduler="rflow")
     with pytest.raises(ConfigError, match="stage-1"):
         ldm_jax.load_pipeline(ae_workdir, "latest")
+
+
+def _files(path):
+    return {os.path.relpath(os.path.join(r, f), path): open(os.path.join(r, f), "rb").read()
+            for r, _, files in os.walk(path) for f in files}
+
+
+def test_sample_interrupted_then_rerun_equals_one_run(ldm_workdir, tmp_path, monkeypatch,
+                                                      capsys):
+    """Ctrl-C after the first sample: the rerun draws only the batch with missing ones and
+    the folder ends byte for byte as one uninterrupted run's; NaN samples are an error
+    naming the batch, nothing of it written."""
+    import signal
+
+    from ldm_jax import outputs as vf
+    from ldm_jax.diffusion.pipeline import Pipeline
+    args = ["x", f"--workdir={ldm_workdir}", "--num_samples=3", "--num_inference_steps=2",
+            "--batch_size=2", "--noprogress", "--step=latest"]
+    once, cut = str(tmp_path / "once"), str(tmp_path / "cut")
+    assert sample_cli.main(args + [f"--output={once}"]) == 0
+    real = vf.Outputs.write
+
+    def write_then_sigint(self, *a, **k):
+        real(self, *a, **k)
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(vf.Outputs, "write", write_then_sigint)
+    assert sample_cli.main(args + [f"--output={cut}"]) == 130
+    monkeypatch.undo()
+    assert json.load(open(os.path.join(cut, "samples.json")))["files"] == ["sample_0000"]
+    capsys.readouterr()
+    assert sample_cli.main(args + [f"--output={cut}"]) == 0
+    assert "Reusing 1 complete sample(s)" in capsys.readouterr().out
+    assert _files(cut) == _files(once)
+
+    monkeypatch.setattr(Pipeline, "sample_batch",
+                        lambda self, rng, k, b, **kw: np.full((b, 8, 8, 4, 2), np.nan,
+                                                              np.float32))
+    nan = str(tmp_path / "nan")
+    assert sample_cli.main(args + [f"--output={nan}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "samples sample_0000..sample_0001 (batch 0) came out " \
+        "NaN or Inf as latents" in err and "seed 0" in err
+    assert not [f for f in os.listdir(nan) if f.endswith(".nii.gz")]
+
+
+def test_sample_flags_are_checked_first_and_a_moved_autoencoder_is_named(
+        ldm_workdir, ae_workdir, tmp_path, capsys):
+    out = str(tmp_path / "s")
+    for flag, text in (("--eta=-2", "--eta=-2.0 must be in [0, 1]"),
+                       ("--eta=2", "--eta=2.0 must be in [0, 1]"),
+                       ("--batch_size=0", "--batch_size=0 must be >= 1"),
+                       ("--batch_size=-1", "--batch_size=-1 must be >= 1")):
+        assert sample_cli.main(["x", "--workdir=/nowhere", f"--output={out}", flag]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and text in err, err
+    assert not os.path.exists(out)
+    # A stage-2 run whose stage-1 workdir moved: the message names the flag that fixes it.
+    moved = tmp_path / "ldm"
+    shutil.copytree(ldm_workdir, moved)
+    for meta in moved.glob("checkpoints/*/config/metadata"):
+        cfg = json.loads(meta.read_text())
+        cfg["latents"]["autoencoder_workdir"] = str(tmp_path / "gone")
+        meta.write_text(json.dumps(cfg))
+    args = ["x", f"--workdir={moved}", f"--output={out}", "--num_samples=1",
+            "--num_inference_steps=2", "--noprogress", "--step=latest"]
+    assert sample_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "If that run moved, pass its new folder: " \
+        "--autoencoder_workdir=DIR." in err and "--config." not in err
+    assert sample_cli.main(args + [f"--autoencoder_workdir={ae_workdir}"]) == 0
+    rec = json.load(open(os.path.join(out, "samples.json")))
+    assert rec["autoencoder_checkpoint"]["workdir"] == ae_workdir
+
+
+def test_sample_skips_a_damaged_latest_and_refuses_it_by_number(ldm_workdir, tmp_path,
+                                                                capsys):
+    wd = tmp_path / "ldm"
+    shutil.copytree(ldm_workdir, wd)
+    os.remove(wd / "checkpoints" / "30" / "state" / "_METADATA")
+    args = ["x", f"--workdir={wd}", "--num_samples=1", "--num_inference_steps=2",
+            "--noprogress"]
+    assert sample_cli.main(args + [f"--output={tmp_path / 'a'}", "--step=latest"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the checkpoint at step 30" in err and "using step 15" in err
+    assert json.load(open(tmp_path / "a" / "samples.json"))["diffusion_checkpoint"][
+        "step"] == 15
+    assert sample_cli.main(args + [f"--output={tmp_path / 'b'}", "--step=30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "step 30" in err and "30/state/_METADATA is missing" in err
