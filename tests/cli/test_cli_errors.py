@@ -111,3 +111,33 @@ def test_synthetic_source_with_a_data_folder_is_an_error(tmp_path):
         validate(config)
     config.data.source = "npy"
     validate(config)
+
+
+def test_flags_out_of_range_and_bad_config_types_are_one_line(tmp_path, capsys):
+    """Checked before any work (no model loaded, nothing created): the flag, what it
+    takes and its value in one line."""
+    from ldm_jax.cli import evaluate, extract, to_points, train
+    out = str(tmp_path / "out")
+    cases = [
+        (extract, ["--workdir=/nowhere", f"--input={tmp_path}", f"--output={out}",
+                   "--overlap=1.5"], "--overlap=1.5 must be in [0, 1)"),
+        (extract, ["--workdir=/nowhere", f"--input={tmp_path}", f"--output={out}",
+                   "--windows_per_batch=-1"], "--windows_per_batch=-1 must be >= 0"),
+        (to_points, [f"--input={tmp_path}", f"--output={out}", "--num_points=0"],
+         "--num_points=0 must be >= 1"),
+        (evaluate, [f"--samples={tmp_path}", f"--reference={tmp_path}", "--range=1,0"],
+         "needs finite LO < HI"),
+        (evaluate, [f"--samples={tmp_path}", f"--reference={tmp_path}", "--num_slices=0"],
+         "--num_slices=0 must be >= 1"),
+    ]
+    for body, text in (("return None", "returned None (no return statement?)"),
+                       ("return {'a': 1}", "returned dict; it must return an "
+                        "ml_collections.ConfigDict (wrap it")):
+        cfg = tmp_path / f"cfg_{len(cases)}.py"
+        cfg.write_text(f"def get_config():\n    {body}\n")
+        cases.append((train, [f"--config={cfg}", f"--workdir={out}"], text))
+    for module, args, text in cases:
+        assert module.main(["x", *args]) == 2, (module.__name__, args)
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and text in err, err
+    assert not os.path.exists(out)
