@@ -297,3 +297,33 @@ def test_config_that_differs_from_the_checkpoint(workdir, tmp_path):
     assert "data.a_max: checkpoint 255.0 vs --config 100.0" in str(e.value)
     same = ml_collections.ConfigDict(tiny_config().to_dict())
     assert ldm_jax.load_autoencoder(workdir, config=same).step == 2
+
+
+def test_non_finite_latent_is_an_error_and_nothing_is_written(workdir, volumes, tmp_path,
+                                                              capsys, monkeypatch):
+    from ldm_jax.autoencoder.inference import Autoencoder
+    monkeypatch.setattr(Autoencoder, "encode_volume",
+                        lambda self, vol, **kw: np.full((8, 8, 4, 2), np.nan, np.float32))
+    out = str(tmp_path / "lat")
+    assert _run(extract_cli, f"--workdir={workdir}", f"--input={volumes['dir']}/small.npy",
+                f"--output={out}", "--step=latest") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "small.npy: its latent from checkpoint step 2" in err
+    assert "holds NaN or Inf values" in err and "--dtype float32" in err
+    assert not os.path.exists(os.path.join(out, "small.npy"))
+
+
+def test_a_second_writer_into_the_same_output_is_refused(workdir, volumes, tmp_path, capsys):
+    from ldm_jax import lock
+    from ldm_jax import outputs as vf
+    out = tmp_path / "lat"
+    out.mkdir()
+    held = lock.acquire(str(out), "output folder", name=vf.LOCK)  # another run's
+    try:
+        assert _run(extract_cli, f"--workdir={workdir}", f"--input={volumes['dir']}",
+                    f"--output={out}", "--step=latest") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{out} is in use by process {os.getpid()}" in err
+    finally:
+        held.release()
+    assert os.listdir(out) == []

@@ -364,3 +364,15 @@ def test_sample_skips_a_damaged_latest_and_refuses_it_by_number(ldm_workdir, tmp
     assert sample_cli.main(args + [f"--output={tmp_path / 'b'}", "--step=30"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "step 30" in err and "30/state/_METADATA is missing" in err
+
+
+def test_extract_on_a_stage_2_run_names_its_autoencoder(ldm_workdir, ae_workdir, tmp_path,
+                                                        capsys):
+    from ldm_jax.cli import extract as extract_cli
+    np.save(tmp_path / "v.npy", np.zeros((16, 16, 8), np.float32))
+    assert extract_cli.main(["x", f"--workdir={ldm_workdir}", f"--input={tmp_path}/v.npy",
+                             f"--output={tmp_path / 'o'}", "--noprogress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a stage-2 (diffusion) run; this command reads a " \
+        f"stage-1 (autoencoder) run's workdir: this run's autoencoder is --workdir " \
+        f"{ae_workdir}" in err and "not written by" not in err
