@@ -45,6 +45,10 @@ def open_workdir(workdir: str):
             held = lock.acquire(workdir, "workdir", say=say)
         except Exception as e:  # told to the other processes first, then raised
             failure = e
+    if jax.process_count() > 1:
+        # A barrier first: gloo gives a first collective only 30 s for every process to
+        # arrive (`ldm_jax.distributed`); the coordination service's barrier waits.
+        distributed.sync_processes("workdir_opened")
     if jax.process_count() > 1 and bool(any_process([failure is not None])[0]):
         if failure is None:
             raise WorkdirInUseError(f"process 0 could not open {workdir} (its message says "

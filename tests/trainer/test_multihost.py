@@ -153,6 +153,9 @@ def check_outputs(workdir, val_key, image_steps=(2, 4)):
     assert all(np.isfinite(v) for v in values.values())
     assert sorted(os.listdir(os.path.join(workdir, "images"))) == [
         f"step_{s}.png" for s in image_steps]
+    # One lock (process 0's), released when the run ended; nothing set aside.
+    assert not os.path.exists(os.path.join(workdir, "train.lock"))
+    assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "damaged" in d]
     return values
 
 
