@@ -51,7 +51,7 @@ from ldm_jax.errors import ConfigError
 # The seed's configurations: (stem factor, level factors).
 BASES = {"A": (1, (4, 2)), "B": (2, (4, 2)), "C": (4, (4, 2)), "D": (2, (8, 2))}
 DATASETS = {"filaments": "synthetic_filaments", "mni152": "mni152"}
-METRICS = ("psnr", "ssim", "mae", "dice")
+METRICS = ("psnr", "psnr_blank", "ssim", "mae", "dice")
 SEED_KERNEL = 3  # the seed's strided-conv kernel
 
 
@@ -100,7 +100,7 @@ class Settings:
     dtype: str = "float32"
     num_train: int = 64
     num_val: int = 8
-    dice_threshold: float = 0.2
+    dice_threshold: float = 0.1  # the threshold of val_dice (eval.fg_threshold)
     ssim_window: int = 7
     seed: int = 0
     fast_compile: bool = False  # XLA backend optimisation level 0 (CPU: compile-bound runs)
@@ -207,7 +207,9 @@ def make_eval_fn(stage, s: Settings, with_dice: bool):
         recon = stage.ae.apply({"params": params}, z_mu, method="decode")
         out = dict(psnr=metrics.psnr(recon, x, data_range=data_range),
                    ssim=metrics.ssim3d(recon, x, data_range=data_range, win_size=s.ssim_window),
-                   mae=metrics.mae(recon, x))
+                   mae=metrics.mae(recon, x),
+                   psnr_blank=metrics.constant_psnr(x, float(stage.config.data.b_min),
+                                                    data_range))
         if with_dice:
             out["dice"] = metrics.dice_score(recon, x, threshold=s.dice_threshold)
         return recon, out
@@ -446,8 +448,8 @@ def format_table(study: dict) -> str:
                     f"({m['kind']}); ≈ = the voxel-complete row of the same model")
     lines = [
         "| data | config | stem | levels | head | strided kernel | total | latent | "
-        "peak GB | PSNR dB | ΔPSNR vs A (paired) | SSIM | MAE | Dice |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak GB | PSNR dB | blank PSNR dB | ΔPSNR vs A (paired) | SSIM | MAE | Dice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in study["runs"]:
         s = r["summary"]
@@ -461,7 +463,8 @@ def format_table(study: dict) -> str:
             r["vs_A"]["psnr"])
         lines.append(
             f"| {r['dataset']} | {r['base']} | {init} | {tuple(factors)} | {head} | {kernel} | "
-            f"{total} | {latent} | {_gb(r.get('memory'))} | {fmt(s['psnr'])} | {delta} | "
+            f"{total} | {latent} | {_gb(r.get('memory'))} | {fmt(s['psnr'])} | "
+            f"{fmt(s.get('psnr_blank'))} | {delta} | "
             f"{fmt(s['ssim'], 3)} | {fmt(s['mae'], 4)} | {fmt(s.get('dice'), 3)} |")
     if mem_note:
         lines.append(f"\n{mem_note}")
