@@ -134,33 +134,70 @@ def _size_estimate(manager, state) -> int:
     return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state)) + (1 << 16)
 
 
-class _QuietFailedSave(logging.Filter):
-    """Drops orbax's logged tracebacks of its writer threads while a save fails (the
-    failure is reported once, as one line, by `save`)."""
+def _from_orbax(info) -> bool:
+    """Whether an unraisable exception comes from orbax's coroutines (by their code's
+    file or the frames of the exception)."""
+    import traceback
+
+    code = getattr(getattr(info, "object", None), "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    exc = info.exc_value
+    while exc is not None:
+        if any("orbax" in frame.filename
+               for frame in traceback.extract_tb(exc.__traceback__)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _loop_closed(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+class _OrbaxNoise(logging.Filter):
+    """orbax's logged tracebacks of its failed writer threads, and asyncio's "Task
+    exception was never retrieved" for its cancelled tasks."""
 
     def filter(self, record) -> bool:
-        msg = record.msg if isinstance(record.msg, str) else ""
+        msg = record.getMessage() if record.name == "asyncio" else (
+            record.msg if isinstance(record.msg, str) else "")
+        if record.name == "asyncio":
+            return "orbax" not in msg
         return not (record.levelno >= logging.ERROR and "raised an exception" in msg)
 
 
-def _quiet_async_noise() -> None:
-    """After a failed save, orbax's cancelled writer coroutines and threads report again
-    when they are collected (at exit): drop those reports, nothing else."""
+def _quiet_orbax_noise() -> None:
+    """When a save or restore fails, orbax's writer threads, cancelled coroutines and
+    tensorstore's callbacks (into a closed event loop) each print a traceback, during the
+    failure and when they are collected: hundreds of lines around the one that matters.
+    These hooks drop exactly those reports (matched on orbax's frames, its messages and
+    the closed loop), nothing else; the failure itself is reported once, as one line."""
     import threading
 
+    from absl import logging as absl_logging
+
+    if getattr(sys.unraisablehook, "_ldm_jax_quiet", False):
+        return
+
     def unraisable(info, _old=sys.unraisablehook):
-        if "orbax" in repr(getattr(info, "object", "")) or "orbax" in repr(info.exc_value):
-            return
-        _old(info)
+        if not (_from_orbax(info) or _loop_closed(info.exc_value)):
+            _old(info)
 
     def thread_hook(args, _old=threading.excepthook):
-        if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(
-                args.exc_value):
-            return
-        _old(args)
+        if not _loop_closed(args.exc_value):
+            _old(args)
 
-    sys.unraisablehook = unraisable
-    threading.excepthook = thread_hook
+    def except_hook(kind, value, tb, _old=sys.excepthook):
+        if not _loop_closed(value):  # tensorstore's callbacks print through here
+            _old(kind, value, tb)
+
+    unraisable._ldm_jax_quiet = True
+    sys.unraisablehook, threading.excepthook, sys.excepthook = (unraisable, thread_hook,
+                                                                except_hook)
+    for logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
+        if not any(isinstance(f, _OrbaxNoise) for f in logger.filters):
+            logger.addFilter(_OrbaxNoise())
 
 
 def save(manager, step, state, config, data_iter=None, metrics=None):
@@ -200,20 +237,12 @@ def save(manager, step, state, config, data_iter=None, metrics=None):
         items["last_metrics"] = ocp.args.JsonSave({k: float(v) for k, v in metrics.items()})
     name = getattr(manager, "best_metric", DEFAULT_BEST_METRIC)
     best = {name: float(metrics[name])} if metrics and name in metrics else None
-    from absl import logging as absl_logging
-    quiet = _QuietFailedSave()
-    absl_logging.get_absl_logger().addFilter(quiet)
+    _quiet_orbax_noise()
     try:
         manager.save(step, args=ocp.args.Composite(**items), metrics=best, force=True)
         manager.wait_until_finished()
     except Exception as e:
-        err = storage.storage_error(e, where, f"writing the checkpoint of step {step}", then)
-        if err is None:
-            raise
-        _quiet_async_noise()
-        raise err from None
-    finally:
-        absl_logging.get_absl_logger().removeFilter(quiet)
+        storage.reraise(e, where, f"writing the checkpoint of step {step}", then)
 
 
 def _grain_save(data_iter):
@@ -295,6 +324,7 @@ class _Reading:
                 f"reading the checkpoint of step {self.step}",
                 "Give this user read access to the workdir.") from None
         cause = cause_of(exc)
+        _quiet_orbax_noise()
         raise DamagedCheckpointError(
             f"The checkpoint at step {self.step} in {self.where} is damaged: its "
             f"{self.what} cannot be read ({cause}).", self.step, cause) from exc
@@ -396,11 +426,12 @@ def state_mismatch(manager, step, abstract_state) -> list:
 def restore_state_item(manager, step, key):
     """One top-level entry of the saved state (e.g. the autoencoder params), on one device.
 
-    Inference needs only the model params (stage 1: `g_params`); restoring the whole TrainState would
-    also read both optimiser states and the discriminator (about 3x the params) and would
-    need a target built from the training setup. The target here comes from the saved
-    metadata, so the checkpoint alone is enough. Raises CheckpointNotFoundError when the
-    state has no `key`, DamagedCheckpointError when it cannot be read.
+    Inference needs only the model params (stage 1: `g_params`); restoring the whole
+    TrainState would also read both optimiser states and the discriminator (about 3x the
+    params) and would need a target built from the training setup. The target here comes
+    from the saved metadata, so the checkpoint alone is enough. Raises
+    CheckpointNotFoundError when the state has no `key`, DamagedCheckpointError when it
+    cannot be read.
     """
     import jax
 

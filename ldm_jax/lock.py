@@ -82,12 +82,9 @@ def acquire(folder: str, what: str = "workdir", say: Callable[[str], None] = pri
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            from ldm_jax.storage import storage_error
-            err = storage_error(e, path, f"creating the lock file of the {what}",
-                                f"Use a {what} you can write to.")
-            if err is None:
-                raise
-            raise err from None
+            from ldm_jax.storage import reraise
+            reraise(e, path, f"creating the lock file of the {what}",
+                    f"Use a {what} you can write to.")
         locked = True
         try:
             import fcntl
@@ -137,12 +134,9 @@ def acquire(folder: str, what: str = "workdir", say: Callable[[str], None] = pri
             os.fsync(fd)
         except OSError as e:
             os.close(fd)
-            from ldm_jax.storage import storage_error
-            err = storage_error(e, path, f"writing the lock file of the {what}",
-                                f"Use a {what} you can write to.")
-            if err is None:
-                raise
-            raise err from None
+            from ldm_jax.storage import reraise
+            reraise(e, path, f"writing the lock file of the {what}",
+                    f"Use a {what} you can write to.")
         return Lock(path, fd)
     raise StorageError(f"could not take the lock {path}: it keeps being replaced; is "
                        f"another run starting on {folder}?")

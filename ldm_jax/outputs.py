@@ -116,12 +116,12 @@ def temporary_name(path: str) -> str:
     return os.path.join(d, f".{base[:len(base) - len(ext)]}.{uuid.uuid4().hex[:8]}.partial{ext}")
 
 
-def _storage(e: OSError, path: str):
-    """A one-line StorageError for disk full / read-only / no permission, else None."""
-    from ldm_jax.storage import storage_error
-    return storage_error(e, path, f"writing {os.path.basename(path)}",
-                         "Outputs already written are complete and kept; free some space or "
-                         "fix the folder, then run the same command again to complete the rest.")
+def _reraise(e: OSError, path: str):
+    """`e` as a one-line StorageError for disk full / read-only / no permission."""
+    from ldm_jax.storage import reraise
+    reraise(e, path, f"writing {os.path.basename(path)}",
+            "Outputs already written are complete and kept; free some space or fix the "
+            "folder, then run the same command again to complete the rest.")
 
 
 def atomic_write(path: str, write) -> None:
@@ -132,10 +132,7 @@ def atomic_write(path: str, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        err = _storage(e, path)
-        if err is None:
-            raise
-        raise err from None
+        _reraise(e, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)  # our own partial file
@@ -362,9 +359,10 @@ class Outputs:
                 return rec
         return None
 
-    def plan(self, items) -> tuple[list, list]:
+    def plan(self, items, what: str = "output(s)") -> tuple[list, list]:
         """(names to make, names reused) for `items`: (name, [file paths relative to the
-        folder], source dict) per wanted output.
+        folder], source dict) per wanted output; one line names the reused ones (`what`
+        they are, e.g. "latent(s)").
 
         Raises OutputConflictError (one line: how many, made how, what to do) when files
         of these outputs were made otherwise (another model, other options, another
@@ -409,6 +407,10 @@ class Outputs:
                      f"among this run's inputs stay as they are (e.g. {others[0]}); the "
                      "summary leaves them out.")
         order = {name: i for i, (name, _, _) in enumerate(items)}
+        if reused:
+            self.log(f"Reusing {len(reused)} complete {what} made the same way "
+                     f"({', '.join(reused[:5])}{', ...' if len(reused) > 5 else ''}); making "
+                     f"the {len(make)} missing.")
         return sorted(make, key=order.get), reused
 
     def _complete_otherwise(self) -> dict:
@@ -461,10 +463,7 @@ class Outputs:
                 os.replace(tmp, os.path.join(self.dir, rel))
             self.records.setdefault(name, []).append(rec)
         except OSError as e:
-            err = _storage(e, os.path.join(self.dir, next(iter(files))))
-            if err is None:
-                raise
-            raise err from None
+            _reraise(e, os.path.join(self.dir, next(iter(files))))
         finally:
             for tmp in tmps.values():
                 if os.path.exists(tmp):
@@ -494,8 +493,3 @@ class Outputs:
                 out[name] = rec
         return out
 
-    def said(self, made, reused) -> str:
-        """'made 3, reused 2 complete (a, b)' for the closing line."""
-        names = ", ".join(reused[:5]) + (", ..." if len(reused) > 5 else "")
-        return (f"made {len(made)}, reused {len(reused)} complete"
-                + (f" ({names})" if reused else ""))

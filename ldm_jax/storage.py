@@ -131,6 +131,15 @@ def storage_error(exc: BaseException, path: str, doing: str, fix: str
     return StorageError(f"{describe(code, path, doing)}. {fix}")
 
 
+def reraise(exc: BaseException, path: str, doing: str, fix: str):
+    """Inside an `except` block: raises `exc` as a one-line StorageError when a storage
+    problem caused it (`storage_error`), else `exc` itself unchanged."""
+    err = storage_error(exc, path, doing, fix)
+    if err is None:
+        raise exc
+    raise err from None
+
+
 def check_dir(path: str, flag: str) -> str:
     """The absolute `path`, after checking that it is a folder or can become one (no file
     in its place or above it). Raises StorageError naming the file in the way."""

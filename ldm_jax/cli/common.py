@@ -226,6 +226,21 @@ def check_range(name: str, value, low=None, high=None, *, high_open=False,
         raise ConfigError(f"--{name}={value} must be {want}{what}.")
 
 
+def check_finite(values, what: str, ae, settings: str, source: str = "input") -> None:
+    """Raises NonFiniteResultError when `values` (an array) hold NaN or Inf: `what` (e.g.
+    "PATH: its latent") from checkpoint `ae.step` of `ae.workdir` with `settings` (one
+    phrase), though its `source` was finite; nothing is written for it."""
+    import numpy as np
+
+    from ldm_jax.errors import NonFiniteResultError
+    if np.isfinite(values).all():
+        return
+    raise NonFiniteResultError(
+        f"{what} from checkpoint step {ae.step} of {ae.workdir} ({settings}) holds NaN or "
+        f"Inf values, though the {source} is finite; nothing was written for it. Try "
+        "--dtype float32 or another --step.")
+
+
 def check_model_flags(fv) -> None:
     """The model flags' ranges (--overlap, --windows_per_batch, --memory_gb), before any
     work."""

@@ -95,9 +95,10 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
     """
     from tqdm import tqdm
 
+    from ldm_jax import cli
     from ldm_jax import data as data_lib
     from ldm_jax.autoencoder import inference
-    from ldm_jax.errors import ConfigError, NonFiniteResultError
+    from ldm_jax.errors import ConfigError
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
@@ -137,7 +138,7 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
     by_name = {name: (path, src) for (name, _, src), path in zip(items, files)}
     written, bad = [], []
     with vf.Outputs(out_dir, "decode", made_by, overwrite=overwrite, log=log) as outs:
-        make, reused = outs.plan(items)
+        make, reused = outs.plan(items, "volume(s)")
         for name in tqdm(make, desc="decode", unit="vol", disable=not progress,
                          file=sys.stdout, dynamic_ncols=True):
             path, src = by_name[name]
@@ -166,12 +167,8 @@ def decode(workdir, input, output, *, step="best", format="nifti", unscale=False
                 vol = np.asarray(ae.decode_volume(z, shape=shape))
             except ValueError as e:
                 raise type(e)(f"{path}: {e}") from None
-            if not np.isfinite(vol).all():
-                raise NonFiniteResultError(
-                    f"{path}: its volume decoded by checkpoint step {ae.step} of {ae.workdir} "
-                    f"(dtype {ae.model.dtype}) holds NaN or Inf values, though the latent is "
-                    "finite; nothing was written for it. Try --dtype float32 or another "
-                    "--step.")
+            cli.check_finite(vol, f"{path}: its volume", ae, f"dtype {ae.model.dtype}",
+                             source="latent")
             if denormalize:
                 vol = inference.denormalize(vol, ae.config.data)
             outs.write(name, {name + vf.SUFFIXES[f]: (

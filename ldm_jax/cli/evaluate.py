@@ -209,11 +209,8 @@ def _body(fv):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         except OSError as e:
-            err = storage.storage_error(e, path, "creating --output's folder",
-                                        "Choose an --output you can write to.")
-            if err is None:
-                raise
-            raise err from None
+            storage.reraise(e, path, "creating --output's folder",
+                            "Choose an --output you can write to.")
         result = dict(result, provenance=made_by)
 
         def write(tmp):

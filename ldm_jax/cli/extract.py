@@ -144,7 +144,6 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
         load_autoencoder,
     )
     from ldm_jax.data import io as data_io
-    from ldm_jax.errors import NonFiniteResultError
 
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     fmts = vf.formats(format)
@@ -177,11 +176,7 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
     bad, done_at = [], []
     t_start = time.perf_counter()
     with vf.Outputs(out_dir, "extract", meta, overwrite=overwrite, log=log) as outs:
-        make, reused = outs.plan(items)
-        if reused:
-            log(f"Reusing {len(reused)} latent(s) of this checkpoint and encoding from the "
-                f"same inputs ({', '.join(reused[:5])}{', ...' if len(reused) > 5 else ''}); "
-                f"encoding {len(make)}.")
+        make, reused = outs.plan(items, "latent(s)")
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         loads = {}
 
@@ -222,13 +217,9 @@ def extract(workdir, input, output, *, step="best", format="npy", sample=False, 
                         np.float32)
                 except ValueError as e:
                     raise type(e)(f"{path}: {e}") from None
-                if not np.isfinite(z).all():
-                    raise NonFiniteResultError(
-                        f"{path}: its latent from checkpoint step {ae.step} of {ae.workdir} "
-                        f"(encoding {meta['encoding']['mode']}, dtype {ae.model.dtype}, "
-                        f"window {lay.describe()}) holds NaN or Inf values, though the input "
-                        "is finite; nothing was written for it. Try --dtype float32 or "
-                        "another --step.")
+                cli.check_finite(z, f"{path}: its latent", ae,
+                                 f"encoding {meta['encoding']['mode']}, dtype "
+                                 f"{ae.model.dtype}, window {lay.describe()}")
                 lat_affine = latent_affine(affine, ae.factor)
                 row = {
                     "input": os.path.abspath(path),

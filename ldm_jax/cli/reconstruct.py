@@ -67,7 +67,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     from ldm_jax.autoencoder import inference
     from ldm_jax.data import io as data_io
     from ldm_jax.data.pointcloud import volumes as pc
-    from ldm_jax.errors import ChannelMismatchError, NonFiniteResultError
+    from ldm_jax.errors import ChannelMismatchError
     log = log or (lambda msg: tqdm.write(msg, file=sys.stdout))
     frame = cli.parse_frame(frame)
     # Checked before loading anything: the input exists and holds volumes or clouds.
@@ -102,11 +102,7 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
     by_name = {name: (path, pick, src) for (path, name, pick), (_, _, src) in zip(jobs, items)}
     bad, n_done = [], 0
     with vf.Outputs(out_dir, "reconstruct", made_by, overwrite=overwrite, log=log) as outs:
-        make, reused = outs.plan(items)
-        if reused:
-            log(f"Reusing {len(reused)} reconstruction(s) of this checkpoint and options from "
-                f"the same inputs ({', '.join(reused[:5])}{', ...' if len(reused) > 5 else ''}"
-                f"); making {len(make)}.")
+        make, reused = outs.plan(items, "reconstruction(s)")
         interrupted = True
         try:
             for name in tqdm(make, desc="reconstruct", unit="vol", disable=not progress,
@@ -131,12 +127,8 @@ def reconstruct(workdir, input, output, *, step="best", overwrite=False, skip_ba
                     recon = np.asarray(ae.decode_volume(z, shape=vol.shape))
                 except ValueError as e:
                     raise type(e)(f"{path}: {e}") from None
-                if not np.isfinite(recon).all():
-                    raise NonFiniteResultError(
-                        f"{path}: its reconstruction by checkpoint step {ae.step} of "
-                        f"{ae.workdir} (dtype {ae.model.dtype}, window {lay.describe()}) holds "
-                        "NaN or Inf values, though the input is finite; nothing was written "
-                        "for it. Try --dtype float32 or another --step.")
+                cli.check_finite(recon, f"{path}: its reconstruction", ae,
+                                 f"dtype {ae.model.dtype}, window {lay.describe()}")
                 row = {"input": os.path.abspath(str(path)), "shape": list(vol.shape)}
                 if isinstance(pick, int) and not pc.is_cloud(path):
                     row["frame"] = pick

@@ -173,11 +173,7 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     rng = jax.random.PRNGKey(int(seed))
     t0 = time.perf_counter()
     with vf.Outputs(out_dir, "sample", made_by, overwrite=overwrite, log=log) as outs:
-        make, reused = outs.plan(items)
-        if reused:
-            log(f"Reusing {len(reused)} complete sample(s) of these settings "
-                f"({', '.join(reused[:5])}{', ...' if len(reused) > 5 else ''}); drawing the "
-                "batches of the missing ones.")
+        make, reused = outs.plan(items, "sample(s)")
         todo = set(make)
         extra = {"context": None if context is None else os.path.abspath(context),
                  "context_shape": None if context_array is None else

@@ -89,7 +89,7 @@ def _body(fv):
     paths = dict(zip(names, files))
     notes = set()
     with vf.Outputs(out_dir, "to_points", {"options": options}, overwrite=fv.overwrite) as outs:
-        make, reused = outs.plan(items)
+        make, reused = outs.plan(items, "cloud(s)")
         for name, _, src in items:
             if name not in make:
                 continue

@@ -94,7 +94,7 @@ def voxelize_files(input, output, spec, *, overwrite=False, skip_bad_files=False
     by_name = {ref.name: (ref, src) for ref, (_, _, src) in zip(refs, items)}
     bad = []
     with vf.Outputs(out_dir, "voxelize", made_by, overwrite=overwrite, log=log) as outs:
-        make, reused = outs.plan(items)
+        make, reused = outs.plan(items, "volume(s)")
         interrupted = True
         try:
             for name in tqdm(make, desc="voxelize", unit="cloud", disable=not progress,

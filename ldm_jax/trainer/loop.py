@@ -222,13 +222,9 @@ def train(task, workdir, progress=True):
         workdir_lib.set_aside(workdir)  # damaged steps its small files show
         return _resume_and_run(task, mesh, workdir, train_loader, eval_batches, progress)
     except OSError as e:  # metrics, images, TensorBoard events: disk full, read-only, ...
-        err = storage.storage_error(
-            e, workdir, "writing the run's files",
-            "Checkpoints already saved are untouched; free some space or fix the folder, "
-            "then run the same command again to resume.")
-        if err is None:
-            raise
-        raise err from None
+        storage.reraise(e, workdir, "writing the run's files",
+                        "Checkpoints already saved are untouched; free some space or fix the "
+                        "folder, then run the same command again to resume.")
     finally:
         if held is not None:
             held.release()

@@ -37,11 +37,8 @@ def open_workdir(workdir: str):
             try:
                 os.makedirs(workdir, exist_ok=True)
             except OSError as e:
-                err = storage.storage_error(e, workdir, "creating the workdir",
-                                            "Pass a --workdir you can write to.")
-                if err is None:
-                    raise
-                raise err from None
+                storage.reraise(e, workdir, "creating the workdir",
+                                "Pass a --workdir you can write to.")
             held = lock.acquire(workdir, "workdir", say=say)
         except Exception as e:  # told to the other processes first, then raised
             failure = e

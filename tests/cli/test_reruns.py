@@ -90,7 +90,7 @@ def test_extract_interrupted_then_rerun_equals_one_run(tiny_run, volumes, tmp_pa
     assert err.count("\n") == 1 and "checkpoint.step 2 there, 4 here" in err
     assert _files(cut) == before
     assert _run(extract_cli, *args, f"--output={cut}") == 0
-    assert "Reusing 1 latent(s) of this checkpoint and encoding from the same inputs (v0)" \
+    assert "Reusing 1 complete latent(s) made the same way (v0); making the 2 missing." \
         in capsys.readouterr().out
     assert _files(cut) == _files(once)
     # Killed between writing the second latent (and its record) and renaming it; a

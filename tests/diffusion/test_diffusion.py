@@ -306,7 +306,8 @@ def test_sample_interrupted_then_rerun_equals_one_run(ldm_workdir, tmp_path, mon
     assert json.load(open(os.path.join(cut, "samples.json")))["files"] == ["sample_0000"]
     capsys.readouterr()
     assert sample_cli.main(args + [f"--output={cut}"]) == 0
-    assert "Reusing 1 complete sample(s)" in capsys.readouterr().out
+    assert "Reusing 1 complete sample(s) made the same way (sample_0000); making the 2 " \
+        "missing." in capsys.readouterr().out
     assert _files(cut) == _files(once)
 
     monkeypatch.setattr(Pipeline, "sample_batch",

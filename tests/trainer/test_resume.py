@@ -97,13 +97,17 @@ def test_resume_changes_classifies_by_task_sections():
 
 
 def _damage(step_dir, how):
-    """Truncates the largest array file of a step (every one: "truncated arrays"), or
-    removes its state's _METADATA."""
+    """Truncates the largest array file of a step to half (every one to 16 bytes:
+    "truncated arrays"), or removes its state's _METADATA."""
     import glob
     files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
-    if how.startswith("truncated"):
-        for f in files if how == "truncated arrays" else [max(files, key=os.path.getsize)]:
-            os.truncate(f, os.path.getsize(f) // 2)
+    if how == "truncated arrays":
+        for f in files:
+            os.truncate(f, 16)
+        return "OUT_OF_RANGE"
+    if how == "truncated array":
+        big = max(files, key=os.path.getsize)
+        os.truncate(big, os.path.getsize(big) // 2)
         return "OUT_OF_RANGE"
     os.remove(os.path.join(step_dir, "state", "_METADATA"))
     return "4/state/_METADATA is missing"
@@ -124,7 +128,8 @@ def test_damaged_latest_is_set_aside_and_the_run_resumes_from_the_last_intact(
     capsys.readouterr()
     state = trainer.train(tiny_run.task, str(wd), progress=False)
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.startswith("warning: the checkpoint at step 4"))
+    line = next(ln for ln in out.splitlines()
+                if ln.startswith("warning: the checkpoint at step 4"))
     assert "is damaged (" in line and cause in line
     assert f"renamed to {wd / 'checkpoints' / '4.damaged'} (kept, not deleted)" in line
     assert "resuming from step 2" in line or how == "truncated array"
@@ -147,7 +152,7 @@ def test_readers_skip_a_damaged_latest_and_refuse_it_by_number(tiny_run, tmp_pat
     capsys.readouterr()
     assert extract_cli.main(base + [f"--output={tmp_path / 'a'}", "--step=latest"]) == 0
     captured = capsys.readouterr()
-    warning = [l for l in captured.err.splitlines() if l.startswith("warning:")]
+    warning = [ln for ln in captured.err.splitlines() if ln.startswith("warning:")]
     assert len(warning) == 1 and "step 4" in warning[0] and "using step 2, the newest " \
         "intact one" in warning[0]
     import json
