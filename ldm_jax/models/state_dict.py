@@ -74,6 +74,10 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = _refusal_detail(str(e))
+        if detail is not None and detail.startswith("Unsupported operand"):
+            with open(path, "rb") as f:  # a pickle starts with its protocol (0x80 N)
+                if f.read(1) != b"\x80":
+                    detail = None  # not a pickle at all: bytes the unpickler cannot parse
         if detail is None:
             raise ConversionError(f"{path} is not a checkpoint torch.load can read "
                                   f"({_first_line(e)})") from None
