@@ -172,26 +172,32 @@ def _unshare_works():
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs user namespaces to mount a tmpfs")
 def test_real_full_and_read_only_file_systems(tmp_path):
-    """train.py on a 1.4 MB file system (room for one checkpoint) and on a read-only one,
-    mounted in a user namespace: one line each, exit 2, the first checkpoint intact."""
+    """train.py's main on a read-only file system and on a 1.4 MB one (room for one
+    checkpoint), mounted in a user namespace (one process for both): one line each, exit
+    2, the first checkpoint intact."""
     config = _tiny_config_file(tmp_path)
     full, ro = tmp_path / "full", tmp_path / "ro"
     full.mkdir()
     ro.mkdir()
-    script = textwrap.dedent(f"""
-        mount -t tmpfs -o size=1400k tmpfs {full} && mount -t tmpfs -o size=64k,ro tmpfs {ro}
-        cd {REPO}
-        {sys.executable} train.py --config={config} --workdir={full}/w --noprogress \\
-            > {tmp_path}/full.out 2> {tmp_path}/full.err
-        echo $? > {tmp_path}/full.rc
-        ls {full}/w/checkpoints > {tmp_path}/full.ls
-        {sys.executable} train.py --config={config} --workdir={ro}/w --noprogress \\
-            > {tmp_path}/ro.out 2> {tmp_path}/ro.err
-        echo $? > {tmp_path}/ro.rc
-    """)
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import contextlib, sys
+        from ldm_jax.cli import train
+        for name, wd in (("ro", "{ro}/w"), ("full", "{full}/w")):
+            with open(f"{tmp_path}/{{name}}.err", "w") as err, \\
+                    open(f"{tmp_path}/{{name}}.out", "w") as out, \\
+                    contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                code = train.main(["train.py", "--config={config}", f"--workdir={{wd}}",
+                                   "--noprogress"])
+            open(f"{tmp_path}/{{name}}.rc", "w").write(str(code))
+    """))
+    script = (f"mount -t tmpfs -o size=1400k tmpfs {full} && "
+              f"mount -t tmpfs -o size=64k,ro tmpfs {ro} && cd {REPO} && "
+              f"{sys.executable} {driver} && ls {full}/w/checkpoints > {tmp_path}/full.ls")
     subprocess.run(["unshare", "-rm", "sh", "-c", script], env=_env(), timeout=600,
                    check=True)
-    read = lambda name: (tmp_path / name).read_text().strip()  # noqa: E731
+    def read(name):
+        return (tmp_path / name).read_text().strip()
     assert read("full.rc") == "2" and read("ro.rc") == "2", (read("full.err"), read("ro.err"))
     for name, text in (("full.err", "no space left"), ("ro.err", "read-only")):
         lines = read(name).splitlines()
