@@ -347,15 +347,20 @@ class Outputs:
             self._digests[key] = sha256(path)
         return self._digests[key]
 
+    def _matches(self, rec, rel) -> bool:
+        """Whether the file `rel` is the one `rec` wrote (its SHA-256; each file is read
+        once per run). Records hold no times, so the same outputs give the same
+        provenance.jsonl."""
+        want = rec["files"].get(rel)
+        return want is not None and self._digest(rel) == want
+
     def _verified(self, rec, files) -> bool:
-        return all(rel in rec["files"] and self._digest(rel) == rec["files"][rel]
-                   for rel in files)
+        return all(self._matches(rec, rel) for rel in files)
 
     def _origin(self, name, rel):
         """The newest record of `name` whose copy of `rel` is the file there, else None."""
-        digest = self._digest(rel)
         for rec in reversed(self.records.get(name, [])):
-            if rec["files"].get(rel) == digest:
+            if self._matches(rec, rel):
                 return rec
         return None
 
@@ -430,7 +435,7 @@ class Outputs:
         if known:
             name, rec, source = known[0]
             if source is not None and rec.get("made_by") == self.made_by:
-                how, diff = ("from another version of their input",
+                how, diff = ("from other inputs (or other versions of them)",
                              differences(rec.get("source", {}), source))
             else:
                 how, diff = ("by another model or with other options",
