@@ -32,24 +32,26 @@ def open_workdir(workdir: str):
     """Creates `workdir` and takes its lock; returns the Lock (None on processes other
     than 0). Raises StorageError (cannot create or write it) or WorkdirInUseError."""
     held, failure = None, None
-    if jax.process_index() == 0:
+    try:
         try:
-            try:
-                os.makedirs(workdir, exist_ok=True)
-            except OSError as e:
-                storage.reraise(e, workdir, "creating the workdir",
-                                "Pass a --workdir you can write to.")
+            os.makedirs(workdir, exist_ok=True)  # every process: hosts may mount it apart
+        except OSError as e:
+            storage.reraise(e, workdir, "creating the workdir",
+                            "Pass a --workdir you can write to.")
+        if jax.process_index() == 0:
             held = lock.acquire(workdir, "workdir", say=say)
-        except Exception as e:  # told to the other processes first, then raised
-            failure = e
+    except Exception as e:  # told to the other processes first, then raised
+        failure = e
     if jax.process_count() > 1:
         # A barrier first: gloo gives a first collective only 30 s for every process to
         # arrive (`ldm_jax.distributed`); the coordination service's barrier waits.
         distributed.sync_processes("workdir_opened")
     if jax.process_count() > 1 and bool(any_process([failure is not None])[0]):
         if failure is None:
-            raise WorkdirInUseError(f"process 0 could not open {workdir} (its message says "
-                                    "why); nothing was written.")
+            if held is not None:
+                held.release()
+            raise WorkdirInUseError(f"another process could not open {workdir} (its "
+                                    "message says why); nothing was written.")
     if failure is not None:
         raise failure
     return held
