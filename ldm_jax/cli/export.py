@@ -113,7 +113,8 @@ def export(workdir, output, *, step="best", discriminator=None, config=None,
     result = {"autoencoder": paths[0], "discriminator": None, "step": ae.step}
     if discriminator:
         d_cfg = ae.config.discriminator
-        manager = ckpt.make_manager(ae.workdir, read_only=True)
+        manager = ckpt.make_manager(ae.workdir, read_only=True,  # damaged steps unlisted
+                                    skip_steps=ckpt.find_damaged(ae.workdir))
         try:
             variables = {"params": ckpt.restore_state_item(manager, ae.step, "d_params")}
             if d_cfg.get("norm", "batch") == "batch":
