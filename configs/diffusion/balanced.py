@@ -12,4 +12,5 @@ from configs.diffusion import default
 
 def get_config():
     config = default.get_config()
-    return default.paired(config, balanced.get_config(), "runs/balanced")
+    return default.paired(config, balanced.get_config(), "runs/balanced",
+                          "configs/balanced.py")

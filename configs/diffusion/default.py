@@ -82,6 +82,8 @@ def get_config():
     # --- Latents: the frozen stage-1 autoencoder and where its latents come from. ---
     lat = config.latents = ml_collections.ConfigDict()
     lat.autoencoder_workdir = "runs/balanced"  # a trained stage-1 workdir
+    # The stage-1 config file that trains it (named in messages when it is missing).
+    lat.autoencoder_config = ml_collections.config_dict.placeholder(str)
     # "best" | "latest" | a step; resolved to a number at start (saved in checkpoints).
     lat.autoencoder_step = ml_collections.FieldReference("best", field_type=object)
     # A folder written by `ldm-jax extract` (latents.json + NAME.npy); None:
@@ -139,12 +141,14 @@ def get_config():
     return config
 
 
-def paired(config, stage1_config, workdir):
-    """Points a stage-2 config at a stage-1 config/workdir: latent channels and shape."""
+def paired(config, stage1_config, workdir, config_file=None):
+    """Points a stage-2 config at a stage-1 config (file `config_file`) and workdir: latent
+    channels and shape."""
     from ldm_jax.autoencoder.geometry import latent_shape
 
     shape = latent_shape(stage1_config)
     config.latents.autoencoder_workdir = workdir
+    config.latents.autoencoder_config = config_file
     config.latents.latent_shape = tuple(shape)
     config.unet.in_channels = config.unet.out_channels = int(shape[-1])
     return config

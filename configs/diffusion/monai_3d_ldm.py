@@ -14,4 +14,5 @@ from configs.diffusion import default
 def get_config():
     config = default.get_config()
     config.scheduler.prediction_type = "epsilon"  # the tutorial's (default.py predicts v)
-    return default.paired(config, monai_3d_ldm.get_config(), "runs/monai_3d_ldm")
+    return default.paired(config, monai_3d_ldm.get_config(), "runs/monai_3d_ldm",
+                          "configs/monai_3d_ldm.py")

@@ -99,15 +99,21 @@ class AutoencoderTask:
 
     def quick_run_hint(self, seconds, first_seconds, steps) -> str:
         """What a CPU run costs and the quick run of this config: its smallest volume
-        (>= 32 voxels per axis), 300 steps (docs/training.md, "Quick CPU run")."""
+        (>= 32 voxels per axis), 300 steps (docs/training.md, "Quick CPU run"), in a
+        workdir of its own (runs/quick_<config name>)."""
         vol = ",".join(str(v) for v in geometry.smallest_volume(
             geometry.total_factor(self.config.autoencoder)))
         config = self.config_path or "CONFIG"
+        name = os.path.splitext(os.path.basename(self.config_path))[0] if self.config_path \
+            else "run"
+        loss = self.config.loss
+        disc = (f" (more: from step {int(loss.adv_warmup_steps)} the discriminator trains "
+                "too, which slows each step)" if float(loss.adv_weight) > 0 else "")
         return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "
                 f"{seconds:.2f} s per step: about {seconds * steps / 3600:.1f} h for the "
-                f"{steps} steps to go. The quick CPU run (docs/training.md, \"Quick CPU "
-                "run\") of this config at its smallest volume:\n"
-                f"  python train.py --config {config} --workdir runs/quick "
+                f"{steps} steps to go{disc}. The quick CPU run (docs/training.md, \"Quick "
+                "CPU run\") of this config at its smallest volume:\n"
+                f"  python train.py --config {config} --workdir runs/quick_{name} "
                 f"--config.data.volume_size='({vol})' --config.train.num_steps=300")
 
     def fg_threshold(self) -> float:

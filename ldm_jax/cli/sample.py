@@ -9,8 +9,10 @@ r"""Generate volumes with a trained latent diffusion model (stage 2).
 Noise is denoised in one jitted loop per batch (`jax.lax.fori_loop`), the latents are
 cropped to the autoencoder's latent shape, divided by the run's scale_factor and decoded
 by the stage-1 autoencoder from its checkpoint. Writes, in --output:
-  sample_0000.nii.gz ...   volumes (X, Y, Z, C) float32; the affine carries the training
-                           data's voxel size (data.spacing, else 1 mm)
+  sample_0000.nii.gz ...   volumes (X, Y, Z, C) float32 in the model's intensity range
+                           (data.b_min..b_max); the affine carries the training data's
+                           voxel size (data.spacing, else 1 mm; point-cloud models:
+                           data.pointcloud_voxel_size, in micrometres as voxelize writes)
   latents/sample_0000.npy  the unscaled latents (decode them again with ldm-jax decode)
   samples.png              contact sheet: per sample XY, XZ, YZ mid-slices and the XY MIP
   samples.json             seed, steps, scheduler, context file, checkpoints used
@@ -159,6 +161,17 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     d = pipe.autoencoder.config.data
     spacing = d.get("spacing")
     affine = np.diag([*(spacing if spacing else (1.0, 1.0, 1.0)), 1.0]).astype(np.float64)
+    cloud_affine = None  # point-cloud models: voxels of data.pointcloud_voxel_size nm
+    if d.get("source") in ("pointcloud", "synthetic_smlm"):
+        from ldm_jax.data.pointcloud.grid import triple
+        cloud_affine = np.diag([*triple(d.get("pointcloud_voxel_size", 20.0),
+                                        "data.pointcloud_voxel_size"), 1.0])
+
+    def write_volume(tmp, fmt, v):
+        if fmt == "nifti" and cloud_affine is not None:
+            from ldm_jax.data.pointcloud.volumes import write_volume as write_nm
+            return write_nm(tmp, v, cloud_affine, "ldm-jax sample")
+        return vf.write(tmp, fmt, v, affine)
 
     def files_of(name):
         return [name + vf.SUFFIXES[f] for f in fmts] + [f"latents/{name}.npy"]
@@ -202,7 +215,7 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
                 for j in wanted:
                     name, v, lat = names[i + j], vols[j], z[j]
                     files = {name + vf.SUFFIXES[f]: (
-                        lambda t, f=f, v=v: vf.write(t, f, v, affine)) for f in fmts}
+                        lambda t, f=f, v=v: write_volume(t, f, v)) for f in fmts}
                     files[f"latents/{name}.npy"] = lambda t, lat=lat: vf.write_npy(t, lat)
                     outs.write(name, files, sources[name])
                     bar.update(1)

@@ -102,7 +102,7 @@ def main(argv=None):
 
     args = list(sys.argv if argv is None else argv)
     code = cli.run("train.py", __doc__, _define, lambda fv: _body(fv, args), args,
-                   config="optional", config_default="configs/balanced.py")
+                   config="optional", config_default="configs/balanced_4x.py")
     if argv is None:
         sys.exit(code)
     return code

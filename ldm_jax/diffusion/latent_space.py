@@ -41,7 +41,8 @@ def load_frozen_autoencoder(config):
                 f"found: {e} If that run moved, pass its new folder: {moved}.") from None
         raise ckpt.CheckpointNotFoundError(
             f"No trained autoencoder for the diffusion stage: {e} Train stage 1 first: "
-            f"python train.py --config configs/balanced.py --workdir {lat.autoencoder_workdir}"
+            f"python train.py --config {lat.get('autoencoder_config') or 'CONFIG'} --workdir "
+            f"{lat.autoencoder_workdir}"
             + (f", or, if the stage-1 run moved, pass its new folder: {moved}." if moved
                else ".")) from None
 

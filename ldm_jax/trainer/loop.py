@@ -216,6 +216,7 @@ def train(task, workdir, progress=True):
     say(f"Mesh: data={mesh.shape['data']} x spatial={mesh.shape['spatial']} over "
         f"{mesh.devices.size} of {len(jax.devices())} {jax.devices()[0].platform} "
         f"device(s), {jax.process_count()} process(es)")
+    say(f"Workdir: {workdir} (checkpoints, metrics.jsonl, images/)")
 
     held = workdir_lib.open_workdir(workdir)  # one writer per workdir
     try:

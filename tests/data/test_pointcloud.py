@@ -365,3 +365,15 @@ def test_pointcloud_source_from_files(tmp_path):
     config.data.pointcloud_columns = ("x", "y", "w")
     with pytest.raises(DataError, match=r"no column 'w'; columns found: \['x \[nm\]', 'y \[nm\]', 'z \[nm\]'\]"):
         build_cloud_source(config, Prep.from_config(config), "train")
+
+
+def test_write_volume_reads_back_in_nm(tmp_path):
+    """What `ldm-jax sample` writes for point-cloud models: micrometre NIfTI that
+    read_volume_nm (to_points) reads back at the nm voxel size."""
+    from ldm_jax.data.pointcloud.volumes import read_volume_nm, write_volume
+
+    path = str(tmp_path / "s.nii.gz")
+    write_volume(path, np.ones((4, 5, 6, 1), np.float32), np.diag([20.0, 20.0, 30.0, 1.0]))
+    vol, affine_nm = read_volume_nm(path)[:2]
+    assert vol.shape[:3] == (4, 5, 6)
+    np.testing.assert_allclose(np.diag(affine_nm)[:3], [20.0, 20.0, 30.0], rtol=1e-6)

@@ -112,8 +112,9 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monk
     assert "SIGTERM: stopping after the current step and saving a checkpoint" in out
     # The CPU hint: its own line, the real config path, the quick run named.
     hint = next(l for l in out.splitlines() if l.startswith("CPU only"))
-    assert "the 4 steps to go" in hint and 'quick CPU run (docs/training.md, "Quick CPU run")' in hint
-    assert ("  python train.py --config tests/tiny.py --workdir runs/quick "
+    assert "the 4 steps to go" in hint
+    assert 'quick CPU run (docs/training.md, "Quick CPU run")' in hint
+    assert ("  python train.py --config tests/tiny.py --workdir runs/quick_tiny "
             "--config.data.volume_size='(32,32,32)' --config.train.num_steps=300") in out
 
     monkeypatch.undo()

@@ -53,11 +53,11 @@ def from_nifti_affine(affine, units: str = NIFTI_UNITS) -> np.ndarray:
     return a
 
 
-def save_volume(path: str, volume, affine_nm, description: str = "") -> None:
-    """float32 NIfTI with the affine in micrometres and xyzt_units "micron" (atomic write)."""
+def write_volume(path: str, volume, affine_nm, description: str = "") -> None:
+    """float32 NIfTI at `path` (directly) with the affine in micrometres and xyzt_units
+    "micron"; `affine_nm`: 4x4 in nm."""
     import nibabel as nib
 
-    from ldm_jax import outputs as vf
     aff = to_nifti_affine(affine_nm)
     img = nib.Nifti1Image(np.asarray(volume, np.float32), aff)
     img.header.set_data_dtype(np.float32)
@@ -66,7 +66,13 @@ def save_volume(path: str, volume, affine_nm, description: str = "") -> None:
     img.set_sform(aff, code=1)
     if description:
         img.header["descrip"] = description[:79].encode()
-    vf.atomic_write(path, lambda tmp: nib.save(img, tmp))
+    nib.save(img, path)
+
+
+def save_volume(path: str, volume, affine_nm, description: str = "") -> None:
+    """`write_volume`, atomically (a temporary name, then a rename)."""
+    from ldm_jax import outputs as vf
+    vf.atomic_write(path, lambda tmp: write_volume(tmp, volume, affine_nm, description))
 
 
 def read_volume_nm(path: str, units: str = "auto", voxel_size=None):
