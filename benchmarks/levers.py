@@ -55,6 +55,8 @@ VARIANTS = {
                            "autoencoder.attention_levels": "(False,False)",
                            "autoencoder.latent_channels": 8, "loss.recon": "weighted"},
                           "s2_4x_c8 with L1 weighted 10x above 0.1 (loss.recon=weighted)"),
+    "base_lr": ("base", "configs/balanced.py", {"train.learning_rate": 5e-4, "train.b1": 0.9},
+                "16x/3 channels with s2_4x_c8_lr's optimiser: Adam 5e-4, b1 0.9"),
     "base_lr_weighted": ("base", "configs/balanced.py",
                          {"train.learning_rate": 5e-4, "train.b1": 0.9,
                           "loss.recon": "weighted"},
