@@ -1,7 +1,7 @@
 r"""Measure generated 3D volumes against real ones (FD, MS-SSIM diversity, intensities).
 
   ldm-jax evaluate --samples samples/ --reference DIR_OR_CONFIG.py \
-      [--output eval.json] [--features vgg16|alexnet] [--num_slices K] [--seed 0]
+      [--output eval.json] [--features vgg16|alexnet] [--num_slices K] [--seed 0] \
       [--config CONFIG.py] [--range LO,HI] [--reference_latents LATENTS_DIR]
 
 --samples: a folder of generated .nii/.nii.gz/.npy volumes (X, Y, Z[, C]); generated

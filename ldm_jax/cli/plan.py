@@ -1,4 +1,4 @@
-"""Print what a config does to a volume: shapes per level, activation sizes, parameters.
+r"""Print what a config does to a volume: shapes per level, activation sizes, parameters.
 
     ldm-jax plan --config configs/balanced.py \
         --config.autoencoder.initial_downsample_factor=4

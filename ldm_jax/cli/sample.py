@@ -255,7 +255,7 @@ def _write_summary(out_dir, records, made_by, extra, pipe, workdir):
         vols.append(vf.read_latent(os.path.join(out_dir, files[0]))[0])
     s = made_by["sampling"]
     save_sheet(vols, os.path.join(out_dir, "samples.png"), pipe.autoencoder.config.data, names,
-               title=f"{len(names)} samples, {s['steps']} steps, seed {s['seed']}, step "
+               title=f"{len(names)} sample{'s' if len(names) != 1 else ''}, {s['steps']} steps, seed {s['seed']}, step "
                      f"{pipe.step} of {os.path.basename(os.path.abspath(workdir))}")
     diffusion = made_by["diffusion_checkpoint"]
     record = {

@@ -1,7 +1,7 @@
 r"""Point clouds (localisations in nm) -> NIfTI volumes, for training or viewing.
 
   ldm-jax voxelize --input clouds/ --output volumes/ --voxel_size 20 \
-      [--method gaussian --sigma 15] [--columns "x [nm],y [nm],z [nm]"] [--scale 1]
+      [--method gaussian --sigma 15] [--columns "x [nm],y [nm],z [nm]"] [--scale 1] \
       [--dataset locs] [--shape X,Y,Z | --fov x0,y0,z0,x1,y1,z1] [--margin 0] [--overwrite]
   ldm-jax voxelize --demo_clouds 8 --output clouds/     # built-in SMLM-like CSVs
 

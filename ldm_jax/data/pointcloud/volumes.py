@@ -28,8 +28,9 @@ NIFTI_UNITS = "micron"
 NM_PER_UNIT = {"meter": 1e9, "mm": 1e6, "micron": 1e3, "nm": 1.0}
 # What ldm-jax reconstruct adds to a point cloud's metrics row.
 SCORE_KEYS = ("points", "chamfer_nm", "chamfer_floor_nm", "emd_nm", "emd_floor_nm")
-# Listed from a directory next to volumes (.txt only by glob or file name: too common).
-LIST_PATTERNS = tuple(p for p in pio.CLOUD_PATTERNS if p != "*.txt")
+# Listed from a directory next to volumes (.txt only by glob or file name: too common;
+# .npy is listed with the volumes already).
+LIST_PATTERNS = tuple(p for p in pio.CLOUD_PATTERNS if p not in ("*.txt", "*.npy"))
 
 
 # --------------------------------------------------------------------------------------
