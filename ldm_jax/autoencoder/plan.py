@@ -121,8 +121,9 @@ def format_plan(config, *, with_params: bool = True, title: str | None = None) -
     )
     lines.append(
         f"latent: {_shape_str(latent['shape'])} x {latent['channels']} channels = "
-        f"{latent_values:,} values per volume ({in_values / latent_values:.1f}x fewer than "
-        f"the input's {in_values:,})"
+        f"{latent_values:,} values per volume, {in_values / latent_values:,.1f} input values per "
+        f"latent value\n  (sparse data such as filaments needs few per value: "
+        f"benchmarks/QUALITY.md, 'Bottleneck')"
     )
     if with_params:
         try:

@@ -31,6 +31,8 @@ def test_human_bytes():
 def test_format_plan_balanced_shapes():
     text = format_plan(cfg("balanced_nearest"), with_params=False)
     assert "latent: 16x16x4 x 3 channels" in text
+    # 16^3 input voxels per position over 3 channels.
+    assert "1,365.3 input values per latent value" in text
     assert "total downsampling factor: 16x" in text
     lines = text.splitlines()
     # Level 1 of balanced: 32x32x8 x 64 channels in bf16 = 1 MiB for one volume.
