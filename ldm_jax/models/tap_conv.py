@@ -76,11 +76,11 @@ def _taps(kernel_shape):
 
 
 # (B, X, Y, Z, C_in) x (C_in, C_out) -> (B, X, Y, Z, C_out), and the kernel gradient's
-# (B, X, Y, Z, C_in) x (B, X, Y, Z, C_out) -> (C_in, C_out). lax.dot_general, not
+# (C_out, voxels) x (voxels, C_in) -> (C_out, C_in). lax.dot_general, not
 # jnp.einsum: the same dot, without einsum's path search on every trace (the tap convs
 # were the largest part of tracing a model on CPU).
 _TAP_DOT = (((4,), (0,)), ((), ()))
-_TAP_KERNEL_DOT = (((0, 1, 2, 3), (0, 1, 2, 3)), ((), ()))
+_TAP_KERNEL_DOT = (((1,), (0,)), ((), ()))
 
 
 def tap_conv(x, w, padding):
@@ -144,12 +144,17 @@ def kernel_grad(x, g, kernel_shape, padding):
     size = (x.shape[0], *g.shape[1:4], x.shape[-1])
     taps = _taps(kernel_shape)
 
-    def one_tap(tap):
-        xs = lax.dynamic_slice(xp, (0, *tap, 0), size)
-        return lax.dot_general(xs, g, _TAP_KERNEL_DOT, preferred_element_type=jnp.float32)
+    # (C_out, voxels) @ (voxels, C_in): with g on the left, transposed once, each tap's
+    # window is used in its own layout; as xs^T @ g, XLA transposed every window
+    # (benchmarks/RESULTS.md, section 8, "Kernel gradient layout").
+    gt = g.reshape(-1, g.shape[-1]).T
 
-    dw = lax.map(one_tap, taps)
-    return dw.reshape(*kernel_shape[:3], x.shape[-1], g.shape[-1])
+    def one_tap(tap):
+        xs = lax.dynamic_slice(xp, (0, *tap, 0), size).reshape(-1, x.shape[-1])
+        return lax.dot_general(gt, xs, _TAP_KERNEL_DOT, preferred_element_type=jnp.float32)
+
+    dw = lax.map(one_tap, taps)  # (taps, C_out, C_in)
+    return dw.reshape(*kernel_shape[:3], g.shape[-1], x.shape[-1]).swapaxes(3, 4)
 
 
 def after(x, g):
