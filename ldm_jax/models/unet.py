@@ -372,7 +372,11 @@ class DiffusionModelUNet(nn.Module):
     Call: x (B, X, Y, Z, in_channels), each spatial size divisible by 2^(levels - 1);
     timesteps (B,) or scalar, int or float (same units as training, e.g. 0..999);
     context (B, S, cross_attention_dim) when with_conditioning; class_labels (B,) int in
-    [0, num_class_embeds) when num_class_embeds is set. Returns (B, X, Y, Z, out_channels)
+    [0, num_class_embeds) when num_class_embeds is set; down_block_additional_residuals
+    (one array per skip, shapes as `ControlNet` returns them) and
+    mid_block_additional_residual (B, X/f, Y/f, Z/f, channels[-1]): a ControlNet's outputs,
+    added to the skips and to the middle block's output as MONAI's forward does. Returns
+    (B, X, Y, Z, out_channels)
     float32. Raises ValueError for a context without with_conditioning or missing
     class_labels (as MONAI does).
     """
@@ -404,7 +408,8 @@ class DiffusionModelUNet(nn.Module):
                 _per_level(self.num_head_channels, n))
 
     @nn.compact
-    def __call__(self, x, timesteps, context=None, class_labels=None):
+    def __call__(self, x, timesteps, context=None, class_labels=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         ch, nrb, att, hc = self.levels
         n = len(ch)
         dt = jnp.dtype(self.dtype)
@@ -433,7 +438,15 @@ class DiffusionModelUNet(nn.Module):
             h, new = DownBlock(ch[i], nrb[i], att[i], hc[i], i < n - 1, self.resblock_updown,
                                make, name=f"down_blocks_{i}")(h, emb, context)
             skips += new
+        if down_block_additional_residuals is not None:  # a ControlNet's, as MONAI adds them
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals has "
+                                 f"{len(down_block_additional_residuals)} arrays; the UNet "
+                                 f"has {len(skips)} skips (a ControlNet of another shape)")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
         h = MidBlock(hc[-1], make, name="middle_block")(h, emb, context)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual.astype(h.dtype)
         for i in range(n):
             lvl = n - 1 - i
             k = nrb[lvl] + 1

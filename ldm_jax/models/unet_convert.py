@@ -121,30 +121,39 @@ def unet_from_monai(state_dict: Any, unet_cfg) -> dict:
     ValueError) naming the first missing key, unexpected key or mismatched shape.
     """
     _, shapes = _model_and_shapes(unet_cfg)
-    entries = _entries(shapes)
+    return params_from_monai(state_dict, shapes, _entries(shapes),
+                             what="a MONAI DiffusionModelUNet built from this config",
+                             hint=_HINT, old_key=_old_key)
+
+
+def params_from_monai(state_dict: Any, shapes: Mapping, entries: list[Entry], *, what: str,
+                      hint: str, old_key: Callable[[str], str] = lambda k: k) -> dict:
+    """Params shaped as `shapes` from a MONAI state_dict, one per `entries` row (the
+    UNet's and the ControlNet's converters); `old_key` gives a key's older spelling.
+    Raises ConversionError as `unet_from_monai`."""
     expected = [key for key, _, _, _ in entries]
-    old_to_new = {_old_key(k): k for k in expected if _old_key(k) != k}
+    old_to_new = {old_key(k): k for k in expected if old_key(k) != k}
     sd = load_state_dict(state_dict, expected, rename=lambda k: old_to_new.get(k, k),
-                         what="a MONAI DiffusionModelUNet built from this config", hint=_HINT)
+                         what=what, hint=hint)
     used, params = set(), {}
     for key, path, fwd, inv in entries:
-        src = key if key in sd else _old_key(key)
+        src = key if key in sd else old_key(key)
         if src not in sd:
             raise ConversionError(f"missing key {key!r} in the MONAI state_dict: the config does "
-                                  f"not describe the model that saved it ({_HINT})")
+                                  f"not describe the model that saved it ({hint})")
         value = _np(sd[src])
         want = inv(np.broadcast_to(np.float32(0), _get_path(shapes, path).shape)).shape
         if value.shape != want:
             raise ConversionError(f"shape mismatch at {src!r}: the state_dict gives "
                                   f"{tuple(value.shape)}, the model built from the config "
-                                  f"expects {tuple(want)} ({_HINT})")
+                                  f"expects {tuple(want)} ({hint})")
         used.add(src)
         _put(params, path, np.ascontiguousarray(fwd(value)))
     extra = [k for k in sd if k not in used]
     if extra:
         raise ConversionError(f"unexpected key {extra[0]!r} in the MONAI state_dict ({len(extra)} "
                               f"unused in all): the checkpoint has layers the config does not "
-                              f"describe ({_HINT})")
+                              f"describe ({hint})")
     return params
 
 
@@ -155,20 +164,26 @@ def unet_to_monai(params: Mapping, unet_cfg, as_torch: bool = True) -> dict:
     Raises ConversionError naming a missing, extra or mis-shaped param.
     """
     _, shapes = _model_and_shapes(unet_cfg)
+    return params_to_monai(params, shapes, _entries(shapes), hint=_HINT, as_torch=as_torch)
+
+
+def params_to_monai(params: Mapping, shapes: Mapping, entries: list[Entry], *, hint: str,
+                    as_torch: bool = True) -> dict:
+    """The MONAI state_dict of `params` (shaped as `shapes`), one key per `entries` row.
+    Raises ConversionError as `unet_to_monai`."""
     if "params" in params:  # a variables dict
         params = params["params"]
-    entries = _entries(shapes)
     out = {}
     for key, path, _, inv in entries:
         leaf = _get_path(params, path)
         if leaf is None:
             raise ConversionError(f"params lack {'/'.join(path)} (MONAI {key!r}): they belong "
-                                  f"to a different model than the config ({_HINT})")
+                                  f"to a different model than the config ({hint})")
         want = tuple(_get_path(shapes, path).shape)
         if tuple(leaf.shape) != want:
             raise ConversionError(f"shape mismatch at {'/'.join(path)}: params give "
-                                  f"{tuple(leaf.shape)}, the config expects {want} ({_HINT})")
-        out[key] = np.ascontiguousarray(inv(np.asarray(leaf, dtype=np.float32)))
+                                  f"{tuple(leaf.shape)}, the config expects {want} ({hint})")
+        out[key] = np.array(inv(np.asarray(leaf, dtype=np.float32)), order="C")  # writable
     n_leaves = len(jax.tree_util.tree_leaves(params))
     if n_leaves != len(entries):
         known = {p for _, p, _, _ in entries}
@@ -176,7 +191,7 @@ def unet_to_monai(params: Mapping, unet_cfg, as_torch: bool = True) -> dict:
                      for p, _ in jax.tree_util.tree_leaves_with_path(params)
                      if tuple(str(getattr(k, "key", k)) for k in p) not in known)
         raise ConversionError(f"params have {extra}, which the model built from the config "
-                              f"does not have ({_HINT})")
+                              f"does not have ({hint})")
     if as_torch:
         import torch
 
