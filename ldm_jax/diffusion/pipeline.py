@@ -157,6 +157,18 @@ class Pipeline:
         return np.stack([np.asarray(self.autoencoder.decode_volume(np.asarray(z)))
                          for z in latents])
 
+    def inpaint(self, volumes, masks, rng, **kwargs):
+        """Fill the masked regions of `volumes` (B, X, Y, Z, C), keep the rest exactly:
+        (volumes, unscaled latents); see `ldm_jax.diffusion.editing.inpaint`."""
+        from ldm_jax.diffusion import editing
+        return editing.inpaint(self, volumes, masks, rng, **kwargs)
+
+    def sdedit(self, volumes, rng, strength: float = 0.5, **kwargs):
+        """Image-to-image at `strength` in [0, 1]: (volumes, unscaled latents); see
+        `ldm_jax.diffusion.editing.sdedit`."""
+        from ldm_jax.diffusion import editing
+        return editing.sdedit(self, volumes, rng, strength=strength, **kwargs)
+
     def sample(self, n: int, rng, **kwargs) -> np.ndarray:
         """`n` decoded volumes (n, X, Y, Z, C) float32 in the data's intensity range
         (`sample_latents` keywords)."""

@@ -60,34 +60,57 @@ def make_sampler(unet, scheduler, *, shape, steps: int, guidance_scale: float = 
     from ldm_jax.schedulers import sample_loop
 
     state = scheduler.set_timesteps_for(scheduler.create_state(), int(steps), (1, *shape))
-    g = float(guidance_scale)
-    if g != 1.0 and null_label is None and not getattr(unet, "with_conditioning", False):
-        raise ConfigError("--guidance_scale needs a conditional model (trained with "
-                          "conditioning.num_classes > 0 or conditioning.context_dir); use "
-                          "--guidance_scale 1.")
+    g = check_guidance(unet, guidance_scale, null_label)
     kwargs = {"eta": float(eta)} if type(scheduler).__name__ == "DDIMScheduler" else {}
 
     def run(params, key, class_labels=None, context=None, *, n):
         k0, k1 = jax.random.split(key)
         x = jax.random.normal(k0, (n, *shape), jnp.float32)
-        cond = dict(class_labels=class_labels, context=context)
-
-        def model_fn(x, t):
-            tt = jnp.broadcast_to(t, (x.shape[0],))
-            if g == 1.0 or (class_labels is None and context is None):
-                return unet.apply({"params": params}, x, tt, **cond)
-            null = dict(class_labels=None if class_labels is None
-                        else jnp.full_like(class_labels, null_label),
-                        context=None if context is None else jnp.zeros_like(context))
-            both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null)
-            out = unet.apply({"params": params}, jnp.concatenate([x, x]),
-                             jnp.concatenate([tt, tt]), **both)
-            cond_out, uncond = jnp.split(out, 2)
-            return uncond + g * (cond_out - uncond)
-
+        model_fn = guided_model_fn(unet, params, g, null_label, class_labels, context)
         return sample_loop(scheduler, state, model_fn, x, k1, **kwargs)
 
     return jax.jit(run, static_argnames=("n",))
+
+
+def check_guidance(unet, guidance_scale: float, null_label: Optional[int]) -> float:
+    """`guidance_scale` as a float; ConfigError when != 1 for an unconditional model."""
+    g = float(guidance_scale)
+    if g != 1.0 and null_label is None and not getattr(unet, "with_conditioning", False):
+        raise ConfigError("--guidance_scale needs a conditional model (trained with "
+                          "conditioning.num_classes > 0 or conditioning.context_dir); use "
+                          "--guidance_scale 1.")
+    return g
+
+
+def guided_model_fn(unet, params, g: float, null_label, class_labels=None, context=None,
+                    controlnet=None):
+    """`model_fn(x (B, X, Y, Z, C), t scalar) -> (B, X, Y, Z, C)`: the UNet with
+    classifier-free guidance g (one call on a doubled batch when g != 1 and there is a
+    condition). `controlnet`: None or `fn(x, tt, class_labels=, context=) -> (down
+    residuals, mid residual)` (a ControlNet with its params and condition bound; it gets
+    the doubled batch under guidance, so it tiles its condition to x's batch)."""
+
+    def call(x, tt, **cond):
+        extra = {}
+        if controlnet is not None:
+            down, mid = controlnet(x, tt, **cond)
+            extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return unet.apply({"params": params}, x, tt, **cond, **extra)
+
+    def model_fn(x, t):
+        cond = dict(class_labels=class_labels, context=context)
+        tt = jnp.broadcast_to(t, (x.shape[0],))
+        if g == 1.0 or (class_labels is None and context is None):
+            return call(x, tt, **cond)
+        null = dict(class_labels=None if class_labels is None
+                    else jnp.full_like(class_labels, null_label),
+                    context=None if context is None else jnp.zeros_like(context))
+        both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null)
+        out = call(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), **both)
+        cond_out, uncond = jnp.split(out, 2)
+        return uncond + g * (cond_out - uncond)
+
+    return model_fn
 
 
 def sample_batch(fn, params, key, index: int, size: int, *,
@@ -120,3 +143,21 @@ def sample_latents(fn, params, key, *, n: int, class_label: Optional[int] = None
         if on_batch is not None:
             on_batch(i + b)
     return jnp.concatenate(out)
+
+
+def bind_controlnet(controlnet, cn_params, condition, conditioning_scale=1.0):
+    """None when `controlnet` is None, else `fn(x, tt, class_labels=, context=) -> (down
+    residuals, mid residual)` for `guided_model_fn`: the ControlNet module with its params
+    and its condition (B, X', Y', Z', C_cond) bound; the condition is tiled to x's batch
+    (the doubled batch of classifier-free guidance)."""
+    if controlnet is None:
+        return None
+
+    def fn(x, tt, class_labels=None, context=None):
+        c = condition
+        if c.shape[0] != x.shape[0]:
+            c = jnp.concatenate([c] * (x.shape[0] // c.shape[0]))
+        return controlnet.apply({"params": cn_params}, x, tt, c, conditioning_scale,
+                                context=context, class_labels=class_labels)
+
+    return fn

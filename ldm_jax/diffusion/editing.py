@@ -1,0 +1,149 @@
+"""Editing given volumes with a trained pipeline: inpainting and image-to-image (SDEdit).
+
+    pipe = ldm_jax.load_pipeline("runs/ldm")
+    vols, lat = editing.inpaint(pipe, volumes, masks, jax.random.PRNGKey(0), steps=50,
+                                jump_length=10, jump_n_sample=10)
+    vols, lat = editing.sdedit(pipe, volumes, jax.random.PRNGKey(0), strength=0.5)
+
+Volumes are encoded to the autoencoder's mean latents, multiplied by the run's
+scale_factor and padded to the UNet's shape (as in training), edited in one jitted
+loop per batch (`inpainting.make_inpainter`, `img2img.make_sdedit`), cropped, divided by
+the scale factor and decoded. A batch drawn with `index` uses fold_in(rng, index), as
+`Pipeline.sample_batch` does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.errors import ConfigError
+
+
+def check_volumes(pipe, volumes) -> np.ndarray:
+    """`volumes` as (B, X, Y, Z, C) float32 of the size the autoencoder was trained on
+    (the latents must be the UNet's). (X, Y, Z, C) is one volume. Raises ConfigError."""
+    v = np.asarray(volumes, np.float32)
+    if v.ndim == 4:
+        v = v[None]
+    want = tuple(int(s) for s in pipe.autoencoder.config.data.volume_size)
+    c = int(pipe.autoencoder.in_channels)
+    if v.ndim != 5 or v.shape[1:4] != want or v.shape[-1] != c:
+        raise ConfigError(f"the input volume has shape {tuple(np.shape(volumes))}; this model "
+                          f"edits volumes of {want} with {c} channel(s) (the autoencoder's "
+                          "data.volume_size): crop or resample it first.")
+    return v
+
+
+def encode(pipe, volumes) -> jax.Array:
+    """(B, X, Y, Z, C) volumes -> (B, *pipe.padded_shape, latent C) float32: the mean
+    latents times scale_factor, zero-padded symmetrically (what the UNet was trained on)."""
+    v = check_volumes(pipe, volumes)
+    z = np.stack([pipe.autoencoder.encode_volume(x) for x in v]) * pipe.scale_factor
+    return jnp.pad(jnp.asarray(z), ((0, 0), *pipe.pad, (0, 0)))
+
+
+def _finish(pipe, z):
+    from ldm_jax.diffusion.latent_space import crop
+
+    lat = np.asarray(crop(z, pipe.pad)) / pipe.scale_factor
+    return pipe.decode(lat), lat
+
+
+def _cached(pipe, key, make):
+    if key not in pipe._samplers:
+        pipe._samplers[key] = make()
+    return pipe._samplers[key]
+
+
+def _conditions(pipe, n, class_label, context, steps, scheduler):
+    class_label = pipe.check_request(steps, scheduler, class_label)
+    labels = None if class_label is None else jnp.full((n,), int(class_label), jnp.int32)
+    ctx = pipe.contexts_for(n, context)
+    return labels, None if ctx is None else jnp.asarray(ctx)
+
+
+def _controlnet_args(pipe, n, condition, conditioning_scale):
+    cn = getattr(pipe, "controlnet", None)
+    if cn is None:
+        if condition is not None:
+            raise ConfigError("--condition given, but this run has no ControlNet; train one "
+                              "(docs/editing.md) or drop --condition.")
+        return None, {}
+    cond = pipe.condition_for(n, condition)
+    return cn, {"cn_params": pipe.controlnet_params, "condition": cond,
+                "conditioning_scale": jnp.float32(conditioning_scale)}
+
+
+def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,
+            scheduler: str | None = None, jump_length: int = 1, jump_n_sample: int = 1,
+            eta: float = 0.0, guidance_scale: float = 1.0, class_label: int | None = None,
+            context=None, blend_width: float = 0.0, condition=None,
+            conditioning_scale: float = 1.0):
+    """Fill the masked regions of `volumes`; keep the rest exactly.
+
+    Args:
+        volumes: (B, X, Y, Z, C) float32 in the data's intensity range (or one (X, Y, Z, C)).
+        masks: (B, X, Y, Z) or (X, Y, Z) for all, non-zero where to fill.
+        rng, index: the batch draws from fold_in(rng, index).
+        jump_length, jump_n_sample: RePaint's resampling (1, 1: replace the known region).
+        blend_width: voxels of the feathered seam inside the mask (`inpainting.blend`).
+        condition: the ControlNet's condition, for a run that has one.
+        Other keywords: as `Pipeline.sample_latents`.
+    Returns (volumes (B, X, Y, Z, C_out), unscaled latents (B, x, y, z, C)), float32
+    numpy; outside each mask the volumes are the input's voxels exactly.
+    Raises ConfigError for volumes or masks of another shape, an empty or full mask, bad
+    jump settings or any request `sample_latents` refuses.
+    """
+    from ldm_jax.diffusion.inpainting import blend, check_mask, latent_mask, make_inpainter
+    from ldm_jax.diffusion.sampling import sampler_for
+
+    v = check_volumes(pipe, volumes)
+    m = np.asarray(masks)
+    m = np.broadcast_to(m, (v.shape[0], *m.shape[-3:])) if m.ndim == 3 else m
+    if m.shape[0] != v.shape[0]:
+        raise ConfigError(f"{m.shape[0]} masks for {v.shape[0]} volumes; give one mask per "
+                          "volume or one for all.")
+    m = np.stack([check_mask(mm, v.shape[1:4]) for mm in m])
+    labels, ctx = _conditions(pipe, v.shape[0], class_label, context, steps, scheduler)
+    cn, cn_args = _controlnet_args(pipe, v.shape[0], condition, conditioning_scale)
+    lm = np.stack([latent_mask(mm, pipe.latent_shape[:3]) for mm in m])
+    lm = jnp.pad(jnp.asarray(lm), ((0, 0), *pipe.pad, (0, 0)))  # padding: known zeros
+    key = ("inpaint", scheduler, int(steps), int(jump_length), int(jump_n_sample),
+           float(guidance_scale), float(eta))
+    fn = _cached(pipe, key, lambda: make_inpainter(
+        pipe.unet, sampler_for(pipe.config.scheduler, scheduler),
+        shape=(*pipe.padded_shape, pipe.latent_shape[-1]), steps=steps,
+        jump_length=jump_length, jump_n_sample=jump_n_sample, guidance_scale=guidance_scale,
+        null_label=pipe.null_label, eta=eta, controlnet=cn))
+    z = fn(pipe.params, jax.random.fold_in(rng, int(index)), encode(pipe, v), lm, labels, ctx,
+           **cn_args)
+    decoded, lat = _finish(pipe, z)
+    out = np.stack([blend(d, x, mm, blend_width) for d, x, mm in zip(decoded, v, m)])
+    return out, lat
+
+
+def sdedit(pipe, volumes, rng, index: int = 0, *, strength: float = 0.5, steps: int = 50,
+           scheduler: str | None = None, eta: float = 0.0, guidance_scale: float = 1.0,
+           class_label: int | None = None, context=None, condition=None,
+           conditioning_scale: float = 1.0):
+    """Image-to-image: `volumes` (B, X, Y, Z, C) noised to `strength` in latent space and
+    denoised (`img2img`). Returns (volumes (B, X, Y, Z, C_out), unscaled latents) float32
+    numpy; strength 0 gives the autoencoder's reconstructions, 1 the samples
+    `Pipeline.sample_batch(rng, index, B)` draws. Raises ConfigError as `inpaint` and for
+    a strength outside [0, 1]."""
+    from ldm_jax.diffusion.img2img import make_sdedit
+    from ldm_jax.diffusion.sampling import sampler_for
+
+    v = check_volumes(pipe, volumes)
+    labels, ctx = _conditions(pipe, v.shape[0], class_label, context, steps, scheduler)
+    cn, cn_args = _controlnet_args(pipe, v.shape[0], condition, conditioning_scale)
+    key = ("sdedit", scheduler, int(steps), float(strength), float(guidance_scale), float(eta))
+    fn = _cached(pipe, key, lambda: make_sdedit(
+        pipe.unet, sampler_for(pipe.config.scheduler, scheduler),
+        shape=(*pipe.padded_shape, pipe.latent_shape[-1]), steps=steps, strength=strength,
+        guidance_scale=guidance_scale, null_label=pipe.null_label, eta=eta, controlnet=cn))
+    z = fn(pipe.params, jax.random.fold_in(rng, int(index)), encode(pipe, v), labels, ctx,
+           **cn_args)
+    return _finish(pipe, z)

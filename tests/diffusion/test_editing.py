@@ -1,0 +1,117 @@
+"""Inpainting (replace-known-region and RePaint) and SDEdit on a tiny pipeline: the
+trained tiny autoencoder and a 1-level UNet with random (non-zero) weights, so every
+property here is of the algorithm, not of a trained model."""
+
+import jax
+import numpy as np
+import pytest
+
+from ldm_jax.data.synthetic.filaments import render_filaments
+from ldm_jax.diffusion import editing
+from ldm_jax.diffusion.inpainting import (
+    box_mask,
+    check_mask,
+    latent_mask,
+    parse_box,
+    repaint_schedule,
+)
+from ldm_jax.errors import ConfigError
+
+
+def tiny_pipeline(ae_workdir, seed=0, **unet):
+    """A Pipeline over the tiny autoencoder with a random, perturbed 1-level UNet."""
+    from ldm_jax.diffusion.latent_space import load_frozen_autoencoder
+    from ldm_jax.diffusion.pipeline import Pipeline
+    from ldm_jax.models import build_unet
+    from tests.diffusion.test_diffusion import tiny_diffusion_config
+
+    c = tiny_diffusion_config(ae_workdir)
+    c.unet.update(unet)
+    c.latents.scale_factor = 1.5
+    model = build_unet(c.unet)
+    params = model.init(jax.random.key(seed), **model.dummy_inputs())["params"]
+    params = jax.tree.map(lambda a: a + 0.05 * np.sin(np.arange(a.size) + seed)
+                          .reshape(a.shape).astype(np.float32), params)
+    return Pipeline(c, model, params, load_frozen_autoencoder(c))
+
+
+@pytest.fixture(scope="module")
+def pipe(ae_workdir):
+    return tiny_pipeline(ae_workdir)
+
+
+def _volumes(n=2, seed=0):
+    return np.stack([render_filaments((16, 16, 8), seed=seed, index=i, num_filaments=(2, 4))
+                     [..., None] / 255.0 for i in range(n)]).astype(np.float32)
+
+
+def test_repaint_schedule_is_lugmayrs():
+    plain = repaint_schedule(5, 1, 1)
+    assert plain == [(i, False) for i in range(5)]
+    moves = repaint_schedule(6, 2, 3)
+    downs = sum(not u for _, u in moves)
+    ups = sum(u for _, u in moves)
+    # jumps at RePaint times 0 and 2 (range(0, 6 - 2, 2)), 2 extra passes of 2 steps each
+    assert ups == 2 * 2 * 2 and downs == 6 + ups
+    assert moves[-1] == (5, False)  # the last move ends clean
+    pos = 0  # every move starts where the previous one ended
+    for i, u in moves:
+        assert i == pos
+        pos = i - 1 if u else i + 1
+    with pytest.raises(ConfigError, match="jump_length"):
+        repaint_schedule(5, 0, 2)
+
+
+def test_masks():
+    m = box_mask((16, 16, 8), "4:12,4:8,2:6")
+    assert m.sum() == 8 * 4 * 4 and m[4, 4, 2] and not m[12, 4, 2]
+    lm = latent_mask(m, (8, 8, 4))
+    assert lm.shape == (8, 8, 4, 1) and lm.sum() == 4 * 2 * 2
+    m2 = np.zeros((16, 16, 8), bool)
+    m2[5, 5, 3] = True  # one voxel: its latent voxel is generated
+    assert latent_mask(m2, (8, 8, 4))[2, 2, 1, 0] == 1
+    for bad, msg in (("4:12,4:8", "three voxel ranges"), ("4:20,0:4,0:4", "0 <= start < end")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_box(bad, (16, 16, 8))
+    with pytest.raises(ConfigError, match="empty"):
+        check_mask(np.zeros((16, 16, 8)), (16, 16, 8))
+    with pytest.raises(ConfigError, match="whole volume"):
+        check_mask(np.ones((16, 16, 8)), (16, 16, 8))
+    with pytest.raises(ConfigError, match="shape"):
+        check_mask(np.ones((8, 8, 8)), (16, 16, 8))
+
+
+@pytest.mark.parametrize("jumps", [(1, 1), (2, 2)])
+def test_inpainting_keeps_the_known_region_exactly(pipe, jumps):
+    vols = _volumes()
+    mask = box_mask((16, 16, 8), "4:12,4:12,2:6")
+    rng = jax.random.PRNGKey(0)
+    out, lat = editing.inpaint(pipe, vols, mask, rng, steps=4, jump_length=jumps[0],
+                               jump_n_sample=jumps[1], blend_width=2)
+    assert out.shape == vols.shape and lat.shape == (2, 8, 8, 4, 2)
+    assert np.abs(out - vols)[:, ~mask].max() == 0.0  # outside the mask: the input's voxels
+    assert np.abs(out - vols)[:, mask].max() > 1e-3  # inside: generated
+    # In latent space the known latents (outside the pooled mask) are the input's.
+    z = np.asarray(editing.encode(pipe, vols)) / pipe.scale_factor
+    keep = latent_mask(mask, (8, 8, 4))[..., 0] == 0
+    np.testing.assert_allclose(lat[:, keep], z[:, keep], rtol=0, atol=1e-6)
+    again, _ = editing.inpaint(pipe, vols, mask, rng, steps=4, jump_length=jumps[0],
+                               jump_n_sample=jumps[1], blend_width=2)
+    np.testing.assert_array_equal(out, again)
+
+
+def test_sdedit_strength_ends(pipe):
+    vols = _volumes(1)
+    rng = jax.random.PRNGKey(3)
+    recon, _ = editing.sdedit(pipe, vols, rng, strength=0.0, steps=4)
+    z = np.asarray(editing.encode(pipe, vols))[:, :, :, :] / pipe.scale_factor
+    np.testing.assert_allclose(recon, pipe.decode(z), atol=1e-6)
+    _full, lat = editing.sdedit(pipe, vols, rng, strength=1.0, steps=4)
+    ref = pipe.sample_batch(rng, 0, 1, steps=4)
+    np.testing.assert_allclose(lat, ref, atol=1e-5)
+    half, _ = editing.sdedit(pipe, vols, rng, strength=0.5, steps=4)
+    assert 0 < np.abs(half - recon).max()
+    with pytest.raises(ConfigError, match="--strength"):
+        editing.sdedit(pipe, vols, rng, strength=1.5, steps=4)
+    with pytest.raises(ConfigError, match="edits volumes of"):
+        editing.sdedit(pipe, vols[:, :8], rng, strength=0.5, steps=4)
