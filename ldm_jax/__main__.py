@@ -21,6 +21,7 @@ COMMANDS = {
     "decode": "latents -> volumes",
     "export": "a MONAI state dict of a trained autoencoder",
     "sample": "new volumes from a trained latent diffusion model",
+    "edit": "given volumes: inpaint a region, SDEdit, likelihood (anomaly) maps",
     "evaluate": "sample quality against real volumes (FD, MS-SSIM, intensities)",
     "voxelize": "point clouds (nm) -> NIfTI volumes",
     "to_points": "volumes -> point clouds (CSV, nm)",

@@ -47,6 +47,41 @@ class Pipeline:
         self.context_dim = (int(config.unet.cross_attention_dim)
                             if config.unet.get("with_conditioning") else None)
         self._samplers = {}  # (sampler, steps, guidance, eta) -> jitted loop
+        self.controlnet = self.controlnet_params = None
+
+    def attach_controlnet(self, controlnet, params) -> None:
+        """Steer the UNet with a `ldm_jax.models.controlnet.ControlNet` (e.g. a MONAI one
+        through `controlnet_from_monai`) in `inpaint` / `sdedit` (keyword `condition`).
+        Raises ConfigError when it does not take this model's latent channels."""
+        if int(controlnet.in_channels) != int(self.latent_shape[-1]):
+            raise ConfigError(f"the ControlNet takes {controlnet.in_channels}-channel latents; "
+                              f"this model's have {self.latent_shape[-1]}")
+        self.controlnet, self.controlnet_params = controlnet, params
+        self._samplers = {k: v for k, v in self._samplers.items()
+                          if k[0] not in ("inpaint", "sdedit")}
+
+    def condition_for(self, n: int, condition) -> np.ndarray:
+        """The ControlNet's condition as (n, X', Y', Z', C) float32, (X', Y', Z') the
+        padded latent shape times the ControlNet's condition_factor; one of the unpadded
+        size (latent x factor) is zero-padded as the latents are. Takes (X', Y', Z'[, C])
+        for every volume or (n, X', Y', Z', C). Raises ConfigError for another shape."""
+        cn = self.controlnet
+        f, cin = cn.condition_factor, int(cn.conditioning_embedding_in_channels)
+        c = np.asarray(condition, np.float32)
+        if c.ndim == 3:
+            c = c[..., None]
+        if c.ndim == 4:
+            c = np.broadcast_to(c[None], (n, *c.shape))
+        small = tuple(s * f for s in self.latent_shape[:3])
+        big = tuple(s * f for s in self.padded_shape)
+        if c.ndim != 5 or c.shape[0] != n or c.shape[-1] != cin or c.shape[1:4] not in (
+                small, big):
+            raise ConfigError(f"the condition has shape {tuple(np.shape(condition))}; the "
+                              f"ControlNet takes {small} (or padded {big}) with {cin} "
+                              "channel(s), one for every volume or one per volume")
+        if c.shape[1:4] == small and small != big:
+            c = np.pad(c, ((0, 0), *((lo * f, hi * f) for lo, hi in self.pad), (0, 0)))
+        return c
 
     def check_request(self, steps: int, scheduler: Optional[str] = None,
                       class_label: Optional[int] = None) -> Optional[int]:

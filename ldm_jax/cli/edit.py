@@ -1,0 +1,241 @@
+r"""Edit given volumes with a trained latent diffusion model: inpaint, SDEdit, likelihood.
+
+  ldm-jax edit --workdir runs/ldm --input VOLS --output edits/ --mode inpaint \
+      (--box x0:x1,y0:y1,z0:z1 | --mask MASK.nii.gz) [--jump_length 10 --jump_n_sample 10] \
+      [--blend_width 0]
+  ldm-jax edit --workdir runs/ldm --input VOLS --output edits/ --mode sdedit --strength 0.5
+  ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode likelihood \
+      [--num_inference_steps 1000]
+
+VOLS is a file, folder or glob of volumes of the autoencoder's data.volume_size,
+preprocessed as in training. inpaint: the masked region (non-zero voxels of --mask, one
+mask for every input, or the --box, voxels end exclusive) is generated in latent space
+(RePaint's resampling with --jump_n_sample > 1; 1 replaces the known region at every
+step), the rest is the input's voxels exactly; --blend_width W feathers the seam over W
+voxels inside the mask. sdedit: the latents are noised to --strength (0: the input's
+reconstruction, 1: a new sample) and denoised. likelihood (DDPM models): MONAI's
+variational bound per latent voxel, resampled to the volume (nearest), as NAME_kl.nii.gz,
+and MONAI's total_kl score. Writes, in --output:
+  NAME.nii.gz / NAME.npy       the edited volume (inpaint, sdedit), or NAME_kl.nii.gz
+  latents/NAME.npy             its unscaled latents, or the latent-grid map (likelihood)
+  edits.json                   settings, checkpoints, per input its score (likelihood)
+  provenance.jsonl             what made each output; reruns complete, others are refused
+Batch k of --batch_size inputs draws from fold_in(PRNGKey(seed), k).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+MODES = ("inpaint", "sdedit", "likelihood")
+
+
+def _define(fv):
+    from absl import flags
+
+    from ldm_jax import cli
+
+    cli.define_workdir_flag(fv, "Stage-2 training workdir (checkpoints/).")
+    cli.define_step_flag(fv, "'best' (lowest validation loss), 'latest' or a step number.")
+    flags.DEFINE_string("input", None, "Volume file, folder or glob.", flag_values=fv)
+    cli.define_output_flag(fv, "Output directory (created).")
+    flags.DEFINE_enum("mode", None, list(MODES), "What to do.", flag_values=fv)
+    flags.DEFINE_string("mask", None, "inpaint: mask volume (non-zero: fill), the inputs' "
+                        "shape.", flag_values=fv)
+    flags.DEFINE_string("box", None, "inpaint: region to fill, x0:x1,y0:y1,z0:z1 voxels.",
+                        flag_values=fv)
+    flags.DEFINE_integer("jump_length", 10, "inpaint: RePaint's jump length (steps).",
+                         flag_values=fv)
+    flags.DEFINE_integer("jump_n_sample", 1, "inpaint: RePaint's resamplings (1: replace "
+                         "the known region only).", flag_values=fv)
+    flags.DEFINE_float("blend_width", 0.0, "inpaint: feathered seam inside the mask, voxels.",
+                       flag_values=fv)
+    flags.DEFINE_float("strength", 0.5, "sdedit: 0 reconstruction .. 1 new sample.",
+                       flag_values=fv)
+    flags.DEFINE_integer("num_inference_steps", 50, "Denoising steps (likelihood: timesteps "
+                         "evaluated; default there all of them).", flag_values=fv)
+    flags.DEFINE_enum("scheduler", None, ["ddim", "ddpm", "rflow"], "Sampler (as sample's).",
+                      flag_values=fv)
+    flags.DEFINE_float("eta", 0.0, "DDIM eta.", flag_values=fv)
+    flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance weight.",
+                       flag_values=fv)
+    flags.DEFINE_integer("class_label", None, "Class (conditional models).", flag_values=fv)
+    cli.define_seed_flag(fv, "Random seed: the same seed gives the same outputs.")
+    flags.DEFINE_enum("format", "nifti", ["npy", "nifti", "both"], "Volume file format.",
+                      flag_values=fv)
+    flags.DEFINE_integer("batch_size", 4, "Inputs per jitted loop.", flag_values=fv)
+    flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema: the raw ones).",
+                      flag_values=fv)
+    flags.DEFINE_string("autoencoder_workdir", None, "Where the stage-1 run is now, if it "
+                        "moved.", flag_values=fv)
+    cli.define_overwrite_flag(fv, "Replace outputs that other settings made.")
+    cli.define_progress_flag(fv)
+
+
+def _check(mode, mask, box, strength, batch_size, blend_width, steps, present):
+    from ldm_jax.errors import ConfigError
+
+    if mode == "inpaint" and (mask is None) == (box is None):
+        raise ConfigError("--mode inpaint needs one of --mask FILE or --box x0:x1,y0:y1,z0:z1.")
+    if mode != "inpaint":
+        for flag in ("mask", "box", "jump_n_sample", "blend_width"):
+            if flag in present:
+                raise ConfigError(f"--{flag} is for --mode inpaint; drop it.")
+    if mode != "sdedit" and "strength" in present:
+        raise ConfigError("--strength is for --mode sdedit; drop it.")
+    if int(batch_size) < 1:
+        raise ConfigError(f"--batch_size={batch_size} must be >= 1.")
+    if not float(blend_width) >= 0:
+        raise ConfigError(f"--blend_width={blend_width} must be >= 0 voxels.")
+    if int(steps) < 1:
+        raise ConfigError(f"--num_inference_steps={steps} must be >= 1.")
+    if mode == "sdedit":
+        from ldm_jax.diffusion.img2img import start_index
+        start_index(1, strength)
+
+
+def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
+         jump_n_sample=1, blend_width=0.0, strength=0.5, steps=50, scheduler=None, eta=0.0,
+         guidance_scale=1.0, class_label=None, seed=0, step="best", format="nifti", batch_size=4, ema=True, overwrite=False,
+         progress=True, autoencoder_workdir=None, present=(), log=print) -> dict:
+    """Edits every volume of `input` into `output` (the module docstring); returns the
+    edits.json content. Raises ConfigError (a flag out of range or a request the model
+    cannot take, before --output is created), DataError, CheckpointNotFoundError,
+    OutputConflictError and NonFiniteResultError, as `ldm-jax sample`."""
+    import jax
+    from tqdm import tqdm
+
+    from ldm_jax import outputs as vf
+    from ldm_jax.data.pointcloud import volumes as pc
+    from ldm_jax.diffusion import editing
+    from ldm_jax.diffusion.pipeline import load_pipeline
+    from ldm_jax.errors import NonFiniteResultError
+
+    _check(mode, mask, box, strength, batch_size, blend_width, steps, present)
+    pipe = load_pipeline(workdir, step, use_ema=ema, autoencoder_workdir=autoencoder_workdir)
+    cfg = pipe.autoencoder.config
+    files, names = pc.list_inputs(input, cfg)
+    vols, affines = zip(*[pc.load_input(f, cfg) for f in files])
+    vols = editing.check_volumes(pipe, np.stack(vols))
+    masks = None
+    if mode == "inpaint":
+        from ldm_jax.diffusion.inpainting import box_mask, check_mask
+        m = box_mask(vols.shape[1:4], box) if box else vf.read_latent(mask)[0][..., 0]
+        masks = check_mask(m, vols.shape[1:4], "--box" if box else "--mask")
+    if mode == "likelihood":
+        editing.likelihood_function(pipe, steps if "num_inference_steps" in present else None)
+    else:
+        pipe.check_request(steps, scheduler, class_label)
+    out_dir = vf.prepare_output_dir(output, [str(f) for f in files])
+    settings = {"mode": mode, "seed": int(seed), "steps": int(steps), "scheduler": scheduler,
+                "eta": float(eta), "guidance_scale": float(guidance_scale),
+                "class_label": class_label, "batch_size": int(batch_size)}
+    if mode == "inpaint":
+        settings.update(mask=None if mask is None else os.path.abspath(mask),
+                        mask_sha256=None if mask is None else vf.sha256(mask), box=box,
+                        jump_length=int(jump_length), jump_n_sample=int(jump_n_sample),
+                        blend_width=float(blend_width))
+    if mode == "sdedit":
+        settings["strength"] = float(strength)
+    made_by = {"diffusion_checkpoint": {"workdir": os.path.abspath(workdir), "step": pipe.step,
+                                        "ema": bool(ema)},
+               "autoencoder_checkpoint": {"workdir": pipe.autoencoder.workdir,
+                                          "step": pipe.autoencoder.step,
+                                          "config_hash": pipe.autoencoder.config_hash},
+               "settings": settings}
+    fmts = vf.formats(format)
+    suffix = "_kl" if mode == "likelihood" else ""
+
+    def files_of(name):
+        vol = [name + suffix + vf.SUFFIXES[f] for f in (["nifti"] if suffix else fmts)]
+        return vol + [f"latents/{name}{suffix}.npy"]
+
+    bs = int(batch_size)
+    batches = [list(range(i, min(i + bs, len(names)))) for i in range(0, len(names), bs)]
+    items = [(names[j], files_of(names[j]), vf.source_of(str(files[j]), batch=k))
+             for k, b in enumerate(batches) for j in b]
+    sources = {n: s for n, _, s in items}
+    rng = jax.random.PRNGKey(int(seed))
+    common = {"steps": steps, "scheduler": scheduler, "eta": eta,
+              "guidance_scale": guidance_scale, "class_label": class_label}
+    with vf.Outputs(out_dir, "edit", made_by, overwrite=overwrite, log=log) as outs:
+        make, reused = outs.plan(items, "output(s)")
+        todo = set(make)
+        bar = tqdm(total=len(make), desc=mode, unit="vol", disable=not progress,
+                   file=sys.stdout, dynamic_ncols=True)
+        try:
+            for k, b in enumerate(batches):
+                if not any(names[j] in todo for j in b):
+                    continue
+                score = None
+                if mode == "inpaint":
+                    out, lat = editing.inpaint(pipe, vols[b], masks, rng, k, **common,
+                                               jump_length=jump_length,
+                                               jump_n_sample=jump_n_sample,
+                                               blend_width=blend_width)
+                elif mode == "sdedit":
+                    out, lat = editing.sdedit(pipe, vols[b], rng, k, strength=strength,
+                                              **common)
+                else:
+                    out, lat, score = editing.likelihood(
+                        pipe, vols[b], rng, k, steps=steps if "num_inference_steps" in present
+                        else None, class_label=class_label)
+                if not (np.isfinite(out).all() and np.isfinite(lat).all()):
+                    raise NonFiniteResultError(
+                        f"inputs {names[b[0]]}..{names[b[-1]]} (batch {k}) came out NaN or "
+                        f"Inf with --mode {mode}; nothing of that batch was written. Try "
+                        "another --step or --noema.")
+                for i, j in enumerate(b):
+                    name = names[j]
+                    if name not in todo:
+                        continue
+                    v, z = out[i], lat[i]
+                    wanted = files_of(name)
+                    writers = {}
+                    for f in wanted[:-1]:
+                        fmt = "npy" if f.endswith(".npy") else "nifti"
+                        writers[f] = lambda t, fmt=fmt, v=v, a=affines[j]: vf.write(t, fmt, v, a)
+                    writers[wanted[-1]] = lambda t, z=z: vf.write_npy(t, z)
+                    row = {} if score is None else {"total_kl": float(score[i])}
+                    outs.write(name, writers, sources[name], row)
+                    bar.update(1)
+        finally:
+            bar.close()
+            records = outs.complete()
+    record = {**settings, "diffusion_checkpoint": made_by["diffusion_checkpoint"],
+              "autoencoder_checkpoint": made_by["autoencoder_checkpoint"],
+              "outputs": {n: records[n].get("row") or {} for n in records}}
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+
+    vf.atomic_write(os.path.join(out_dir, "edits.json"), write_json)
+    log(f"{mode}: made {len(make)}, reused {len(reused)} complete; wrote "
+        f"{os.path.join(out_dir, 'edits.json')}.")
+    return record
+
+
+def _body(fv):
+    present = {name for name in fv if fv[name].present}
+    edit(fv.workdir, fv.input, fv.output, mode=fv.mode, mask=fv.mask, box=fv.box,
+         jump_length=fv.jump_length, jump_n_sample=fv.jump_n_sample,
+         blend_width=fv.blend_width, strength=fv.strength, steps=fv.num_inference_steps,
+         scheduler=fv.scheduler, eta=fv.eta, guidance_scale=fv.guidance_scale,
+         class_label=fv.class_label, seed=fv.seed, step=fv.step,
+         format=fv.format, batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,
+         progress=fv.progress, autoencoder_workdir=fv.autoencoder_workdir, present=present)
+
+
+def main(argv=None) -> int:
+    from ldm_jax import cli
+    return cli.run("ldm-jax edit", __doc__, _define, _body, argv,
+                   required=("workdir", "input", "output", "mode"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
