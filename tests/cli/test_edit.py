@@ -41,7 +41,8 @@ def test_inpaint_sdedit_likelihood(ldm_workdir, inputs, tmp_path):
     out = str(tmp_path / "inp")
     args = ("--mode=inpaint", "--box=4:12,4:12,2:6", "--jump_length=1", "--jump_n_sample=2")
     assert _run(ldm_workdir, inputs, out, *args) == 0
-    rec = json.load(open(os.path.join(out, "edits.json")))
+    with open(os.path.join(out, "edits.json")) as f:
+        rec = json.load(f)
     assert sorted(rec["outputs"]) == ["v0", "v1", "v2"] and rec["jump_n_sample"] == 2
     edited = np.asarray(nib.load(os.path.join(out, "v1.nii.gz")).dataobj)
     assert edited.shape == (16, 16, 8) and np.isfinite(edited).all()
@@ -62,7 +63,8 @@ def test_inpaint_sdedit_likelihood(ldm_workdir, inputs, tmp_path):
 
     lk = str(tmp_path / "lk")
     assert _run(ldm_workdir, inputs, lk, "--mode=likelihood") == 0
-    rec = json.load(open(os.path.join(lk, "edits.json")))
+    with open(os.path.join(lk, "edits.json")) as f:
+        rec = json.load(f)
     assert all(np.isfinite(r["total_kl"]) for r in rec["outputs"].values())
     kl = np.asarray(nib.load(os.path.join(lk, "v0_kl.nii.gz")).dataobj)
     assert kl.shape == (16, 16, 8) and (kl >= 0).all()
