@@ -68,8 +68,8 @@ def _controlnet_args(pipe, n, condition, conditioning_scale):
     cn = getattr(pipe, "controlnet", None)
     if cn is None:
         if condition is not None:
-            raise ConfigError("--condition given, but this run has no ControlNet; train one "
-                              "(docs/editing.md) or drop --condition.")
+            raise ConfigError("a condition was given, but no ControlNet is attached to the "
+                              "pipeline (Pipeline.attach_controlnet); drop the condition.")
         return None, {}
     cond = pipe.condition_for(n, condition)
     return cn, {"cn_params": pipe.controlnet_params, "condition": cond,

@@ -115,6 +115,8 @@ def test_sdedit_strength_ends(pipe):
         editing.sdedit(pipe, vols, rng, strength=1.5, steps=4)
     with pytest.raises(ConfigError, match="edits volumes of"):
         editing.sdedit(pipe, vols[:, :8], rng, strength=0.5, steps=4)
+    with pytest.raises(ConfigError, match="no ControlNet is attached"):
+        editing.sdedit(pipe, vols, rng, strength=0.5, steps=4, condition=vols[0])
 
 
 def test_likelihood_map_on_the_volume_grid(pipe):
