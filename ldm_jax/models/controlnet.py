@@ -57,8 +57,8 @@ class ControlNet(nn.Module):
     defaults; there is no out_channels), plus `conditioning_embedding_in_channels` (the
     condition volume's channels) and `conditioning_embedding_num_channels` (the embedding's
     conv widths; its length k sets the condition's resolution: 2^(k-1) times the latent's
-    on each axis). MONAI's include_fc / use_combined_linear / use_flash_attention are at
-    their defaults, as for the UNet.
+    on each axis). `include_fc` / `use_combined_linear` as the UNet's; MONAI's
+    use_flash_attention is what `layers.attention` decides.
 
     Call: x (B, X, Y, Z, in_channels) the noisy latent, each spatial size divisible by
     2^(levels - 1); timesteps (B,) or scalar; controlnet_cond (B, X*2^(k-1), Y*2^(k-1),
@@ -86,6 +86,8 @@ class ControlNet(nn.Module):
     upcast_attention: bool = False
     conditioning_embedding_in_channels: int = 1
     conditioning_embedding_num_channels: Sequence[int] = (16, 32, 96, 256)
+    include_fc: bool = True
+    use_combined_linear: bool = False
     dtype: Any = jnp.float32
     remat: str = "none"
 
@@ -103,7 +105,8 @@ class ControlNet(nn.Module):
         att = tuple(bool(a) for a in self.attention_levels)
         dt = jnp.dtype(self.dtype)
         make = _Make(self.norm_num_groups, self.norm_eps, dt, self.remat == "blocks",
-                     self.with_conditioning, self.transformer_num_layers, self.upcast_attention)
+                     self.with_conditioning, self.transformer_num_layers, self.upcast_attention,
+                     self.include_fc, self.use_combined_linear)
         if context is not None and not self.with_conditioning:
             raise ValueError("a context was given but with_conditioning=False: the ControlNet "
                              "has no cross-attention")

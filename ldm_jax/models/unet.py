@@ -112,6 +112,11 @@ class Attention(nn.Module):
     """SABlock / CrossAttentionBlock: `heads` heads of `head_dim` over tokens, scale
     head_dim^-1/2, keys and values from `context` when given (else from x), out projection.
 
+    `include_fc=False`: no out projection (MONAI's SABlock `include_fc`; then
+    out_features must equal heads * head_dim). `combined_qkv`: one Linear `qkv` to
+    3 * heads * head_dim, split q | k | v (MONAI's SABlock `use_combined_linear`,
+    self-attention only).
+
     x: (B, T, C); context: (B, S, C_ctx) or None -> (B, T, out_features).
     """
 
@@ -121,18 +126,25 @@ class Attention(nn.Module):
     qkv_bias: bool
     upcast: bool = False  # MONAI's upcast_attention: q, k, v in float32
     dtype: Any = jnp.float32
+    include_fc: bool = True
+    combined_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, context=None):
         inner, dt = self.heads * self.head_dim, self.dtype
         kv = x if context is None else context
-        q, k, v = (_dense(inner, dt, n, self.qkv_bias)(src) for n, src in
-                   (("to_q", x), ("to_k", kv), ("to_v", kv)))
+        if self.combined_qkv:
+            if context is not None:
+                raise ValueError("a combined qkv projection is for self-attention only")
+            q, k, v = jnp.split(_dense(3 * inner, dt, "qkv", self.qkv_bias)(x), 3, axis=-1)
+        else:
+            q, k, v = (_dense(inner, dt, n, self.qkv_bias)(src) for n, src in
+                       (("to_q", x), ("to_k", kv), ("to_v", kv)))
         q, k, v = (t.reshape(*t.shape[:2], self.heads, self.head_dim) for t in (q, k, v))
         if self.upcast:
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        o = layers.attention(q, k, v).astype(dt)
-        return _dense(self.out_features, dt, "out_proj")(o.reshape(*o.shape[:2], inner))
+        o = layers.attention(q, k, v).astype(dt).reshape(*q.shape[:2], inner)
+        return _dense(self.out_features, dt, "out_proj")(o) if self.include_fc else o
 
 
 def _heads(channels: int, num_head_channels: int | None) -> tuple[int, int]:
@@ -145,13 +157,16 @@ class SpatialAttentionBlock(nn.Module):
     """SpatialAttentionBlock: GN -> tokens in raster order -> multi-head self-attention
     (q/k/v with bias, channels // num_head_channels heads) -> + x. `context` is ignored.
 
-    x: (B, X, Y, Z, C) -> same shape.
+    x: (B, X, Y, Z, C) -> same shape. `include_fc` / `use_combined_linear`: MONAI's (see
+    `Attention`).
     """
 
     num_head_channels: int | None
     norm_num_groups: int
     norm_eps: float
     dtype: Any = jnp.float32
+    include_fc: bool = True
+    use_combined_linear: bool = False
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -159,7 +174,8 @@ class SpatialAttentionBlock(nn.Module):
         b, X, Y, Z, c = x.shape
         h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, name="norm")(x)
         heads, hd = _heads(c, self.num_head_channels)
-        h = Attention(heads, hd, c, qkv_bias=True, dtype=self.dtype, name="attn")(
+        h = Attention(heads, hd, c, qkv_bias=True, dtype=self.dtype, include_fc=self.include_fc,
+                      combined_qkv=self.use_combined_linear, name="attn")(
             h.reshape(b, X * Y * Z, c))
         return x + h.reshape(x.shape).astype(x.dtype)
 
@@ -181,12 +197,16 @@ class GEGLUMLP(nn.Module):
 
 class TransformerBlock(nn.Module):
     """DiffusionUNetTransformerBlock: x += attn1(LN x); x += attn2(LN x, context);
-    x += GEGLU-MLP(LN x). LayerNorm eps 1e-5, q/k/v without bias. (B, T, C) -> (B, T, C)."""
+    x += GEGLU-MLP(LN x). LayerNorm eps 1e-5, q/k/v without bias. (B, T, C) -> (B, T, C).
+    `include_fc` / `use_combined_linear` apply to attn1 only (MONAI's CrossAttentionBlock
+    always has its out projection and separate q/k/v)."""
 
     heads: int
     head_dim: int
     upcast: bool = False
     dtype: Any = jnp.float32
+    include_fc: bool = True
+    use_combined_linear: bool = False
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -196,11 +216,12 @@ class TransformerBlock(nn.Module):
             return nn.LayerNorm(epsilon=1e-5, dtype=dt, param_dtype=jnp.float32,
                                 use_fast_variance=False, name=name)
 
-        def attn(name):
+        def attn(name, **kw):
             return Attention(self.heads, self.head_dim, c, qkv_bias=False, upcast=self.upcast,
-                             dtype=dt, name=name)
+                             dtype=dt, name=name, **kw)
 
-        x = attn("attn1")(ln("norm1")(x)) + x
+        x = attn("attn1", include_fc=self.include_fc,
+                 combined_qkv=self.use_combined_linear)(ln("norm1")(x)) + x
         x = attn("attn2")(ln("norm2")(x), context) + x
         return GEGLUMLP(4 * c, dt, name="ff")(ln("norm3")(x)) + x
 
@@ -219,6 +240,8 @@ class SpatialTransformer(nn.Module):
     norm_eps: float
     upcast: bool = False
     dtype: Any = jnp.float32
+    include_fc: bool = True
+    use_combined_linear: bool = False
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -229,7 +252,8 @@ class SpatialTransformer(nn.Module):
         h = group_norm(self.norm_num_groups, self.norm_eps, dt, name="norm")(x)
         h = conv(inner, kernel=1, dtype=dt, name="proj_in")(h).reshape(b, X * Y * Z, inner)
         for i in range(self.num_layers):
-            h = TransformerBlock(heads, hd, self.upcast, dt, name=f"transformer_blocks_{i}")(
+            h = TransformerBlock(heads, hd, self.upcast, dt, self.include_fc,
+                                 self.use_combined_linear, name=f"transformer_blocks_{i}")(
                 h, context)
         h = conv(c, kernel=1, dtype=dt, name="proj_out", kernel_init=_zeros)(
             h.reshape(b, X, Y, Z, inner))
@@ -258,6 +282,8 @@ class _Make:
     with_conditioning: bool
     transformer_num_layers: int
     upcast_attention: bool
+    include_fc: bool = True
+    use_combined_linear: bool = False
 
     def _cls(self, cls):
         return nn.remat(cls) if self.remat else cls
@@ -270,9 +296,11 @@ class _Make:
         if self.with_conditioning:
             return self._cls(SpatialTransformer)(
                 num_head_channels, self.transformer_num_layers, self.norm_num_groups,
-                self.norm_eps, self.upcast_attention, self.dtype, name=name)
+                self.norm_eps, self.upcast_attention, self.dtype, self.include_fc,
+                self.use_combined_linear, name=name)
         return self._cls(SpatialAttentionBlock)(num_head_channels, self.norm_num_groups,
-                                                self.norm_eps, self.dtype, name=name)
+                                                self.norm_eps, self.dtype, self.include_fc,
+                                                self.use_combined_linear, name=name)
 
 
 class DownBlock(nn.Module):
@@ -365,9 +393,10 @@ class DiffusionModelUNet(nn.Module):
     `num_res_blocks` and `num_head_channels` take an int or one value per level (0 for a
     level without attention is fine). `dtype`: compute dtype ("float32" | "bfloat16");
     `remat`: "none" | "blocks" (rematerialise every resnet and attention block in the
-    backward pass). Not ported: MONAI's dropout_cattn (0), include_fc (True) and
-    use_combined_linear (False) at their defaults; use_flash_attention is what
-    `layers.attention` decides. Validate a config with `validate_unet`.
+    backward pass). `include_fc` / `use_combined_linear`: MONAI's attention options (no
+    out projection in the self-attentions / one `qkv` Linear; see `Attention`). Not
+    ported: MONAI's dropout_cattn (0); use_flash_attention is what `layers.attention`
+    decides. Validate a config with `validate_unet`.
 
     Call: x (B, X, Y, Z, in_channels), each spatial size divisible by 2^(levels - 1);
     timesteps (B,) or scalar, int or float (same units as training, e.g. 0..999);
@@ -395,6 +424,8 @@ class DiffusionModelUNet(nn.Module):
     cross_attention_dim: int | None = None
     num_class_embeds: int | None = None
     upcast_attention: bool = False
+    include_fc: bool = True
+    use_combined_linear: bool = False
     dtype: Any = jnp.float32
     remat: str = "none"
 
@@ -410,15 +441,14 @@ class DiffusionModelUNet(nn.Module):
     @nn.compact
     def __call__(self, x, timesteps, context=None, class_labels=None,
                  down_block_additional_residuals=None, mid_block_additional_residual=None):
-        ch, nrb, att, hc = self.levels
-        n = len(ch)
-        dt = jnp.dtype(self.dtype)
-        make = _Make(self.norm_num_groups, self.norm_eps, dt, self.remat == "blocks",
-                     self.with_conditioning, self.transformer_num_layers, self.upcast_attention)
-        if context is not None and not self.with_conditioning:
-            raise ValueError("a context was given but with_conditioning=False: the UNet has no "
-                             "cross-attention; set with_conditioning=True and cross_attention_dim")
+        emb = self.time_class_embedding(x, timesteps, class_labels)
+        return self.unet_body(x, emb, context, down_block_additional_residuals,
+                              mid_block_additional_residual)
 
+    def time_class_embedding(self, x, timesteps, class_labels=None):
+        """(B, 4 * channels[0]) in the compute dtype: MLP(sinusoid(t)) + class embedding.
+        Called inside `__call__` (it defines params)."""
+        ch, dt = tuple(self.num_channels), jnp.dtype(self.dtype)
         t = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
         emb = timestep_embedding(t, ch[0]).astype(dt)
         emb = _dense(4 * ch[0], dt, "time_embed_0")(emb)
@@ -431,7 +461,24 @@ class DiffusionModelUNet(nn.Module):
                                  param_dtype=jnp.float32,
                                  embedding_init=nn.initializers.normal(1.0),  # torch's N(0, 1)
                                  name="class_embedding")(class_labels)
+        return emb
 
+    def unet_body(self, x, emb, context=None, down_block_additional_residuals=None,
+                  mid_block_additional_residual=None, residual_into_middle: bool = False):
+        """conv_in -> down blocks -> middle -> up blocks -> out, given the embedding `emb`
+        (B, E) every resnet projects. Called inside `__call__` (it defines params).
+        `residual_into_middle`: the middle block also reads the last skip's residual
+        (MAISI's UNet adds the residuals in place, and its last skip IS the middle
+        block's input tensor)."""
+        ch, nrb, att, hc = self.levels
+        n = len(ch)
+        dt = jnp.dtype(self.dtype)
+        make = _Make(self.norm_num_groups, self.norm_eps, dt, self.remat == "blocks",
+                     self.with_conditioning, self.transformer_num_layers, self.upcast_attention,
+                     self.include_fc, self.use_combined_linear)
+        if context is not None and not self.with_conditioning:
+            raise ValueError("a context was given but with_conditioning=False: the UNet has no "
+                             "cross-attention; set with_conditioning=True and cross_attention_dim")
         h = conv(ch[0], dtype=dt, name="conv_in")(x)
         skips = [h]
         for i in range(n):
@@ -444,6 +491,8 @@ class DiffusionModelUNet(nn.Module):
                                  f"{len(down_block_additional_residuals)} arrays; the UNet "
                                  f"has {len(skips)} skips (a ControlNet of another shape)")
             skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
+            if residual_into_middle:
+                h = skips[-1]
         h = MidBlock(hc[-1], make, name="middle_block")(h, emb, context)
         if mid_block_additional_residual is not None:
             h = h + mid_block_additional_residual.astype(h.dtype)
