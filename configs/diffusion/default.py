@@ -112,6 +112,27 @@ def get_config():
     # probability while training.
     cond.drop_prob = 0.1
 
+    # --- ControlNet (MONAI's ControlNet; docs/editing.md). Set unet_workdir to train one
+    # on that stage-2 run's frozen UNet instead of a UNet: unet, scheduler, latents'
+    # autoencoder and scale, and conditioning are then taken from that run. ---
+    cn = config.controlnet = ml_collections.ConfigDict()
+    cn.unet_workdir = ml_collections.config_dict.placeholder(str)  # a trained stage-2 workdir
+    # "best" | "latest" | a step of that run (its EMA weights); resolved to a number.
+    cn.unet_step = ml_collections.FieldReference("best", field_type=object)
+    cn.conditioning_embedding_in_channels = 1  # the condition volume's channels
+    # Conv widths of the condition embedding; k entries take a condition 2^(k-1) times the
+    # latent's size per axis (MONAI's default: (16, 32, 96, 256), 8x).
+    cn.conditioning_embedding_num_channels = (16, 32, 96, 256)
+    cn.conditioning_scale = 1.0  # multiplies the residuals (MONAI's; 1 in training)
+    # The condition of each training volume: "foreground_mask" (computed from the volume:
+    # 1 where it is above `threshold`, on the fly only) or "files" (a folder `dir` with
+    # NAME.nii.gz / NAME.npy per latent in latents.dir). Either is resampled to the
+    # condition grid (ldm_jax.diffusion.condition).
+    cn.condition = ml_collections.ConfigDict()
+    cn.condition.kind = "foreground_mask"
+    cn.condition.threshold = 0.1  # data intensity units (after preprocessing)
+    cn.condition.dir = ml_collections.config_dict.placeholder(str)
+
     # --- Loss. ---
     loss = config.loss = ml_collections.ConfigDict()
     loss.type = "mse"  # "mse" (MONAI's tutorial) | "l1", on the scheduler's target

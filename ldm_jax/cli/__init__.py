@@ -11,6 +11,7 @@ from ldm_jax.cli.common import (
                                 check_range,
                                 config_path,
                                 define_checkpoint_flags,
+                                define_condition_flags,
                                 define_frame_flag,
                                 define_io_flags,
                                 define_model_flags,
@@ -30,7 +31,7 @@ from ldm_jax.cli.common import (
 )
 
 __all__ = ["check_finite", "check_range", "config_path", "define_checkpoint_flags",
-           "define_frame_flag", "define_io_flags", "define_model_flags", "define_output_flag",
+           "define_condition_flags",           "define_frame_flag", "define_io_flags", "define_model_flags", "define_output_flag",
            "define_overwrite_flag", "define_progress_flag", "define_seed_flag",
            "define_skip_bad_files_flag", "define_step_flag", "define_workdir_flag", "error_text",
            "model_kwargs", "parse_frame", "run", "volume_jobs", "with_skip_hint"]

@@ -6,6 +6,7 @@ r"""Edit given volumes with a trained latent diffusion model: inpaint, SDEdit, l
   ldm-jax edit --workdir runs/ldm --input VOLS --output edits/ --mode sdedit --strength 0.5
   ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode likelihood \
       [--num_inference_steps 1000]
+  ldm-jax edit --workdir runs/controlnet ... --mode inpaint|sdedit --condition FILE|DIR
 
 VOLS is a file, folder or glob of volumes of the autoencoder's data.volume_size,
 preprocessed as in training. inpaint: the masked region (non-zero voxels of --mask, one
@@ -15,7 +16,9 @@ step), the rest is the input's voxels exactly; --blend_width W feathers the seam
 voxels inside the mask. sdedit: the latents are noised to --strength (0: the input's
 reconstruction, 1: a new sample) and denoised. likelihood (DDPM models): MONAI's
 variational bound per latent voxel, resampled to the volume (nearest), as NAME_kl.nii.gz,
-and MONAI's total_kl score. Writes, in --output:
+and MONAI's total_kl score. A ControlNet run (inpaint, sdedit) needs --condition: one
+NIfTI/.npy condition for every input, or a folder with NAME.nii.gz / NAME.npy per input
+NAME, as `ldm-jax sample --condition` takes them. Writes, in --output:
   NAME.nii.gz / NAME.npy       the edited volume (inpaint, sdedit), or NAME_kl.nii.gz
   latents/NAME.npy             its unscaled latents, or the latent-grid map (likelihood)
   edits.json                   settings, checkpoints, per input its score (likelihood)
@@ -64,6 +67,7 @@ def _define(fv):
     flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance weight.",
                        flag_values=fv)
     flags.DEFINE_integer("class_label", None, "Class (conditional models).", flag_values=fv)
+    cli.define_condition_flags(fv)
     cli.define_seed_flag(fv, "Random seed: the same seed gives the same outputs.")
     flags.DEFINE_enum("format", "nifti", ["npy", "nifti", "both"], "Volume file format.",
                       flag_values=fv)
@@ -87,6 +91,9 @@ def _check(mode, mask, box, strength, batch_size, blend_width, steps, present):
                 raise ConfigError(f"--{flag} is for --mode inpaint; drop it.")
     if mode != "sdedit" and "strength" in present:
         raise ConfigError("--strength is for --mode sdedit; drop it.")
+    if mode == "likelihood" and "condition" in present:
+        raise ConfigError("--condition is for --mode inpaint or sdedit (the likelihood is the "
+                          "plain UNet's); drop it.")
     if int(batch_size) < 1:
         raise ConfigError(f"--batch_size={batch_size} must be >= 1.")
     if not float(blend_width) >= 0:
@@ -100,8 +107,9 @@ def _check(mode, mask, box, strength, batch_size, blend_width, steps, present):
 
 def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
          jump_n_sample=1, blend_width=0.0, strength=0.5, steps=50, scheduler=None, eta=0.0,
-         guidance_scale=1.0, class_label=None, seed=0, step="best", format="nifti", batch_size=4, ema=True, overwrite=False,
-         progress=True, autoencoder_workdir=None, present=(), log=print) -> dict:
+         guidance_scale=1.0, class_label=None, seed=0, step="best", format="nifti",
+         batch_size=4, ema=True, overwrite=False, progress=True, autoencoder_workdir=None,
+         condition=None, conditioning_scale=1.0, present=(), log=print) -> dict:
     """Edits every volume of `input` into `output` (the module docstring); returns the
     edits.json content. Raises ConfigError (a flag out of range or a request the model
     cannot take, before --output is created), DataError, CheckpointNotFoundError,
@@ -126,10 +134,19 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
         from ldm_jax.diffusion.inpainting import box_mask, check_mask
         m = box_mask(vols.shape[1:4], box) if box else vf.read_latent(mask)[0][..., 0]
         masks = check_mask(m, vols.shape[1:4], "--box" if box else "--mask")
+    conds = cond_files = None
     if mode == "likelihood":
+        if pipe.controlnet is not None:
+            from ldm_jax.errors import ConfigError
+            raise ConfigError(f"{workdir} is a ControlNet run; the likelihood is the plain "
+                              "UNet's: give its run, --workdir "
+                              f"{pipe.unet_checkpoint['workdir']}.")
         editing.likelihood_function(pipe, steps if "num_inference_steps" in present else None)
     else:
         pipe.check_request(steps, scheduler, class_label)
+        if condition is not None:
+            conds, cond_files = pipe.read_conditions(condition, names=names)
+        pipe.controlnet_args(len(names), conds, conditioning_scale)  # refuses before --output
     out_dir = vf.prepare_output_dir(output, [str(f) for f in files])
     settings = {"mode": mode, "seed": int(seed), "steps": int(steps), "scheduler": scheduler,
                 "eta": float(eta), "guidance_scale": float(guidance_scale),
@@ -141,6 +158,11 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
                         blend_width=float(blend_width))
     if mode == "sdedit":
         settings["strength"] = float(strength)
+    if pipe.controlnet is not None:
+        from ldm_jax.diffusion.condition import sha256
+        settings.update(condition=os.path.abspath(condition),
+                        conditioning_scale=float(conditioning_scale),
+                        unet_checkpoint=pipe.unet_checkpoint)
     made_by = {"diffusion_checkpoint": {"workdir": os.path.abspath(workdir), "step": pipe.step,
                                         "ema": bool(ema)},
                "autoencoder_checkpoint": {"workdir": pipe.autoencoder.workdir,
@@ -158,10 +180,17 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
     batches = [list(range(i, min(i + bs, len(names)))) for i in range(0, len(names), bs)]
     items = [(names[j], files_of(names[j]), vf.source_of(str(files[j]), batch=k))
              for k, b in enumerate(batches) for j in b]
+    if cond_files is not None:  # each output names its condition file and its SHA-256
+        digest = {f: sha256(f) for f in set(cond_files)}
+        for name, _, src in items:
+            j = names.index(name)
+            src.update(condition=os.path.abspath(cond_files[j]),
+                       condition_sha256=digest[cond_files[j]])
     sources = {n: s for n, _, s in items}
     rng = jax.random.PRNGKey(int(seed))
     common = {"steps": steps, "scheduler": scheduler, "eta": eta,
-              "guidance_scale": guidance_scale, "class_label": class_label}
+              "guidance_scale": guidance_scale, "class_label": class_label,
+              "conditioning_scale": conditioning_scale}
     with vf.Outputs(out_dir, "edit", made_by, overwrite=overwrite, log=log) as outs:
         make, reused = outs.plan(items, "output(s)")
         todo = set(make)
@@ -172,6 +201,8 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
                 if not any(names[j] in todo for j in b):
                     continue
                 score = None
+                if conds is not None:
+                    common["condition"] = conds[b]
                 if mode == "inpaint":
                     out, lat = editing.inpaint(pipe, vols[b], masks, rng, k, **common,
                                                jump_length=jump_length,
@@ -228,7 +259,8 @@ def _body(fv):
          scheduler=fv.scheduler, eta=fv.eta, guidance_scale=fv.guidance_scale,
          class_label=fv.class_label, seed=fv.seed, step=fv.step,
          format=fv.format, batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,
-         progress=fv.progress, autoencoder_workdir=fv.autoencoder_workdir, present=present)
+         progress=fv.progress, autoencoder_workdir=fv.autoencoder_workdir,
+         condition=fv.condition, conditioning_scale=fv.conditioning_scale, present=present)
 
 
 def main(argv=None) -> int:

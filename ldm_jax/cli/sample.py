@@ -2,7 +2,8 @@ r"""Generate volumes with a trained latent diffusion model (stage 2).
 
   ldm-jax sample --workdir runs/ldm --num_samples 8 --output samples/ \
       [--num_inference_steps 50] [--scheduler ddim|ddpm|rflow] [--eta 0] \
-      [--guidance_scale 3 --class_label K] [--context FILE.npy] [--seed 0] \
+      [--guidance_scale 3 --class_label K] [--context FILE.npy] [--condition FILE|DIR] \
+      [--conditioning_scale 1] [--seed 0] \
       [--step best|latest|N] [--format nifti|npy|both] [--batch_size 8] [--noema] \
       [--autoencoder_workdir DIR] [--overwrite]
 
@@ -15,11 +16,17 @@ by the stage-1 autoencoder from its checkpoint. Writes, in --output:
                            data.pointcloud_voxel_size, in micrometres as voxelize writes)
   latents/sample_0000.npy  the unscaled latents (decode them again with ldm-jax decode)
   samples.png              contact sheet: per sample XY, XZ, YZ mid-slices and the XY MIP
-  samples.json             seed, steps, scheduler, context file, checkpoints used
+                           (ControlNet runs: each sample beside its condition)
+  samples.json             seed, steps, scheduler, context and condition files (with
+                           their SHA-256), checkpoints used
   provenance.jsonl         what made each sample (checkpoints, settings, batch, SHA-256s)
 --context (models trained with unet.with_conditioning): a .npy float32 (S, D) or (D,)
 context for every sample, or (num_samples, S, D) one per sample; without it such a model
 samples with the null context (zeros), i.e. unconditionally.
+--condition (ControlNet runs, then required): a NIfTI or .npy condition volume for every
+sample, or a folder whose condition files, in name order, go one to each sample; on the
+volume grid (data.volume_size) or the ControlNet's condition grid, with its channels
+(ldm_jax.diffusion.condition says how a volume-grid file is resampled).
 --autoencoder_workdir: where the stage-1 run is now if it moved since stage 2 was trained
 (the run's own latents.autoencoder_workdir by default).
 Batch k is drawn from fold_in(PRNGKey(seed), k) and written as soon as it is decoded. A
@@ -61,6 +68,7 @@ def _define(fv):
     flags.DEFINE_string("context", None, "Cross-attention context .npy (models trained with "
                         "unet.with_conditioning): (S, D) or (D,) for every sample, or "
                         "(num_samples, S, D).", flag_values=fv)
+    cli.define_condition_flags(fv)
     cli.define_seed_flag(fv, "Random seed: the same seed gives the same samples.")
     flags.DEFINE_enum("format", "nifti", ["npy", "nifti", "both"], "Volume file format.",
                       flag_values=fv)
@@ -99,7 +107,8 @@ def check_request(num_samples, steps, eta, guidance_scale, batch_size) -> None:
 def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
            guidance_scale=1.0, class_label=None, context=None, seed=0, step="best",
            format="nifti", batch_size=8, ema=True, overwrite=False, progress=True,
-           autoencoder_workdir=None, log=print) -> dict:
+           autoencoder_workdir=None, condition=None, conditioning_scale=1.0,
+           log=print) -> dict:
     """Writes `num_samples` volumes to `output` (see the module docstring); returns the
     samples.json content.
 
@@ -139,6 +148,14 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     # Every check before --output is created: a refused request leaves nothing behind.
     pipe.check_request(steps, scheduler, class_label)
     contexts = pipe.contexts_for(n, context_array)
+    conds, cond_files, cond_digests = None, [None] * n, [None] * n
+    if condition is not None:
+        from ldm_jax.diffusion.condition import sha256
+        conds, cond_files = pipe.read_conditions(condition, count=n)
+        cond_files = [os.path.abspath(f) for f in cond_files]
+        digest = {f: sha256(f) for f in set(cond_files)}
+        cond_digests = [digest[f] for f in cond_files]
+    pipe.controlnet_args(n, conds, conditioning_scale)  # refuses a missing/unwanted condition
     out_dir = vf.prepare_output_dir(output)
     sampler = scheduler or ("rflow" if pipe.config.scheduler.name == "rflow" else "ddim")
     log(f"Stage-2 checkpoint step {pipe.step} of {os.path.abspath(workdir)} "
@@ -158,6 +175,12 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
                      "eta": float(eta), "guidance_scale": float(guidance_scale),
                      "class_label": class_label, "context_sha256": context_digest},
     }
+    if pipe.controlnet is not None:
+        made_by["unet_checkpoint"] = pipe.unet_checkpoint
+        made_by["sampling"]["conditioning_scale"] = float(conditioning_scale)
+        made_by["sampling"]["condition_sha256"] = (
+            cond_digests[0] if len(set(cond_digests)) == 1 else
+            hashlib.sha256("\n".join(cond_digests).encode()).hexdigest())
     d = pipe.autoencoder.config.data
     spacing = d.get("spacing")
     affine = np.diag([*(spacing if spacing else (1.0, 1.0, 1.0)), 1.0]).astype(np.float64)
@@ -180,7 +203,8 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     items = [(names[i + j], files_of(names[i + j]),
               {"index": i + j, "batch": [k, b], "batch_size": bs,
                "context_row": None if context_array is None or context_array.ndim < 3
-               else i + j})
+               else i + j, "condition": cond_files[i + j],
+               "condition_sha256": cond_digests[i + j]})
              for k, i, b in batches for j in range(b)]
     sources = {name: src for name, _, src in items}
     rng = jax.random.PRNGKey(int(seed))
@@ -190,7 +214,15 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
         todo = set(make)
         extra = {"context": None if context is None else os.path.abspath(context),
                  "context_shape": None if context_array is None else
-                 list(context_array.shape)}
+                 list(context_array.shape),
+                 "condition": None if condition is None else os.path.abspath(condition),
+                 "condition_files": None if condition is None else cond_files,
+                 "condition_sha256": None if condition is None else cond_digests}
+        shown = None  # the conditions on the volume grid, beside the samples on the sheet
+        if conds is not None:
+            from ldm_jax.diffusion.condition import resample
+            shown = {names[i]: resample(conds[i], pipe.autoencoder.config.data.volume_size)
+                     for i in range(n)}
         bar = tqdm(total=len(make), desc="sample", unit="vol", disable=not progress,
                    file=sys.stdout, dynamic_ncols=True)
         interrupted = True
@@ -201,7 +233,9 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
                     continue
                 z = pipe.sample_batch(rng, k, b, steps=steps, scheduler=scheduler, eta=eta,
                                       guidance_scale=guidance_scale, class_label=class_label,
-                                      context=None if contexts is None else contexts[i:i + b])
+                                      context=None if contexts is None else contexts[i:i + b],
+                                      condition=None if conds is None else conds[i:i + b],
+                                      conditioning_scale=conditioning_scale)
                 vols = pipe.decode(z) if np.isfinite(z).all() else None
                 if vols is None or not np.isfinite(vols).all():
                     raise NonFiniteResultError(
@@ -225,10 +259,10 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
             records = outs.complete()
             if interrupted:  # the summary still covers every sample in the folder
                 try:
-                    _write_summary(out_dir, records, made_by, extra, pipe, workdir)
+                    _write_summary(out_dir, records, made_by, extra, pipe, workdir, shown)
                 except Exception:  # noqa: BLE001 -- the interruption is what to report
                     pass
-    record = _write_summary(out_dir, records, made_by, extra, pipe, workdir)
+    record = _write_summary(out_dir, records, made_by, extra, pipe, workdir, shown)
     t_total = time.perf_counter() - t0
     if make:
         log(f"Drew {len(make)} sample(s) in {t_total:.1f} s ({t_total / len(make):.2f} s per "
@@ -239,9 +273,10 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     return record
 
 
-def _write_summary(out_dir, records, made_by, extra, pipe, workdir):
+def _write_summary(out_dir, records, made_by, extra, pipe, workdir, shown=None):
     """samples.json and samples.png over every recorded sample in `out_dir` (volumes read
-    back from the files, in name order); returns the samples.json content."""
+    back from the files, in name order; each beside its condition `shown[name]` when
+    given); returns the samples.json content."""
     from ldm_jax import outputs as vf
     from ldm_jax.diffusion.pipeline import save_sheet
 
@@ -254,7 +289,13 @@ def _write_summary(out_dir, records, made_by, extra, pipe, workdir):
                        key=lambda f: not f.endswith(".npy"))
         vols.append(vf.read_latent(os.path.join(out_dir, files[0]))[0])
     s = made_by["sampling"]
-    save_sheet(vols, os.path.join(out_dir, "samples.png"), pipe.autoencoder.config.data, names,
+    sheet, labels = vols, names
+    if shown:
+        sheet = [v for name, vol in zip(names, vols) for v in (shown[name], vol)
+                 ] if all(name in shown for name in names) else vols
+        labels = [x for name in names for x in (f"{name} condition", name)] \
+            if sheet is not vols else names
+    save_sheet(sheet, os.path.join(out_dir, "samples.png"), pipe.autoencoder.config.data, labels,
                title=f"{len(names)} sample{'s' if len(names) != 1 else ''}, {s['steps']} steps, seed {s['seed']}, step "
                      f"{pipe.step} of {os.path.basename(os.path.abspath(workdir))}")
     diffusion = made_by["diffusion_checkpoint"]
@@ -279,7 +320,8 @@ def _body(fv):
            scheduler=fv.scheduler, eta=fv.eta, guidance_scale=fv.guidance_scale,
            class_label=fv.class_label, context=fv.context, seed=fv.seed, step=fv.step,
            format=fv.format, batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,
-           progress=fv.progress, autoencoder_workdir=fv.autoencoder_workdir)
+           progress=fv.progress, autoencoder_workdir=fv.autoencoder_workdir,
+           condition=fv.condition, conditioning_scale=fv.conditioning_scale)
 
 
 def main(argv=None) -> int:

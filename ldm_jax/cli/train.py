@@ -16,8 +16,9 @@ import sys
 
 
 def make_task(config, config_path=None):
-    """The trainer task for `config.stage` ("autoencoder", the default, or "diffusion"),
-    with the config prepared and validated; `config_path` (the file, for hints) is set as
+    """The trainer task for `config.stage` ("autoencoder", the default, or "diffusion";
+    a diffusion config with `controlnet.unet_workdir` trains a ControlNet on that run's
+    frozen UNet), with the config prepared and validated; `config_path` (the file, for hints) is set as
     `task.config_path`. Raises ConfigError for an unknown stage or an invalid config."""
     from ldm_jax.errors import ConfigError
 
@@ -28,8 +29,13 @@ def make_task(config, config_path=None):
         task = AutoencoderTask(prepare_config(config))
     elif stage == "diffusion":
         from ldm_jax.diffusion.config import prepare_config
-        from ldm_jax.diffusion.task import DiffusionTask
-        task = DiffusionTask(prepare_config(config))
+        config = prepare_config(config)
+        if (config.get("controlnet") or {}).get("unet_workdir"):
+            from ldm_jax.diffusion.controlnet_task import ControlNetTask
+            task = ControlNetTask(config)
+        else:
+            from ldm_jax.diffusion.task import DiffusionTask
+            task = DiffusionTask(config)
     else:
         raise ConfigError(f"config.stage={stage!r} is unknown; expected 'autoencoder' or "
                           "'diffusion' (configs/*.py or configs/diffusion/*.py).")

@@ -6,8 +6,9 @@ workdir, step and model hash). `read_latent_folder` checks that hash against the
 autoencoder the diffusion run uses, so latents of another model are refused.
 
 Batches are `{"latent": float32 (B, x, y, z, C)}` (plus `"class_label": int32 (B,)` when
-labels are configured, and `"context": float32 (B, S, D)` when a cross-attention context
-folder is), from an infinite, per-epoch reshuffled, process-sharded grain
+labels are configured, `"context": float32 (B, S, D)` when a cross-attention context
+folder is, and `"condition": float32 (B, X', Y', Z', C)` for a ControlNet's paired
+conditions), from an infinite, per-epoch reshuffled, process-sharded grain
 loader whose iterator state goes into every checkpoint (exact resume), like stage 1's.
 """
 
@@ -197,13 +198,14 @@ def read_contexts(folder: str, names: Sequence[str], dim: int) -> np.ndarray:
 
 
 class _ArraySource(gp.RandomAccessDataSource):
-    """Records {"latent": (x, y, z, C)[, "class_label": ()][, "context": (S, D)]} from
-    in-memory arrays."""
+    """Records {"latent": (x, y, z, C)[, "class_label": ()][, "context": (S, D)]
+    [, "condition": (X', Y', Z', C)]} from in-memory arrays."""
 
-    def __init__(self, latents, labels=None, contexts=None):
+    def __init__(self, latents, labels=None, contexts=None, conditions=None):
         self.latents = latents
         self.labels = labels
         self.contexts = contexts
+        self.conditions = conditions
 
     def __len__(self):
         return len(self.latents)
@@ -214,6 +216,8 @@ class _ArraySource(gp.RandomAccessDataSource):
             rec["class_label"] = np.int32(self.labels[i])
         if self.contexts is not None:
             rec["context"] = self.contexts[i]
+        if self.conditions is not None:
+            rec["condition"] = self.conditions[i]
         return rec
 
     def __repr__(self):
@@ -222,7 +226,7 @@ class _ArraySource(gp.RandomAccessDataSource):
 
 def make_latent_loader(latents, labels=None, contexts=None, *, batch_size: int, seed: int,
                        process_index: Optional[int] = None,
-                       process_count: Optional[int] = None):
+                       process_count: Optional[int] = None, conditions=None):
     """Infinite, reshuffled batches of in-memory latents: this process's slice of every
     global batch (`ldm_jax.data.sampler`).
 
@@ -235,7 +239,7 @@ def make_latent_loader(latents, labels=None, contexts=None, *, batch_size: int, 
     from ldm_jax.data.sampler import make_loader
 
     pi, pc = _process_index_count(process_index, process_count)
-    source = _ArraySource(latents, labels, contexts)
+    source = _ArraySource(latents, labels, contexts, conditions)
     # In memory: one reading thread, two batches ahead. (grain's default read-ahead of 500
     # records on 16 threads costs far more CPU in its index shuffle than reading a
     # handful of in-memory latents.)

@@ -1,4 +1,5 @@
-"""The checks of a stage-2 config (unet, scheduler, latents, loss, conditioning, train).
+"""The checks of a stage-2 config (unet, scheduler, latents, loss, conditioning,
+controlnet, train).
 
 `prepare_config(config)` resolves and validates a copy: this module's `diffusion_problems`,
 `ldm_jax.optim.train_problems`, the UNet's and the scheduler's own validators; every
@@ -14,15 +15,19 @@ ENCODINGS = ("sample", "mu")
 
 LOSSES = ("mse", "l1")
 
+CONDITION_KINDS = ("foreground_mask", "files")  # controlnet.condition.kind
+
 
 def diffusion_problems(config) -> list[str]:
     """One-line problems of the stage-2 sections (latents, conditioning, loss, eval)."""
     problems = []
     lat = config.get("latents")
-    if lat is None or not lat.get("autoencoder_workdir"):
+    # A ControlNet run takes the autoencoder from its UNet's run.
+    controlnet = bool((config.get("controlnet") or {}).get("unet_workdir"))
+    if not controlnet and (lat is None or not lat.get("autoencoder_workdir")):
         problems.append("latents.autoencoder_workdir is not set; give the stage-1 workdir, "
                         "e.g. --config.latents.autoencoder_workdir=runs/balanced")
-    elif lat.get("encode", "sample") not in ENCODINGS:
+    elif lat is not None and lat.get("encode", "sample") not in ENCODINGS:
         problems.append(f"latents.encode={lat.encode!r} is not known; use 'sample' or 'mu'.")
     if lat is not None and lat.get("scale_factor") is not None and not float(
             lat.scale_factor) > 0:
@@ -48,7 +53,7 @@ def diffusion_problems(config) -> list[str]:
                             "(labels are matched to extracted latents by file name); extract "
                             "them with ldm-jax extract and set "
                             "--config.latents.dir=LATENTS")
-    problems += context_problems(config)
+    problems += context_problems(config) + controlnet_problems(config)
     decay = float(config.train.get("ema_decay", 0.0))
     if not 0.0 <= decay < 1.0:
         problems.append(f"train.ema_decay must be in [0, 1) (0: no averaging), got {decay}")
@@ -74,6 +79,34 @@ def context_problems(config) -> list[str]:
         return [f"conditioning.context_dir={ctx_dir!r} needs latents.dir (contexts are matched "
                 "to extracted latents by file name); extract them with "
                 "ldm-jax extract and set --config.latents.dir=LATENTS"]
+    return []
+
+
+def controlnet_problems(config) -> list[str]:
+    """One-line problems of `config.controlnet` when it is switched on (unet_workdir set):
+    the condition kind and the latents source it needs."""
+    cn = config.get("controlnet") or {}
+    if not cn.get("unet_workdir"):
+        return []
+    cond = cn.get("condition") or {}
+    kind = cond.get("kind", "foreground_mask")
+    on_the_fly = not (config.get("latents") or {}).get("dir")
+    if kind not in CONDITION_KINDS:
+        return [f"controlnet.condition.kind={kind!r} is not known; use 'foreground_mask' "
+                "(computed from each volume) or 'files' (controlnet.condition.dir)"]
+    if kind == "foreground_mask" and not on_the_fly:
+        return ["controlnet.condition.kind='foreground_mask' computes each condition from its "
+                "training volume, which extracted latents (latents.dir) do not carry; train on "
+                "the fly (--config.latents.dir='') or pair files with the latents "
+                "(--config.controlnet.condition.kind=files --config.controlnet.condition.dir=DIR)"]
+    if kind == "files" and on_the_fly:
+        return ["controlnet.condition.kind='files' needs latents.dir (conditions are matched to "
+                "extracted latents by name; on the fly volumes are cropped and flipped at random, "
+                "so a file would not stay aligned); extract them with ldm-jax extract and set "
+                "--config.latents.dir=LATENTS"]
+    if kind == "files" and not cond.get("dir"):
+        return ["controlnet.condition.kind='files' needs controlnet.condition.dir (a folder with "
+                "NAME.nii.gz or NAME.npy per latent NAME in latents.dir)"]
     return []
 
 

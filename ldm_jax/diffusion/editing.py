@@ -65,15 +65,8 @@ def _conditions(pipe, n, class_label, context, steps, scheduler):
 
 
 def _controlnet_args(pipe, n, condition, conditioning_scale):
-    cn = getattr(pipe, "controlnet", None)
-    if cn is None:
-        if condition is not None:
-            raise ConfigError("a condition was given, but no ControlNet is attached to the "
-                              "pipeline (Pipeline.attach_controlnet); drop the condition.")
-        return None, {}
-    cond = pipe.condition_for(n, condition)
-    return cn, {"cn_params": pipe.controlnet_params, "condition": cond,
-                "conditioning_scale": jnp.float32(conditioning_scale)}
+    args = pipe.controlnet_args(n, condition, conditioning_scale)
+    return pipe.controlnet, args or {}
 
 
 def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,

@@ -48,17 +48,64 @@ class Pipeline:
                             if config.unet.get("with_conditioning") else None)
         self._samplers = {}  # (sampler, steps, guidance, eta) -> jitted loop
         self.controlnet = self.controlnet_params = None
+        self.unet_checkpoint = None  # a ControlNet run's: {"workdir", "step"} of its UNet
 
     def attach_controlnet(self, controlnet, params) -> None:
         """Steer the UNet with a `ldm_jax.models.controlnet.ControlNet` (e.g. a MONAI one
-        through `controlnet_from_monai`) in `inpaint` / `sdedit` (keyword `condition`).
-        Raises ConfigError when it does not take this model's latent channels."""
+        through `controlnet_from_monai`) in `sample*`, `inpaint` and `sdedit` (keyword
+        `condition`, then required). Raises ConfigError when it does not take this
+        model's latent channels."""
         if int(controlnet.in_channels) != int(self.latent_shape[-1]):
             raise ConfigError(f"the ControlNet takes {controlnet.in_channels}-channel latents; "
                               f"this model's have {self.latent_shape[-1]}")
         self.controlnet, self.controlnet_params = controlnet, params
-        self._samplers = {k: v for k, v in self._samplers.items()
-                          if k[0] not in ("inpaint", "sdedit")}
+        self._samplers = {}  # every loop is traced again with the ControlNet in it
+
+    def condition_grid(self) -> tuple:
+        """(X', Y', Z') of the attached ControlNet's condition: the latent shape times its
+        condition_factor (unpadded). Raises ConfigError when none is attached."""
+        if self.controlnet is None:
+            raise ConfigError("this model takes no condition (no ControlNet: train one with "
+                              "controlnet.unet_workdir, or Pipeline.attach_controlnet); drop "
+                              "--condition.")
+        f = self.controlnet.condition_factor
+        return tuple(int(s) * f for s in self.latent_shape[:3])
+
+    def read_conditions(self, path, *, count=None, names=None):
+        """(conditions (n, *condition_grid(), C_cond) float32, files) for `count` samples
+        or the inputs `names` from `--condition` `path` (a file for all, or a folder:
+        `ldm_jax.diffusion.condition.condition_files`), NIfTI or .npy on the volume grid
+        or the condition grid. Raises ConfigError (one line: what was expected) for a model
+        without a ControlNet, a missing file, another shape or channel count."""
+        from ldm_jax.diffusion import condition as cond_lib
+
+        grid = self.condition_grid()
+        files = cond_lib.condition_files(path, count=count, names=names)
+        arr = cond_lib.load_conditions(
+            files, volume_grid=self.autoencoder.config.data.volume_size, condition_grid=grid,
+            channels=int(self.controlnet.conditioning_embedding_in_channels))
+        return arr, files
+
+    def controlnet_args(self, n: int, condition, conditioning_scale: float = 1.0):
+        """None without a ControlNet, else {"cn_params", "condition" (n, X', Y', Z', C)
+        padded as the latents, "conditioning_scale"} for the jitted loops. Raises
+        ConfigError for a condition without a ControlNet, a ControlNet without a
+        condition, or a condition `condition_for` refuses."""
+        import jax.numpy as jnp
+
+        if self.controlnet is None:
+            if condition is not None:
+                raise ConfigError("a condition was given, but no ControlNet is attached to the "
+                                  "pipeline (Pipeline.attach_controlnet; or sample a "
+                                  "ControlNet run's workdir); drop the condition.")
+            return None
+        if condition is None:
+            raise ConfigError("this model is steered by a ControlNet: give its condition "
+                              f"(--condition FILE|DIR, {self.condition_grid()} or the volume "
+                              "grid, NIfTI or .npy).")
+        return {"cn_params": self.controlnet_params,
+                "condition": jnp.asarray(self.condition_for(int(n), condition)),
+                "conditioning_scale": jnp.float32(conditioning_scale)}
 
     def condition_for(self, n: int, condition) -> np.ndarray:
         """The ControlNet's condition as (n, X', Y', Z', C) float32, (X', Y', Z') the
@@ -113,12 +160,15 @@ class Pipeline:
     def sample_latents(self, n: int, rng, *, steps: int = 50, scheduler: Optional[str] = None,
                        eta: float = 0.0, guidance_scale: float = 1.0,
                        class_label: Optional[int] = None, context=None, batch_size: int = 8,
-                       on_batch=None):
+                       on_batch=None, condition=None, conditioning_scale: float = 1.0):
         """`n` unscaled latents (n, x, y, z, C) float32 numpy: what the autoencoder decodes.
 
         `context` (cross-attention models): (S, D) or (D,) for every sample, or (n, S, D)
         one per sample, D = unet.cross_attention_dim; None samples such a model with the
         null context (zeros: unconditional). Guidance mixes it with the null context.
+        `condition` (a pipeline with a ControlNet, then required): (X', Y', Z'[, C]) for
+        every sample or (n, X', Y', Z', C), on the condition grid (`condition_for`);
+        `conditioning_scale` multiplies the ControlNet's residuals (MONAI's).
 
         Raises ConfigError for n < 1, steps outside [1, num_train_timesteps], a class label
         outside [0, num_classes) or given to an unconditional model, a context given to a
@@ -130,9 +180,10 @@ class Pipeline:
 
         class_label = self.check_request(steps, scheduler, class_label)
         context = self.contexts_for(int(n), context)
+        cn = self.controlnet_args(int(n), condition, conditioning_scale)
         z = sample_latents(self._sampler(steps, scheduler, guidance_scale, eta), self.params,
                            rng, n=int(n), class_label=class_label, context=context,
-                           batch_size=batch_size, on_batch=on_batch)
+                           batch_size=batch_size, on_batch=on_batch, controlnet=cn)
         return np.asarray(crop(z, self.pad)) / self.scale_factor
 
     def _sampler(self, steps, scheduler, guidance_scale, eta):
@@ -144,24 +195,28 @@ class Pipeline:
             self._samplers[key] = make_sampler(
                 self.unet, sampler_for(self.config.scheduler, scheduler),
                 shape=(*self.padded_shape, self.latent_shape[-1]), steps=int(steps),
-                guidance_scale=guidance_scale, null_label=self.null_label, eta=eta)
+                guidance_scale=guidance_scale, null_label=self.null_label, eta=eta,
+                controlnet=self.controlnet)
         return self._samplers[key]
 
     def sample_batch(self, rng, index: int, size: int, *, steps: int = 50,
                      scheduler: Optional[str] = None, eta: float = 0.0,
                      guidance_scale: float = 1.0, class_label: Optional[int] = None,
-                     context=None) -> np.ndarray:
+                     context=None, condition=None,
+                     conditioning_scale: float = 1.0) -> np.ndarray:
         """Batch `index` (of `size` samples) of what `sample_latents(..., batch_size=size)`
         draws: unscaled latents (size, x, y, z, C) float32, the same values whichever
-        other batches are drawn. `context`: as `sample_latents`'s, for these `size`
-        samples. Raises ConfigError as `sample_latents`."""
+        other batches are drawn. `context`, `condition`: as `sample_latents`'s, for these
+        `size` samples. Raises ConfigError as `sample_latents`."""
         from ldm_jax.diffusion.latent_space import crop
         from ldm_jax.diffusion.sampling import sample_batch
 
         class_label = self.check_request(steps, scheduler, class_label)
         context = self.contexts_for(int(size), context)
+        cn = self.controlnet_args(int(size), condition, conditioning_scale)
         z = sample_batch(self._sampler(steps, scheduler, guidance_scale, eta), self.params,
-                         rng, index, size, class_label=class_label, context=context)
+                         rng, index, size, class_label=class_label, context=context,
+                         controlnet=cn)
         return np.asarray(crop(z, self.pad)) / self.scale_factor
 
     def contexts_for(self, n: int, context=None) -> Optional[np.ndarray]:
@@ -212,13 +267,17 @@ class Pipeline:
 
 def load_pipeline(workdir, step="best", *, use_ema: bool = True,
                   dtype: Optional[str] = None,
-                  autoencoder_workdir: Optional[str] = None) -> Pipeline:
+                  autoencoder_workdir: Optional[str] = None,
+                  unet_workdir: Optional[str] = None) -> Pipeline:
     """The stage-2 run in `workdir` at `step` ('best' | 'latest' | N) with its autoencoder.
 
     `autoencoder_workdir`: where the stage-1 run is now, when it moved since training
     (default: the run's `latents.autoencoder_workdir`); the step the stage-2 run used
     (`latents.autoencoder_step`) is read from it, and its latent channels must be the
-    UNet's.
+    UNet's. A ControlNet run (`controlnet.unet_workdir` set) comes with its ControlNet
+    attached (its EMA weights unless `use_ema=False`) on the frozen UNet it was trained
+    on (that run's EMA weights at `controlnet.unet_step`, from `unet_workdir` when that
+    run moved).
 
     Raises CheckpointNotFoundError (no such workdir/step, or the autoencoder it names is
     gone), DamagedCheckpointError (the step asked for by number, or every step, is
@@ -239,6 +298,21 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
                                          else "params", stage="diffusion",
                                          best_metric="val_loss")
     cfg = ml_collections.ConfigDict(saved)
+    cn_params = unet_source = None
+    if (cfg.get("controlnet") or {}).get("unet_workdir"):
+        cn_params = params
+        unet_source = os.path.abspath(os.path.expanduser(str(
+            unet_workdir or cfg.controlnet.unet_workdir)))
+        try:
+            unet_step, _, params = ckpt.open_step(
+                unet_source, int(cfg.controlnet.unet_step), item="ema_params",
+                stage="diffusion", best_metric="val_loss")
+        except ckpt.CheckpointNotFoundError as e:
+            raise ckpt.CheckpointNotFoundError(
+                f"{workdir} is a ControlNet run on the UNet of {unet_source} (step "
+                f"{cfg.controlnet.unet_step}), which is not readable: {e} If that run moved, "
+                "pass its new folder (--unet_workdir DIR).") from None
+        unet_source = {"workdir": unet_source, "step": int(unet_step)}
     if autoencoder_workdir is not None:
         cfg.latents.autoencoder_workdir = os.path.abspath(os.path.expanduser(
             str(autoencoder_workdir)))
@@ -254,7 +328,12 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
             f"channel latents, but this diffusion model was trained on {trained[-1]}-channel "
             "ones" + (f": point {fix} at the stage-1 run it was trained with." if fix else
                       "; use the stage-1 run it was trained with."))
-    return Pipeline(cfg, build_unet(cfg.unet), params, ae, step=step)
+    pipe = Pipeline(cfg, build_unet(cfg.unet), params, ae, step=step)
+    if cn_params is not None:
+        from ldm_jax.models.controlnet import build_controlnet
+        pipe.attach_controlnet(build_controlnet(cfg.controlnet, cfg.unet), cn_params)
+        pipe.unet_checkpoint = unet_source
+    return pipe
 
 
 def save_sheet(volumes, path: str, data_cfg, names=None, title=None) -> None:

@@ -41,10 +41,13 @@ def sampler_for(sched_cfg, name: Optional[str]):
 
 
 def make_sampler(unet, scheduler, *, shape, steps: int, guidance_scale: float = 1.0,
-                 null_label: Optional[int] = None, eta: float = 0.0):
-    """A jitted `fn(params, key, class_labels=None, context=None, *, n) -> latents
-    (n, *shape)` (float32, still scaled and padded), for `shape` = (X, Y, Z, C) the UNet's
-    input; `n` is static; `context` (n, S, cross_attention_dim) for a cross-attention UNet.
+                 null_label: Optional[int] = None, eta: float = 0.0, controlnet=None):
+    """A jitted `fn(params, key, class_labels=None, context=None, cn_params=None,
+    condition=None, conditioning_scale=1.0, *, n) -> latents (n, *shape)` (float32, still
+    scaled and padded), for `shape` = (X, Y, Z, C) the UNet's input; `n` is static;
+    `context` (n, S, cross_attention_dim) for a cross-attention UNet; with `controlnet`
+    (a `ControlNet` module) its params and condition (n, X', Y', Z', C_cond) steer every
+    UNet call (`bind_controlnet`).
 
     Args:
         unet: the flax DiffusionModelUNet. scheduler: a DDPM/DDIM/RFlow scheduler.
@@ -63,10 +66,13 @@ def make_sampler(unet, scheduler, *, shape, steps: int, guidance_scale: float = 
     g = check_guidance(unet, guidance_scale, null_label)
     kwargs = {"eta": float(eta)} if type(scheduler).__name__ == "DDIMScheduler" else {}
 
-    def run(params, key, class_labels=None, context=None, *, n):
+    def run(params, key, class_labels=None, context=None, cn_params=None, condition=None,
+            conditioning_scale=1.0, *, n):
         k0, k1 = jax.random.split(key)
         x = jax.random.normal(k0, (n, *shape), jnp.float32)
-        model_fn = guided_model_fn(unet, params, g, null_label, class_labels, context)
+        model_fn = guided_model_fn(unet, params, g, null_label, class_labels, context,
+                                   bind_controlnet(controlnet, cn_params, condition,
+                                                   conditioning_scale))
         return sample_loop(scheduler, state, model_fn, x, k1, **kwargs)
 
     return jax.jit(run, static_argnames=("n",))
@@ -114,22 +120,25 @@ def guided_model_fn(unet, params, g: float, null_label, class_labels=None, conte
 
 
 def sample_batch(fn, params, key, index: int, size: int, *,
-                 class_label: Optional[int] = None, context=None):
+                 class_label: Optional[int] = None, context=None, controlnet=None):
     """Batch `index` of `size` latents (size, *shape) float32 (scaled, padded) from a
     `make_sampler` function: drawn from fold_in(key, index), so a batch does not depend on
     the batches before it (a rerun can make only the missing ones). `context`: None or
-    (size, S, D)."""
+    (size, S, D). `controlnet`: None or {"cn_params", "condition" (size, X', Y', Z', C),
+    "conditioning_scale"} for a sampler made with a ControlNet."""
     labels = None if class_label is None else jnp.full((size,), int(class_label), jnp.int32)
     ctx = None if context is None else jnp.asarray(context, jnp.float32)
-    return fn(params, jax.random.fold_in(key, int(index)), labels, ctx, n=int(size))
+    return fn(params, jax.random.fold_in(key, int(index)), labels, ctx, **(controlnet or {}),
+              n=int(size))
 
 
 def sample_latents(fn, params, key, *, n: int, class_label: Optional[int] = None,
-                   context=None, batch_size: int = 8, on_batch=None):
+                   context=None, batch_size: int = 8, on_batch=None, controlnet=None):
     """`n` latents (n, *shape) float32 (scaled, padded) from a `make_sampler` function, in
     batches of `batch_size`; batch i is drawn from fold_in(key, i) (`sample_batch`), so
     the same seed gives the same samples. `context`: None or (n, S, D), row i for sample
-    i. `on_batch(done)` is called after each batch (progress). Raises ConfigError for
+    i; `controlnet`: as `sample_batch`'s with the condition (n, ...), row i for sample i.
+    `on_batch(done)` is called after each batch (progress). Raises ConfigError for
     n < 1 or batch_size < 1."""
     if int(n) < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}.")
@@ -138,8 +147,11 @@ def sample_latents(fn, params, key, *, n: int, class_label: Optional[int] = None
     out = []
     for i in range(0, n, batch_size):
         b = min(batch_size, n - i)
+        cn = None if controlnet is None else dict(
+            controlnet, condition=controlnet["condition"][i:i + b])
         out.append(sample_batch(fn, params, key, i // batch_size, b, class_label=class_label,
-                                context=None if context is None else context[i:i + b]))
+                                context=None if context is None else context[i:i + b],
+                                controlnet=cn))
         if on_batch is not None:
             on_batch(i + b)
     return jnp.concatenate(out)

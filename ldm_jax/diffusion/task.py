@@ -304,11 +304,18 @@ class DiffusionTask:
         return jnp.zeros((batch, length, int(self.config.unet.cross_attention_dim)),
                          jnp.float32)
 
-    def _loss(self, params, z, noise, t, labels, context=None):
+    def _loss(self, params, z, noise, t, labels, context=None, controlnet=None):
+        """The denoising loss of the UNet `params`; `controlnet`: None or `fn(x_t, t) ->
+        (down residuals, mid residual)` added to the UNet's (MONAI's ControlNet)."""
         x_t = self.scheduler.add_noise(self.sched_state, z, noise, t)
         target = self.scheduler.training_target(self.sched_state, z, noise, t)
+        extra = {}
+        if controlnet is not None:
+            down, mid = controlnet(x_t, t)
+            extra = {"down_block_additional_residuals": down,
+                     "mid_block_additional_residual": mid}
         pred = self.unet.apply({"params": params}, x_t, t, context=context,
-                               class_labels=labels)
+                               class_labels=labels, **extra)
         pred = pred[..., :target.shape[-1]].astype(jnp.float32)  # learned variances: mean part
         err = jnp.square(pred - target) if self.config.loss.get("type", "mse") == "mse" \
             else jnp.abs(pred - target)
@@ -340,6 +347,10 @@ class DiffusionTask:
         labels, context = self.conditions(batch, k_drop, z.shape[0])
         loss, grads = jax.value_and_grad(self._loss)(state.params, z, noise, t, labels,
                                                      context)
+        return self._apply_update(state, rng, loss, grads)
+
+    def _apply_update(self, state, rng, loss, grads):
+        """The optimiser step, the EMA and the non-finite guard: (new state, metrics)."""
         updates, opt = self.tx.update(grads, state.opt, state.params)
         params = optax.apply_updates(state.params, updates)
         # EMA warm-up (as diffusers' EMAModel): decay min(d, (1+n)/(10+n)) after n updates,

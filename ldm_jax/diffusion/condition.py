@@ -1,0 +1,168 @@
+"""Aligned condition volumes for conditioned models: read, check, resample, hash.
+
+One module for every model that takes a volume aligned with what it generates (a
+ControlNet's mask or image; `--condition` of `ldm-jax sample` and `ldm-jax edit`; the
+training conditions of a ControlNet run). A condition is float32, channels-last
+(X, Y, Z, C), in the file's axis order (nibabel's), as volumes are.
+
+Two grids: the *volume grid* (the autoencoder's `data.volume_size`) and the *condition
+grid* (the latent shape times the model's condition factor; a ControlNet's is 2^(k-1),
+k = len(conditioning_embedding_num_channels)). A condition on either grid is accepted.
+One on the volume grid is resampled to the condition grid per axis by an integer factor
+(`resample`): the mean over each block when the condition grid is coarser (a 0/1 mask
+becomes the fraction of foreground voxels per cell), nearest (repeat) when it is finer.
+Files: NIfTI (`.nii`, `.nii.gz`; 3D, or 4D with channels last) or `.npy` ((X, Y, Z) or
+(X, Y, Z, C)); any numeric or boolean dtype, read as float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ldm_jax.errors import ConfigError
+
+SUFFIXES = (".nii.gz", ".nii", ".npy")
+
+
+def _xp(a):
+    if isinstance(a, np.ndarray):
+        return np
+    import jax.numpy as jnp
+    return jnp
+
+
+def resample(c, grid: Sequence[int]):
+    """(..., X, Y, Z, C) -> (..., *grid, C), per axis by an integer factor: block mean
+    (grid smaller) or nearest repeat (grid larger); numpy or jax arrays (traceable).
+    Raises ValueError when an axis and its target are not integer multiples."""
+    grid = tuple(int(g) for g in grid)
+    xp = _xp(c)
+    lead = c.ndim - 4
+    for i, g in enumerate(grid):
+        ax = lead + i
+        s = c.shape[ax]
+        if s == g:
+            continue
+        if s % g == 0:
+            k = s // g
+            c = xp.mean(c.reshape(*c.shape[:ax], g, k, *c.shape[ax + 1:]), axis=ax + 1)
+        elif g % s == 0:
+            c = xp.repeat(c, g // s, axis=ax)
+        else:
+            raise ValueError(f"axis {i} of size {s} cannot be resampled to {g} by an integer "
+                             "factor")
+    return c
+
+
+def foreground_mask(volumes, threshold: float):
+    """(B, X, Y, Z, C) volumes -> (B, X, Y, Z, 1) float32: 1 where any channel is above
+    `threshold` (the data's intensity units, after preprocessing), else 0. numpy or jax."""
+    xp = _xp(volumes)
+    return (xp.max(volumes, axis=-1, keepdims=True) > float(threshold)).astype(xp.float32)
+
+
+def to_grid(c: np.ndarray, *, volume_grid, condition_grid, channels: int, where: str,
+            error=ConfigError) -> np.ndarray:
+    """One condition (X, Y, Z[, C]) on the volume or the condition grid -> (*condition_grid,
+    channels) float32. Raises `error` (one line naming `where`, what it is and what is
+    expected) for another shape, another channel count or non-finite values."""
+    c = np.asarray(c)
+    if c.ndim == 3:
+        c = c[..., None]
+    vg, cg = tuple(int(s) for s in volume_grid), tuple(int(s) for s in condition_grid)
+    grids = f"{cg}" + ("" if vg == cg else f" (the condition grid) or {vg} (the volume grid)")
+    if c.ndim != 4 or c.shape[:3] not in (vg, cg):
+        raise error(f"{where} has shape {tuple(np.shape(c))}; this model takes a condition of "
+                    f"{grids} with {channels} channel(s), (X, Y, Z) or (X, Y, Z, C).")
+    if c.shape[-1] != int(channels):
+        raise error(f"{where} has {c.shape[-1]} channel(s); this model's condition has "
+                    f"{channels} (controlnet.conditioning_embedding_in_channels).")
+    if not (np.issubdtype(c.dtype, np.number) or c.dtype == bool):
+        raise error(f"{where} holds {c.dtype} values; a condition is numeric.")
+    c = c.astype(np.float32)
+    if not np.isfinite(c).all():
+        raise error(f"{where} holds NaN or Inf values; a condition must be finite.")
+    return resample(c, cg)
+
+
+def read_condition(path: str, flag: str = "--condition", error=ConfigError) -> np.ndarray:
+    """The array of one condition file (NIfTI or .npy), as stored. Raises `error` for a
+    missing, unreadable or other kind of file (one line naming `flag` and the file)."""
+    if not os.path.isfile(path):
+        raise error(f"{flag}: {path} is not a file.")
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        if path.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+            return np.asanyarray(nib.load(path).dataobj)
+    except Exception as e:  # noqa: BLE001 -- any reader failure is a bad file
+        raise error(f"{flag}: {path} is not a readable condition file ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
+    raise error(f"{flag}: {path} is not a condition file; use NIfTI (.nii, .nii.gz) or .npy.")
+
+
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _in_folder(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if n.endswith(SUFFIXES) and not n.startswith("."))
+
+
+def condition_files(path: str, *, count: int | None = None,
+                    names: Sequence[str] | None = None, flag: str = "--condition",
+                    error=ConfigError) -> list[str]:
+    """The condition file of each of `count` outputs (or of each input in `names`).
+
+    `path` a file: that file for all. A folder: with `names`, NAME.nii.gz / NAME.nii /
+    NAME.npy for each name (matched as inputs are); with `count`, its condition files in
+    name order, the i-th for output i (at least `count` of them). Raises `error` naming
+    the missing files or the count it has against the count it needs."""
+    path = os.path.expanduser(str(path))
+    n = len(names) if names is not None else int(count)
+    if os.path.isfile(path):
+        return [path] * n
+    if not os.path.isdir(path):
+        raise error(f"{flag}={path!r} is neither a condition file nor a folder of them.")
+    if names is None:
+        files = _in_folder(path)
+        if len(files) < n:
+            raise error(f"{flag}={path!r} holds {len(files)} condition file(s) "
+                        f"({'/'.join(SUFFIXES)}); {n} are needed, one per sample in name "
+                        "order (or give one file for all).")
+        return files[:n]
+    out, missing = [], []
+    for name in names:
+        found = [os.path.join(path, name + s) for s in SUFFIXES
+                 if os.path.isfile(os.path.join(path, name + s))]
+        (out.append(found[0]) if found else missing.append(name))
+    if missing:
+        raise error(f"{flag}={path!r} has no condition for {len(missing)} input(s), e.g. "
+                    f"{missing[0]}{SUFFIXES[0]}; give one file per input, named as the input "
+                    "(or one file for all).")
+    return out
+
+
+def load_conditions(files: Sequence[str], *, volume_grid, condition_grid, channels: int,
+                    flag: str = "--condition", error=ConfigError) -> np.ndarray:
+    """(n, *condition_grid, channels) float32 of the condition `files` (one per output; a
+    file named several times is read once), each checked and resampled by `to_grid`.
+    Raises `error` as `read_condition` and `to_grid`."""
+    cache = {}
+    for f in files:
+        if f not in cache:
+            cache[f] = to_grid(read_condition(f, flag, error), volume_grid=volume_grid,
+                               condition_grid=condition_grid, channels=channels,
+                               where=f"{flag} {f}", error=error)
+    return np.stack([cache[f] for f in files])
