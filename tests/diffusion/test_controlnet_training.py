@@ -210,6 +210,9 @@ def test_config_refusals(ae_workdir, unet_workdir, latents_dir):
         prepare_config(c)
     c.controlnet.unet_workdir = None  # switched off: the same config is a plain stage 2
     prepare_config(c)
+    from configs.diffusion import controlnet_4x
+    c = prepare_config(controlnet_4x.get_config())  # the shipped config passes its checks
+    assert c.controlnet.unet_workdir == "runs/ldm" and not c.latents.dir
 
 
 def test_paired_condition_files_train(ae_workdir, unet_workdir, latents_dir, tmp_path):
