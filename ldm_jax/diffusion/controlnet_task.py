@@ -45,14 +45,13 @@ ADOPTED_LATENTS = ("autoencoder_workdir", "autoencoder_config", "autoencoder_ste
 
 def adopt_unet_run(config, saved: dict) -> None:
     """Copies the frozen UNet's sections from its run's saved config into `config` (in
-    place); the compute dtype and remat stay this config's."""
+    place), its compute dtype included (the ControlNet computes as the UNet it copies);
+    `train.remat`, when set, still overrides unet.remat (`prepare_config`'s rule)."""
     import ml_collections
 
-    keep = {k: config.unet.get(k) for k in ("dtype", "remat")}
     for name in ADOPTED:
         if name in saved:
             config[name] = ml_collections.ConfigDict(saved[name])
-    config.unet.update({k: v for k, v in keep.items() if v is not None})
     for k in ADOPTED_LATENTS:
         if k in saved.get("latents", {}):
             config.latents[k] = saved["latents"][k]

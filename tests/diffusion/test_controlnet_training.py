@@ -240,3 +240,18 @@ def test_paired_condition_files_train(ae_workdir, unet_workdir, latents_dir, tmp
     assert task.train_conditions.shape[1:] == (16, 16, 8, 1)
     state = trainer.train(task, str(tmp_path / "wd"), progress=False)
     assert int(state.step) == 2 and int(state.skipped_steps) == 0
+
+
+def test_editing_benchmark_pairs_controlnet_and_plain(cn_run, unet_workdir, tmp_path):
+    """benchmarks/editing.py at a tiny size: runs, pairs the two models, scores in [0, 1]
+    (no quality claim: the ControlNet here trained 3 steps)."""
+    from benchmarks import editing
+    out = editing.main(["--controlnet_workdir", cn_run[0], "--step", "latest", "--num", "2",
+                        "--steps", "2", "--out", str(tmp_path)])
+    assert out["unet_checkpoint"]["workdir"] == os.path.abspath(unet_workdir)
+    assert len(out["rows"]) == 2 and 0 <= out["controlnet_wins"] <= 2
+    assert all(0.0 <= r[k] <= 1.0 for r in out["rows"] for k in ("dice_controlnet", "dice_plain"))
+    assert all(r["foreground"] > 0 for r in out["rows"])  # the masks are not empty
+    assert _json(str(tmp_path / "editing_controlnet.json"))["rows"] == out["rows"]
+    assert editing.dice(np.ones((2, 2, 2, 1)), np.ones((2, 2, 2, 1)), 0.5) == 1.0
+    assert editing.dice(np.ones((2, 2, 2)), np.zeros((2, 2, 2)), 0.5) == 0.0
