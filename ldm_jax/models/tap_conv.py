@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -76,35 +77,68 @@ def _taps(kernel_shape):
 
 
 # (B, X, Y, Z, C_in) x (C_in, C_out) -> (B, X, Y, Z, C_out), and the kernel gradient's
-# (C_out, voxels) x (voxels, C_in) -> (C_out, C_in). lax.dot_general, not
-# jnp.einsum: the same dot, without einsum's path search on every trace (the tap convs
-# were the largest part of tracing a model on CPU).
+# (C_out, voxels) x (voxels, C_in) -> (C_out, C_in). lax.dot_general, not jnp.einsum: the
+# same dot, without einsum's path search on every trace (the tap convs were the largest
+# part of tracing a model on CPU).
 _TAP_DOT = (((4,), (0,)), ((), ()))
 _TAP_KERNEL_DOT = (((1,), (0,)), ((), ()))
+# At most this many (taps x C_out) columns: all taps' products come from one matmul
+# (a conv to one channel: 4x faster than a matmul per tap, benchmarks/RESULTS.md, section
+# 8, "Shifting the smaller side").
+ONE_DOT_COLUMNS = 64
 
 
-def tap_conv(x, w, padding):
-    """Stride-1 NDHWC/DHWIO conv as one matmul per kernel tap, accumulated in float32.
+def _dot(a, b):
+    return lax.dot_general(a, b, _TAP_DOT, preferred_element_type=jnp.float32)
 
-    y = sum_t x_pad[shifted by t] @ w[t]: the first tap, then a `lax.scan` over the
-    others, so one shifted copy of the input exists at a time. Returns x.dtype.
-    """
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    out_sp = tuple(n - k + 1 for n, k in zip(xp.shape[1:4], w.shape[:3]))
-    size = (x.shape[0], *out_sp, x.shape[-1])
-    wt = w.reshape(-1, *w.shape[3:])
-    taps = _taps(w.shape)
 
-    def term(tx, ty, tz, w_tap):
-        xs = lax.dynamic_slice(xp, (0, tx, ty, tz, 0), size)
-        return lax.dot_general(xs, w_tap, _TAP_DOT, preferred_element_type=jnp.float32)
-
+def _scan_taps(term, taps, wt):
+    """term(0, 0, 0, wt[0]) + sum over the other taps of term(tx, ty, tz, w_tap), in a
+    `lax.scan` (one tap's temporaries alive at a time)."""
     def body(acc, tap):
         return acc + term(*tap), None
 
     first = term(0, 0, 0, lax.index_in_dim(wt, 0, keepdims=False))
     acc, _ = lax.scan(body, first, (*(t[1:] for t in taps), wt[1:]))
-    return acc.astype(x.dtype)
+    return acc
+
+
+def tap_conv(x, w, padding):
+    """Stride-1 NDHWC/DHWIO conv as one matmul per kernel tap, accumulated in float32.
+
+    y = sum_t x_pad[shifted by t] @ w[t]. The shift goes to the side with fewer channels:
+    with C_out <= C_in each tap's product is computed on the whole padded grid and its
+    shifted window added to the sum (XLA fuses that window into the add: no copy); else
+    the input's shifted window is copied for the matmul. Taps run in a `lax.scan`, so
+    one tap's temporaries exist at a time. With taps x C_out <= ONE_DOT_COLUMNS, all
+    taps' products come from one matmul. Returns x.dtype.
+    """
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    c_in, c_out = w.shape[3:]
+    out_sp = tuple(n - k + 1 for n, k in zip(xp.shape[1:4], w.shape[:3]))
+    offsets = list(itertools.product(*(range(k) for k in w.shape[:3])))
+    if len(offsets) * c_out <= ONE_DOT_COLUMNS:
+        y = _dot(xp, w.reshape(-1, c_in, c_out).transpose(1, 0, 2).reshape(c_in, -1))
+        acc = None
+        for t, (a, b, c) in enumerate(offsets):
+            part = y[:, a:a + out_sp[0], b:b + out_sp[1], c:c + out_sp[2],
+                     t * c_out:(t + 1) * c_out]
+            acc = part if acc is None else acc + part
+        return acc.astype(x.dtype)
+    wt = w.reshape(-1, c_in, c_out)
+    taps = _taps(w.shape)
+    if c_out <= c_in:
+        size = (x.shape[0], *out_sp, c_out)
+
+        def term(tx, ty, tz, w_tap):
+            return lax.dynamic_slice(_dot(xp, w_tap), (0, tx, ty, tz, 0), size)
+    else:
+        size = (x.shape[0], *out_sp, c_in)
+
+        def term(tx, ty, tz, w_tap):
+            return _dot(lax.dynamic_slice(xp, (0, tx, ty, tz, 0), size), w_tap)
+
+    return _scan_taps(term, taps, wt).astype(x.dtype)
 
 
 def _conv(x, w, padding, precision):
@@ -138,23 +172,35 @@ def kernel_grad(x, g, kernel_shape, padding):
     """d(kernel) of a stride-1 NDHWC/DHWIO conv: (kx, ky, kz, C_in, C_out) float32.
 
     x: (B, X, Y, Z, C_in) the conv input; g: (B, X', Y', Z', C_out) the output gradient;
-    padding: ((lo, hi),) * 3.
+    padding: ((lo, hi),) * 3. dW[t] = sum over voxels of x_pad[v + t] (x) g[v]: one
+    (C_out, voxels) @ (voxels, C_in) matmul per tap in a `lax.map`, on a copy of x's
+    shifted window, with g transposed once (as x^T @ g, XLA transposed every window).
+    With taps x C_out <= ONE_DOT_COLUMNS: g's shifted copies on the padded grid, stacked,
+    against x_pad in one matmul.
     """
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    size = (x.shape[0], *g.shape[1:4], x.shape[-1])
-    taps = _taps(kernel_shape)
+    (b, *grid, c_in), c_out = xp.shape, g.shape[-1]
+    k = tuple(kernel_shape[:3])
+    gt = jnp.moveaxis(g, -1, 0)  # (C_out, B, X', Y', Z')
+    if np.prod(k) * c_out <= ONE_DOT_COLUMNS:
+        # g[u - t] on the padded grid u: windows of g padded by k - 1 on both sides
+        gt = jnp.pad(gt, ((0, 0), (0, 0), *[(kk - 1, kk - 1) for kk in k]))
+        gs = jnp.concatenate([
+            lax.slice(gt, (0, 0, *(kk - 1 - o for kk, o in zip(k, t))),
+                      (c_out, b, *(kk - 1 - o + n for kk, o, n in zip(k, t, grid))))
+            .reshape(c_out, -1) for t in itertools.product(*(range(kk) for kk in k))])
+        dw = lax.dot_general(gs, xp.reshape(-1, c_in), _TAP_KERNEL_DOT,
+                             preferred_element_type=jnp.float32)
+    else:
+        size = (b, *g.shape[1:4], c_in)
+        gt = gt.reshape(c_out, -1)
 
-    # (C_out, voxels) @ (voxels, C_in): with g on the left, transposed once, each tap's
-    # window is used in its own layout; as xs^T @ g, XLA transposed every window
-    # (benchmarks/RESULTS.md, section 8, "Kernel gradient layout").
-    gt = g.reshape(-1, g.shape[-1]).T
+        def one_tap(tap):
+            xs = lax.dynamic_slice(xp, (0, *tap, 0), size).reshape(-1, c_in)
+            return lax.dot_general(gt, xs, _TAP_KERNEL_DOT, preferred_element_type=jnp.float32)
 
-    def one_tap(tap):
-        xs = lax.dynamic_slice(xp, (0, *tap, 0), size).reshape(-1, x.shape[-1])
-        return lax.dot_general(gt, xs, _TAP_KERNEL_DOT, preferred_element_type=jnp.float32)
-
-    dw = lax.map(one_tap, taps)  # (taps, C_out, C_in)
-    return dw.reshape(*kernel_shape[:3], g.shape[-1], x.shape[-1]).swapaxes(3, 4)
+        dw = lax.map(one_tap, _taps(kernel_shape))  # (taps, C_out, C_in)
+    return dw.reshape(*k, c_out, c_in).swapaxes(3, 4)
 
 
 def after(x, g):

@@ -27,13 +27,18 @@ def _grads(conv, x, w, g, **kw):
     return (y, *vjp(g))
 
 
+# Channel pairs pick each way of computing the taps (tap_conv and kernel_grad): C_out > C_in
+# shifts the input (3 -> 5), C_out <= C_in shifts the products (6 -> 3 with 27 taps), and
+# taps x C_out <= ONE_DOT_COLUMNS takes one matmul for all taps (4 -> 1; 3 -> 5 with 12 taps).
+@pytest.mark.parametrize("channels", [(3, 5), (6, 3), (4, 1)])
 @pytest.mark.parametrize("kernel,padding", [((3, 3, 3), ((1, 1),) * 3),
                                             ((2, 2, 3), ((1, 1), (0, 1), (1, 1))),
+                                            ((3, 1, 2), ((2, 0), (0, 0), (0, 1))),
                                             ((1, 1, 1), ((0, 0),) * 3)])
-def test_values_and_gradients_equal_lax(kernel, padding):
+def test_values_and_gradients_equal_lax(kernel, padding, channels):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 6, 5, 4, 3)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(*kernel, 3, 5)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 6, 5, 4, channels[0])), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel, *channels)), jnp.float32)
     out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
         x, w, (1, 1, 1), padding, dimension_numbers=DN)).shape
     g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
@@ -42,10 +47,11 @@ def test_values_and_gradients_equal_lax(kernel, padding):
     ref = _grads(lax.conv_general_dilated, x, w, g, padding=padding)
     for name, a, b in zip(("y", "dx", "dw"), ours, ref):
         assert a.shape == b.shape and a.dtype == b.dtype and _rel(a, b) <= 1e-5, name
-    # The custom gradient is the one in use (CPU): the program maps over the taps.
+    # The taps are the ones in use (CPU, kernel > 1x1x1): no convolution in the program.
     text = jax.jit(lambda x, w, g: _grads(tap_conv.conv_general_dilated, x, w, g,
                                           padding=padding)).lower(x, w, g).as_text()
-    assert ("while" in text) == (jax.default_backend() == "cpu" and np.prod(kernel) > 1)
+    assert ("convolution" not in text) == (jax.default_backend() == "cpu"
+                                           and np.prod(kernel) > 1)
 
 
 def test_bfloat16_kernel_gradient_is_accurate():
@@ -104,22 +110,22 @@ def test_disabled_traces_lax_convolutions():
         with tap_conv.enabled():  # nested: taps again, then back to lax's
             nested = jax.jit(jax.grad(f)).lower(w).as_text()
         after = jax.jit(jax.grad(f)).lower(w).as_text()
-    assert "while" not in text and "convolution" in text and "while" not in after
-    assert ("while" in nested) == (jax.default_backend() == "cpu")
-    assert ("while" in jax.jit(jax.grad(f)).lower(w).as_text()) == (
-        jax.default_backend() == "cpu")
+    on_cpu = jax.default_backend() == "cpu"
+    assert "convolution" in text and "convolution" in after
+    assert ("convolution" not in nested) == on_cpu
+    assert ("convolution" not in jax.jit(jax.grad(f)).lower(w).as_text()) == on_cpu
 
 
 def test_for_mesh_disables_taps_only_for_spatially_split_meshes():
-    def traced_whiles(spatial):
-        cfg = ml_collections.ConfigDict(dict(data=1, spatial=spatial))
+    def traced_taps(spatial):
+        cfg = ml_collections.ConfigDict({"data": 1, "spatial": spatial})
         mesh = sharding.make_mesh(cfg, jax.devices()[:spatial])
         x = jnp.ones((1, 8, 8, 8, 2), jnp.float32)
         w = jnp.ones((3, 3, 3, 2, 2), jnp.float32)
         with tap_conv.for_mesh(mesh):
-            return "while" in jax.jit(lambda w: tap_conv.conv_general_dilated(
+            return "convolution" not in jax.jit(lambda w: tap_conv.conv_general_dilated(
                 x, w, (1, 1, 1), ((1, 1),) * 3, dimension_numbers=DN)).lower(w).as_text()
 
-    assert traced_whiles(1) == (jax.default_backend() == "cpu")
+    assert traced_taps(1) == (jax.default_backend() == "cpu")
     if len(jax.devices()) >= 2:
-        assert not traced_whiles(2)
+        assert not traced_taps(2)
