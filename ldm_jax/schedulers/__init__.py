@@ -55,8 +55,9 @@ def build_scheduler(sched_cfg: Any = None, /, **overrides: Any):
             clip_sample_min, clip_sample_max, set_alpha_to_one, steps_offset,
             use_timestep_transform, sample_method, use_discrete_timesteps,
             base_img_size_numel (and optionally loc, scale, transform_scale, spatial_dim,
-            monai_prev_timestep, monai_truncate_next_timestep). Fields that the named
-            scheduler does not use are ignored; missing or None ones take MONAI's defaults.
+            monai_prev_timestep, monai_truncate_next_timestep, float32_transform). Fields
+            that the named scheduler does not use are ignored; missing or None ones take
+            MONAI's defaults.
         overrides: fields given as keywords (they win over sched_cfg), e.g.
             build_scheduler(name="ddim", schedule="scaled_linear_beta").
 

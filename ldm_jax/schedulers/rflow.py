@@ -73,6 +73,11 @@ class RFlowScheduler:
             so with continuous timesteps each Euler step is longer than the gap to the
             next scheduled timestep and the steps no longer sum to t_0 / T. The default
             (False) uses the exact next timestep; True reproduces MONAI 1.6.
+        float32_transform: `set_timesteps` computes the transform in float32, as MONAI
+            does when input_img_size_numel is a torch tensor (MAISI's scripts pass
+            torch.prod(torch.tensor(latent.shape[-3:]))). False: float64, as MONAI with a
+            Python int. The two can round a timestep to neighbouring float16 values (one
+            of 50 steps at a 48^3 latent, for example).
 
     The model's prediction type is always "v_prediction" with velocity x0 - noise.
 
@@ -91,6 +96,7 @@ class RFlowScheduler:
     base_img_size_numel: int = 32 * 32 * 32
     spatial_dim: int = 3
     monai_truncate_next_timestep: bool = False
+    float32_transform: bool = False
 
     prediction_type = "v_prediction"  # class constant, not a field
 
@@ -100,6 +106,7 @@ class RFlowScheduler:
         check_choice("sample_method", self.sample_method, SAMPLE_METHODS)
         check_bool("use_timestep_transform", self.use_timestep_transform)
         check_bool("monai_truncate_next_timestep", self.monai_truncate_next_timestep)
+        check_bool("float32_transform", self.float32_transform)
         check_int("steps_offset", self.steps_offset, 0, T - 1)
         check_int("base_img_size_numel", self.base_img_size_numel, 1)
         check_int("spatial_dim", self.spatial_dim, 2, 3)
@@ -136,7 +143,8 @@ class RFlowScheduler:
             if input_img_size_numel is None:
                 raise ValueError("RFlowScheduler.set_timesteps needs input_img_size_numel "
                                  "(X*Y*Z of the samples) when use_timestep_transform=True.")
-            ts = [self._transform(t, input_img_size_numel, self.spatial_dim) for t in ts]
+            transform = self._transform_f32 if self.float32_transform else self._transform
+            ts = [transform(t, input_img_size_numel, self.spatial_dim) for t in ts]
         arr = np.array(ts).astype(np.float16)
         if self.use_discrete_timesteps:
             arr = arr.astype(np.int64)
@@ -152,6 +160,14 @@ class RFlowScheduler:
     def _transform(self, t, numel, spatial_dim):
         return timestep_transform(t, numel, self.base_img_size_numel, self.transform_scale,
                                   self.num_train_timesteps, spatial_dim)
+
+    def _transform_f32(self, t, numel, spatial_dim):
+        # torch's float32 ops, one rounding each; its pow gives the correctly rounded root
+        f, T = np.float32, self.num_train_timesteps
+        s = f(t / T)
+        root = f(np.float64(f(numel) / f(self.base_img_size_numel)) ** (1.0 / spatial_dim))
+        r = f(root * f(self.transform_scale))
+        return f(f(f(r * s) / f(f(1) + f((r - f(1)) * s))) * f(T))
 
     # -- training ------------------------------------------------------------------------
     def sample_timesteps(self, key: jax.Array, x_start: Any) -> jax.Array:
