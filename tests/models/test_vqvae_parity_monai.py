@@ -177,7 +177,51 @@ def test_vqvae_from_monai_names_the_problem():
     sd = _monai(kwargs).state_dict()
     model = _ours(kwargs)
     missing = {k: v for k, v in sd.items() if k != "quantizer.quantizer.ema_w"}
-    with pytest.raises(ConversionError, match="quantizer.quantizer.ema_w"):
+    with pytest.raises(ConversionError, match=r"quantizer\.quantizer\.ema_w"):
         vqvae_from_monai(missing, model)
     with pytest.raises(ConversionError, match="shape mismatch"):
         vqvae_from_monai(sd, _ours(dict(kwargs, embedding_dim=4)))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_ema_quantizer_alone_matches_monai(train):
+    # Many vectors against the original's 256 x 32 codebook: most codes receive some.
+    from monai.networks.layers.vector_quantizer import EMAQuantizer as MonaiEMAQuantizer
+
+    from ldm_jax.models.vqvae import EMAQuantizer
+
+    torch.manual_seed(0)
+    tq = MonaiEMAQuantizer(3, 256, 32, commitment_cost=0.3, decay=0.9, epsilon=1e-4,
+                           ddp_sync=False).train(train)
+    with torch.no_grad():
+        tq.ema_cluster_size.uniform_(0.0, 3.0)
+    book = {"embedding": tq.embedding.weight.numpy().copy(),
+            "ema_cluster_size": tq.ema_cluster_size.numpy().copy(),
+            "ema_w": tq.ema_w.numpy().copy()}
+    zt = torch.randn(2, 32, 8, 8, 8)
+    with torch.no_grad():
+        qt, loss_t, idx_t = tq(zt)
+    q = EMAQuantizer(256, 32, commitment_cost=0.3, decay=0.9, epsilon=1e-4)
+    (qq, loss, idx), new = q.apply({"codebook": book}, jnp.asarray(_ndhwc(zt)), train,
+                                   mutable=["codebook"])
+    np.testing.assert_array_equal(np.asarray(idx), idx_t.numpy())
+    errs = {"quantized": _rel(qq, _ndhwc(qt)), "loss": _rel(loss, loss_t.numpy())}
+    if train:
+        ref = {"embedding": tq.embedding.weight, "ema_cluster_size": tq.ema_cluster_size,
+               "ema_w": tq.ema_w}
+        errs.update({k: _rel(new["codebook"][k], v.numpy()) for k, v in ref.items()})
+    print(f"EMAQuantizer train={train}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+          + f"; {int(np.unique(idx).size)} of 256 codes used")
+    assert all(e <= TOL for e in errs.values()), errs
+
+
+def test_vqvae_bfloat16_runs():
+    kwargs, size = CASES["prelu_dilated"]
+    model = _ours(dict(kwargs, dtype="bfloat16"))
+    x = jnp.asarray(_ndhwc(_input(kwargs, size)))
+    v = model.init(jax.random.key(0), x)
+    (rec, loss), new = model.apply(v, x, train=True, mutable=["codebook"],
+                                   rngs={"dropout": jax.random.key(1)})
+    assert rec.dtype == jnp.bfloat16 and loss.dtype == jnp.float32
+    assert new["codebook"]["quantizer"]["embedding"].dtype == jnp.float32
+    assert bool(jnp.isfinite(rec.astype(jnp.float32)).all())
