@@ -112,10 +112,15 @@ def test_rflow_training_timesteps_and_add_noise_match_monai():
     numel = torch.prod(torch.tensor((64, 64, 64)))
     ref_t = m_transform(torch.from_numpy(np.array(u)), numel, 32**3, 1.0, T, 3).numpy()
     assert t.dtype == jnp.float32 and err(np.asarray(t) / T, ref_t / T) <= 1e-6
-    m_latent = torch.zeros(1, 4, 64, 64, 64).expand(4000, -1, -1, -1, -1)  # a view, no memory
-    m_t = monai_scheduler("rflow").sample_timesteps(m_latent)
-    qs = np.linspace(0.05, 0.95, 19)
-    assert np.max(np.abs(np.quantile(np.asarray(t), qs) - np.quantile(m_t.numpy(), qs))) < 25.0
+    torch.manual_seed(0)  # MONAI draws from torch's global generator
+    m_latent = torch.zeros(1, 4, 64, 64, 64).expand(40000, -1, -1, -1, -1)  # a view, no memory
+    m_t = np.sort(monai_scheduler("rflow").sample_timesteps(m_latent).numpy())
+    big = jax.ShapeDtypeStruct((40000, 64, 64, 64, 4), jnp.float32)
+    ours_t = np.sort(np.asarray(ours.sample_timesteps(jax.random.key(4), big)))
+    grid = np.union1d(ours_t, m_t)
+    cdf_ours, cdf_ref = (np.searchsorted(a, grid, "right") for a in (ours_t, m_t))
+    ks = np.max(np.abs(cdf_ours - cdf_ref))
+    assert ks / 40000 < 0.02  # two-sample Kolmogorov-Smirnov D; p < 1e-6 above 0.02
     rng = np.random.default_rng(1)
     x0, noise = rng.standard_normal((2, 4, *SMALL[1:])).astype(np.float32)
     state = ours.create_state()
