@@ -107,13 +107,13 @@ class ConvTranspose(nn.Module):
 class Convolution(nn.Module):
     """MONAI's `Convolution(adn_ordering="DA")`: conv (or transposed conv) -> dropout -> act.
 
-    `params`: (stride, kernel, dilation, padding[, output_padding]) as MONAI's
+    `geometry`: (stride, kernel, dilation, padding[, output_padding]) as MONAI's
     `downsample_parameters`/`upsample_parameters` rows; `conv_only` skips dropout and act;
     `dropout` None or 0 skips dropout (MONAI's first encoder conv has none).
     """
 
     features: int
-    params: Sequence[int] = (1, 3, 1, 1)
+    geometry: Sequence[int] = (1, 3, 1, 1)
     transposed: bool = False
     act: Any = None
     dropout: float | None = None
@@ -122,9 +122,9 @@ class Convolution(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        s, k, d, p = self.params[:4]
+        s, k, d, p = self.geometry[:4]
         if self.transposed:
-            x = ConvTranspose(self.features, k, s, d, p, self.params[4], self.dtype,
+            x = ConvTranspose(self.features, k, s, d, p, self.geometry[4], self.dtype,
                               name="conv")(x)
         else:
             x = nn.Conv(self.features, (k,) * 3, (s,) * 3, [(p, p)] * 3, kernel_dilation=(d,) * 3,
