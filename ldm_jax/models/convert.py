@@ -327,7 +327,9 @@ def monai_discriminator_kwargs(disc_cfg) -> dict:
 
 def _np(v) -> np.ndarray:
     if hasattr(v, "detach"):  # torch.Tensor, without importing torch
-        v = v.detach().cpu().float().numpy()
+        # A copy: .numpy() shares the tensor's memory, which in-place updates (running
+        # statistics, EMA codebooks) would change under the converted params.
+        v = v.detach().cpu().float().numpy().copy()
     return np.asarray(jax.device_get(v), dtype=np.float32)
 
 

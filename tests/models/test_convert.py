@@ -131,6 +131,19 @@ def test_discriminator_round_trip_is_exact(norm):
         _assert_same_state_dict(sd, discriminator_to_monai(variables["params"], cfg))
 
 
+def test_converted_params_do_not_follow_later_in_place_updates():
+    """BatchNorm running statistics change in place in torch; the converted copy must not."""
+    model = _monai_disc("batch")
+    variables = discriminator_from_monai(model.state_dict(), dict(DISC, norm="batch"))
+    before = jax.tree_util.tree_map(np.array, variables)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(1.0)
+    after = jax.tree_util.tree_leaves(variables)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before), after))
+
+
 def test_monai_computes_what_our_autoencoder_computes():
     """Our own random params -> to_monai -> MONAI strict load: same encode and decode."""
     cfg = dict(_cfg("attn_mid"), use_convtranspose=True, in_channels=2, out_channels=3)
