@@ -5,12 +5,13 @@ CPU backend, for a stride-1, undilated, ungrouped conv in NDHWC / DHWIO layout w
 kernel larger than 1x1x1, it computes (a `jax.custom_vjp`):
 
 - y = sum_t x_pad[shifted by t] @ w[t] over the k_x k_y k_z kernel taps (`tap_conv`:
-  the first tap, then a `lax.scan` over the others; float32 accumulation);
+  the first tap, then a `lax.scan` over the others; float32 accumulation; the shift on
+  the input's or the products' side, whichever has fewer channels);
 - d(input): the same with the flipped, transposed kernel on the output gradient;
-- d(kernel): dW[t] = x_pad[shifted by t]^T @ dY, one (voxels x C_in)^T (voxels x C_out)
+- d(kernel): dW[t] = dY^T @ x_pad[shifted by t], one (C_out x voxels) (voxels x C_in)
   matmul per tap in a `lax.map` (`kernel_grad`).
 
-One shifted copy of an activation exists at a time; the matmuls run in XLA:CPU's matmul
+One tap's temporaries exist at a time; the matmuls run in XLA:CPU's matmul
 library (YNNPACK). Why: XLA:CPU's own 3D convolutions are slow, and its kernel gradient
 -- a convolution whose window is the whole output grid, after transposing input and
 output gradient to feature-major copies -- is far slower than the forward; tap convs
