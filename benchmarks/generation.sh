@@ -11,7 +11,8 @@ PY=${PY:-python}
 STEPS2=${STEPS2:-1250}
 mkdir -p "$W"
 
-# 1. Stage 1 (the README's quick run, 300 steps; resumes or skips what AE already holds).
+# 1. Stage 1: the quick run GENERATION.md measured (MONAI's tutorial autoencoder, 300 steps;
+#    docs/training.md's quick run is now balanced_4x); resumes or skips what AE holds.
 $PY train.py --config configs/monai_3d_ldm.py --workdir "$AE" --noprogress \
   --config.data.volume_size='(32,32,32)' --config.train.num_steps=300 \
   --config.train.save_every_steps=50 --config.train.eval_every_steps=50
