@@ -443,34 +443,46 @@ def read_jsonl(path: Path) -> list:
 # Report: times to a Dice, ratios, table, curves.
 
 
-def time_to(rows, dice: float, key: str = "cpu_s"):
-    """The `key` time of the first evaluation with Dice >= dice, or None."""
+METRICS = {  # what a time is measured to: Dice, and PSNR above a blank volume's (dB)
+    "dice": lambda r: r["dice"],
+    "psnr_gain": lambda r: r["psnr"] - r["psnr_blank"],
+}
+
+
+def time_to(rows, value: float, key: str = "cpu_s", metric: str = "dice"):
+    """The `key` time of the first evaluation with `metric` >= value, or None."""
     for r in rows:
-        if r.get("kind") == "eval" and r["dice"] >= dice:
+        if r.get("kind") == "eval" and METRICS[metric](r) >= value:
             return r[key]
     return None
 
 
+def best(rows, metric: str = "dice") -> float:
+    return max((METRICS[metric](r) for r in rows if r.get("kind") == "eval"),
+               default=float("nan"))
+
+
 def best_dice(rows) -> float:
-    return max((r["dice"] for r in rows if r.get("kind") == "eval"), default=float("nan"))
+    return best(rows, "dice")
 
 
-def compare(ours, theirs, target: float = 0.8) -> dict:
-    """Takes two setups' rows and a target Dice; gives the Dice compared (`target` if both
-    reach it, else the highest Dice both reach), both times to it (CPU and wall) and the
-    ratios ours / theirs, plus what bounds them when one side never reached the target."""
-    reached = {k: time_to(v, target) is not None for k, v in (("ours", ours),
-                                                              ("theirs", theirs))}
-    level = target if all(reached.values()) else min(best_dice(ours), best_dice(theirs))
-    out = {"target": target, "level": level, "reached": reached}
+def compare(ours, theirs, target: float = 0.8, metric: str = "dice") -> dict:
+    """Takes two setups' rows and a target (of `metric`, Dice by default); gives the level
+    compared (`target` if both reach it, else the highest both reach), both times to it
+    (CPU and wall) and the ratios ours / theirs, plus what bounds them when one side never
+    reached the target."""
+    reached = {k: time_to(v, target, metric=metric) is not None
+               for k, v in (("ours", ours), ("theirs", theirs))}
+    level = target if all(reached.values()) else min(best(ours, metric), best(theirs, metric))
+    out = {"target": target, "level": level, "reached": reached, "metric": metric}
     for key in ("cpu_s", "wall_s"):
-        a, b = time_to(ours, level, key), time_to(theirs, level, key)
+        a, b = (time_to(ours, level, key, metric), time_to(theirs, level, key, metric))
         out[f"ours_{key}"], out[f"theirs_{key}"] = a, b
         out[f"ratio_{key}"] = (a / b) if a is not None and b else None
     if reached["ours"] and not reached["theirs"]:
         end = [r for r in theirs if r.get("kind") == "eval"][-1]
         out["theirs_bound_cpu_s"] = end["cpu_s"]
-        out["ratio_cpu_s_at_most"] = time_to(ours, target) / end["cpu_s"]
+        out["ratio_cpu_s_at_most"] = time_to(ours, target, metric=metric) / end["cpu_s"]
     return out
 
 
@@ -486,7 +498,7 @@ def _t(v, digits=0):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def report_table(runs: dict, target: float = 0.8) -> str:
+def report_table(runs: dict, target: float = 0.8, gain_target: float = 5.0) -> str:
     head = ("| setup | framework | batch | params | steps | training CPU s | wall s | "
             f"best Dice | CPU s to Dice {target} | wall s to Dice {target} | PSNR at it dB "
             "(blank) | stopped by |")
@@ -507,23 +519,26 @@ def report_table(runs: dict, target: float = 0.8) -> str:
             f"{last['wall_s']:.0f} | {best_dice(rows):.3f} | {_t(hit and hit['cpu_s'])} | "
             f"{_t(hit and hit['wall_s'])} | {psnr} | "
             f"{end['reason'] if end else 'unfinished'} |")
-    head = ("| ours | against | Dice compared | CPU s (ours / theirs) | ratio CPU | "
+    head = ("| ours | against | compared at | CPU s (ours / theirs) | ratio CPU | "
             "wall s (ours / theirs) | ratio wall |")
     lines += ["", head, "|---|---|---|---|---|---|---|"]
-    for a, b in PAIRS:
-        if a not in runs or b not in runs:
-            continue
-        c = compare(runs[a], runs[b], target)
-        level = (f"{c['level']:.3f}" if c["level"] == target else
-                 f"{c['level']:.3f} (highest both reach; {target} not reached by "
-                 f"{', '.join(k for k, v in c['reached'].items() if not v)})")
-        ratio = _t(c["ratio_cpu_s"], 2)
-        if "ratio_cpu_s_at_most" in c:
-            ratio += (f"; at Dice {target}: ≤ {c['ratio_cpu_s_at_most']:.2f} (theirs not "
-                      f"there in {c['theirs_bound_cpu_s']:.0f} CPU s)")
-        lines.append(f"| `{a}` | `{b}` | {level} | {_t(c['ours_cpu_s'])} / "
-                     f"{_t(c['theirs_cpu_s'])} | {ratio} | {_t(c['ours_wall_s'])} / "
-                     f"{_t(c['theirs_wall_s'])} | {_t(c['ratio_wall_s'], 2)} |")
+    for metric, goal, name, fmt in (("dice", target, "Dice", "{:.3f}"),
+                                    ("psnr_gain", gain_target, "dB above blank", "{:+.2f}")):
+        for a, b in PAIRS:
+            if a not in runs or b not in runs:
+                continue
+            c = compare(runs[a], runs[b], goal, metric)
+            level = f"{name} {fmt.format(c['level'])}"
+            if c["level"] != goal:
+                level += (f" (highest both reach; {fmt.format(goal)} not reached by "
+                          f"{', '.join(k for k, v in c['reached'].items() if not v)})")
+            ratio = _t(c["ratio_cpu_s"], 2)
+            if "ratio_cpu_s_at_most" in c:
+                ratio += (f"; at {name} {fmt.format(goal)}: ≤ {c['ratio_cpu_s_at_most']:.2f} "
+                          f"(theirs not there in {c['theirs_bound_cpu_s']:.0f} CPU s)")
+            lines.append(f"| `{a}` | `{b}` | {level} | {_t(c['ours_cpu_s'])} / "
+                         f"{_t(c['theirs_cpu_s'])} | {ratio} | {_t(c['ours_wall_s'])} / "
+                         f"{_t(c['theirs_wall_s'])} | {_t(c['ratio_wall_s'], 2)} |")
     return "\n".join(lines)
 
 
@@ -537,7 +552,7 @@ def plot(runs: dict, path: Path, target: float = 0.8) -> None:
 
     from benchmarks.bench_plot import _font
     W, H, M = 520, 340, (62, 18, 30, 46)  # panel size; margins left, right, top, bottom
-    img = Image.new("RGB", (2 * W, 2 * H + 40), "white")
+    img = Image.new("RGB", (2 * W, 2 * H + 16 + 16 * len(runs)), "white")
     draw = ImageDraw.Draw(img)
     font, small = _font(14), _font(11)
     evals = {n: [r for r in rows if r.get("kind") == "eval"] for n, rows in runs.items()}
@@ -578,14 +593,11 @@ def plot(runs: dict, path: Path, target: float = 0.8) -> None:
                 pts = [px(r[xkey], r["psnr_blank"]) for r in rs]
                 for a, b in zip(pts[::2], pts[1::2]):
                     draw.line([a, b], fill=color, width=1)
-    x = 10
-    for name in evals:
-        color = COLORS.get(name, (0, 0, 0))
-        draw.rectangle([x, 2 * H + 14, x + 18, 2 * H + 24], fill=color)
-        draw.text((x + 24, 2 * H + 12), f"{name}: {SETUPS[name][1]}", fill=(0, 0, 0),
-                  font=small)
-        x += 24 + int(draw.textlength(f"{name}: {SETUPS[name][1]}", font=small)) + 18
-    draw.text((2 * W - 330, 2 * H + 26), f"dotted: Dice {target}; thin dashes: PSNR of a "
+    for k, name in enumerate(evals):  # one legend line per setup
+        y = 2 * H + 6 + 16 * k
+        draw.rectangle([10, y + 2, 28, y + 12], fill=COLORS.get(name, (0, 0, 0)))
+        draw.text((34, y), f"{name}: {SETUPS[name][1]}", fill=(0, 0, 0), font=small)
+    draw.text((2 * W - 330, 2 * H + 6), f"dotted: Dice {target}; thin dashes: PSNR of a "
               "blank volume", fill=(90, 90, 90), font=small)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -620,6 +632,8 @@ def main(argv=None) -> int:
     p.add_argument("--png", default=None, help="curves PNG (default <out>/ttq_curves.png)")
     p.add_argument("--table", default=None, help="markdown table (default <out>/ttq_table.md)")
     p.add_argument("--target", type=float, default=0.8, help="Dice of the time ratios")
+    p.add_argument("--gain-target", type=float, default=5.0,
+                   help="PSNR above a blank volume's (dB) of the second time ratios")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._worker:
@@ -637,7 +651,7 @@ def main(argv=None) -> int:
                 "max_steps": a.max_steps, "stop_dice": a.stop_dice, "sustain": a.sustain}
         run_setups(names, out, [int(c) for c in a.cpus.split(",")], spec)
     runs = load_runs(out)
-    text = report_table(runs, a.target)
+    text = report_table(runs, a.target, a.gain_target)
     Path(a.table or out / "ttq_table.md").parent.mkdir(parents=True, exist_ok=True)
     Path(a.table or out / "ttq_table.md").write_text(text + "\n")
     if runs:

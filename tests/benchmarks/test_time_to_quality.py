@@ -49,8 +49,12 @@ def test_compare_falls_back_to_the_highest_dice_both_reach_and_bounds_the_target
     assert c["theirs_bound_cpu_s"] == 600.0
     assert c["ratio_cpu_s_at_most"] == pytest.approx(1 / 6)
     table = ttq.report_table({"ours_main": ours, "monai_tutorial": theirs}, 0.8)
-    assert "| `ours_main` | `monai_tutorial` | 0.650 (highest both reach; 0.8 not reached " \
-           "by theirs) | 100 / 600 | 0.17; at Dice 0.8: ≤ 0.17" in table
+    assert "| `ours_main` | `monai_tutorial` | Dice 0.650 (highest both reach; 0.800 not " \
+           "reached by theirs) | 100 / 600 | 0.17; at Dice 0.800: ≤ 0.17" in table
+    # PSNR above blank: both sides +3 dB from their first evaluation on (ratio 0/0: none).
+    gain = ttq.compare(ours, theirs, 5.0, "psnr_gain")
+    assert gain["level"] == pytest.approx(3.0) and gain["ours_cpu_s"] == 0.0
+    assert gain["ratio_cpu_s"] is None
 
 
 def test_setups_are_the_main_job_and_the_tutorial_recipe():
