@@ -30,6 +30,37 @@ def _normal_around_one(std: float):
     return init
 
 
+class TorchBatchNorm(nn.Module):
+    """PyTorch's BatchNorm over (B, X, Y, Z, C): eps 1e-5, momentum 0.1, the output
+    normalised with the biased batch variance and the running variance updated with the
+    unbiased one (n / (n - 1), as torch does; flax's BatchNorm keeps the biased one).
+    Variables as flax's BatchNorm: params "scale", "bias"; batch_stats "mean", "var"."""
+
+    dtype: Any
+    scale_init: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if train:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = xf.mean(axes)
+            var = ((xf - mean) ** 2).mean(axes)
+            if not self.is_initializing():
+                n = xf.size // c
+                ra_mean.value = 0.9 * ra_mean.value + 0.1 * mean
+                ra_var.value = 0.9 * ra_var.value + 0.1 * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+        return y.astype(self.dtype)
+
+
 class PatchDiscriminator(nn.Module):
     """MONAI PatchDiscriminator(spatial_dims=3) in Flax.
 
@@ -77,9 +108,7 @@ class PatchDiscriminator(nn.Module):
             stride = 1 if l == self.num_layers_d - 1 else 2
             h = conv(channels, k, stride, p, False, f"conv_{l}")(h)
             if self.norm == "batch":
-                h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 dtype=dt, param_dtype=jnp.float32, use_fast_variance=False,
-                                 scale_init=_normal_around_one(0.02), name=f"norm_{l}")(h)
+                h = TorchBatchNorm(dt, _normal_around_one(0.02), name=f"norm_{l}")(h, train)
             else:
                 h = nn.InstanceNorm(epsilon=1e-5, use_scale=False, use_bias=False, dtype=dt,
                                     use_fast_variance=False, name=f"norm_{l}")(h)
