@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 COLORS = {"nearest_conv": (214, 39, 40), "subpixel": (31, 119, 180), "seed claim": (120, 120, 120)}
 
 
-def _font(size):
+def font(size):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
@@ -56,7 +56,7 @@ def plot_memory(rows, path, title, note="", volume=(256, 256, 64), key="peak_mem
     w, h, left, right, top, bottom = 900, 560, 90, 190, 60, 90
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    f_small, f_mid = _font(14), _font(17)
+    f_small, f_mid = font(14), font(17)
     xs = [p[0] for pts in series.values() for p in pts]
     ys = [p[1] for pts in series.values() for p in pts]
     x0, x1 = math.log2(min(xs)) - 0.5, math.log2(max(xs)) + 0.5
@@ -96,7 +96,7 @@ def plot_memory(rows, path, title, note="", volume=(256, 256, 64), key="peak_mem
         d.rectangle([w - right + 15, ly, w - right + 29, ly + 14], fill=color)
         d.text((w - right + 36, ly + 7), name, fill="black", font=f_small, anchor="lm")
     if note:
-        d.text((left, h - 28), note, fill=(80, 80, 80), font=_font(12))
+        d.text((left, h - 28), note, fill=(80, 80, 80), font=font(12))
     img.save(path)
     return path
 

@@ -550,11 +550,11 @@ def plot(runs: dict, path: Path, target: float = 0.8) -> None:
     """2 x 2 panels (Pillow): Dice and PSNR (blank dashed) against CPU s and wall s."""
     from PIL import Image, ImageDraw
 
-    from benchmarks.bench_plot import _font
+    from benchmarks.bench_plot import font as plot_font
     W, H, M = 520, 340, (62, 18, 30, 46)  # panel size; margins left, right, top, bottom
     img = Image.new("RGB", (2 * W, 2 * H + 16 + 16 * len(runs)), "white")
     draw = ImageDraw.Draw(img)
-    font, small = _font(14), _font(11)
+    font, small = plot_font(14), plot_font(11)
     evals = {n: [r for r in rows if r.get("kind") == "eval"] for n, rows in runs.items()}
     panels = [("dice", "cpu_s", "Dice"), ("dice", "wall_s", "Dice"),
               ("psnr", "cpu_s", "PSNR dB"), ("psnr", "wall_s", "PSNR dB")]
