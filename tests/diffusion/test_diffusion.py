@@ -287,7 +287,6 @@ def test_sample_interrupted_then_rerun_equals_one_run(ldm_workdir, tmp_path, mon
     """Ctrl-C after the first sample: the rerun draws only the batch with missing ones and
     the folder ends byte for byte as one uninterrupted run's; NaN samples are an error
     naming the batch, nothing of it written."""
-    import signal
 
     from ldm_jax import outputs as vf
     from ldm_jax.diffusion.pipeline import Pipeline
@@ -297,9 +296,9 @@ def test_sample_interrupted_then_rerun_equals_one_run(ldm_workdir, tmp_path, mon
     assert sample_cli.main(args + [f"--output={once}"]) == 0
     real = vf.Outputs.write
 
-    def write_then_sigint(self, *a, **k):
+    def write_then_sigint(self, *a, **k):  # as Ctrl-C there (see tests/cli/test_reruns.py)
         real(self, *a, **k)
-        os.kill(os.getpid(), signal.SIGINT)
+        raise KeyboardInterrupt
     monkeypatch.setattr(vf.Outputs, "write", write_then_sigint)
     assert sample_cli.main(args + [f"--output={cut}"]) == 130
     monkeypatch.undo()
