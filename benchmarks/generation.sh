@@ -11,23 +11,22 @@ PY=${PY:-python}
 STEPS2=${STEPS2:-1250}
 mkdir -p "$W"
 
-# 1. Stage 1: the quick run GENERATION.md measured (MONAI's tutorial autoencoder, 300 steps;
-#    docs/training.md's quick run is now balanced_4x); resumes or skips what AE holds.
-$PY train.py --config configs/monai_3d_ldm.py --workdir "$AE" --noprogress \
-  --config.data.volume_size='(32,32,32)' --config.train.num_steps=300 \
-  --config.train.save_every_steps=50 --config.train.eval_every_steps=50
+# 1. Stage 1: docs/training.md's quick CPU run (the main job's model, configs/balanced_4x.py,
+#    at 32^3, cosine decay over 1000 steps); resumes or skips what AE holds.
+$PY train.py --config configs/balanced_4x.py --workdir "$AE" --noprogress \
+  --config.data.volume_size='(32,32,32)' --config.train.num_steps=1000
 
 # 2. Volumes on disk (256 training crops in raw units, 16 held-out in model units), then
 #    latents of the training ones.
-[ -d "$W/data/val" ] || $PY -m benchmarks.generation_data --config configs/monai_3d_ldm.py \
+[ -d "$W/data/val" ] || $PY -m benchmarks.generation_data --config configs/balanced_4x.py \
   --volume 32,32,32 --train 256 --val 16 --out "$W/data"
 [ -f "$W/latents/latents.json" ] || $PY -m ldm_jax extract --workdir "$AE" \
   --input "$W/data/train" --output "$W/latents" --step latest --noprogress
 
-# 3. Stage 2: the MONAI tutorial UNet (float32 on a CPU) on the extracted 8x8x8x3 latents,
+# 3. Stage 2: the MONAI tutorial UNet (float32 on a CPU) on the extracted 8x8x8x8 latents,
 #    predicting v (PRED=epsilon for the tutorial's target; see GENERATION.md for why v).
 PRED=${PRED:-v_prediction}
-S2=(--config configs/diffusion/monai_3d_ldm.py --config.scheduler.prediction_type="$PRED"
+S2=(--config configs/diffusion/balanced_4x.py --config.scheduler.prediction_type="$PRED"
     --config.latents.autoencoder_workdir="$AE"
     --config.latents.autoencoder_step=latest --config.latents.dir="$W/latents"
     --config.unet.dtype=float32 --config.train.batch_size=8 --config.train.learning_rate=2.5e-4
@@ -65,4 +64,29 @@ for s in ldm ldm_untrained gauss; do
   $PY -m ldm_jax evaluate --samples "$W/samples_$s" --reference "$W/data/val" \
     --reference_latents "$W/latents" --range 0,1 --features vgg16 --num_slices 8 \
     --output "$W/eval_$s.json" | tee "$W/eval_$s.txt"
+done
+
+# 6. At equal N, 8 against 8 (FD depends on N): the other 8 held-out volumes (real vs
+#    real), stage 1's reconstructions of them (the best a sample can be), and the samples.
+mkdir -p "$W/real_a" "$W/real_b"
+for i in 0 1 2 3 4 5 6 7; do
+  cp -n "$W/data/val/v000$i.npy" "$W/real_a/"
+  j=$(printf '%04d' $((i + 8))); cp -n "$W/data/val/v$j.npy" "$W/real_b/"
+done
+# reconstruct applies the checkpoint's intensity window: give it real_a in raw units.
+[ -d "$W/real_a_raw" ] || $PY - "$W" <<'PYEOF'
+import glob, os, sys
+import numpy as np
+from ldm_jax.config import load_config
+w, d = sys.argv[1], load_config("configs/balanced_4x.py").data
+os.makedirs(os.path.join(w, "real_a_raw"))
+for f in sorted(glob.glob(os.path.join(w, "real_a", "*.npy"))):
+    v = (np.load(f) - d.b_min) / (d.b_max - d.b_min) * (d.a_max - d.a_min) + d.a_min
+    np.save(os.path.join(w, "real_a_raw", os.path.basename(f)), v.astype(np.float32))
+PYEOF
+[ -f "$W/recon_a/metrics.json" ] || $PY -m ldm_jax reconstruct --workdir "$AE" \
+  --input "$W/real_a_raw" --output "$W/recon_a" --step latest --noprogress
+for s in real_a recon_a samples_ldm; do
+  $PY -m ldm_jax evaluate --samples "$W/$s" --reference "$W/real_b" --range 0,1 \
+    --features vgg16 --num_slices 8 --output "$W/eval8_$s.json" | tee "$W/eval8_$s.txt"
 done
