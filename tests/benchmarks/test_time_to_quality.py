@@ -63,6 +63,8 @@ def test_setups_are_the_main_job_and_the_tutorial_recipe():
     assert main.autoencoder.num_channels == (32, 64)
     assert main.autoencoder.initial_downsample_factor == 2
     assert (main.train.learning_rate, main.train.b1, main.train.batch_size) == (5e-4, 0.9, 1)
+    assert (main.train.num_steps, main.train.schedule, main.autoencoder.dtype) == (
+        1200, "cosine", "float32")
     monai = ttq.setup_config("ours_monai", (64, 64, 32))
     assert tuple(monai.data.volume_size) == (64, 64, 32)
     ae_kwargs, disc_kwargs = bench_monai.monai_kwargs(monai)
