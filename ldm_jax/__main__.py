@@ -22,6 +22,7 @@ COMMANDS = {
     "export": "a MONAI state dict of a trained autoencoder",
     "sample": "new volumes from a trained latent diffusion model",
     "edit": "given volumes: inpaint a region, SDEdit, likelihood (anomaly) maps",
+    "maisi": "MAISI's released CT/MR models from their weight files (maisi generate)",
     "evaluate": "sample quality against real volumes (FD, MS-SSIM, intensities)",
     "voxelize": "point clouds (nm) -> NIfTI volumes",
     "to_points": "volumes -> point clouds (CSV, nm)",
