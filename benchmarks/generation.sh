@@ -12,9 +12,10 @@ STEPS2=${STEPS2:-1250}
 mkdir -p "$W"
 
 # 1. Stage 1: docs/training.md's quick CPU run (the main job's model, configs/balanced_4x.py,
-#    at 32^3, cosine decay over 1000 steps); resumes or skips what AE holds.
+#    at 32^3, cosine decay over 1000 steps, float32 compute); resumes or skips what AE holds.
 $PY train.py --config configs/balanced_4x.py --workdir "$AE" --noprogress \
-  --config.data.volume_size='(32,32,32)' --config.train.num_steps=1000
+  --config.data.volume_size='(32,32,32)' --config.train.num_steps=1000 \
+  --config.autoencoder.dtype=float32
 
 # 2. Volumes on disk (256 training crops in raw units, 16 held-out in model units), then
 #    latents of the training ones.
