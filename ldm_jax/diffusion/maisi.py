@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from typing import Any, Optional, Sequence
 
 import jax
@@ -207,12 +208,28 @@ class MaisiModels:
         return 2 ** (len(tuple(self.unet.num_channels)) - 1)
 
 
+def _reason(problem: str) -> str:
+    """The converter's message (`ldm_jax.models.state_dict`, `unet_convert`) cut to its first
+    clause, the first missing key and what the file's keys look like."""
+    text = " ".join(problem.split())
+    out = re.split(r"; | \(check ", text)[0].replace(" built with these fields", "")
+    missing = re.search(r"\d+ missing, first: ('[^']+')", text)
+    if missing:
+        out += f"; missing e.g. {missing.group(1)}"
+    names = text.split("first names:", 1)[-1] if "first names:" in text else ""
+    looks = ("a ControlNet's" if "'controlnet_down_blocks'" in names else
+             "a diffusion UNet's" if "'time_embed'" in names else
+             "an autoencoder's" if "'decoder'" in names and "'encoder'" in names else None)
+    if looks:
+        out += f" (its keys are {looks})"
+    return out if len(out) <= 300 else out[:297] + "..."
+
+
 def _refuse(flag: str, path: str, what: str, network: str, problem: str, expected: str):
     return ConfigError(
-        f"{flag} {path}: {problem.strip().splitlines()[0].rstrip('.')}. Expected {what} "
-        f"for the {network!r} networks{expected}; pass the matching file, or --network for "
-        "the networks these weights were trained with (rflow: v2 files, ddpm: v1 files, or a "
-        "network JSON).")
+        f"{flag} {path}: {_reason(problem)}. Expected {what} of the "
+        f"{os.path.basename(network)!r} networks{expected}: pass the matching file, or the "
+        "--network its weights were made for (rflow, ddpm or a network JSON).")
 
 
 def load_models(autoencoder: str, diffusion_unet: str, controlnet: Optional[str] = None, *,

@@ -70,7 +70,7 @@ def files(tmp_path_factory):
     cn = perturb(ControlNetMaisi(**_kwargs(NETWORK["controlnet_def"])), 2)
     out = {"autoencoder": d / "autoencoder_v1.pt", "unet": d / "diff_unet_3d_rflow-ct.pt",
            "controlnet": d / "controlnet_3d_rflow-ct.pt", "network": d / "config_network.json",
-           "ae_module": ae}
+           "ae_module": ae, "unet_module": unet, "cn_module": cn}
     torch.save(ae.state_dict(), out["autoencoder"])
     torch.save({"epoch": 3, "loss": 0.1, "num_train_timesteps": 1000,
                 "scale_factor": torch.tensor(SCALE), "unet_state_dict": unet.state_dict()},
@@ -143,6 +143,50 @@ def test_controlnet_mask_sets_shape_spacing_and_background(files, tmp_path, caps
     assert "windows of (8, 8, 8)" in record["decoding"] and record["conditioning_scale"] == 0.5
 
 
+def test_latent_is_maisis_loop_with_monai(files, tmp_path, capsys):
+    """The sampled latent equals MAISI's ControlNet loop (utils_infer.py) run with MONAI's
+    classes and RFlowScheduler from the same noise: spacing x100 (float16), modality as
+    class_labels, residuals into the UNet, step to the next timestep (0 after the last)."""
+    import jax
+    from monai.networks.schedulers import RFlowScheduler
+
+    labels = np.zeros((16, 16, 8), np.int64)
+    labels[2:14, 3:13, 1:7] = 200
+    labels[5:9, 5:9, 2:5] = 3
+    mask = tmp_path / "mask.npy"
+    np.save(mask, labels)
+    out = tmp_path / "parity"
+    steps, seed, spacing, modality = 10, 5, (0.75, 0.75, 0.66667), 2
+    assert main(_args(files, out, f"--controlnet={files['controlnet']}", f"--condition={mask}",
+                      f"--num_inference_steps={steps}", f"--seed={seed}", f"--modality={modality}",
+                      "--spacing=" + ",".join(map(str, spacing)))) == 0, capsys.readouterr().err
+    ours = np.load(out / "latents" / "sample_0000.npy")
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)  # sample 0
+    noise = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (1, 4, 4, 2, 4)))
+    sched = RFlowScheduler(num_train_timesteps=1000, use_discrete_timesteps=False,
+                           use_timestep_transform=True, sample_method="uniform", scale=1.4)
+    sched.set_timesteps(steps, input_img_size_numel=torch.prod(torch.tensor((4, 4, 2))))
+    ts = sched.timesteps
+    nexts = torch.cat((ts[1:], torch.tensor([0], dtype=ts.dtype)))
+    bits = 2 ** torch.arange(8)
+    cond = torch.from_numpy(labels)[None, None].unsqueeze(-1).bitwise_and(bits).ne(0).byte()
+    cond = cond.squeeze(1).permute(0, 4, 1, 2, 3).float()
+    spacing_t = torch.from_numpy(np.array(spacing) * 1e2)[None].half().float()
+    cls = torch.tensor([modality])
+    x = to_torch(noise)
+    with torch.no_grad():
+        for t, nt in zip(ts, nexts):
+            tt = torch.Tensor((t,))
+            down, mid = files["cn_module"](x=x, timesteps=tt, controlnet_cond=cond,
+                                           class_labels=cls)
+            v = files["unet_module"](x=x, timesteps=tt, spacing_tensor=spacing_t,
+                                     class_labels=cls, down_block_additional_residuals=down,
+                                     mid_block_additional_residual=mid)
+            x, _ = sched.step(v, t, x, nt)
+    ref = to_ours(x)[0]
+    assert np.abs(ref - ours).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
 def test_binarize_labels_is_maisis():
     lab = np.random.default_rng(0).integers(0, 256, (3, 4, 5))
     t = torch.from_numpy(lab)[None, None]  # MAISI's (B, 1, X, Y, Z) long
@@ -170,7 +214,9 @@ def test_missing_or_mismatched_weight_files_are_one_line(files, tmp_path, capsys
     swapped = [a if not a.startswith("--autoencoder=") else f"--autoencoder={files['unet']}"
                for a in args]
     assert main(swapped) == 2
-    _one_line_error(capsys, "--autoencoder", "Expected AutoencoderKlMaisi weights", "--network")
+    err = _one_line_error(capsys, "--autoencoder", "Expected AutoencoderKlMaisi weights",
+                          "--network", "its keys are a diffusion UNet's")
+    assert len(err) - len(str(files["unet"])) < 500
     # a bare state dict where MAISI's UNet file (with scale_factor) is expected
     bare = tmp_path / "bare_unet.pt"
     torch.save(torch.load(files["unet"], weights_only=True)["unet_state_dict"], bare)
