@@ -43,6 +43,31 @@ def get_config():
     ae.strided_kernel = ml_collections.config_dict.placeholder(int)
     ae.dtype = "bfloat16"  # compute dtype; params stay float32
     ae.remat = "none"  # "none" | "res_blocks" | "levels"
+    # The stage-1 model: "kl" (AutoencoderKL: the fields above) | "vqvae" (MONAI's VQVAE:
+    # the fields of autoencoder.vqvae below, with in/out_channels and dtype above;
+    # docs/vqvae.md, configs/vqvae_4x.py).
+    ae.kind = "kl"
+    vq = ae.vqvae = ml_collections.ConfigDict()
+    # MONAI VQVAE names and defaults (rows: (stride, kernel, dilation, padding[, output_padding])).
+    vq.channels = (96, 96, 192)
+    vq.num_res_layers = 3
+    vq.num_res_channels = ml_collections.FieldReference((96, 96, 192), field_type=object)
+    vq.downsample_parameters = ((2, 4, 1, 1), (2, 4, 1, 1), (2, 4, 1, 1))
+    vq.upsample_parameters = ((2, 4, 1, 1, 0), (2, 4, 1, 1, 0), (2, 4, 1, 1, 0))
+    vq.num_embeddings = 32  # codebook size
+    vq.embedding_dim = 64  # latent channels
+    vq.embedding_init = "normal"  # "normal" | "kaiming_uniform"
+    vq.commitment_cost = 0.25
+    vq.decay = 0.5  # EMA decay of the codebook
+    vq.epsilon = 1e-5
+    vq.dropout = 0.0
+    vq.act = "RELU"
+    vq.output_act = ml_collections.config_dict.placeholder(str)
+    # Dead-code restarts (not MONAI's): every restart_every steps, codes whose EMA cluster
+    # size (latent vectors per batch) is below restart_threshold move onto random encoder
+    # outputs of the batch. 0 turns them off.
+    vq.restart_threshold = 0.0
+    vq.restart_every = 1
 
     # --- PatchGAN discriminator (MONAI PatchDiscriminator semantics). ---
     disc = config.discriminator = ml_collections.ConfigDict()

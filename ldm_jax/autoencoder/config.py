@@ -24,6 +24,18 @@ REMAT_MODES = ("none", "res_blocks", "levels")
 DISC_NORMS = ("batch", "instance")
 
 
+# The stage-1 models `autoencoder.kind` picks: "kl" (AutoencoderKL, the section's own
+# fields) and "vqvae" (MONAI's VQVAE, the fields of `autoencoder.vqvae`). A new kind adds
+# its name here, its checks in `validate` and its task in `ldm_jax.autoencoder.kinds`.
+KINDS = ("kl", "vqvae")
+
+
+def kind_of(config) -> str:
+    """`config.autoencoder.kind`, "kl" when the section or the field is absent (configs
+    and checkpoints from before the switch)."""
+    return get_field(get_field(config, "autoencoder"), "kind", "kl")
+
+
 def _autoencoder_problems(ae) -> list[str]:
     if ae is None:
         return []  # geometry.factor_problems reports the missing section
@@ -128,7 +140,16 @@ def validate(config) -> None:
     from ldm_jax.optim import train_problems
 
     problems = []
-    if get_field(config, "autoencoder") is not None:
+    kind = kind_of(config)
+    if kind not in KINDS:
+        problems.append(
+            f"autoencoder.kind={kind!r} is not a known stage-1 model; valid: "
+            f"{', '.join(repr(k) for k in KINDS)} (e.g. --config.autoencoder.kind=vqvae; "
+            "docs/vqvae.md)")
+    elif kind == "vqvae":
+        from ldm_jax.autoencoder.vq_config import vqvae_problems
+        problems += vqvae_problems(config)
+    elif get_field(config, "autoencoder") is not None:
         problems += factor_problems(get_field(config, "autoencoder"))
         problems += _autoencoder_problems(get_field(config, "autoencoder"))
         if get_field(config, "data") is not None:

@@ -403,6 +403,12 @@ def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, confi
             "train.py --workdir ...); it holds checkpoints/<step>/.")
     # A damaged step is skipped for 'latest'/'best' (one line) and refused by number.
     step, saved, params = ckpt.open_step(workdir, step, item="g_params", stage="autoencoder")
+    from ldm_jax.autoencoder.config import kind_of
+    if kind_of(saved) != "kl":
+        raise ConfigError(
+            f"The checkpoint at step {step} in {workdir} is a {kind_of(saved)!r} autoencoder "
+            "(autoencoder.kind); extract, reconstruct, decode and stage 2 read KL "
+            "autoencoders (kind 'kl') only so far (docs/vqvae.md, \"What is not there yet\").")
     if config is not None:
         if isinstance(config, (str, os.PathLike)):
             config = config_lib.load_config(config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from ldm_jax.autoencoder.config import validate
+from ldm_jax.autoencoder.config import kind_of, validate
 from ldm_jax.autoencoder.geometry import (
     format_factor,
     format_step,
@@ -76,6 +76,9 @@ def param_counts(config) -> dict[str, int]:
 def format_plan(config, *, with_params: bool = True, title: str | None = None) -> str:
     """The plan table as text; raises ConfigError for an invalid config."""
     validate(config)
+    if kind_of(config) == "vqvae":
+        from ldm_jax.autoencoder.vq_config import format_vq_plan
+        return "\n".join(([title] if title else []) + [format_vq_plan(config)])
     ae = config.autoencoder
     dtype = str(ae.get("dtype", "float32"))
     nbytes = _DTYPE_BYTES.get(dtype, 4)

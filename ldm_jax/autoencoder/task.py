@@ -12,6 +12,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ldm_jax import sharding, visualize
@@ -130,10 +131,14 @@ class AutoencoderTask:
         if self._eval_fn is None:
             self._eval_fn = jax.jit(self.eval_step)
         totals, counts, shown_x, shown_r, names = {}, {}, [], [], []
+        sums = {}  # array-valued outputs (e.g. code counts): summed over batches
         for batch in batches:
-            out, recon = self._eval_fn(state.g_params, put({"image": batch["image"]}))
+            out, recon = self._eval_fn(self.eval_variables(state), put({"image": batch["image"]}))
             for k, v in out.items():
-                if math.isfinite(float(v)):
+                if getattr(v, "ndim", 0):
+                    v = np.asarray(jax.device_get(v))
+                    sums[k] = sums[k] + v if k in sums else v
+                elif math.isfinite(float(v)):
                     totals[k] = totals.get(k, 0.0) + float(v)
                     counts[k] = counts.get(k, 0) + 1
             if len(shown_x) < 4:
@@ -144,6 +149,7 @@ class AutoencoderTask:
         if not counts:
             return {}
         result = {k: totals[k] / counts[k] for k in totals}
+        result.update(self.summarize_eval(sums))
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(image_path), exist_ok=True)
             d = self.config.data
@@ -197,12 +203,10 @@ class AutoencoderTask:
         adversary = float(loss_cfg.adv_weight) > 0  # static: 0 leaves the GAN out
 
         def generator_loss(g_params):
-            recon, z_mu, z_sigma = self.ae.apply(
-                {"params": g_params}, x_in, sample=bool(loss_cfg.sample_posterior),
-                rngs={"sample": sample_rng})
+            recon, model_loss, model_metrics, model_out = self.model_forward(
+                state, g_params, x_in, sample_rng)
             rec = losses.reconstruction_loss(recon, target, loss_cfg)
-            kl = losses.kl_loss(z_mu, z_sigma)
-            total = rec + loss_cfg.kl_weight * kl
+            total = rec + model_loss
             perc = jnp.zeros((), jnp.float32)
             if self.perceptual_fn is not None and loss_cfg.perceptual_weight > 0:
                 perc = self.perceptual_fn(recon, target, perc_rng, perceptual_params)
@@ -217,11 +221,13 @@ class AutoencoderTask:
                 gen_adv = jax.lax.cond(adversarial_on, adv_term,
                                        lambda r: jnp.zeros((), jnp.float32), recon)
             total = total + adv_w * gen_adv
-            return total, dict(loss=total, recon_loss=rec, kl_loss=kl,
-                               perceptual_loss=perc, gen_adv_loss=gen_adv, recon=recon)
+            return total, dict(loss=total, recon_loss=rec, **model_metrics,
+                               perceptual_loss=perc, gen_adv_loss=gen_adv, recon=recon,
+                               model_out=model_out)
 
         (_, aux), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.g_params)
         recon = jax.lax.stop_gradient(aux.pop("recon"))
+        model_out = jax.lax.stop_gradient(aux.pop("model_out"))
 
         def disc_update(_):
             def disc_loss(d_params):
@@ -267,23 +273,56 @@ class AutoencoderTask:
             skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
         step_metrics = dict(aux, disc_loss=d_loss, adv_weight=adv_w,
                             finite=finite.astype(jnp.float32))
-        return new_state, step_metrics
+        new_state, more = self.model_update(new_state, state, model_out, finite, sample_rng)
+        return new_state, dict(step_metrics, **more)
+
+    # The two hooks a stage-1 model kind overrides (`ldm_jax.autoencoder.vq_task`).
+    def model_forward(self, state, g_params, x_in, rng):
+        """The autoencoder in training: (reconstruction, its own loss term, already
+        weighted (here kl_weight x KL), {metric name: value}, what `model_update` needs
+        (here None)). Traced inside the generator's gradient."""
+        recon, z_mu, z_sigma = self.ae.apply(
+            {"params": g_params}, x_in, sample=bool(self.config.loss.sample_posterior),
+            rngs={"sample": rng})
+        kl = losses.kl_loss(z_mu, z_sigma)
+        return recon, self.config.loss.kl_weight * kl, {"kl_loss": kl}, None
+
+    def model_update(self, new_state, old_state, model_out, finite, rng):
+        """After the gradient updates: the state's non-gradient model parts and their
+        metrics; `finite` says whether the step was kept. The KL model has none."""
+        return new_state, {}
 
     # ---------------------------------------------------------------- evaluation
+    def eval_variables(self, state):
+        """What `eval_step` takes from the train state (here the autoencoder params)."""
+        return state.g_params
+
+    def summarize_eval(self, sums) -> dict:
+        """Metrics from the array-valued eval outputs summed over the batches (none here)."""
+        return {}
+
     def eval_step(self, g_params, batch):
         """Validation on mu (no sampling), batch means: L1, KL, PSNR, 3D SSIM, and what a
         blank output cannot pass: foreground Dice and PSNR (target > `fg_threshold`), the
         PSNR of a blank (b_min) and of the best constant volume (`val_psnr_blank`,
         `val_psnr_mean`) and the foreground fractions of input and reconstruction."""
-        data_cfg = self.config.data
-        data_range = float(data_cfg.b_max - data_cfg.b_min)
-        thr = self.fg_threshold()
         x = batch["image"].astype(jnp.float32)
         z_mu, z_sigma = self.ae.apply({"params": g_params}, x, method="encode")
         recon = self.ae.apply({"params": g_params}, z_mu, method="decode")
         out = dict(
             val_l1=jnp.mean(jnp.abs(recon - x)),
             val_kl=losses.kl_loss(z_mu, z_sigma),
+        )
+        out.update(self.image_metrics(recon, x))
+        return out, recon
+
+    def image_metrics(self, recon, x):
+        """Batch means of PSNR, 3D SSIM and what a blank output cannot pass (see
+        `eval_step`); recon and x (B, X, Y, Z, C) float32."""
+        data_cfg = self.config.data
+        data_range = float(data_cfg.b_max - data_cfg.b_min)
+        thr = self.fg_threshold()
+        return dict(
             val_psnr=jnp.mean(metrics.psnr(recon, x, data_range=data_range)),
             val_ssim=jnp.mean(metrics.ssim3d(recon, x, data_range=data_range)),
             val_dice=jnp.mean(metrics.dice_score(recon, x, threshold=thr)),
@@ -294,7 +333,6 @@ class AutoencoderTask:
             val_fg_fraction=jnp.mean(metrics.foreground_fraction(x, thr)),
             val_recon_fg_fraction=jnp.mean(metrics.foreground_fraction(recon, thr)),
         )
-        return out, recon
 
 
 # A reconstruction with less than this share of the input's foreground voxels, after the

@@ -25,8 +25,8 @@ def make_task(config, config_path=None):
     stage = str(config.get("stage", "autoencoder"))
     if stage == "autoencoder":
         from ldm_jax.autoencoder.config import prepare_config
-        from ldm_jax.autoencoder.task import AutoencoderTask
-        task = AutoencoderTask(prepare_config(config))
+        from ldm_jax.autoencoder.kinds import make_task as make_stage1_task
+        task = make_stage1_task(prepare_config(config))  # by autoencoder.kind
     elif stage == "diffusion":
         from ldm_jax.diffusion.config import prepare_config
         config = prepare_config(config)

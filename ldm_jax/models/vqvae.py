@@ -393,6 +393,76 @@ class VQVAE(nn.Module):
         """Codebook indices (B, x', y', z') -> decoded volumes."""
         return self.decoder(self.quantizer.embed(indices))
 
+    def forward_all(self, x, train: bool = False):
+        """One pass returning every intermediate the training step needs: (reconstruction,
+        quantization loss (), continuous latents z (B, x', y', z', D) in the encoder's
+        dtype, indices (B, x', y', z') int32). With `train` as `__call__`."""
+        z = self.encoder(x, train)
+        q, loss, idx = self.quantizer(z, train)
+        return self.decoder(q, train), loss, z, idx
+
     def __call__(self, x, train: bool = False):
         q, loss, _ = self.quantizer(self.encoder(x, train), train)
         return self.decoder(q, train), loss
+
+
+def conv_size(n: int, row) -> int:
+    """Output length of a conv (stride, kernel, dilation, padding) over `n` voxels."""
+    s, k, d, p = row[:4]
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def deconv_size(n: int, row) -> int:
+    """Output length of a transposed conv (stride, kernel, dilation, padding,
+    output_padding) over `n` voxels (torch.nn.ConvTranspose3d's formula)."""
+    s, k, d, p, op = row[:5]
+    return (n - 1) * s - 2 * p + d * (k - 1) + op + 1
+
+
+def vqvae_shapes(model: VQVAE, size) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    """(encoder output (X, Y, Z) per level, decoder output (X, Y, Z)) for an input of
+    spatial `size`; a non-positive entry means the input is too small. Raises ConfigError
+    for misshaped parameter rows."""
+    n = len(model.channels)
+    down = _rows(model.downsample_parameters, n, 4, "downsample_parameters")
+    up = _rows(model.upsample_parameters, n, 5, "upsample_parameters")
+    levels, cur = [], tuple(int(v) for v in size)
+    for row in down:
+        cur = tuple(conv_size(v, row) for v in cur)
+        levels.append(cur)
+    for row in up:
+        cur = tuple(deconv_size(v, row) for v in cur)
+    return levels, cur
+
+
+def build_vqvae(ae_cfg: Any) -> VQVAE:
+    """VQVAE from `config.autoencoder` (a ConfigDict or dict): its `vqvae` subsection holds
+    the MONAI fields (channels, num_res_layers, ..., num_embeddings, embedding_dim,
+    commitment_cost, decay, epsilon); `in_channels`, `out_channels` and `dtype` are the
+    section's own. Lists become tuples; None leaves MONAI's default. Raises ConfigError
+    for an unsupported dtype."""
+    get = ae_cfg.get if hasattr(ae_cfg, "get") else lambda k, d=None: getattr(ae_cfg, k, d)
+    vq = get("vqvae", None) or {}
+    vq_get = vq.get if hasattr(vq, "get") else lambda k, d=None: getattr(vq, k, d)
+
+    def tup(v):
+        return tuple(tup(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    fields = {}
+    for name in VQVAE.__dataclass_fields__:
+        if name in ("parent", "name"):
+            continue
+        value = get(name, None) if name in ("in_channels", "out_channels", "dtype") \
+            else vq_get(name, None)
+        if value is not None:
+            fields[name] = tup(value)
+    dtype = fields.get("dtype", "float32")
+    try:
+        dtype = jnp.dtype(dtype).name
+    except TypeError:
+        dtype = None
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"autoencoder.dtype must be 'float32' or 'bfloat16'; got "
+                          f"{fields.get('dtype')!r}")
+    fields["dtype"] = dtype
+    return VQVAE(**fields)

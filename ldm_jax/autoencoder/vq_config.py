@@ -1,0 +1,135 @@
+"""The checks and the plan of a VQ-VAE stage-1 config (`autoencoder.kind = "vqvae"`).
+
+The model's fields are MONAI's `VQVAE` names in `config.autoencoder.vqvae` (see
+configs/default.py and docs/vqvae.md); `in_channels`, `out_channels` and `dtype` are
+`config.autoencoder`'s own. `vqvae_problems(config)` returns one line per problem;
+`ldm_jax.autoencoder.config.validate` raises them with every other section's.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from ldm_jax.config import check_choice, check_pos_int, get_field, is_pos_int
+from ldm_jax.errors import ConfigError
+
+EMBEDDING_INITS = ("normal", "kaiming_uniform")
+_DTYPES = ("float32", "bfloat16")  # as ldm_jax.autoencoder.config.DTYPES (which imports this)
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def vqvae_problems(config) -> list[str]:
+    """Every problem of a VQ-VAE config's `autoencoder` section and of `data.volume_size`
+    against it (the decoder must give back the input's size), one line each."""
+    from ldm_jax.models.vqvae import parse_act, vqvae_shapes
+
+    ae = get_field(config, "autoencoder")
+    vq = get_field(ae, "vqvae")
+    if vq is None:
+        return ["autoencoder.kind='vqvae' needs the autoencoder.vqvae section (MONAI "
+                "VQVAE fields); start from configs/vqvae_4x.py or configs/default.py"]
+    problems: list[str] = []
+    for key in ("in_channels", "out_channels"):
+        check_pos_int(problems, get_field(ae, key), f"autoencoder.{key}")
+    check_choice(problems, get_field(ae, "dtype", "float32"), "autoencoder.dtype", _DTYPES)
+    channels = get_field(vq, "channels")
+    if not (isinstance(channels, (list, tuple)) and channels
+            and all(is_pos_int(c) for c in channels)):
+        problems.append("autoencoder.vqvae.channels must be a non-empty sequence of positive "
+                        f"ints, one per level, like (64, 128); got {channels!r}")
+        channels = None
+    for key in ("num_res_layers", "num_embeddings", "embedding_dim", "restart_every"):
+        check_pos_int(problems, get_field(vq, key), f"autoencoder.vqvae.{key}")
+    rc = get_field(vq, "num_res_channels")
+    if channels and not (is_pos_int(rc) or (
+            isinstance(rc, (list, tuple)) and len(rc) == len(channels)
+            and all(is_pos_int(c) for c in rc))):
+        problems.append("autoencoder.vqvae.num_res_channels must be a positive int or one per "
+                        f"level of channels {tuple(channels)}; got {rc!r}")
+    check_choice(problems, get_field(vq, "embedding_init", "normal"),
+                 "autoencoder.vqvae.embedding_init", EMBEDDING_INITS)
+    ranges = {"commitment_cost": (0.0, None, ">= 0"), "decay": (0.0, 1.0, "in [0, 1)"),
+              "epsilon": (None, None, "> 0"), "dropout": (0.0, 1.0, "in [0, 1)"),
+              "restart_threshold": (0.0, None, ">= 0 (0 turns restarts off)")}
+    for key, (lo, hi, says) in ranges.items():
+        v = get_field(vq, key, 0.0 if key == "dropout" else None)
+        ok = _real(v) and (v > 0 if key == "epsilon" else
+                           (lo is None or v >= lo) and (hi is None or v < hi))
+        if not ok:
+            problems.append(f"autoencoder.vqvae.{key} must be a number {says}; got {v!r}")
+    for key in ("act", "output_act"):
+        try:
+            parse_act(get_field(vq, key))
+        except ConfigError as e:
+            problems.append(f"autoencoder.vqvae.{key}: {e}")
+    if problems or channels is None:
+        return problems
+    model = _model(config)
+    size = tuple(get_field(get_field(config, "data"), "volume_size") or ())
+    try:
+        levels, out = vqvae_shapes(model, size)
+    except ConfigError as e:
+        return [f"autoencoder.vqvae: {e}"]
+    if len(size) != 3 or not all(is_pos_int(s) for s in size):
+        problems.append("data.volume_size must be 3 positive ints (X, Y, Z) in the file's "
+                        f"axis order, like (64, 64, 32); got {size!r}")
+    else:
+        if min(min(s) for s in levels) < 1 or tuple(out) != size:
+            problems.append(
+                f"data.volume_size {size} does not come back whole through the VQ-VAE: its "
+                f"encoder levels give {' -> '.join('x'.join(map(str, s)) for s in levels)} "
+                f"and its decoder {'x'.join(map(str, out))} (with MONAI's rows, stride 2, "
+                f"kernel 4, padding 1, every axis must divide by the total factor "
+                f"{total(model)[0]}); change volume_size or "
+                "autoencoder.vqvae.downsample_parameters / upsample_parameters.")
+    return problems
+
+
+def _model(config):
+    from ldm_jax.models.vqvae import build_vqvae
+    return build_vqvae(config.autoencoder)
+
+
+def total(model) -> tuple[int, int, int]:
+    """The VQ-VAE's total downsampling factor per axis: the product of its strides."""
+    from ldm_jax.models.vqvae import _rows
+    rows = _rows(model.downsample_parameters, len(model.channels), 4, "downsample_parameters")
+    f = math.prod(r[0] for r in rows)
+    return (f, f, f)
+
+
+def format_vq_plan(config) -> str:
+    """What the trainer prints at start for a VQ-VAE: levels, latent, codebook, restarts,
+    parameters (counted from shapes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ldm_jax.models.vqvae import vqvae_shapes
+
+    ae, vq = config.autoencoder, config.autoencoder.vqvae
+    model = _model(config)
+    size = tuple(int(v) for v in config.data.volume_size)
+    levels, _ = vqvae_shapes(model, size)
+    latent = levels[-1]
+    key = jax.random.key(0)
+    x = jax.ShapeDtypeStruct((1, *size, int(ae.in_channels)), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init({"params": key}, x), x)
+    n_params = sum(math.prod(v.shape) for v in jax.tree.leaves(shapes["params"]))
+    thr = float(vq.restart_threshold)
+    restarts = (f"dead-code restarts every {int(vq.restart_every)} step(s) below EMA cluster "
+                f"size {thr:g}" if thr > 0 else "no dead-code restarts (MONAI)")
+    return "\n".join([
+        f"autoencoder: VQ-VAE (MONAI VQVAE), channels {tuple(vq.channels)}, "
+        f"{int(vq.num_res_layers)} residual layer(s) per level, dtype {ae.dtype}",
+        "  shapes: " + " -> ".join("x".join(map(str, s)) for s in [size, *levels]),
+        f"latent: {'x'.join(map(str, latent))} x {int(vq.embedding_dim)} channels (continuous, "
+        f"quantised to one of {int(vq.num_embeddings)} codes per latent voxel), total "
+        f"factor {total(model)[0]}",
+        f"codebook: {int(vq.num_embeddings)} x {int(vq.embedding_dim)}, EMA decay "
+        f"{float(vq.decay):g}, commitment cost {float(vq.commitment_cost):g}; {restarts}",
+        f"parameters: autoencoder {n_params:,}",
+    ])
