@@ -100,8 +100,9 @@ class AutoencoderTask:
 
     def quick_run_hint(self, seconds, first_seconds, steps) -> str:
         """What a CPU run costs and the quick run of this config: its smallest volume
-        (>= 32 voxels per axis), 300 steps (docs/training.md, "Quick CPU run"), in a
-        workdir of its own (runs/quick_<config name>)."""
+        (>= 32 voxels per axis), 1000 steps (docs/training.md, "Quick CPU run"), float32
+        compute in place of bfloat16 (no bfloat16 matmul on common CPUs: benchmarks/
+        RESULTS.md, section 8), in a workdir of its own (runs/quick_<config name>)."""
         vol = ",".join(str(v) for v in geometry.smallest_volume(
             geometry.total_factor(self.config.autoencoder)))
         config = self.config_path or "CONFIG"
@@ -115,7 +116,9 @@ class AutoencoderTask:
                 f"{steps} steps to go{disc}. The quick CPU run (docs/training.md, \"Quick "
                 "CPU run\") of this config at its smallest volume:\n"
                 f"  python train.py --config {config} --workdir runs/quick_{name} "
-                f"--config.data.volume_size='({vol})' --config.train.num_steps=300")
+                f"--config.data.volume_size='({vol})' --config.train.num_steps=1000"
+                + (" --config.autoencoder.dtype=float32"
+                   if self.config.autoencoder.dtype == "bfloat16" else ""))
 
     def fg_threshold(self) -> float:
         """The foreground threshold in output units: b_min + eval.fg_threshold x range."""

@@ -115,7 +115,7 @@ def test_sigterm_saves_then_resume_equals_uninterrupted(tiny_run, tmp_path, monk
     assert "the 4 steps to go" in hint
     assert 'quick CPU run (docs/training.md, "Quick CPU run")' in hint
     assert ("  python train.py --config tests/tiny.py --workdir runs/quick_tiny "
-            "--config.data.volume_size='(32,32,32)' --config.train.num_steps=300") in out
+            "--config.data.volume_size='(32,32,32)' --config.train.num_steps=1000") in out
 
     monkeypatch.undo()
     resumed = trainer.train(task, work, progress=False)
