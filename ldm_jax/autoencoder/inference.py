@@ -5,6 +5,14 @@ for the extract / reconstruct / decode commands. The model is rebuilt from the c
 saved IN the checkpoint (so its factors and strides are the ones it was trained with,
 whatever a config file says now), and only the autoencoder params are read.
 
+The checkpoint's `autoencoder.kind` picks the class (`AUTOENCODERS`), and every caller
+uses the same interface: `encode(x) -> (z_mu, z_sigma)`, `decode(z) -> x`,
+`encode_fn(params, x)` (pure, for jitted stage-2 steps), `latent_shape()`, the volume
+methods. "kl" is `Autoencoder`; "vqvae" is `VQAutoencoder`, whose latents are the
+continuous pre-quantisation encoder outputs (sigma 0) and whose decode quantises them to
+the nearest entry of the checkpoint's EMA codebook first (the original project's
+3d_vq_ldm).
+
 `encode_volume` / `decode_volume` take one volume of any size: sizes that are not a
 multiple of the total factor are padded at the end (and cropped back after decoding).
 By default (`window="auto"`) a volume goes through in one pass when that fits the memory
@@ -199,6 +207,10 @@ class Autoencoder:
     `encode(x) -> (z_mu, z_sigma)` and `decode(z) -> x` are jitted and take batches
     (B, X, Y, Z, C) whose sizes are multiples of `factor`; `encode_volume` and
     `decode_volume` take one volume of any size (padding, sliding windows, blending).
+    This class is the KL autoencoder's (`autoencoder.kind = "kl"`); subclasses for other
+    kinds override the class methods `build_model`, `model_factor`, `read_extra`,
+    `expected_variables` and the instance methods `encode_fn`, `encode`, `decode`,
+    `latent_shape`, `_latent_channels`, `_call_bytes` / `_choose_window`.
     """
 
     model: Any
@@ -211,10 +223,12 @@ class Autoencoder:
     windows_per_batch: Optional[int] = None  # None: as many as fit `memory_budget`
     memory_budget: Optional[int] = None  # bytes per call; None: memory.default_budget()
 
+    kind = "kl"
+
     def __post_init__(self):
-        self.factor = tuple(geometry.total_factor(self.config.autoencoder))
+        self.factor = tuple(self.model_factor(self.config))
         self.in_channels = int(self.config.autoencoder.in_channels)
-        self.latent_channels = int(self.config.autoencoder.latent_channels)
+        self.latent_channels = self._latent_channels()
         self.config_hash = model_config_hash(self.config)
         d = self.config.data
         self.background = float(d.b_max if d.get("invert", False) else d.b_min)
@@ -222,6 +236,52 @@ class Autoencoder:
         self._decode = _jitted_method(self.model, "decode")
         if self.memory_budget is None:
             self.memory_budget = memory.default_budget()
+
+    # -- what a kind defines ---------------------------------------------------------------
+
+    @staticmethod
+    def build_model(ae_cfg):
+        """The flax model of a checkpoint's `autoencoder` section (no remat)."""
+        from ldm_jax.models import build_autoencoder
+        return build_autoencoder(ae_cfg, remat="none")
+
+    @staticmethod
+    def model_factor(config) -> tuple:
+        """Per-axis total factor of a checkpoint's config (validates its factors)."""
+        return tuple(geometry.total_factor(config.autoencoder))
+
+    @staticmethod
+    def read_extra(workdir, step) -> dict:
+        """Checkpoint state entries beside `g_params` that inference needs (none)."""
+        return {}
+
+    @staticmethod
+    def expected_variables(model, config) -> dict:
+        """Shapes of what `load_autoencoder` reads: {"params": ...} (plus `read_extra`'s)."""
+        shape = (1, *(max(f, 1) for f in geometry.total_factor(config.autoencoder)),
+                 int(config.autoencoder.in_channels))
+        return {"params": jax.eval_shape(lambda: model.init(
+            {"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(0)},
+            jnp.zeros(shape, jnp.float32))["params"])}
+
+    def _latent_channels(self) -> int:
+        return int(self.config.autoencoder.latent_channels)
+
+    def latent_shape(self) -> tuple:
+        """(x, y, z, C) latent of one training volume (the checkpoint's data.volume_size)."""
+        return tuple(geometry.latent_shape(self.config))
+
+    def encode_fn(self, params, x):
+        """Pure (jit-traceable) `encode` with the given `params` (the `params` attribute's
+        tree): x -> (z_mu, z_sigma). Stage 2 encodes on the fly with it inside its step."""
+        return self.model.apply({"params": params}, x, method="encode")
+
+    def _call_bytes(self, window, op) -> int:
+        return memory.call_bytes(self.config.autoencoder, window, op)
+
+    def _choose_window(self, padded, op):
+        return memory.choose_window(self.config.autoencoder, padded, op, self.memory_budget,
+                                    self.factor)
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -252,15 +312,14 @@ class Autoencoder:
         batch = windows_per_batch or self.windows_per_batch
         estimate = None
         if isinstance(window, str) and window == AUTO:
-            window, fit, estimate = memory.choose_window(
-                self.config.autoencoder, padded, op, self.memory_budget, self.factor)
+            window, fit, estimate = self._choose_window(padded, op)
             batch = batch or fit
         if window is None or all(p <= w for p, w in zip(padded, window)):
             return Layout(shape, padded, latent, None, 1, 1, estimate)
         window = tuple(min(w, p) for w, p in zip(window, padded))
         n = len(tiles(padded, window, self.overlap, self.factor))
         if not batch:  # a given window: as many per call as fit the budget
-            estimate = memory.call_bytes(self.config.autoencoder, window, op)
+            estimate = self._call_bytes(window, op)
             batch = self.memory_budget // estimate
         batch = max(1, min(int(batch), n))
         batch = -(-n // -(-n // batch))  # the same number of calls, least filler windows
@@ -355,21 +414,126 @@ class Autoencoder:
         return x
 
 
+@functools.lru_cache(maxsize=32)
+def _vq_functions(model):
+    """(encode, jitted encode, jitted decode) of a VQ-VAE, made once per architecture:
+    encode (params, x) -> (continuous z float32, zeros); decode ({"params", "codebook"},
+    z) -> volume through the quantiser (nearest codebook vector, `VQVAE.decode_latents`)."""
+
+    def encode(params, x):
+        z = model.apply({"params": params}, x, method="encode").astype(jnp.float32)
+        return z, jnp.zeros_like(z)
+
+    def decode(variables, z):
+        return model.apply(variables, z, method="decode_latents")
+
+    return encode, jax.jit(encode), jax.jit(decode)
+
+
+@dataclasses.dataclass
+class VQAutoencoder(Autoencoder):
+    """A trained VQ-VAE (`autoencoder.kind = "vqvae"`, `ldm_jax.models.vqvae.VQVAE`) with
+    the KL autoencoder's interface, as the original project's 3d_vq_ldm uses it:
+
+    - `encode(x) -> (z, zeros)`: z the continuous pre-quantisation encoder output
+      (embedding_dim channels), sigma 0 (so a "sampled" latent is z itself);
+    - `decode(z)`: each latent vector replaced by its nearest vector of `codebook` (the
+      EMA codebook saved with the params), then decoded; no codebook update.
+
+    `codebook` is the quantizer's {"quantizer": {"embedding", "ema_cluster_size",
+    "ema_w"}} collection from the checkpoint.
+    """
+
+    codebook: Any = None
+    kind = "vqvae"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._encode_pure, self._encode, self._decode = _vq_functions(self.model)
+
+    @staticmethod
+    def build_model(ae_cfg):
+        from ldm_jax.models.vqvae import build_vqvae
+        return build_vqvae(ae_cfg)
+
+    @staticmethod
+    def model_factor(config) -> tuple:
+        from ldm_jax.autoencoder.vq_config import total
+        from ldm_jax.models.vqvae import build_vqvae
+        return tuple(total(build_vqvae(config.autoencoder)))
+
+    @staticmethod
+    def read_extra(workdir, step) -> dict:
+        _, _, codebook = ckpt.open_step(workdir, int(step), item="codebook",
+                                        stage="autoencoder")
+        return {"codebook": codebook}
+
+    @staticmethod
+    def expected_variables(model, config) -> dict:
+        from ldm_jax.autoencoder.vq_config import total
+        shape = (1, *geometry.smallest_volume(total(model), 1),
+                 int(config.autoencoder.in_channels))
+        out = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
+                                                jnp.zeros(shape, jnp.float32)))
+        return {"params": out["params"], "codebook": out["codebook"]}
+
+    def _latent_channels(self) -> int:
+        return int(self.model.embedding_dim)
+
+    def latent_shape(self) -> tuple:
+        from ldm_jax.models.vqvae import vqvae_shapes
+        levels, _ = vqvae_shapes(self.model, tuple(self.config.data.volume_size))
+        return (*levels[-1], self.latent_channels)
+
+    def encode_fn(self, params, x):
+        return self._encode_pure(params, x)
+
+    def decode(self, z):
+        """(B, x, y, z, embedding_dim) continuous latents -> (B, X, Y, Z, out_channels),
+        quantised to the nearest codebook vectors first."""
+        return self._decode({"params": self.params, "codebook": self.codebook}, z)
+
+    def _call_bytes(self, window, op) -> int:
+        from ldm_jax.autoencoder.vq_config import vq_call_bytes
+        return vq_call_bytes(self.model, window, op)
+
+    def _choose_window(self, padded, op):
+        # memory.choose_window's search with the VQ-VAE's estimate.
+        padded = tuple(int(p) for p in padded)
+        whole = self._call_bytes(padded, op)
+        if whole <= self.memory_budget:
+            return None, 1, whole
+        window = list(padded)
+        while self._call_bytes(window, op) > self.memory_budget:
+            shrinkable = [a for a in range(3) if window[a] > self.factor[a]]
+            if not shrinkable:
+                break
+            a = max(shrinkable, key=lambda i: window[i])
+            window[a] -= self.factor[a]
+        per_window = self._call_bytes(window, op)
+        return tuple(window), max(1, int(self.memory_budget // per_window)), per_window
+
+
+# The stage-1 model switch (`autoencoder.kind`, ldm_jax.autoencoder.config.KINDS) for
+# inference: the class that loads and runs a checkpoint of each kind.
+AUTOENCODERS = {"kl": Autoencoder, "vqvae": VQAutoencoder}
+
+
 # ----------------------------------------------------------------------------------------
 # Loading.
 
 
-def _check_params(model, params, config, workdir, step):
-    """Clear error when the saved params do not fit the model the saved config builds."""
-    shape = (1, *(max(f, 1) for f in geometry.total_factor(config.autoencoder)),
-             int(config.autoencoder.in_channels))
-    expected = jax.eval_shape(
-        lambda: model.init({"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(0)},
-                           jnp.zeros(shape, jnp.float32))["params"])
-    flat_e = {jax.tree_util.keystr(k): v.shape for k, v in
-              jax.tree_util.tree_flatten_with_path(expected)[0]}
-    flat_s = {jax.tree_util.keystr(k): v.shape for k, v in
-              jax.tree_util.tree_flatten_with_path(params)[0]}
+def _flat_shapes(variables) -> dict:
+    """{key path: shape} of {"params": ..., other collections}; params' paths unprefixed."""
+    return {("" if name == "params" else f"[{name!r}]") + jax.tree_util.keystr(k): v.shape
+            for name, tree in variables.items()
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_params(expected, params, workdir, step):
+    """Clear error when the saved variables (`params`: {"params": ..., ...}) do not fit
+    the `expected` shapes of the model the saved config builds."""
+    flat_e, flat_s = _flat_shapes(expected), _flat_shapes(params)
     diffs = [f"{k}: saved {flat_s.get(k)} vs model {flat_e.get(k)}"
              for k in sorted(set(flat_e) | set(flat_s)) if flat_e.get(k) != flat_s.get(k)]
     if diffs:
@@ -383,7 +547,9 @@ def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, confi
                      window=AUTO, overlap: float = 0.5,
                      windows_per_batch: Optional[int] = None,
                      memory_budget: Optional[float] = None) -> Autoencoder:
-    """Rebuilds the autoencoder of `<workdir>/checkpoints` at `step` ('best' | 'latest' | N).
+    """Rebuilds the autoencoder of `<workdir>/checkpoints` at `step` ('best' | 'latest' | N):
+    an `Autoencoder`, or the subclass of the checkpoint's autoencoder.kind (`AUTOENCODERS`;
+    a VQ-VAE is a `VQAutoencoder`, which also reads the saved EMA codebook).
 
     Only the config saved in the checkpoint is used; if `config` (a ConfigDict or a path
     to a configs/*.py) is given it must agree on every model and preprocessing field, or
@@ -404,11 +570,13 @@ def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, confi
     # A damaged step is skipped for 'latest'/'best' (one line) and refused by number.
     step, saved, params = ckpt.open_step(workdir, step, item="g_params", stage="autoencoder")
     from ldm_jax.autoencoder.config import kind_of
-    if kind_of(saved) != "kl":
+    kind = kind_of(saved)
+    if kind not in AUTOENCODERS:
         raise ConfigError(
-            f"The checkpoint at step {step} in {workdir} is a {kind_of(saved)!r} autoencoder "
-            "(autoencoder.kind); extract, reconstruct, decode and stage 2 read KL "
-            "autoencoders (kind 'kl') only so far (docs/vqvae.md, \"What is not there yet\").")
+            f"The checkpoint at step {step} in {workdir} is a {kind!r} autoencoder "
+            f"(autoencoder.kind); extract, reconstruct, decode and stage 2 read "
+            f"{', '.join(map(repr, AUTOENCODERS))} ones.")
+    cls = AUTOENCODERS[kind]
     if config is not None:
         if isinstance(config, (str, os.PathLike)):
             config = config_lib.load_config(config)
@@ -421,17 +589,17 @@ def load_autoencoder(workdir, step="best", *, dtype: Optional[str] = None, confi
                 + "\nThe checkpoint's own config is always used; drop --config, or pass "
                 "the config this run was trained with.")
     cfg = ml_collections.ConfigDict(saved)
-    geometry.total_factor(cfg.autoencoder)  # validates the factors
     ae_cfg = ml_collections.ConfigDict(saved["autoencoder"])
     if dtype is not None:
         ae_cfg.dtype = str(dtype)
-    from ldm_jax.models import build_autoencoder
-    model = build_autoencoder(ae_cfg, remat="none")
-    _check_params(model, params, cfg, workdir, step)
-    factor = geometry.total_factor(cfg.autoencoder)
+    factor = cls.model_factor(cfg)  # validates the factors
+    model = cls.build_model(ae_cfg)
+    extra = cls.read_extra(workdir, step)
+    _check_params(cls.expected_variables(model, cfg), {"params": params, **extra}, workdir,
+                  step)
     if isinstance(window, str) and window == "training":
         window = tuple(int(v) for v in cfg.data.volume_size)
-    return Autoencoder(model=model, params=params, config=cfg, step=int(step), workdir=workdir,
-                       window=parse_window(window, factor), overlap=float(overlap),
-                       windows_per_batch=int(windows_per_batch) if windows_per_batch else None,
-                       memory_budget=None if memory_budget is None else int(memory_budget))
+    return cls(model=model, params=params, config=cfg, step=int(step), workdir=workdir,
+               window=parse_window(window, factor), overlap=float(overlap),
+               windows_per_batch=int(windows_per_batch) if windows_per_batch else None,
+               memory_budget=None if memory_budget is None else int(memory_budget), **extra)

@@ -133,3 +133,28 @@ def format_vq_plan(config) -> str:
         f"{float(vq.decay):g}, commitment cost {float(vq.commitment_cost):g}; {restarts}",
         f"parameters: autoencoder {n_params:,}",
     ])
+
+
+def vq_call_bytes(model, window, op: str, batch: int = 1) -> int:
+    """Estimated peak bytes of one inference call of the VQ-VAE `model` (a `VQVAE`) on
+    `batch` windows of `window` input voxels (multiples of `total(model)`), op "encode" or
+    "decode" (a decode call takes the window's latent and quantises it): as
+    `ldm_jax.autoencoder.memory.call_bytes` counts the KL autoencoder's,
+    ACTIVATION_COPIES float32 copies of the largest activation (each level's conv and
+    residual channels on its grid, the input or output volume), plus for a decode the
+    quantiser's latent-voxels x codes float32 distances (three copies)."""
+    from ldm_jax.autoencoder.memory import ACTIVATION_COPIES
+    from ldm_jax.models.vqvae import _rows
+
+    if op not in ("encode", "decode"):
+        raise ValueError(f"op must be 'encode' or 'decode'; got {op!r}")
+    window = tuple(int(w) for w in window)
+    rows = _rows(model.downsample_parameters, len(model.channels), 4, "downsample_parameters")
+    io = int(model.in_channels if op == "encode" else model.out_channels)
+    elements, cum = [math.prod(window) * io], 1
+    for row, c, rc in zip(rows, model.channels, model.res_channels):
+        cum *= int(row[0])
+        elements.append(math.prod(max(w // cum, 1) for w in window) * max(int(c), int(rc)))
+    latent_voxels = math.prod(max(w // cum, 1) for w in window)
+    quantiser = 3 * latent_voxels * int(model.num_embeddings) * 4 if op == "decode" else 0
+    return int(batch) * (ACTIVATION_COPIES * max(elements) * 4 + quantiser)

@@ -30,7 +30,6 @@ class Pipeline:
     """
 
     def __init__(self, config, unet, params, autoencoder, step: int = 0):
-        from ldm_jax.autoencoder.geometry import latent_shape
         from ldm_jax.diffusion.latent_space import pad_widths
         from ldm_jax.models import unet_padded_shape
 
@@ -38,7 +37,7 @@ class Pipeline:
         self.autoencoder = autoencoder
         self.scale_factor = float(config.latents.scale_factor)
         self.latent_shape = tuple(config.latents.get("latent_shape") or
-                                  latent_shape(autoencoder.config))
+                                  autoencoder.latent_shape())
         self.padded_shape = tuple(unet_padded_shape(self.latent_shape[:3], config.unet))
         self.pad = pad_widths(self.latent_shape[:3], self.padded_shape)
         k = int(config.get("conditioning", {}).get("num_classes", 0) or 0)
@@ -144,8 +143,8 @@ class Pipeline:
 
         T = int(self.config.scheduler.num_train_timesteps)
         if not 1 <= int(steps) <= T:
-            raise ConfigError(f"--num_inference_steps={steps} must be in [1, {T}] (the model was trained on "
-                              f"{T} timesteps).")
+            raise ConfigError(f"--num_inference_steps={steps} must be in [1, {T}] (the model "
+                              f"was trained on {T} timesteps).")
         sampler_for(self.config.scheduler, scheduler)
         if class_label is not None:
             if not self.num_classes:

@@ -117,8 +117,7 @@ class DiffusionTask:
         self.names, self.train_latents, self.val_latents, self.labels = [], None, None, None
         self.train_contexts = self.val_contexts = None
         if self.on_the_fly:
-            from ldm_jax.autoencoder.geometry import latent_shape
-            self.latent_shape = tuple(latent_shape(self.ae.config))
+            self.latent_shape = tuple(self.ae.latent_shape())
         else:
             self._read_folder()
             self.latent_shape = tuple(self.train_latents[0].shape)
@@ -291,9 +290,7 @@ class DiffusionTask:
         if "latent" in batch:
             z = batch["latent"].astype(jnp.float32)
         else:
-            mu, sigma = self.ae.model.apply({"params": ae_params},
-                                            batch["image"].astype(jnp.float32),
-                                            method="encode")
+            mu, sigma = self.ae.encode_fn(ae_params, batch["image"].astype(jnp.float32))
             z = mu + sigma * jax.random.normal(key, mu.shape, mu.dtype) if self.sample_z else mu
             z = jax.lax.stop_gradient(z.astype(jnp.float32))
         z = z * self.scale_factor

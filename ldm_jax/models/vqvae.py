@@ -393,6 +393,13 @@ class VQVAE(nn.Module):
         """Codebook indices (B, x', y', z') -> decoded volumes."""
         return self.decoder(self.quantizer.embed(indices))
 
+    def decode_latents(self, z):
+        """Continuous latents (B, x', y', z', D) -> decoded volumes through the quantiser:
+        each latent vector replaced by its nearest codebook vector (exactly, no
+        straight-through sum), then decoded; no codebook update. What decoding a
+        pre-quantisation latent (extracted, or sampled by stage 2) means."""
+        return self.decoder(self.quantizer.embed(self.quantizer.quantize(z)[1]))
+
     def forward_all(self, x, train: bool = False):
         """One pass returning every intermediate the training step needs: (reconstruction,
         quantization loss (), continuous latents z (B, x', y', z', D) in the encoder's
