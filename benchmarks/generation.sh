@@ -91,3 +91,20 @@ for s in real_a recon_a samples_ldm; do
   $PY -m ldm_jax evaluate --samples "$W/$s" --reference "$W/real_b" --range 0,1 \
     --features vgg16 --num_slices 8 --output "$W/eval8_$s.json" | tee "$W/eval8_$s.txt"
 done
+
+# 7. Picture: real volumes, stage-1 reconstructions and samples side by side (grey 0..1).
+$PY - "$W" <<'PYEOF'
+import glob, os, sys
+import nibabel as nib
+import numpy as np
+from ldm_jax.visualize import samples_image
+w = sys.argv[1]
+def load(f):
+    return np.asarray(nib.load(f).dataobj) if f.endswith(".nii.gz") else np.load(f)
+rows = [("real (held out)", sorted(glob.glob(f"{w}/real_b/*.npy"))[:3]),
+        ("stage-1 reconstruction", sorted(glob.glob(f"{w}/recon_a/*.nii.gz"))[:3]),
+        ("LDM sample", sorted(glob.glob(f"{w}/samples_ldm/sample_*.nii.gz"))[:3])]
+names = [f"{k} {os.path.basename(f).split('.')[0]}" for k, fs in rows for f in fs]
+vols = [load(f) for _, fs in rows for f in fs]
+samples_image(vols, names, (0.0, 1.0)).save(f"{w}/side_by_side.png")
+PYEOF
