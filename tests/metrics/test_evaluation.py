@@ -183,7 +183,7 @@ def _write_set(folder, vols, prefix):
     return str(folder)
 
 
-def _write_latents(folder, latents, with_json):
+def _write_latents(folder, latents, with_json, scale_factor=2.0):
     os.makedirs(folder, exist_ok=True)
     files = {}
     for i, z in enumerate(latents):
@@ -191,7 +191,7 @@ def _write_latents(folder, latents, with_json):
         files[f"l{i}"] = {"outputs": [f"l{i}.npy"]}
     if with_json:
         with open(os.path.join(folder, "latents.json"), "w") as f:
-            json.dump({"files": files, "scale_factor": 2.0}, f)
+            json.dump({"files": files, "scale_factor": scale_factor}, f)
     return str(folder)
 
 
@@ -308,3 +308,13 @@ def test_cli_requires_samples_and_reference(capsys):
     assert cli_evaluate.main(["evaluate", "--help"]) == 0
     help_text = capsys.readouterr().out
     assert "MS-SSIM" in help_text and "--num_slices" in help_text
+
+
+def test_latent_section_does_not_note_unscaled_latents_near_scale_one(tmp_path):
+    """scale_factor 1.25 and samples with the reference's spread: no 'look scaled' note."""
+    rs = np.random.RandomState(0)
+    ref = [rs.randn(4, 4, 4, 2).astype(np.float32) for _ in range(4)]
+    ref_dir = _write_latents(tmp_path / "reflat", ref, True, scale_factor=1.26)
+    _write_latents(tmp_path / "samples" / "latents", [1.02 * z for z in ref], False)
+    lat = ev._latent_section(str(tmp_path / "samples"), None, ref_dir, 1.0)
+    assert "note" not in lat
