@@ -2,20 +2,24 @@
 # The generation benchmark of benchmarks/GENERATION.md, end to end on the built-in filaments
 # at 32^3 (CPU sizes): stage 1, extraction, stage 2, sampling, baselines, evaluation.
 #   bash benchmarks/generation.sh [WORK=runs/gen] [STAGE1=runs/quick]
+#   STEPS1=3000 ADV_WARMUP=1000 STEPS2=4000 bash benchmarks/generation.sh runs/gen runs/q3k_adv
 # Every step is one of the README's commands; rerunning skips what exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/gen}
 AE=${2:-runs/quick}
 PY=${PY:-python}
+STEPS1=${STEPS1:-1000}
+ADV_WARMUP=${ADV_WARMUP:-1000}
 STEPS2=${STEPS2:-1250}
 mkdir -p "$W"
 
 # 1. Stage 1: docs/training.md's quick CPU run (the main job's model, configs/balanced_4x.py,
-#    at 32^3, cosine decay over 1000 steps, float32 compute); resumes or skips what AE holds.
+#    at 32^3, cosine decay over STEPS1 steps, float32 compute, the discriminator from step
+#    ADV_WARMUP: never at the defaults); resumes or skips what AE holds.
 $PY train.py --config configs/balanced_4x.py --workdir "$AE" --noprogress \
-  --config.data.volume_size='(32,32,32)' --config.train.num_steps=1000 \
-  --config.autoencoder.dtype=float32
+  --config.data.volume_size='(32,32,32)' --config.train.num_steps="$STEPS1" \
+  --config.loss.adv_warmup_steps="$ADV_WARMUP" --config.autoencoder.dtype=float32
 
 # 2. Volumes on disk (256 training crops in raw units, 16 held-out in model units), then
 #    latents of the training ones.
