@@ -1,27 +1,62 @@
-r"""Does a trained ControlNet follow its masks? Paired Dice against the plain model.
+r"""Issue 29's measurements of editing with a trained LDM (benchmarks/EDITING.md).
 
-    python -m benchmarks.editing --controlnet_workdir runs/quick_controlnet --out runs/editing
-    python -m benchmarks.editing --controlnet_workdir runs/quick_controlnet --num 16 --steps 50
+    python -m benchmarks.editing controlnet --controlnet_workdir runs/editing/controlnet
+    python -m benchmarks.editing inpaint --workdir runs/ldm --out runs/editing
+    python -m benchmarks.editing sdedit --workdir runs/ldm --out runs/editing
+    python -m benchmarks.editing anomaly --workdir runs/ldm --out runs/editing
+    python -m benchmarks.editing tables --out runs/editing     # Markdown of the JSONs
+    bash benchmarks/editing.sh AE_WORKDIR LDM_WORKDIR [OUT]    # all of it, ControlNet trained
 
-Masks: the foreground (above `--threshold`; default the run's
-`controlnet.condition.threshold`, what it was trained on) of the autoencoder's validation
-volumes (`ldm_jax.data.make_eval_batches`: held out from training), resampled to the
-condition grid as training does. For mask i both models draw from fold_in(PRNGKey(seed),
-i): the ControlNet run with mask i, and its frozen UNet (the plain model: the same
-checkpoint, no ControlNet) without. Score: Dice between mask i and the decoded sample
-thresholded at the same threshold, both on the volume grid. Prints one line per mask and
-writes `editing_controlnet.json`: per mask both scores, their means, the mean paired
-difference and how many pairs the ControlNet wins (issue 29's bar: Dice >= 0.6).
+(Without a sub-command the arguments are `controlnet`'s.) Every part draws held-out
+volumes of the autoencoder's built-in data (`held_out_volumes`: its validation volumes,
+`data.num_val_volumes` raised to `--num`; they never occur in training), runs the
+functions `ldm-jax edit` runs (`ldm_jax.diffusion.editing`), writes OUT/editing_PART.json
+and OUT/editing_PART.png and prints its Markdown table.
+
+- controlnet: does a trained ControlNet follow its masks? Masks: the foreground (above
+  `--threshold`; default the run's `controlnet.condition.threshold`, what it was trained
+  on) of the held-out volumes, resampled to the condition grid as training does. For mask
+  i both models draw from fold_in(PRNGKey(seed), i): the ControlNet run with mask i, and
+  its frozen UNet (the plain model: the same checkpoint, no ControlNet) without. Score:
+  Dice between mask i and the decoded sample thresholded at the same threshold, both on
+  the volume grid (issue 29's bar: Dice >= 0.6, above the plain model's).
+- inpaint: a box hole (default the centre half of every axis) in each volume, filled by
+  replace-known-region and by RePaint (documented blend: `--blend_width 0` pastes the
+  decoded voxels; 2 feathers the seam, computed from the same latents), and by two
+  baselines: an unconditional sample pasted into the hole (`Pipeline.sample_batch`, the
+  same seed) and the blurred border extension (`border_extension`). Scores: PSNR, L1 and
+  foreground Dice of the hole against the truth, PSNR of the hole's 3-voxel border band,
+  max |delta| outside the hole (the known region: 0 by construction); the autoencoder's
+  reconstruction pasted into the hole is the reference (it sees the truth).
+- sdedit: the volumes at each `--strengths`; distance (PSNR, L1) to the input's
+  reconstruction (strength 0), to the input, and to the strength-1 output (the model's
+  unconditional sample from the same seed), and the foreground fraction against the
+  data's; monotone means PSNR to the reconstruction never rises and PSNR to the sample
+  never falls with the strength.
+- anomaly: `--spheres` solid balls of radius 3-5 voxels (`--radii`) at the volume's
+  largest intensity (the filaments') inserted at random into each volume
+  (`insert_spheres`); per-voxel AUROC (`auroc`) of the likelihood map (MONAI's bound,
+  `editing.likelihood`, all T timesteps unless `--likelihood_steps`) for the sphere
+  voxels, against the autoencoder's own reconstruction error |AE(x) - x| (the trivial
+  baseline); per volume and pooled over all voxels. The volume score total_kl of the same
+  volumes without spheres is given for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 
 import numpy as np
 
+PARTS = ("controlnet", "inpaint", "sdedit", "anomaly")
+
+
+# ----------------------------------------------------------------------------------------
+# Pure functions (tests/benchmarks/test_editing.py).
 
 def dice(mask: np.ndarray, sample: np.ndarray, threshold: float) -> float:
     """Hard Dice of mask > 0.5 vs sample > threshold ((X, Y, Z[, C]); both empty: 1)."""
@@ -31,25 +66,204 @@ def dice(mask: np.ndarray, sample: np.ndarray, threshold: float) -> float:
     return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
-def held_out_masks(pipe, num: int, threshold: float) -> np.ndarray:
-    """(num, X, Y, Z, 1) float32 foreground masks of the autoencoder's validation volumes."""
+def foreground_dice(truth, volume, threshold: float, where=None) -> float:
+    """Dice of the foregrounds (any channel above `threshold`) of two (X, Y, Z[, C])
+    volumes over the voxels `where` ((X, Y, Z) bool; all when None); both empty: 1."""
+    def fg(v):
+        v = np.asarray(v)
+        f = (v.max(-1) if v.ndim == 4 else v) > threshold
+        return f if where is None else f[np.asarray(where, bool)]
+    a, b = fg(truth), fg(volume)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of `scores` for the positives `labels` (any shapes, same
+    size): the probability that a random positive scores above a random negative, ties
+    counting one half (Mann-Whitney U from average ranks). NaN without both classes."""
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(labels, bool).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def sphere_centres(shape, radii, rng, attempts: int = 1000) -> list:
+    """Random integer centres, one per radius, each ball inside the volume (a margin of its
+    radius) and not touching the balls before it. Raises ValueError when they do not fit."""
+    shape = tuple(int(s) for s in shape)
+    out = []
+    for r in radii:
+        for _ in range(attempts):
+            c = np.array([rng.integers(math.ceil(r), s - math.ceil(r)) for s in shape])
+            if all(np.linalg.norm(c - c2) > r + r2 + 1 for c2, r2 in out):
+                out.append((c, float(r)))
+                break
+        else:
+            raise ValueError(f"{len(radii)} balls of radii {list(radii)} do not fit in {shape}")
+    return [(tuple(int(v) for v in c), r) for c, r in out]
+
+
+def insert_spheres(volume, balls, value: float):
+    """(volume with solid balls set to `value`, (X, Y, Z) bool mask of their voxels).
+    volume: (X, Y, Z[, C]); balls: [((cx, cy, cz), radius)] in voxels; a voxel belongs to
+    a ball when its centre is within the radius of the ball's centre."""
+    v = np.array(volume, np.float32, copy=True)
+    grid = np.indices(v.shape[:3]).transpose(1, 2, 3, 0)
+    mask = np.zeros(v.shape[:3], bool)
+    for c, r in balls:
+        mask |= np.linalg.norm(grid - np.asarray(c), axis=-1) <= float(r)
+    v[mask] = float(value)
+    return v, mask
+
+
+def border_extension(volume, mask, sigma: float = 2.0):
+    """The blurred border extension of the known voxels into `mask` (the baseline fill):
+    inside the mask, the normalised Gaussian convolution of the known voxels,
+    G*(x (1-m)) / G*(1-m) (per channel, `sigma` voxels); where no known voxel is within
+    reach (weight < 1e-6), the nearest known voxel's value. Outside the mask the volume
+    is returned unchanged. volume (X, Y, Z[, C]), mask (X, Y, Z) bool."""
+    from scipy import ndimage
+
+    v = np.asarray(volume, np.float64)
+    m = np.asarray(mask, bool)
+    vv = v if v.ndim == 4 else v[..., None]
+    known = (~m).astype(np.float64)
+    w = ndimage.gaussian_filter(known, sigma, mode="constant")
+    idx = ndimage.distance_transform_edt(m, return_distances=False, return_indices=True)
+    out = vv.copy()
+    for c in range(vv.shape[-1]):
+        num = ndimage.gaussian_filter(vv[..., c] * known, sigma, mode="constant")
+        nearest = vv[..., c][tuple(idx)]
+        fill = np.where(w > 1e-6, num / np.maximum(w, 1e-12), nearest)
+        out[..., c] = np.where(m, fill, vv[..., c])
+    out = out if v.ndim == 4 else out[..., 0]
+    return out.astype(np.float32)
+
+
+def psnr(a, b, data_range: float, where=None) -> float:
+    """PSNR (dB) of `b` against `a` over the voxels `where` ((X, Y, Z) bool; all when
+    None), inf when equal there."""
+    d = np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    if where is not None:
+        d = d[np.asarray(where, bool)]
+    mse = float(d.mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(float(data_range) ** 2 / mse)
+
+
+def border_band(mask, width: int = 3):
+    """The voxels of `mask` (bool) within `width` voxels (Euclidean) of its border."""
+    from scipy import ndimage
+
+    m = np.asarray(mask, bool)
+    return m & (ndimage.distance_transform_edt(m) <= float(width))
+
+
+def monotone(values, decreasing: bool) -> bool:
+    """Whether `values` (None = +inf) never rise (decreasing) or never fall."""
+    v = [math.inf if x is None else float(x) for x in values]
+    pairs = list(zip(v, v[1:]))
+    return all(b <= a for a, b in pairs) if decreasing else all(b >= a for a, b in pairs)
+
+
+def finite(x):
+    """x for JSON: None for inf / NaN."""
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def centre_box(shape, factor) -> str:
+    """'x0:x1,y0:y1,z0:z1': the centre half of every axis, its ends on multiples of the
+    autoencoder's `factor` (so the hole is whole latent voxels)."""
+    out = []
+    for s, f in zip(shape, factor):
+        s, f = int(s), max(1, int(f))
+        a = int(round(s / 4 / f)) * f
+        b = int(round(3 * s / 4 / f)) * f
+        out.append(f"{a}:{max(b, a + f)}")
+    return ",".join(out)
+
+
+# ----------------------------------------------------------------------------------------
+# Data and models.
+
+def held_out_volumes(ae_config, num: int) -> np.ndarray:
+    """(num, X, Y, Z, C) float32: the autoencoder's validation volumes (preprocessed as in
+    training; `data.num_val_volumes` raised to `num`: they never occur in training)."""
+    import copy
+
     from ldm_jax import data as data_lib
+
+    cfg = copy.deepcopy(ae_config)
+    cfg.data.num_val_volumes = max(int(num), int(cfg.data.get("num_val_volumes", 0) or 0))
+    batches = data_lib.make_eval_batches(cfg, batch_size=1)
+    vols = []
+    for b in batches:
+        vols.append(np.asarray(b["image"], np.float32)[0])
+        if len(vols) == num:
+            break
+    if len(vols) < num:
+        raise SystemExit(f"only {len(vols)} held-out volumes; lower --num")
+    return np.stack(vols)
+
+
+def held_out_masks(pipe, num: int, threshold: float) -> np.ndarray:
+    """(num, X, Y, Z, 1) float32 foreground masks of the held-out volumes."""
     from ldm_jax.diffusion.condition import foreground_mask
 
-    batches = data_lib.make_eval_batches(pipe.autoencoder.config, batch_size=1)
-    masks = []
-    for b in batches:
-        masks.append(foreground_mask(np.asarray(b["image"], np.float32), threshold)[0])
-        if len(masks) == num:
-            break
-    if len(masks) < num:
-        raise SystemExit(f"only {len(masks)} validation volumes; lower --num")
-    return np.stack(masks)
+    return foreground_mask(held_out_volumes(pipe.autoencoder.config, num), threshold)
 
+
+def _data_range(pipe):
+    d = pipe.autoencoder.config.data
+    return float(d.b_min), float(d.b_max)
+
+
+def _threshold(pipe, threshold):
+    """Foreground threshold in model units: given, or 0.1 of the data range (training's)."""
+    if threshold is not None:
+        return float(threshold)
+    lo, hi = _data_range(pipe)
+    return lo + 0.1 * (hi - lo)
+
+
+def _batches(n, size):
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def _picture(volumes, names, path, title, value_range=(0.0, 1.0)):
+    from ldm_jax.visualize import samples_image
+
+    samples_image(volumes, names, value_range, title=title).save(path)
+
+
+def _save(out_dir, part, record):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"editing_{part}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return path
+
+
+def _settings(pipe, workdir, a):
+    return {"workdir": os.path.abspath(workdir), "step": pipe.step,
+            "autoencoder_workdir": pipe.autoencoder.workdir,
+            "autoencoder_step": pipe.autoencoder.step, "num": int(a.num),
+            "steps": int(a.steps), "seed": int(a.seed)}
+
+
+# ----------------------------------------------------------------------------------------
+# Parts.
 
 def controlnet_dice(controlnet_workdir, *, num=8, steps=50, seed=0, threshold=None,
-                    step="best", log=print) -> dict:
-    """The paired comparison (module docstring) as a dict (`rows`, means, wins)."""
+                    step="best", log=print, keep=0) -> dict:
+    """The paired comparison (module docstring) as a dict (`rows`, means, wins); with
+    `keep` > 0 also `volumes`: [(mask, ControlNet sample, plain sample)] of the first
+    `keep` masks (not JSON)."""
     import jax
 
     import ldm_jax
@@ -63,12 +277,14 @@ def controlnet_dice(controlnet_workdir, *, num=8, steps=50, seed=0, threshold=No
     masks = held_out_masks(cn, num, thr)
     grid = cn.condition_grid()
     rng = jax.random.PRNGKey(int(seed))
-    rows = []
+    rows, kept = [], []
     for i, m in enumerate(masks):
         a = cn.decode(cn.sample_batch(rng, i, 1, steps=steps, condition=resample(m, grid)))[0]
         b = plain.decode(plain.sample_batch(rng, i, 1, steps=steps))[0]
         rows.append({"mask": i, "foreground": float(m.mean()),
                      "dice_controlnet": dice(m, a, thr), "dice_plain": dice(m, b, thr)})
+        if i < keep:
+            kept.append((m, a, b))
         log(f"mask {i}: foreground {rows[-1]['foreground']:.3f}, Dice ControlNet "
             f"{rows[-1]['dice_controlnet']:.3f}, plain {rows[-1]['dice_plain']:.3f}")
     d_cn = np.array([r["dice_controlnet"] for r in rows])
@@ -82,24 +298,360 @@ def controlnet_dice(controlnet_workdir, *, num=8, steps=50, seed=0, threshold=No
     log(f"mean Dice: ControlNet {out['mean_dice_controlnet']:.3f}, plain "
         f"{out['mean_dice_plain']:.3f} (paired difference {out['mean_paired_difference']:+.3f},"
         f" ControlNet better on {out['controlnet_wins']} of {num})")
+    if keep:
+        out["volumes"] = kept
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--controlnet_workdir", required=True)
+def inpaint_part(pipe, workdir, a, log=print) -> dict:
+    """Inpainting (module docstring): per volume and method, the scores of the hole."""
+    import jax
+
+    from ldm_jax.diffusion import editing
+    from ldm_jax.diffusion.inpainting import blend, box_mask
+
+    lo, hi = _data_range(pipe)
+    thr = _threshold(pipe, a.threshold)
+    vols = held_out_volumes(pipe.autoencoder.config, a.num)
+    factor = [s // t for s, t in zip(vols.shape[1:4], pipe.latent_shape[:3])]
+    box = a.box or centre_box(vols.shape[1:4], factor)
+    hole = box_mask(vols.shape[1:4], box)
+    band = border_band(hole, 3)
+    rng = jax.random.PRNGKey(int(a.seed))
+    fills = {k: [] for k in ("replace-known", "replace-known, blend 2", "RePaint",
+                             "RePaint, blend 2", "unconditional fill", "border extension",
+                             "reconstruction (sees the truth)")}
+    for k, b in enumerate(_batches(len(vols), a.batch_size)):
+        v = vols[b]
+        for name, jn in (("replace-known", 1), ("RePaint", a.jump_n_sample)):
+            out, lat = editing.inpaint(pipe, v, hole, rng, k, steps=a.steps,
+                                       jump_length=a.jump_length, jump_n_sample=jn,
+                                       blend_width=0.0)
+            dec = pipe.decode(lat)
+            fills[name] += list(out)
+            fills[name + ", blend 2"] += [blend(d, x, hole, 2.0) for d, x in zip(dec, v)]
+        unc = pipe.decode(pipe.sample_batch(rng, k, len(b), steps=a.steps))
+        fills["unconditional fill"] += [blend(u, x, hole, 0.0) for u, x in zip(unc, v)]
+        fills["border extension"] += [border_extension(x, hole, a.sigma) for x in v]
+        rec = editing.sdedit(pipe, v, rng, k, strength=0.0, steps=a.steps)[0]
+        fills["reconstruction (sees the truth)"] += [blend(r, x, hole, 0.0)
+                                                     for r, x in zip(rec, v)]
+        log(f"inpaint: volumes {b[0]}..{b[-1]} done")
+    rows, methods = [], {}
+    for name, outs in fills.items():
+        per = []
+        for i, (o, x) in enumerate(zip(outs, vols)):
+            per.append({"volume": i, "psnr_hole": finite(psnr(x, o, hi - lo, hole)),
+                        "l1_hole": float(np.abs(o - x)[hole].mean()),
+                        "psnr_border_band": finite(psnr(x, o, hi - lo, band)),
+                        "dice_hole": foreground_dice(x, o, thr, hole),
+                        "max_abs_outside": float(np.abs(o - x)[~hole].max())})
+        rows += [{"method": name, **r} for r in per]
+        methods[name] = {k: float(np.mean([r[k] for r in per]))
+                         for k in ("psnr_hole", "l1_hole", "psnr_border_band", "dice_hole")}
+        methods[name]["max_abs_outside"] = float(max(r["max_abs_outside"] for r in per))
+        methods[name]["psnr_hole_pooled"] = finite(psnr(np.stack(vols), np.stack(outs),
+                                                        hi - lo, np.broadcast_to(
+                                                            hole, vols.shape[:4])))
+        log(f"inpaint {name:32s} PSNR hole {methods[name]['psnr_hole']:.2f} dB, band "
+            f"{methods[name]['psnr_border_band']:.2f}, Dice {methods[name]['dice_hole']:.3f}, "
+            f"max |delta| outside {methods[name]['max_abs_outside']:.3g}")
+    for gen in ("replace-known", "RePaint"):
+        for base in ("unconditional fill", "border extension"):
+            methods[gen][f"wins_vs_{base}"] = int(sum(
+                r1["psnr_hole"] > r2["psnr_hole"] for r1, r2 in zip(
+                    [r for r in rows if r["method"] == gen],
+                    [r for r in rows if r["method"] == base])))
+    record = {**_settings(pipe, workdir, a), "box": box, "hole_voxels": int(hole.sum()),
+              "hole_fraction": float(hole.mean()), "threshold": thr,
+              "jump_length": int(a.jump_length), "jump_n_sample": int(a.jump_n_sample),
+              "sigma": float(a.sigma), "data_range": [lo, hi], "methods": methods, "rows": rows}
+    shown = min(2, len(vols))
+    pics, names = [], []
+    for i in range(shown):
+        holed = vols[i].copy()
+        holed[hole] = lo
+        pics += [vols[i], holed] + [fills[m][i] for m in ("replace-known", "RePaint",
+                                                           "unconditional fill",
+                                                           "border extension")]
+        names += [f"v{i} truth", f"v{i} input (hole {box})", f"v{i} replace-known",
+                  f"v{i} RePaint", f"v{i} unconditional fill", f"v{i} border extension"]
+    _picture(pics, names, os.path.join(a.out, "editing_inpaint.png"),
+             "inpainting the box hole: truth, input, fills (blend width 0)", (lo, hi))
+    return record
+
+
+def sdedit_part(pipe, workdir, a, log=print) -> dict:
+    """SDEdit strength sweep (module docstring)."""
+    import jax
+
+    from ldm_jax.diffusion import editing
+
+    lo, hi = _data_range(pipe)
+    thr = _threshold(pipe, a.threshold)
+    vols = held_out_volumes(pipe.autoencoder.config, a.num)
+    strengths = sorted({0.0, 1.0} | {float(s) for s in a.strengths.split(",")})
+    rng = jax.random.PRNGKey(int(a.seed))
+    outs = {}
+    for s in strengths:
+        parts = [editing.sdedit(pipe, vols[b], rng, k, strength=s, steps=a.steps)[0]
+                 for k, b in enumerate(_batches(len(vols), a.batch_size))]
+        outs[s] = np.concatenate(parts)
+        log(f"sdedit: strength {s} done")
+    rec, smp = outs[0.0], outs[1.0]
+    real_fg = float(np.mean([(x.max(-1) > thr).mean() for x in vols]))
+    sweep = []
+    for s in strengths:
+        o = outs[s]
+        row = {"strength": s,
+               "psnr_to_reconstruction": finite(float(np.mean(
+                   [psnr(r, x, hi - lo) for r, x in zip(rec, o)]))),
+               "l1_to_reconstruction": float(np.abs(o - rec).mean()),
+               "psnr_to_input": finite(float(np.mean([psnr(v, x, hi - lo)
+                                                       for v, x in zip(vols, o)]))),
+               "psnr_to_sample": finite(float(np.mean([psnr(m, x, hi - lo)
+                                                        for m, x in zip(smp, o)]))),
+               "l1_to_sample": float(np.abs(o - smp).mean()),
+               "foreground_fraction": float(np.mean([(x.max(-1) > thr).mean() for x in o]))}
+        sweep.append(row)
+        log(f"sdedit strength {s:.2f}: PSNR to reconstruction {row['psnr_to_reconstruction']},"
+            f" to input {row['psnr_to_input']:.2f}, to sample {row['psnr_to_sample']}, "
+            f"foreground {row['foreground_fraction']:.3f} (real {real_fg:.3f})")
+    record = {**_settings(pipe, workdir, a), "threshold": thr, "data_range": [lo, hi],
+              "strengths": strengths, "real_foreground_fraction": real_fg, "sweep": sweep,
+              "monotone_psnr_to_reconstruction": monotone(
+                  [r["psnr_to_reconstruction"] for r in sweep], decreasing=True),
+              "monotone_l1_to_reconstruction": monotone(
+                  [r["l1_to_reconstruction"] for r in sweep], decreasing=False),
+              "monotone_psnr_to_sample": monotone([r["psnr_to_sample"] for r in sweep],
+                                                  decreasing=False)}
+    shown = min(2, len(vols))
+    pics = [x for i in range(shown) for x in [vols[i]] + [outs[s][i] for s in strengths]]
+    names = [n for i in range(shown) for n in [f"v{i} input"] +
+             [f"v{i} strength {s:g}" for s in strengths]]
+    _picture(pics, names, os.path.join(a.out, "editing_sdedit.png"),
+             "SDEdit: input, then strength 0 (the reconstruction) to 1 (a sample)", (lo, hi))
+    return record
+
+
+def anomaly_part(pipe, workdir, a, log=print) -> dict:
+    """Anomaly maps of volumes with inserted spheres (module docstring)."""
+    import jax
+
+    from ldm_jax.diffusion import editing
+
+    lo, hi = _data_range(pipe)
+    vols = held_out_volumes(pipe.autoencoder.config, a.num)
+    rs = np.random.default_rng(int(a.seed))
+    r_lo, r_hi = (float(x) for x in a.radii.split(","))
+    sph, truth, balls = [], [], []
+    for v in vols:
+        bs = sphere_centres(v.shape[:3], rs.uniform(r_lo, r_hi, a.spheres), rs)
+        w, m = insert_spheres(v, bs, float(v.max()))
+        sph.append(w)
+        truth.append(m)
+        balls.append([{"centre": list(c), "radius": r} for c, r in bs])
+    sph, truth = np.stack(sph), np.stack(truth)
+    rng = jax.random.PRNGKey(int(a.seed))
+    steps = a.likelihood_steps
+    kl, total, total_clean, err = [], [], [], []
+    for k, b in enumerate(_batches(len(vols), a.batch_size)):
+        maps, _, tot = editing.likelihood(pipe, sph[b], rng, k, steps=steps)
+        kl += list(maps[..., 0])
+        total += list(tot)
+        if a.clean_scores:
+            total_clean += list(editing.likelihood(pipe, vols[b], rng, k, steps=steps)[2])
+        rec = editing.sdedit(pipe, sph[b], rng, k, strength=0.0, steps=1)[0]
+        err += list(np.abs(rec - sph[b]).sum(-1))
+        log(f"anomaly: volumes {b[0]}..{b[-1]} done")
+    kl, err = np.stack(kl), np.stack(err)
+    rows = [{"volume": i, "sphere_voxels": int(t.sum()), "balls": balls[i],
+             "auroc_likelihood": auroc(kl[i], t), "auroc_reconstruction_error": auroc(err[i], t),
+             "total_kl": float(total[i]),
+             "total_kl_clean": float(total_clean[i]) if total_clean else None}
+            for i, t in enumerate(truth)]
+    mean = {k: float(np.mean([r[k] for r in rows]))
+            for k in ("auroc_likelihood", "auroc_reconstruction_error")}
+    record = {**_settings(pipe, workdir, a), "likelihood_steps": steps,
+              "timesteps_evaluated": int(steps or pipe.config.scheduler.num_train_timesteps),
+              "spheres_per_volume": int(a.spheres), "radii": [r_lo, r_hi],
+              "sphere_fraction": float(truth.mean()),
+              "mean_auroc_likelihood": mean["auroc_likelihood"],
+              "mean_auroc_reconstruction_error": mean["auroc_reconstruction_error"],
+              "pooled_auroc_likelihood": auroc(kl, truth),
+              "pooled_auroc_reconstruction_error": auroc(err, truth),
+              "mean_total_kl": float(np.mean(total)),
+              "mean_total_kl_clean": float(np.mean(total_clean)) if total_clean else None,
+              "rows": rows}
+    log(f"anomaly: per-voxel AUROC likelihood {record['mean_auroc_likelihood']:.3f} "
+        f"(pooled {record['pooled_auroc_likelihood']:.3f}), reconstruction error "
+        f"{record['mean_auroc_reconstruction_error']:.3f} (pooled "
+        f"{record['pooled_auroc_reconstruction_error']:.3f})")
+    shown = min(2, len(vols))
+    pics, names = [], []
+    for i in range(shown):
+        top_kl = float(np.percentile(kl[i], 99.5)) or 1.0
+        top_err = float(np.percentile(err[i], 99.5)) or 1.0
+        pics += [(sph[i] - lo) / (hi - lo), truth[i].astype(np.float32),
+                 np.clip(kl[i] / top_kl, 0, 1), np.clip(err[i] / top_err, 0, 1)]
+        names += [f"v{i} with spheres", f"v{i} sphere voxels", f"v{i} likelihood map",
+                  f"v{i} |AE(x) - x|"]
+    _picture(pics, names, os.path.join(a.out, "editing_anomaly.png"),
+             "anomaly: volume, truth, maps (each / its 99.5th percentile)")
+    return record
+
+
+# ----------------------------------------------------------------------------------------
+# Tables.
+
+def _f(x, digits=2):
+    return "∞" if x is None else f"{x:.{digits}f}"
+
+
+def tables(out_dir, parts=PARTS) -> str:
+    """Markdown tables of the editing_PART.json in `out_dir` (those of `parts` that exist)."""
+    def load(part):
+        p = os.path.join(out_dir, f"editing_{part}.json")
+        if part not in parts or not os.path.exists(p):
+            return None
+        with open(p) as f:
+            return json.load(f)
+
+    md = []
+    c = load("controlnet")
+    if c:
+        md += [f"### ControlNet vs plain: Dice of the held-out mask and the thresholded sample "
+               f"({c['num_masks']} masks, DDIM {c['steps']} steps, threshold {c['threshold']:g})",
+               "", "| mask | foreground | Dice ControlNet | Dice plain |", "|---|---|---|---|"]
+        md += [f"| {r['mask']} | {r['foreground']:.3f} | {r['dice_controlnet']:.3f} | "
+               f"{r['dice_plain']:.3f} |" for r in c["rows"]]
+        md += [f"| **mean** | | **{c['mean_dice_controlnet']:.3f}** | "
+               f"**{c['mean_dice_plain']:.3f}** |", "",
+               f"Paired difference {c['mean_paired_difference']:+.3f}; the ControlNet is "
+               f"better on {c['controlnet_wins']} of {c['num_masks']} masks.", ""]
+    p = load("inpaint")
+    if p:
+        md += [f"### Inpainting a box hole {p['box']} ({p['hole_fraction']:.1%} of the volume; "
+               f"{p['num']} held-out volumes, DDIM {p['steps']} steps, RePaint jump length "
+               f"{p['jump_length']} x {p['jump_n_sample']})", "",
+               "| fill | PSNR hole (dB) | PSNR border band (dB) | L1 hole | Dice hole | "
+               "max abs delta outside | PSNR wins vs unconditional / border ext. |",
+               "|---|---|---|---|---|---|---|"]
+        for name, m in p["methods"].items():
+            wins = (f"{m['wins_vs_unconditional fill']} / {m['wins_vs_border extension']} "
+                    f"of {p['num']}" if "wins_vs_border extension" in m else "")
+            md.append(f"| {name} | {_f(m['psnr_hole'])} | {_f(m['psnr_border_band'])} | "
+                      f"{m['l1_hole']:.4f} | {m['dice_hole']:.3f} | {m['max_abs_outside']:.3g} "
+                      f"| {wins} |")
+        md.append("")
+    s = load("sdedit")
+    if s:
+        md += [f"### SDEdit strength sweep ({s['num']} held-out volumes, DDIM {s['steps']} "
+               f"steps; real foreground fraction {s['real_foreground_fraction']:.3f})", "",
+               "| strength | PSNR to reconstruction (dB) | L1 to reconstruction | "
+               "PSNR to input (dB) | PSNR to strength-1 sample (dB) | foreground fraction |",
+               "|---|---|---|---|---|---|"]
+        md += [f"| {r['strength']:g} | {_f(r['psnr_to_reconstruction'])} | "
+               f"{r['l1_to_reconstruction']:.4f} | {_f(r['psnr_to_input'])} | "
+               f"{_f(r['psnr_to_sample'])} | {r['foreground_fraction']:.3f} |"
+               for r in s["sweep"]]
+        md += ["", f"Monotone: PSNR to the reconstruction falls "
+               f"{'yes' if s['monotone_psnr_to_reconstruction'] else 'NO'}, L1 to it rises "
+               f"{'yes' if s['monotone_l1_to_reconstruction'] else 'NO'}, PSNR to the sample "
+               f"rises {'yes' if s['monotone_psnr_to_sample'] else 'NO'}.", ""]
+    n = load("anomaly")
+    if n:
+        md += [f"### Anomaly: per-voxel AUROC for inserted spheres ({n['num']} held-out volumes,"
+               f" {n['spheres_per_volume']} spheres of radius {n['radii'][0]:g}-"
+               f"{n['radii'][1]:g}, {n['sphere_fraction']:.1%} of the voxels; likelihood over "
+               f"{n['timesteps_evaluated']} timesteps)", "",
+               "| volume | sphere voxels | AUROC likelihood map | AUROC reconstruction error |"
+               " total_kl | total_kl without spheres |", "|---|---|---|---|---|---|"]
+        md += [f"| {r['volume']} | {r['sphere_voxels']} | {r['auroc_likelihood']:.3f} | "
+               f"{r['auroc_reconstruction_error']:.3f} | {r['total_kl']:.4g} | "
+               f"{'' if r['total_kl_clean'] is None else format(r['total_kl_clean'], '.4g')} |"
+               for r in n["rows"]]
+        md += [f"| **mean** | | **{n['mean_auroc_likelihood']:.3f}** | "
+               f"**{n['mean_auroc_reconstruction_error']:.3f}** | | |",
+               f"| pooled | | {n['pooled_auroc_likelihood']:.3f} | "
+               f"{n['pooled_auroc_reconstruction_error']:.3f} | | |", ""]
+    return "\n".join(md)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line.
+
+def _common(p, workdir=True):
+    if workdir:
+        p.add_argument("--workdir", required=True, help="stage-2 run")
     p.add_argument("--step", default="best")
-    p.add_argument("--num", type=int, default=8, help="held-out masks")
+    p.add_argument("--num", type=int, default=8, help="held-out volumes")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="foreground threshold (default 0.1 of the data range)")
+    p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--out", default="runs/editing")
-    a = p.parse_args(argv)
-    out = controlnet_dice(a.controlnet_workdir, num=a.num, steps=a.steps, seed=a.seed,
-                          threshold=a.threshold, step=a.step)
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m benchmarks.editing",
+                                description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="part", required=True)
+    c = sub.add_parser("controlnet", help="ControlNet vs plain: paired mask Dice")
+    c.add_argument("--controlnet_workdir", required=True)
+    _common(c, workdir=False)
+    i = sub.add_parser("inpaint", help="box-hole inpainting against two baselines")
+    _common(i)
+    i.add_argument("--box", default=None, help="x0:x1,y0:y1,z0:z1 (default the centre half)")
+    i.add_argument("--jump_length", type=int, default=10)
+    i.add_argument("--jump_n_sample", type=int, default=10)
+    i.add_argument("--sigma", type=float, default=2.0, help="border extension's blur, voxels")
+    s = sub.add_parser("sdedit", help="SDEdit strength sweep")
+    _common(s)
+    s.add_argument("--strengths", default="0,0.1,0.25,0.5,0.75,1")
+    n = sub.add_parser("anomaly", help="likelihood maps of inserted spheres: AUROC")
+    _common(n)
+    n.add_argument("--spheres", type=int, default=2, help="balls per volume")
+    n.add_argument("--radii", default="3,5", help="radius range, voxels")
+    n.add_argument("--likelihood_steps", type=int, default=None,
+                   help="timesteps evaluated (default all T, MONAI's)")
+    n.add_argument("--no_clean_scores", dest="clean_scores", action="store_false",
+                   help="skip total_kl of the volumes without spheres")
+    t = sub.add_parser("tables", help="print the Markdown tables of OUT's JSONs")
+    t.add_argument("--out", default="runs/editing")
+    return p
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["controlnet"] + argv  # the earlier form: controlnet's arguments alone
+    a = parser().parse_args(argv)
+    if a.part == "tables":
+        md = tables(a.out)
+        print(md)
+        with open(os.path.join(a.out, "editing_tables.md"), "w") as f:
+            f.write(md + "\n")
+        return md
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "editing_controlnet.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    if a.part == "controlnet":
+        out = controlnet_dice(a.controlnet_workdir, num=a.num, steps=a.steps, seed=a.seed,
+                              threshold=a.threshold, step=a.step, keep=3)
+        kept = out.pop("volumes")
+        pics = [x for trio in kept for x in trio]
+        names = [n for i in range(len(kept)) for n in (f"mask {i}", f"ControlNet {i}",
+                                                        f"plain {i}")]
+        _picture(pics, names, os.path.join(a.out, "editing_controlnet.png"),
+                 "held-out mask, the ControlNet's sample, the plain model's (same seed)")
+    else:
+        import ldm_jax
+
+        pipe = ldm_jax.load_pipeline(a.workdir, a.step)
+        fn = {"inpaint": inpaint_part, "sdedit": sdedit_part, "anomaly": anomaly_part}[a.part]
+        out = fn(pipe, a.workdir, a)
+    _save(a.out, a.part, out)
+    print(tables(a.out, (a.part,)))
     return out
 
 

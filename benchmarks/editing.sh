@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The editing benchmark of benchmarks/EDITING.md (issue 29), end to end on a trained
+# stage-2 run (its stage 1 is the autoencoder that run names):
+#   bash benchmarks/editing.sh LDM_WORKDIR [OUT=runs/editing]
+# 1. trains a ControlNet on the frozen LDM (docs/editing.md's command; at most CN_STEPS
+#    steps and CN_MINUTES of wall clock: SIGTERM saves a checkpoint) and measures the
+#    paired mask Dice ControlNet vs plain; 2. inpainting; 3. SDEdit sweep; 4. anomaly maps;
+# 5. the Markdown tables (OUT/editing_tables.md). Each part writes OUT/editing_PART.json
+# and OUT/editing_PART.png; rerunning skips the parts whose JSON exists.
+# Environment: PY (python), NUM (held-out volumes per part, 8), STEPS (DDIM steps, 50),
+# STEP (LDM checkpoint, latest), CN_STEPS (2000), CN_MINUTES (12), CN_LR (1e-4),
+# CN_ARGS (more train.py overrides, e.g. a tiny model's conditioning embedding),
+# LIKELIHOOD_STEPS (timesteps of the likelihood; empty: all T, MONAI's),
+# JUMP_N_SAMPLE (RePaint's resamplings, 10).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LDM=${1:?usage: bash benchmarks/editing.sh LDM_WORKDIR [OUT]}
+OUT=${2:-runs/editing}
+PY=${PY:-python}
+NUM=${NUM:-8}
+STEPS=${STEPS:-50}
+STEP=${STEP:-latest}
+CN_STEPS=${CN_STEPS:-2000}
+CN_MINUTES=${CN_MINUTES:-12}
+CN_LR=${CN_LR:-1e-4}
+JUMP_N_SAMPLE=${JUMP_N_SAMPLE:-10}
+mkdir -p "$OUT"
+COMMON=(--num "$NUM" --steps "$STEPS" --out "$OUT")
+
+# 1. ControlNet: docs/editing.md's training command on the frozen UNet (foreground masks of
+#    the built-in volumes, encoded on the fly), then the paired Dice on held-out masks.
+if [ ! -f "$OUT/controlnet/trained" ]; then
+  rc=0
+  timeout -s TERM "${CN_MINUTES}m" $PY train.py --config configs/diffusion/controlnet_4x.py \
+    --workdir "$OUT/controlnet" --config.controlnet.unet_workdir="$LDM" \
+    --config.controlnet.unet_step="$STEP" --config.train.batch_size=8 \
+    --config.train.learning_rate="$CN_LR" --config.train.num_steps="$CN_STEPS" \
+    --config.train.ema_decay=0.99 --config.train.log_every_steps=50 \
+    --config.train.eval_every_steps=500 --config.train.save_every_steps=250 \
+    --noprogress ${CN_ARGS:-} || rc=$?
+  # 0: all CN_STEPS done; 124: stopped at CN_MINUTES (a checkpoint was saved on SIGTERM).
+  [ "$rc" = 0 ] || [ "$rc" = 124 ] || exit "$rc"
+  tail -n 1 "$OUT/controlnet/metrics.jsonl" > "$OUT/controlnet/trained"
+fi
+[ -f "$OUT/editing_controlnet.json" ] || $PY -m benchmarks.editing controlnet \
+  --controlnet_workdir "$OUT/controlnet" --step latest "${COMMON[@]}"
+
+# 2-4. Inpainting, SDEdit, anomaly maps on the plain LDM.
+[ -f "$OUT/editing_inpaint.json" ] || $PY -m benchmarks.editing inpaint --workdir "$LDM" \
+  --step "$STEP" --jump_length 10 --jump_n_sample "$JUMP_N_SAMPLE" "${COMMON[@]}"
+[ -f "$OUT/editing_sdedit.json" ] || $PY -m benchmarks.editing sdedit --workdir "$LDM" \
+  --step "$STEP" --strengths 0,0.1,0.25,0.5,0.75,1 "${COMMON[@]}"
+LS=()
+[ -z "${LIKELIHOOD_STEPS:-}" ] || LS=(--likelihood_steps "$LIKELIHOOD_STEPS")
+[ -f "$OUT/editing_anomaly.json" ] || $PY -m benchmarks.editing anomaly --workdir "$LDM" \
+  --step "$STEP" --spheres 2 --radii 3,5 "${LS[@]}" "${COMMON[@]}"
+
+# 5. All tables (also in OUT/editing_tables.md).
+$PY -m benchmarks.editing tables --out "$OUT"
