@@ -25,9 +25,11 @@ DISC_NORMS = ("batch", "instance")
 
 
 # The stage-1 models `autoencoder.kind` picks: "kl" (AutoencoderKL, the section's own
-# fields) and "vqvae" (MONAI's VQVAE, the fields of `autoencoder.vqvae`). A new kind adds
-# its name here, its checks in `validate` and its task in `ldm_jax.autoencoder.kinds`.
-KINDS = ("kl", "vqvae")
+# fields), "vqvae" (MONAI's VQVAE, the fields of `autoencoder.vqvae`) and "maisi" (MAISI's
+# AutoencoderKlMaisi from the section's own MONAI-named fields, `ldm_jax.models.maisi.
+# finetune`). A new kind adds its name here, its checks in `validate` and its task in
+# `ldm_jax.autoencoder.kinds`.
+KINDS = ("kl", "vqvae", "maisi")
 
 
 def kind_of(config) -> str:
@@ -154,6 +156,9 @@ def validate(config) -> None:
         problems += _autoencoder_problems(get_field(config, "autoencoder"))
         if get_field(config, "data") is not None:
             problems += volume_problems(config)
+        if kind == "maisi":
+            from ldm_jax.models.maisi.finetune import maisi_autoencoder_problems
+            problems += maisi_autoencoder_problems(get_field(config, "autoencoder"))
     problems += _other_problems(config)
     if get_field(config, "train") is not None:
         problems += train_problems(config.train)

@@ -514,9 +514,23 @@ class VQAutoencoder(Autoencoder):
         return tuple(window), max(1, int(self.memory_budget // per_window)), per_window
 
 
+@dataclasses.dataclass
+class MaisiAutoencoder(Autoencoder):
+    """A fine-tuned MAISI autoencoder (`autoencoder.kind = "maisi"`, MONAI's
+    AutoencoderKlMaisi): the KL interface and geometry unchanged (its factors are the
+    section's, 2 per level), only the model class differs."""
+
+    kind = "maisi"
+
+    @staticmethod
+    def build_model(ae_cfg):
+        from ldm_jax.models.maisi.finetune import build_autoencoder_from_config
+        return build_autoencoder_from_config(ae_cfg)
+
+
 # The stage-1 model switch (`autoencoder.kind`, ldm_jax.autoencoder.config.KINDS) for
 # inference: the class that loads and runs a checkpoint of each kind.
-AUTOENCODERS = {"kl": Autoencoder, "vqvae": VQAutoencoder}
+AUTOENCODERS = {"kl": Autoencoder, "vqvae": VQAutoencoder, "maisi": MaisiAutoencoder}
 
 
 # ----------------------------------------------------------------------------------------
