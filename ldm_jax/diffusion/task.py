@@ -92,7 +92,7 @@ class DiffusionTask:
     resume_fixed = ("unet", "scheduler", "latents.autoencoder_workdir",
                     "latents.autoencoder_step", "latents.dir", "latents.encode",
                     "latents.latent_shape", "conditioning")
-    resume_free = ("unet.remat", "unet.dtype")
+    resume_free = ("unet.remat", "unet.dtype", "unet.init_from")
 
     def __init__(self, config, autoencoder="load"):
         """`autoencoder`: "load" (from config.latents), an `Autoencoder`, or None for a
@@ -139,10 +139,27 @@ class DiffusionTask:
         self.scheduler = build_scheduler(config.scheduler)
         self.sched_state = self.scheduler.create_state()
         self.tx = make_optimizer(config.train.learning_rate, config.train)
+        file_scale = self._read_init(config.unet)
+        if lat.get("scale_factor") is None and file_scale is not None:
+            lat.scale_factor = file_scale  # the latents the file's UNet was trained on
         if lat.get("scale_factor") is None:
             lat.scale_factor = self._compute_scale_factor()
         self.scale_factor = float(lat.scale_factor)
         self._eval_fn = self._pipeline = None
+
+    def _read_init(self, unet_cfg):
+        """`unet.init_from` (MAISI's UNet only): its params into `self.init_params` (None
+        without it) and its file's scale_factor (or None). Raises ConfigError (one line)."""
+        self.init_params = None
+        path = unet_cfg.get("init_from")
+        if not path:
+            return None
+        if unet_cfg.get("kind", "monai") != "maisi":
+            raise ConfigError(f"unet.init_from={path} needs unet.kind='maisi' (MAISI's "
+                              "diffusion UNet files; docs/maisi.md, \"Fine-tuning\")")
+        from ldm_jax.models.maisi.finetune import load_init
+        self.init_params, scale = load_init(path, self.unet, "unet.init_from")
+        return scale
 
     def _init_shapes_only(self, config):
         from ldm_jax.models import build_unet, unet_padded_shape
@@ -159,6 +176,7 @@ class DiffusionTask:
         self.scheduler = build_scheduler(config.scheduler)
         self.sched_state = self.scheduler.create_state()
         self.tx = make_optimizer(config.train.learning_rate, config.train)
+        self.init_params = None
         self.scale_factor = float(config.latents.get("scale_factor") or 1.0)
         self._eval_fn = self._pipeline = None
 
@@ -280,6 +298,9 @@ class DiffusionTask:
         # The params do not depend on the context length S.
         context = self.null_context(1) if self.with_context else None
         params = self.unet.init(p_rng, x, t, context=context, class_labels=labels)["params"]
+        if getattr(self, "init_params", None) is not None:  # unet.init_from
+            from ldm_jax.models.maisi.finetune import replace_params
+            params = replace_params(params, self.init_params, "unet.init_from")
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, params=params, ema_params=params,
                           opt=self.tx.init(params), rng=run_rng, bad_steps=zero,

@@ -76,10 +76,21 @@ def build_discriminator(disc_cfg: Any) -> PatchDiscriminator:
 
 def build_unet(unet_cfg: Any, remat: str | None = None) -> DiffusionModelUNet:
     """DiffusionModelUNet from `config.unet` (a ConfigDict or dict), validated first
-    (ConfigError naming every problem). `remat` overrides `unet_cfg.remat`."""
+    (ConfigError naming every problem). `remat` overrides `unet_cfg.remat`.
+    `unet.kind = "maisi"` builds MAISI's DiffusionModelUNetMaisi with the constant inputs
+    of `unet.maisi` (`ldm_jax.models.maisi.finetune.build_unet_from_config`)."""
+    from ldm_jax.models.maisi.finetune import UNET_KINDS, build_unet_from_config
+
+    get = unet_cfg.get if hasattr(unet_cfg, "get") else lambda k, d=None: getattr(unet_cfg, k, d)
+    kind = get("kind", "monai")
+    if kind not in UNET_KINDS:
+        raise ConfigError(f"unet.kind={kind!r} is not known; valid: "
+                          f"{', '.join(map(repr, UNET_KINDS))}")
     validate_unet(unet_cfg)
     fields = _module_fields(DiffusionModelUNet, unet_cfg, "unet")
     if remat is not None:
         validate_unet({**fields, "remat": remat})
         fields["remat"] = remat
+    if kind == "maisi":
+        return build_unet_from_config(unet_cfg, fields)
     return DiffusionModelUNet(**fields)

@@ -193,7 +193,7 @@ def build_unet_from_config(unet_cfg, fields: Mapping[str, Any]) -> MaisiUNetFixe
     extra = {k: bool(_get(unet_cfg, k)) for k in (
         "include_fc", "use_combined_linear", "include_top_region_index_input",
         "include_bottom_region_index_input", "include_spacing_input")
-        if _get(unet_cfg, k) is not None}
+        if _get(unet_cfg, k) is not None and k not in fields}
     m = _get(unet_cfg, "maisi") or {}
 
     def vec(key):
