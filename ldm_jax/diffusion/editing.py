@@ -142,33 +142,36 @@ def sdedit(pipe, volumes, rng, index: int = 0, *, strength: float = 0.5, steps: 
     return _finish(pipe, z)
 
 
-def likelihood_function(pipe, steps: int | None = None):
-    """The jitted `likelihood.make_likelihood` of this run's DDPM (made once). Raises
-    ConfigError for a rectified-flow run or steps outside [1, T]."""
+def likelihood_function(pipe, steps: int | None = None, decoder_term: bool = True):
+    """The jitted `likelihood.make_likelihood` of this run's DDPM (made once; without the
+    t = 0 term when not `decoder_term`). Raises ConfigError for a rectified-flow run or
+    steps outside [1, T]."""
     from ldm_jax.diffusion.likelihood import make_likelihood
     from ldm_jax.diffusion.sampling import sampler_for
 
     if steps is not None:
         pipe.check_request(steps, "ddpm")
-    return _cached(pipe, ("likelihood", steps), lambda: make_likelihood(
-        pipe.unet, sampler_for(pipe.config.scheduler, "ddpm"), steps=steps))
+    return _cached(pipe, ("likelihood", steps, bool(decoder_term)), lambda: make_likelihood(
+        pipe.unet, sampler_for(pipe.config.scheduler, "ddpm"), steps=steps,
+        decoder_term=bool(decoder_term)))
 
 
 def likelihood(pipe, volumes, rng, index: int = 0, *, steps: int | None = None,
-               class_label: int | None = None, context=None):
+               class_label: int | None = None, context=None, decoder_term: bool = True):
     """MONAI's `LatentDiffusionInferer.get_likelihood` (DDPM) of `volumes` (B, X, Y, Z, C).
 
     Returns (maps (B, X, Y, Z, 1) on the volume grid (nearest), latent maps (B, x, y, z)
     (the bound per latent voxel, summed over timesteps and channels), total_kl (B,)
     MONAI's score over the padded latent), float32 numpy. `steps`: None evaluates all T
     timesteps (MONAI's default), else `set_timesteps(steps)`'s. The noise is drawn from
-    fold_in(rng, index). Raises ConfigError as `likelihood_function` and for volumes of
+    fold_in(rng, index); `decoder_term=False` leaves out the t = 0 term
+    (`make_likelihood`). Raises ConfigError as `likelihood_function` and for volumes of
     another shape."""
     from ldm_jax.diffusion.latent_space import crop
     from ldm_jax.diffusion.likelihood import to_image_grid
 
     v = check_volumes(pipe, volumes)
-    fn = likelihood_function(pipe, steps)
+    fn = likelihood_function(pipe, steps, decoder_term)
     labels, ctx = _conditions(pipe, v.shape[0], class_label, context, 1, "ddpm")
     total, kl = fn(pipe.params, jax.random.fold_in(rng, int(index)), encode(pipe, v), labels,
                    ctx)

@@ -67,6 +67,14 @@ def test_likelihood_matches_monai(prediction_type, clip, steps):
     assert err <= 1e-5
     np.testing.assert_allclose(np.asarray(kl_map).mean(axis=(1, 2, 3)) / 2, np.asarray(total),
                                rtol=1e-5)
+    # Without the t = 0 term: MONAI's intermediates of t >= 1 only (the last is t = 0).
+    fn0 = make_likelihood(build_unet(CFG), sched, steps=steps, decoder_term=False)
+    _, kl_map0 = fn0(unet_from_monai(m.state_dict(), CFG), jax.random.key(0), x0,
+                     noise=noise.permute(0, 2, 3, 4, 1).numpy())
+    map_ref0 = sum(k.sum(1) for k in inter[:-1]).numpy()
+    assert np.abs(map_ref - map_ref0).max() > 1.0  # the t = 0 term is not negligible
+    np.testing.assert_allclose(np.asarray(kl_map0), map_ref0, rtol=1e-4,
+                               atol=1e-5 * np.abs(map_ref0).max())
 
 
 def test_only_ddpm_and_the_image_grid():
