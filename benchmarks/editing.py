@@ -20,9 +20,10 @@ and OUT/editing_PART.png and prints its Markdown table.
   its frozen UNet (the plain model: the same checkpoint, no ControlNet) without. Score:
   Dice between mask i and the decoded sample thresholded at the same threshold, both on
   the volume grid (issue 29's bar: Dice >= 0.6, above the plain model's).
-- inpaint: a box hole (default the centre half of every axis) in each volume, filled by
-  replace-known-region and by RePaint (documented blend: `--blend_width 0` pastes the
-  decoded voxels; 2 feathers the seam, computed from the same latents), and by two
+- inpaint: a box hole (default the centre half of every axis) blanked (b_min) in each
+  volume: the methods never see the truth inside it. Filled by replace-known-region and
+  by RePaint (documented blend: `--blend_width 0` pastes the decoded voxels; 2 feathers
+  the seam with the blanked input, computed from the same latents), and by two
   baselines: an unconditional sample pasted into the hole (`Pipeline.sample_batch`, the
   same seed) and the blurred border extension (`border_extension`). Scores: PSNR, L1 and
   foreground Dice of the hole against the truth, PSNR of the hole's 3-voxel border band,
@@ -37,9 +38,10 @@ and OUT/editing_PART.png and prints its Markdown table.
   largest intensity (the filaments') inserted at random into each volume
   (`insert_spheres`); per-voxel AUROC (`auroc`) of the likelihood map (MONAI's bound,
   `editing.likelihood`, all T timesteps unless `--likelihood_steps`) for the sphere
-  voxels, against the autoencoder's own reconstruction error |AE(x) - x| (the trivial
-  baseline); per volume and pooled over all voxels. The volume score total_kl of the same
-  volumes without spheres is given for comparison.
+  voxels, and of the same map without its t = 0 term (`decoder_term=False`), against the
+  autoencoder's own reconstruction error |AE(x) - x| (the trivial baseline); per volume
+  and pooled over all voxels. With `--clean_scores` also total_kl of the volumes without
+  spheres.
 """
 
 from __future__ import annotations
@@ -321,8 +323,12 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
     fills = {k: [] for k in ("replace-known", "replace-known, blend 2", "RePaint",
                              "RePaint, blend 2", "unconditional fill", "border extension",
                              "reconstruction (sees the truth)")}
+    # The methods see the volume with the hole blanked (b_min): the truth inside it is
+    # never an input (not to the encoder, not to the blend's seam).
+    holed = vols.copy()
+    holed[:, hole] = lo
     for k, b in enumerate(_batches(len(vols), a.batch_size)):
-        v = vols[b]
+        v = holed[b]
         for name, jn in (("replace-known", 1), ("RePaint", a.jump_n_sample)):
             out, lat = editing.inpaint(pipe, v, hole, rng, k, steps=a.steps,
                                        jump_length=a.jump_length, jump_n_sample=jn,
@@ -333,14 +339,14 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
         unc = pipe.decode(pipe.sample_batch(rng, k, len(b), steps=a.steps))
         fills["unconditional fill"] += [blend(u, x, hole, 0.0) for u, x in zip(unc, v)]
         fills["border extension"] += [border_extension(x, hole, a.sigma) for x in v]
-        rec = editing.sdedit(pipe, v, rng, k, strength=0.0, steps=a.steps)[0]
+        rec = editing.sdedit(pipe, vols[b], rng, k, strength=0.0, steps=a.steps)[0]
         fills["reconstruction (sees the truth)"] += [blend(r, x, hole, 0.0)
                                                      for r, x in zip(rec, v)]
         log(f"inpaint: volumes {b[0]}..{b[-1]} done")
     rows, methods = [], {}
     for name, outs in fills.items():
         per = []
-        for i, (o, x) in enumerate(zip(outs, vols)):
+        for i, (o, x) in enumerate(zip(outs, vols)):  # outside the hole x is the input
             per.append({"volume": i, "psnr_hole": finite(psnr(x, o, hi - lo, hole)),
                         "l1_hole": float(np.abs(o - x)[hole].mean()),
                         "psnr_border_band": finite(psnr(x, o, hi - lo, band)),
@@ -369,9 +375,7 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
     shown = min(2, len(vols))
     pics, names = [], []
     for i in range(shown):
-        holed = vols[i].copy()
-        holed[hole] = lo
-        pics += [vols[i], holed] + [fills[m][i] for m in ("replace-known", "RePaint",
+        pics += [vols[i], holed[i]] + [fills[m][i] for m in ("replace-known", "RePaint",
                                                            "unconditional fill",
                                                            "border extension")]
         names += [f"v{i} truth", f"v{i} input (hole {box})", f"v{i} replace-known",
@@ -414,8 +418,9 @@ def sdedit_part(pipe, workdir, a, log=print) -> dict:
                "l1_to_sample": float(np.abs(o - smp).mean()),
                "foreground_fraction": float(np.mean([(x.max(-1) > thr).mean() for x in o]))}
         sweep.append(row)
-        log(f"sdedit strength {s:.2f}: PSNR to reconstruction {row['psnr_to_reconstruction']},"
-            f" to input {row['psnr_to_input']:.2f}, to sample {row['psnr_to_sample']}, "
+        log(f"sdedit strength {s:.2f}: PSNR to reconstruction "
+            f"{_f(row['psnr_to_reconstruction'])}, to input {_f(row['psnr_to_input'])}, "
+            f"to sample {_f(row['psnr_to_sample'])}, "
             f"foreground {row['foreground_fraction']:.3f} (real {real_fg:.3f})")
     record = {**_settings(pipe, workdir, a), "threshold": thr, "data_range": [lo, hi],
               "strengths": strengths, "real_foreground_fraction": real_fg, "sweep": sweep,
@@ -454,48 +459,54 @@ def anomaly_part(pipe, workdir, a, log=print) -> dict:
     sph, truth = np.stack(sph), np.stack(truth)
     rng = jax.random.PRNGKey(int(a.seed))
     steps = a.likelihood_steps
-    kl, total, total_clean, err = [], [], [], []
+    kl, kl1, total, total_clean, err = [], [], [], [], []
     for k, b in enumerate(_batches(len(vols), a.batch_size)):
         maps, _, tot = editing.likelihood(pipe, sph[b], rng, k, steps=steps)
         kl += list(maps[..., 0])
         total += list(tot)
+        kl1 += list(editing.likelihood(pipe, sph[b], rng, k, steps=steps,
+                                       decoder_term=False)[0][..., 0])
         if a.clean_scores:
             total_clean += list(editing.likelihood(pipe, vols[b], rng, k, steps=steps)[2])
         rec = editing.sdedit(pipe, sph[b], rng, k, strength=0.0, steps=1)[0]
         err += list(np.abs(rec - sph[b]).sum(-1))
         log(f"anomaly: volumes {b[0]}..{b[-1]} done")
-    kl, err = np.stack(kl), np.stack(err)
+    kl, kl1, err = np.stack(kl), np.stack(kl1), np.stack(err)
     rows = [{"volume": i, "sphere_voxels": int(t.sum()), "balls": balls[i],
-             "auroc_likelihood": auroc(kl[i], t), "auroc_reconstruction_error": auroc(err[i], t),
+             "auroc_likelihood": auroc(kl[i], t), "auroc_likelihood_t_ge_1": auroc(kl1[i], t),
+             "auroc_reconstruction_error": auroc(err[i], t),
              "total_kl": float(total[i]),
              "total_kl_clean": float(total_clean[i]) if total_clean else None}
             for i, t in enumerate(truth)]
     mean = {k: float(np.mean([r[k] for r in rows]))
-            for k in ("auroc_likelihood", "auroc_reconstruction_error")}
+            for k in ("auroc_likelihood", "auroc_likelihood_t_ge_1",
+                      "auroc_reconstruction_error")}
     record = {**_settings(pipe, workdir, a), "likelihood_steps": steps,
               "timesteps_evaluated": int(steps or pipe.config.scheduler.num_train_timesteps),
               "spheres_per_volume": int(a.spheres), "radii": [r_lo, r_hi],
               "sphere_fraction": float(truth.mean()),
               "mean_auroc_likelihood": mean["auroc_likelihood"],
+              "mean_auroc_likelihood_t_ge_1": mean["auroc_likelihood_t_ge_1"],
               "mean_auroc_reconstruction_error": mean["auroc_reconstruction_error"],
               "pooled_auroc_likelihood": auroc(kl, truth),
+              "pooled_auroc_likelihood_t_ge_1": auroc(kl1, truth),
               "pooled_auroc_reconstruction_error": auroc(err, truth),
               "mean_total_kl": float(np.mean(total)),
               "mean_total_kl_clean": float(np.mean(total_clean)) if total_clean else None,
               "rows": rows}
     log(f"anomaly: per-voxel AUROC likelihood {record['mean_auroc_likelihood']:.3f} "
-        f"(pooled {record['pooled_auroc_likelihood']:.3f}), reconstruction error "
+        f"(pooled {record['pooled_auroc_likelihood']:.3f}), without the t = 0 term "
+        f"{record['mean_auroc_likelihood_t_ge_1']:.3f}, reconstruction error "
         f"{record['mean_auroc_reconstruction_error']:.3f} (pooled "
         f"{record['pooled_auroc_reconstruction_error']:.3f})")
     shown = min(2, len(vols))
     pics, names = [], []
     for i in range(shown):
-        top_kl = float(np.percentile(kl[i], 99.5)) or 1.0
-        top_err = float(np.percentile(err[i], 99.5)) or 1.0
-        pics += [(sph[i] - lo) / (hi - lo), truth[i].astype(np.float32),
-                 np.clip(kl[i] / top_kl, 0, 1), np.clip(err[i] / top_err, 0, 1)]
+        pics += [(sph[i] - lo) / (hi - lo), truth[i].astype(np.float32)]
+        pics += [np.clip(m / (float(np.percentile(m, 99.5)) or 1.0), 0, 1)
+                 for m in (kl[i], kl1[i], err[i])]
         names += [f"v{i} with spheres", f"v{i} sphere voxels", f"v{i} likelihood map",
-                  f"v{i} |AE(x) - x|"]
+                  f"v{i} likelihood, t >= 1", f"v{i} |AE(x) - x|"]
     _picture(pics, names, os.path.join(a.out, "editing_anomaly.png"),
              "anomaly: volume, truth, maps (each / its 99.5th percentile)")
     return record
@@ -565,15 +576,19 @@ def tables(out_dir, parts=PARTS) -> str:
                f" {n['spheres_per_volume']} spheres of radius {n['radii'][0]:g}-"
                f"{n['radii'][1]:g}, {n['sphere_fraction']:.1%} of the voxels; likelihood over "
                f"{n['timesteps_evaluated']} timesteps)", "",
-               "| volume | sphere voxels | AUROC likelihood map | AUROC reconstruction error |"
-               " total_kl | total_kl without spheres |", "|---|---|---|---|---|---|"]
+               "| volume | sphere voxels | AUROC likelihood map (MONAI's) | AUROC likelihood, "
+               "t >= 1 | AUROC reconstruction error | total_kl | total_kl without spheres |",
+               "|---|---|---|---|---|---|---|"]
         md += [f"| {r['volume']} | {r['sphere_voxels']} | {r['auroc_likelihood']:.3f} | "
+               f"{r['auroc_likelihood_t_ge_1']:.3f} | "
                f"{r['auroc_reconstruction_error']:.3f} | {r['total_kl']:.4g} | "
                f"{'' if r['total_kl_clean'] is None else format(r['total_kl_clean'], '.4g')} |"
                for r in n["rows"]]
         md += [f"| **mean** | | **{n['mean_auroc_likelihood']:.3f}** | "
+               f"**{n['mean_auroc_likelihood_t_ge_1']:.3f}** | "
                f"**{n['mean_auroc_reconstruction_error']:.3f}** | | |",
                f"| pooled | | {n['pooled_auroc_likelihood']:.3f} | "
+               f"{n['pooled_auroc_likelihood_t_ge_1']:.3f} | "
                f"{n['pooled_auroc_reconstruction_error']:.3f} | | |", ""]
     return "\n".join(md)
 
@@ -616,8 +631,8 @@ def parser():
     n.add_argument("--radii", default="3,5", help="radius range, voxels")
     n.add_argument("--likelihood_steps", type=int, default=None,
                    help="timesteps evaluated (default all T, MONAI's)")
-    n.add_argument("--no_clean_scores", dest="clean_scores", action="store_false",
-                   help="skip total_kl of the volumes without spheres")
+    n.add_argument("--clean_scores", action="store_true",
+                   help="also total_kl of the volumes without spheres (one more pass)")
     t = sub.add_parser("tables", help="print the Markdown tables of OUT's JSONs")
     t.add_argument("--out", default="runs/editing")
     return p

@@ -2,16 +2,18 @@
 # The editing benchmark of benchmarks/EDITING.md (issue 29), end to end on a trained
 # stage-2 run (its stage 1 is the autoencoder that run names):
 #   bash benchmarks/editing.sh LDM_WORKDIR [OUT=runs/editing]
-# 1. trains a ControlNet on the frozen LDM (docs/editing.md's command; at most CN_STEPS
-#    steps and CN_MINUTES of wall clock: SIGTERM saves a checkpoint) and measures the
-#    paired mask Dice ControlNet vs plain; 2. inpainting; 3. SDEdit sweep; 4. anomaly maps;
-# 5. the Markdown tables (OUT/editing_tables.md). Each part writes OUT/editing_PART.json
-# and OUT/editing_PART.png; rerunning skips the parts whose JSON exists.
+# inpainting, the SDEdit sweep and anomaly maps on the plain LDM (parts 2-4), then trains a
+# ControlNet on the frozen LDM (docs/editing.md's command; at most CN_STEPS steps and
+# CN_MINUTES of wall clock: SIGTERM saves a checkpoint) and measures the paired mask Dice
+# ControlNet vs plain (part 1); then the Markdown tables (OUT/editing_tables.md). Each
+# part writes OUT/editing_PART.json and OUT/editing_PART.png; rerunning skips the parts
+# whose JSON exists.
 # Environment: PY (python), NUM (held-out volumes per part, 8), STEPS (DDIM steps, 50),
 # STEP (LDM checkpoint, latest), CN_STEPS (2000), CN_MINUTES (12), CN_LR (1e-4),
 # CN_ARGS (more train.py overrides, e.g. a tiny model's conditioning embedding),
 # LIKELIHOOD_STEPS (timesteps of the likelihood; empty: all T, MONAI's),
-# JUMP_N_SAMPLE (RePaint's resamplings, 10).
+# JUMP_N_SAMPLE (RePaint's resamplings, 10), RADII (the balls' radius range, 3,5),
+# SPHERES (balls per volume, 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LDM=${1:?usage: bash benchmarks/editing.sh LDM_WORKDIR [OUT]}
@@ -24,8 +26,20 @@ CN_STEPS=${CN_STEPS:-2000}
 CN_MINUTES=${CN_MINUTES:-12}
 CN_LR=${CN_LR:-1e-4}
 JUMP_N_SAMPLE=${JUMP_N_SAMPLE:-10}
+RADII=${RADII:-3,5}
+SPHERES=${SPHERES:-2}
 mkdir -p "$OUT"
 COMMON=(--num "$NUM" --steps "$STEPS" --out "$OUT")
+
+# 2-4. Inpainting, SDEdit, anomaly maps on the plain LDM (first: they take minutes).
+[ -f "$OUT/editing_inpaint.json" ] || $PY -m benchmarks.editing inpaint --workdir "$LDM" \
+  --step "$STEP" --jump_length 10 --jump_n_sample "$JUMP_N_SAMPLE" "${COMMON[@]}"
+[ -f "$OUT/editing_sdedit.json" ] || $PY -m benchmarks.editing sdedit --workdir "$LDM" \
+  --step "$STEP" --strengths 0,0.1,0.25,0.5,0.75,1 "${COMMON[@]}"
+LS=()
+[ -z "${LIKELIHOOD_STEPS:-}" ] || LS=(--likelihood_steps "$LIKELIHOOD_STEPS")
+[ -f "$OUT/editing_anomaly.json" ] || $PY -m benchmarks.editing anomaly --workdir "$LDM" \
+  --step "$STEP" --spheres "$SPHERES" --radii "$RADII" "${LS[@]}" "${COMMON[@]}"
 
 # 1. ControlNet: docs/editing.md's training command on the frozen UNet (foreground masks of
 #    the built-in volumes, encoded on the fly), then the paired Dice on held-out masks.
@@ -44,16 +58,6 @@ if [ ! -f "$OUT/controlnet/trained" ]; then
 fi
 [ -f "$OUT/editing_controlnet.json" ] || $PY -m benchmarks.editing controlnet \
   --controlnet_workdir "$OUT/controlnet" --step latest "${COMMON[@]}"
-
-# 2-4. Inpainting, SDEdit, anomaly maps on the plain LDM.
-[ -f "$OUT/editing_inpaint.json" ] || $PY -m benchmarks.editing inpaint --workdir "$LDM" \
-  --step "$STEP" --jump_length 10 --jump_n_sample "$JUMP_N_SAMPLE" "${COMMON[@]}"
-[ -f "$OUT/editing_sdedit.json" ] || $PY -m benchmarks.editing sdedit --workdir "$LDM" \
-  --step "$STEP" --strengths 0,0.1,0.25,0.5,0.75,1 "${COMMON[@]}"
-LS=()
-[ -z "${LIKELIHOOD_STEPS:-}" ] || LS=(--likelihood_steps "$LIKELIHOOD_STEPS")
-[ -f "$OUT/editing_anomaly.json" ] || $PY -m benchmarks.editing anomaly --workdir "$LDM" \
-  --step "$STEP" --spheres 2 --radii 3,5 "${LS[@]}" "${COMMON[@]}"
 
 # 5. All tables (also in OUT/editing_tables.md).
 $PY -m benchmarks.editing tables --out "$OUT"
