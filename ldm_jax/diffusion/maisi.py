@@ -14,10 +14,11 @@ what follows it here:
   (`ldm_jax.schedulers.maisi`); with a ControlNet, its residuals (conditioning_scale
   times) are added to the UNet's skips; the mask is 8 bit planes of the integer label
   volume (`binarize_labels`); classifier-free guidance pairs the modality with class 0;
-- the latent divided by the file's scale_factor is decoded by the autoencoder, here in
-  one pass when the memory planner (`ldm_jax.autoencoder.memory`) says it fits, else in
-  gaussian-blended windows (`ldm_jax.autoencoder.sliding`), instead of MAISI's fixed
-  80^3 / 96^3 latent windows and a config file per GPU size;
+- the latent divided by the file's scale_factor is decoded by the autoencoder, here split
+  along X over the local devices (`spatial_decoder`) and in one pass when the memory
+  planner (`ldm_jax.autoencoder.memory`) says it fits, else in gaussian-blended windows
+  (`ldm_jax.autoencoder.sliding`), instead of MAISI's fixed 80^3 / 96^3 latent windows
+  and a config file per GPU size;
 - intensities: CT (modality <= 7) clip to [0, 1] then x2000 - 1000 (HU in [-1000, 1000]);
   MR clip below 0 then x1000; with a mask, voxels labelled 0 are set to that minimum.
 Not reproduced: MAISI's mask-generation stage, its mask database search and quality check,
@@ -429,28 +430,75 @@ def _decoder(ae):
     return _DECODERS[ae]
 
 
+def spatial_devices(latent_x: int, devices=None) -> list:
+    """The devices a decode splits its X axis over: the most of `devices` (default
+    `jax.local_devices()`) whose count divides the latent's X size `latent_x` (1 device:
+    no split)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = max(k for k in range(1, len(devices) + 1) if int(latent_x) % k == 0)
+    return devices[:n]
+
+
+def spatial_decoder(ae, devices):
+    """`jit(fn)(params, z) -> volume` of the autoencoder `ae`'s decode with the latent z
+    (B, x, y, z, C) and the output split along X over `devices` (mesh ("data", "spatial") =
+    (1, len(devices)); params replicated; x divisible by the device count). XLA's SPMD
+    partitioner adds the convolutions' halo exchanges and the GroupNorm all-reduces; the
+    upsample is slices and concatenations (`trilinear_upsample2`), so nothing is gathered
+    whole. The function equals the one-device decode (tests/cli/test_maisi_sharded_decode.py);
+    `fn.lower(...).compile().memory_analysis()` gives the per-device memory
+    (benchmarks/maisi_memory.py). One device: `_decoder`'s plain jit."""
+    import ml_collections
+
+    from ldm_jax import sharding
+    from ldm_jax.models import tap_conv
+
+    devices = list(devices)
+    if len(devices) == 1:
+        return _decoder(ae)
+    key = (ae, tuple(d.id for d in devices))
+    if key not in _DECODERS:
+        mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "spatial": len(devices)}),
+                                  devices)
+        split, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+        def fn(p, z):  # XLA's convolutions: the CPU tap convs would gather X whole
+            with tap_conv.for_mesh(mesh):
+                return ae.apply({"params": p}, z, method="decode")
+
+        _DECODERS[key] = jax.jit(fn, in_shardings=(repl, split), out_shardings=split)
+    return _DECODERS[key]
+
+
 def decode(models: MaisiModels, latent: np.ndarray, *, window="auto", overlap: float = 0.4,
-           memory_budget: Optional[int] = None) -> tuple[np.ndarray, str]:
+           memory_budget: Optional[int] = None, devices=None) -> tuple[np.ndarray, str]:
     """The autoencoder's volume (X, Y, Z, out_channels) float32 of `latent` (x, y, z, C) / the
     scale factor (MAISI's ReconModel), and a phrase saying how it was decoded.
 
-    window: "auto" (one pass when `memory.call_bytes` fits `memory_budget`, default
-    `memory.default_budget()`, else the largest window that fits, several per call),
-    "whole", or (X, Y, Z) output voxels (multiples of the factor). Windows overlap by
-    `overlap` and are blended with gaussian weights (`sliding_apply`)."""
+    devices: the local devices (default all) over which the latent's X axis is split
+    (`spatial_decoder`; the most whose count divides x). window: "auto" (one pass when
+    `memory.call_bytes` fits `memory_budget` per device, default
+    `memory.default_budget()`, times the devices, else the largest window that fits,
+    several per call), "whole", or (X, Y, Z) output voxels (multiples of the factor).
+    Windows overlap by `overlap` and are blended with gaussian weights (`sliding_apply`);
+    each window is split over the devices too when its x divides."""
     z = np.asarray(latent, np.float32) / np.float32(models.scale_factor)
     f = models.factor
     full = tuple(s * f for s in z.shape[:3])
-    fn = _decoder(models.autoencoder)
+    devices = spatial_devices(z.shape[0], devices)
+    n = len(devices)
 
-    def dec(batch):
-        return fn(models.autoencoder_params, jnp.asarray(batch))
+    def dec(batch):  # a window (or the volume) split along X when it divides
+        d = devices if batch.shape[1] % n == 0 else devices[:1]
+        return spatial_decoder(models.autoencoder, d)(models.autoencoder_params,
+                                                      jnp.asarray(batch))
 
     batch, estimate = 1, None
     if isinstance(window, str) and window == "auto":
         budget = memory.default_budget() if memory_budget is None else int(memory_budget)
+        # n devices hold 1/n of the whole volume's activations each
         window, batch, estimate = memory.choose_window(_ae_config(models.autoencoder), full,
-                                                       "decode", budget, (f, f, f))
+                                                       "decode", budget * n, (f, f, f))
     elif isinstance(window, str) and window == "whole":
         window = None
     if window is not None:
@@ -459,7 +507,7 @@ def decode(models: MaisiModels, latent: np.ndarray, *, window="auto", overlap: f
             window = None
     if window is None:
         out = np.asarray(jax.device_get(dec(z[None])[0]), np.float32)
-        how = "whole volume in one pass"
+        how = "whole volume in one pass" + (f", X split over {n} devices" if n > 1 else "")
     else:
         (out,) = sliding_apply(dec, z, tuple(w // f for w in window), overlap=overlap,
                                batch_size=batch, scale=[(f, 1)] * 3)
