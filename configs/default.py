@@ -68,6 +68,14 @@ def get_config():
     # outputs of the batch. 0 turns them off.
     vq.restart_threshold = 0.0
     vq.restart_every = 1
+    # Memory levers (not MONAI's; these defaults are MONAI's model): the first conv strided
+    # by initial_downsample_factor with a voxel-complete kernel (None: downsample_parameters'
+    # first row); one factor per later level (None: the rows); the decoder's last
+    # upsample "deconv" (MONAI's) | "nearest_conv" | "subpixel"; strided_kernel as above.
+    vq.initial_downsample_factor = ml_collections.config_dict.placeholder(object)
+    vq.downsample_factors = ml_collections.config_dict.placeholder(tuple)
+    vq.upsample_head = "deconv"
+    vq.strided_kernel = ml_collections.config_dict.placeholder(int)
 
     # --- PatchGAN discriminator (MONAI PatchDiscriminator semantics). ---
     disc = config.discriminator = ml_collections.ConfigDict()

@@ -210,7 +210,8 @@ class Autoencoder:
     This class is the KL autoencoder's (`autoencoder.kind = "kl"`); subclasses for other
     kinds override the class methods `build_model`, `model_factor`, `read_extra`,
     `expected_variables` and the instance methods `encode_fn`, `encode`, `decode`,
-    `latent_shape`, `_latent_channels`, `_call_bytes` / `_choose_window`.
+    `latent_shape`, `_latent_channels`, `_call_bytes` (the memory estimate
+    `_choose_window` searches with).
     """
 
     model: Any
@@ -281,7 +282,7 @@ class Autoencoder:
 
     def _choose_window(self, padded, op):
         return memory.choose_window(self.config.autoencoder, padded, op, self.memory_budget,
-                                    self.factor)
+                                    self.factor, estimate=self._call_bytes)
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -496,22 +497,6 @@ class VQAutoencoder(Autoencoder):
     def _call_bytes(self, window, op) -> int:
         from ldm_jax.autoencoder.vq_config import vq_call_bytes
         return vq_call_bytes(self.model, window, op)
-
-    def _choose_window(self, padded, op):
-        # memory.choose_window's search with the VQ-VAE's estimate.
-        padded = tuple(int(p) for p in padded)
-        whole = self._call_bytes(padded, op)
-        if whole <= self.memory_budget:
-            return None, 1, whole
-        window = list(padded)
-        while self._call_bytes(window, op) > self.memory_budget:
-            shrinkable = [a for a in range(3) if window[a] > self.factor[a]]
-            if not shrinkable:
-                break
-            a = max(shrinkable, key=lambda i: window[i])
-            window[a] -= self.factor[a]
-        per_window = self._call_bytes(window, op)
-        return tuple(window), max(1, int(self.memory_budget // per_window)), per_window
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ldm_jax.autoencoder import geometry
 from ldm_jax.models import layers
@@ -113,24 +113,31 @@ def default_budget() -> int:
 
 
 def choose_window(ae, padded: Sequence[int], op: str, budget: int,
-                  factor: Sequence[int]) -> tuple[Optional[tuple], int, int]:
+                  factor: Sequence[int], estimate: Optional[Callable] = None
+                  ) -> tuple[Optional[tuple], int, int]:
     """(window or None for the whole volume, windows per call, estimated bytes per window)
     for a volume of `padded` input voxels (multiples of `factor`) under `budget` bytes.
 
     The whole volume when it fits; else the largest window that fits, found by shrinking
     the longest side a factor step at a time (windows stay near cubic). When not
     even one factor step per axis fits, that smallest window is used anyway.
+    `estimate(window, op) -> bytes` is the model's memory estimate: None is `call_bytes`
+    for the KL autoencoder config `ae`; another kind passes its own (the VQ-VAE's
+    `vq_config.vq_call_bytes`), and `ae` is then unused.
     """
+    if estimate is None:
+        def estimate(window, op):
+            return call_bytes(ae, window, op)
     padded = tuple(int(p) for p in padded)
-    whole = call_bytes(ae, padded, op)
+    whole = estimate(padded, op)
     if whole <= budget:
         return None, 1, whole
     window = list(padded)
-    while call_bytes(ae, window, op) > budget:
+    while estimate(window, op) > budget:
         shrinkable = [a for a in range(3) if window[a] > factor[a]]
         if not shrinkable:
             break
         a = max(shrinkable, key=lambda i: window[i])
         window[a] -= factor[a]
-    per_window = call_bytes(ae, window, op)
+    per_window = estimate(window, op)
     return tuple(window), max(1, int(budget // per_window)), per_window

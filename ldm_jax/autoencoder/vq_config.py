@@ -69,6 +69,10 @@ def vqvae_problems(config) -> list[str]:
     if problems or channels is None:
         return problems
     model = _model(config)
+    try:
+        model.lever_layout()
+    except ConfigError as e:
+        return [f"autoencoder.{e}"]
     size = tuple(get_field(get_field(config, "data"), "volume_size") or ())
     try:
         levels, out = vqvae_shapes(model, size)
@@ -84,9 +88,16 @@ def vqvae_problems(config) -> list[str]:
                 f"encoder levels give {' -> '.join('x'.join(map(str, s)) for s in levels)} "
                 f"and its decoder {'x'.join(map(str, out))} (with MONAI's rows, stride 2, "
                 f"kernel 4, padding 1, every axis must divide by the total factor "
-                f"{total(model)[0]}); change volume_size or "
-                "autoencoder.vqvae.downsample_parameters / upsample_parameters.")
+                f"{_factor_text(total(model))}; an initial_downsample_factor needs an "
+                "upsample_head 'nearest_conv' or 'subpixel' unless the last "
+                "upsample_parameters row undoes it); change volume_size or autoencoder.vqvae's "
+                "downsample_parameters / upsample_parameters / memory levers.")
     return problems
+
+
+def _factor_text(f) -> str:
+    """4 for (4, 4, 4), 4x4x2 otherwise."""
+    return str(f[0]) if len(set(f)) == 1 else "x".join(map(str, f))
 
 
 def _model(config):
@@ -95,11 +106,10 @@ def _model(config):
 
 
 def total(model) -> tuple[int, int, int]:
-    """The VQ-VAE's total downsampling factor per axis: the product of its strides."""
-    from ldm_jax.models.vqvae import _rows
-    rows = _rows(model.downsample_parameters, len(model.channels), 4, "downsample_parameters")
-    f = math.prod(r[0] for r in rows)
-    return (f, f, f)
+    """The VQ-VAE's total downsampling factor per axis: the product of its strides (the
+    rows' or the memory levers')."""
+    strides = model.lever_layout()[0]
+    return tuple(math.prod(s[a] for s in strides) for a in range(3))
 
 
 def format_vq_plan(config) -> str:
@@ -115,6 +125,13 @@ def format_vq_plan(config) -> str:
     size = tuple(int(v) for v in config.data.volume_size)
     levels, _ = vqvae_shapes(model, size)
     latent = levels[-1]
+    levers = []
+    if vq.get("initial_downsample_factor", None) is not None:
+        levers.append(f"first conv /{vq.initial_downsample_factor}")
+    if vq.get("downsample_factors", None) is not None:
+        levers.append(f"level factors {tuple(vq.downsample_factors)}")
+    if vq.get("upsample_head", "deconv") != "deconv":
+        levers.append(f"{vq.upsample_head} head")
     key = jax.random.key(0)
     x = jax.ShapeDtypeStruct((1, *size, int(ae.in_channels)), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init({"params": key}, x), x)
@@ -124,11 +141,12 @@ def format_vq_plan(config) -> str:
                 f"size {thr:g}" if thr > 0 else "no dead-code restarts (MONAI)")
     return "\n".join([
         f"autoencoder: VQ-VAE (MONAI VQVAE), channels {tuple(vq.channels)}, "
-        f"{int(vq.num_res_layers)} residual layer(s) per level, dtype {ae.dtype}",
+        f"{int(vq.num_res_layers)} residual layer(s) per level, dtype {ae.dtype}"
+        + (f"; memory levers: {', '.join(levers)}" if levers else ""),
         "  shapes: " + " -> ".join("x".join(map(str, s)) for s in [size, *levels]),
         f"latent: {'x'.join(map(str, latent))} x {int(vq.embedding_dim)} channels (continuous, "
         f"quantised to one of {int(vq.num_embeddings)} codes per latent voxel), total "
-        f"factor {total(model)[0]}",
+        f"factor {_factor_text(total(model))}",
         f"codebook: {int(vq.num_embeddings)} x {int(vq.embedding_dim)}, EMA decay "
         f"{float(vq.decay):g}, commitment cost {float(vq.commitment_cost):g}; {restarts}",
         f"parameters: autoencoder {n_params:,}",
@@ -144,17 +162,16 @@ def vq_call_bytes(model, window, op: str, batch: int = 1) -> int:
     residual channels on its grid, the input or output volume), plus for a decode the
     quantiser's latent-voxels x codes float32 distances (three copies)."""
     from ldm_jax.autoencoder.memory import ACTIVATION_COPIES
-    from ldm_jax.models.vqvae import _rows
 
     if op not in ("encode", "decode"):
         raise ValueError(f"op must be 'encode' or 'decode'; got {op!r}")
     window = tuple(int(w) for w in window)
-    rows = _rows(model.downsample_parameters, len(model.channels), 4, "downsample_parameters")
     io = int(model.in_channels if op == "encode" else model.out_channels)
-    elements, cum = [math.prod(window) * io], 1
-    for row, c, rc in zip(rows, model.channels, model.res_channels):
-        cum *= int(row[0])
-        elements.append(math.prod(max(w // cum, 1) for w in window) * max(int(c), int(rc)))
-    latent_voxels = math.prod(max(w // cum, 1) for w in window)
+    elements, cum = [math.prod(window) * io], (1, 1, 1)
+    for s, c, rc in zip(model.lever_layout()[0], model.channels, model.res_channels):
+        cum = tuple(a * b for a, b in zip(cum, s))
+        elements.append(math.prod(max(w // f, 1) for w, f in zip(window, cum))
+                        * max(int(c), int(rc)))
+    latent_voxels = math.prod(max(w // f, 1) for w, f in zip(window, cum))
     quantiser = 3 * latent_voxels * int(model.num_embeddings) * 4 if op == "decode" else 0
     return int(batch) * (ACTIVATION_COPIES * max(elements) * 4 + quantiser)

@@ -9,6 +9,24 @@ Variables: "params" (the convolutions, PReLU slopes) and "codebook" (the quantiz
 `embedding`, `ema_cluster_size`, `ema_w`: not trained by gradients but by the EMA update,
 which `train=True` returns as the new "codebook" collection instead of mutating a buffer:
 `model.apply(v, x, train=True, mutable=["codebook"], rngs={"dropout": key})`).
+
+Memory levers (not MONAI's; their defaults leave the model MONAI's, weight for weight),
+the KL autoencoder's (`ldm_jax.models.autoencoder`) with its layers:
+
+- `initial_downsample_factor` f0 (int or per-axis triple): the first encoder conv strides
+  by f0 with a voxel-complete kernel (`layers.strided_geometry`: kernel >= stride on every
+  axis, output exactly n / f0) in place of the first `downsample_parameters` row, so
+  level 0 runs at 1/f0.
+- `downsample_factors` (one int or triple per later level): the same for the strided convs
+  of levels 1..n-1; the decoder then upsamples between levels by nearest x factor then
+  conv k3 (`layers.nearest_conv`, computed on the coarse grid) instead of transposed convs.
+- `upsample_head`: the decoder's last upsample (undoing the first conv's stride).
+  "deconv" is MONAI's transposed conv (the last `upsample_parameters` row); "nearest_conv"
+  is nearest x f then conv k3 to out_channels (on the coarse grid); "subpixel" is a conv
+  k3 to out_channels * prod(f) on the coarse grid then depth-to-space (ICNR init, so it
+  starts as a nearest upsample), the mirror of a strided stem.
+- `strided_kernel`: the kernel of those strided convs (None: voxel-complete; smaller than
+  the stride skips voxels, with a warning, as the KL model's).
 """
 
 from __future__ import annotations
@@ -21,13 +39,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ldm_jax.config import as_triple
 from ldm_jax.errors import ConfigError
-from ldm_jax.models.layers import torch_like_init
+from ldm_jax.models.layers import (
+    conv,
+    depth_to_space,
+    icnr_init,
+    nearest_conv,
+    strided_geometry,
+    torch_like_init,
+    warn_if_skipping,
+)
 from ldm_jax.models.tap_conv import DIMENSION_NUMBERS, conv_general_dilated
 
 # PyTorch ConvTranspose init: its fan_in is computed from weight dim 1 (= out channels) * k.
 _deconv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
                                                 in_axis=-1, out_axis=-2)
+UPSAMPLE_HEADS = ("deconv", "nearest_conv", "subpixel")
 _ACTS = ("relu", "leakyrelu", "prelu", "elu", "gelu", "silu", "swish", "tanh", "sigmoid")
 
 
@@ -110,6 +138,12 @@ class Convolution(nn.Module):
     `geometry`: (stride, kernel, dilation, padding[, output_padding]) as MONAI's
     `downsample_parameters`/`upsample_parameters` rows; `conv_only` skips dropout and act;
     `dropout` None or 0 skips dropout (MONAI's first encoder conv has none).
+
+    The memory levers replace the conv (params `conv/kernel`, `conv/bias` either way):
+    `strided` = (kernel triple, stride triple, padding pairs) is a strided conv of that
+    geometry (`layers.conv`); `up_factor` (a triple) upsamples by it, with `upsample`
+    "nearest_conv" (nearest then conv k3, `layers.nearest_conv`) or "subpixel" (conv k3
+    to features * prod(up_factor), ICNR init, then `layers.depth_to_space`).
     """
 
     features: int
@@ -119,11 +153,25 @@ class Convolution(nn.Module):
     dropout: float | None = None
     conv_only: bool = False
     dtype: Any = jnp.float32
+    strided: Any = None
+    up_factor: Any = None
+    upsample: str = "nearest_conv"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         s, k, d, p = self.geometry[:4]
-        if self.transposed:
+        if self.up_factor is not None:
+            f = tuple(self.up_factor)
+            n = f[0] * f[1] * f[2]
+            if self.upsample == "subpixel" and n > 1:
+                x = depth_to_space(conv(self.features * n, dtype=self.dtype, name="conv",
+                                        kernel_init=icnr_init(torch_like_init, n))(x), f)
+            else:
+                x = nearest_conv(self.features, f, self.dtype, "conv")(x)
+        elif self.strided is not None:
+            kernel, stride, padding = self.strided
+            x = conv(self.features, kernel, stride, padding, self.dtype, name="conv")(x)
+        elif self.transposed:
             x = ConvTranspose(self.features, k, s, d, p, self.geometry[4], self.dtype,
                               name="conv")(x)
         else:
@@ -158,7 +206,8 @@ class ResidualUnit(nn.Module):
 class Encoder(nn.Module):
     """MONAI's VQVAE `Encoder`: per level a strided `Convolution` then `num_res_layers`
     residual units; a final conv k3 p1 to `out_channels` (embedding_dim). Our block i is
-    MONAI's `blocks.i`."""
+    MONAI's `blocks.i`. `strided`: per level None (the `downsample_parameters` row) or a
+    lever conv's (kernel, stride, padding) (see `Convolution`)."""
 
     out_channels: int
     channels: Sequence[int]
@@ -168,14 +217,16 @@ class Encoder(nn.Module):
     dropout: float
     act: Any
     dtype: Any = jnp.float32
+    strided: Sequence | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         b = 0
+        strided = self.strided or (None,) * len(self.channels)
         for i, c in enumerate(self.channels):
             x = Convolution(c, tuple(self.downsample_parameters[i]), act=self.act,
                             dropout=None if i == 0 else self.dropout, dtype=self.dtype,
-                            name=f"blocks_{b}")(x, train)
+                            strided=strided[i], name=f"blocks_{b}")(x, train)
             b += 1
             for _ in range(self.num_res_layers):
                 x = ResidualUnit(self.num_res_channels[i], self.act, self.dropout, self.dtype,
@@ -188,7 +239,10 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """MONAI's VQVAE `Decoder`: conv k3 p1 to channels[-1]; per level (deepest first)
     residual units then a transposed `Convolution` (the last one conv only, to
-    `out_channels`); then `output_act` when set. Our block i is MONAI's `blocks.i`."""
+    `out_channels`); then `output_act` when set. Our block i is MONAI's `blocks.i`.
+    `up_factors`: per upsample (deepest first) None (the transposed conv of the
+    `upsample_parameters` row) or a lever's factor triple, the last one made by `head`
+    ("nearest_conv" or "subpixel"; see `Convolution`)."""
 
     out_channels: int
     channels: Sequence[int]
@@ -199,10 +253,13 @@ class Decoder(nn.Module):
     act: Any
     output_act: Any = None
     dtype: Any = jnp.float32
+    up_factors: Sequence | None = None
+    head: str = "deconv"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         ch, rch, n = self.channels[::-1], self.num_res_channels[::-1], len(self.channels)
+        up = self.up_factors or (None,) * n
         x = Convolution(ch[0], conv_only=True, dtype=self.dtype, name="blocks_0")(x)
         b = 1
         for i in range(n):
@@ -214,7 +271,9 @@ class Decoder(nn.Module):
             x = Convolution(self.out_channels if last else ch[i + 1],
                             tuple(self.upsample_parameters[i]), transposed=True, act=self.act,
                             dropout=None if last else self.dropout, conv_only=last,
-                            dtype=self.dtype, name=f"blocks_{b}")(x, train)
+                            dtype=self.dtype, up_factor=up[i],
+                            upsample=self.head if last else "nearest_conv",
+                            name=f"blocks_{b}")(x, train)
             b += 1
         if self.output_act is not None:
             x = Act(self.output_act, name="output_act")(x)
@@ -318,7 +377,9 @@ class VQVAE(nn.Module):
     Fields as MONAI's (`downsample_parameters` rows are (stride, kernel, dilation,
     padding), `upsample_parameters` rows (stride, kernel, dilation, padding,
     output_padding); one row or one per level; `act`/`output_act` MONAI names or
-    (name, kwargs)), plus `dtype` of the convolutions (the quantizer is float32).
+    (name, kwargs)), plus `dtype` of the convolutions (the quantizer is float32) and the
+    memory levers `initial_downsample_factor`, `downsample_factors`, `upsample_head`,
+    `strided_kernel` (module docstring; their defaults are MONAI's model).
     `ddp_sync`/`use_checkpointing` have no field: the EMA statistics are global batch sums
     under jit, and remat is the caller's `jax.checkpoint`.
 
@@ -345,6 +406,54 @@ class VQVAE(nn.Module):
     act: Any = "RELU"
     output_act: Any = None
     dtype: Any = "float32"
+    initial_downsample_factor: Any = None
+    downsample_factors: Sequence | None = None
+    upsample_head: str = "deconv"
+    strided_kernel: int | None = None
+
+    @property
+    def uses_levers(self) -> bool:
+        """True when a memory lever is set (the model is then not MONAI's)."""
+        return (self.initial_downsample_factor is not None
+                or self.downsample_factors is not None or self.upsample_head != "deconv")
+
+    def lever_layout(self) -> tuple[tuple, tuple, tuple]:
+        """(encoder stride triple per level, lever conv (kernel, stride, padding) or None
+        per encoder level, lever upsample factor triple or None per decoder upsample
+        (deepest first)). None means the MONAI row. Raises ConfigError for bad lever
+        settings (their names in the message)."""
+        n = len(self.channels)
+        down = _rows(self.downsample_parameters, n, 4, "downsample_parameters")
+        if self.upsample_head not in UPSAMPLE_HEADS:
+            raise ConfigError(f"vqvae upsample_head must be one of {UPSAMPLE_HEADS}; got "
+                              f"{self.upsample_head!r}")
+        sk = self.strided_kernel
+        if sk is not None and (isinstance(sk, bool) or not isinstance(sk, int) or sk < 1):
+            raise ConfigError("vqvae strided_kernel must be None (voxel-complete) or a "
+                              f"positive int; got {sk!r}")
+        factors: list = [None] * n
+        if self.initial_downsample_factor is not None:
+            factors[0] = as_triple(self.initial_downsample_factor,
+                                   "vqvae initial_downsample_factor")
+        if self.downsample_factors is not None:
+            df = tuple(self.downsample_factors)
+            if len(df) != n - 1:
+                raise ConfigError(f"vqvae downsample_factors needs {n - 1} entries (one per "
+                                  f"level after the first of channels {tuple(self.channels)}), "
+                                  f"or None for the downsample_parameters rows; got {df!r}")
+            for i, f in enumerate(df):
+                factors[i + 1] = as_triple(f, f"vqvae downsample_factors[{i}]")
+        strides = tuple((down[i][0],) * 3 if f is None else f for i, f in enumerate(factors))
+        strided = tuple(None if f is None else
+                        (strided_geometry(f, sk)[0], f, strided_geometry(f, sk)[1])
+                        for f in factors)
+        up: list = [None] * n
+        if self.downsample_factors is not None:
+            for i in range(n - 1):
+                up[i] = strides[n - 1 - i]
+        if self.upsample_head != "deconv":
+            up[n - 1] = strides[0]
+        return strides, strided, tuple(up)
 
     @property
     def res_channels(self) -> tuple[int, ...]:
@@ -361,14 +470,20 @@ class VQVAE(nn.Module):
         if self.output_act is not None and parse_act(self.output_act)[0] == "prelu":
             raise ConfigError("vqvae output_act 'prelu' is not supported (it would add a "
                               "parameter MONAI stores outside any block); pick another")
+        strides, strided, up = self.lever_layout()
+        if self.is_initializing():  # once per model, not on every apply
+            for i, g in enumerate(strided):
+                if g is not None:
+                    warn_if_skipping(f"vqvae encoder level {i}", strides[i], self.strided_kernel)
         self.encoder = Encoder(self.embedding_dim, tuple(self.channels), self.num_res_layers,
                                self.res_channels,
                                _rows(self.downsample_parameters, n, 4, "downsample_parameters"),
-                               self.dropout, self.act, dt)
+                               self.dropout, self.act, dt, strided)
         self.decoder = Decoder(self.out_channels, tuple(self.channels), self.num_res_layers,
                                self.res_channels,
                                _rows(self.upsample_parameters, n, 5, "upsample_parameters"),
-                               self.dropout, self.act, self.output_act, dt)
+                               self.dropout, self.act, self.output_act, dt, up,
+                               self.upsample_head)
         self.quantizer = EMAQuantizer(self.num_embeddings, self.embedding_dim,
                                       self.commitment_cost, self.decay, self.epsilon,
                                       self.embedding_init)
@@ -428,17 +543,25 @@ def deconv_size(n: int, row) -> int:
 
 def vqvae_shapes(model: VQVAE, size) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
     """(encoder output (X, Y, Z) per level, decoder output (X, Y, Z)) for an input of
-    spatial `size`; a non-positive entry means the input is too small. Raises ConfigError
-    for misshaped parameter rows."""
+    spatial `size`, with the memory levers' geometry where set; a non-positive entry means
+    the input is too small. Raises ConfigError for misshaped parameter rows or lever
+    settings."""
     n = len(model.channels)
     down = _rows(model.downsample_parameters, n, 4, "downsample_parameters")
     up = _rows(model.upsample_parameters, n, 5, "upsample_parameters")
+    _, strided, up_factors = model.lever_layout()
     levels, cur = [], tuple(int(v) for v in size)
-    for row in down:
-        cur = tuple(conv_size(v, row) for v in cur)
+    for row, lever in zip(down, strided):
+        if lever is None:
+            cur = tuple(conv_size(v, row) for v in cur)
+        else:
+            k, s, pad = lever
+            cur = tuple((v + lo + hi - kk) // ss + 1
+                        for v, kk, ss, (lo, hi) in zip(cur, k, s, pad))
         levels.append(cur)
-    for row in up:
-        cur = tuple(deconv_size(v, row) for v in cur)
+    for row, f in zip(up, up_factors):
+        cur = (tuple(deconv_size(v, row) for v in cur) if f is None
+               else tuple(v * ff for v, ff in zip(cur, f)))
     return levels, cur
 
 
@@ -447,7 +570,8 @@ def build_vqvae(ae_cfg: Any) -> VQVAE:
     the MONAI fields (channels, num_res_layers, ..., num_embeddings, embedding_dim,
     commitment_cost, decay, epsilon); `in_channels`, `out_channels` and `dtype` are the
     section's own. Lists become tuples; None leaves MONAI's default. Raises ConfigError
-    for an unsupported dtype."""
+    for an unsupported dtype. The levers are `vqvae` fields too; absent ones keep MONAI's
+    model."""
     get = ae_cfg.get if hasattr(ae_cfg, "get") else lambda k, d=None: getattr(ae_cfg, k, d)
     vq = get("vqvae", None) or {}
     vq_get = vq.get if hasattr(vq, "get") else lambda k, d=None: getattr(vq, k, d)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.errors import ConversionError
 from ldm_jax.models.convert import Leaf, _read, _Table, _write
 from ldm_jax.models.vqvae import VQVAE, parse_act
 
@@ -34,7 +35,13 @@ def _block(t: _Table, key: str, path: tuple, act, conv_only=False, layout="conv"
 
 
 def _table(model: VQVAE) -> list[Leaf]:
-    """Every MONAI VQVAE key, in MONAI's state-dict order, with our variables path."""
+    """Every MONAI VQVAE key, in MONAI's state-dict order, with our variables path.
+    Raises ConversionError for a model with memory levers (MONAI has no such model)."""
+    if model.uses_levers:
+        raise ConversionError(
+            "this VQVAE uses memory levers (initial_downsample_factor, downsample_factors "
+            "or an upsample_head other than 'deconv'), which MONAI's VQVAE does not have: "
+            "only a model with the lever defaults converts to or from MONAI")
     t, n, act = _Table(), len(model.channels), model.act
 
     def res(key, path):
@@ -93,7 +100,8 @@ def vqvae_from_monai(state_dict: Any, model: VQVAE) -> dict:
       Nested dict of float32 numpy arrays: `model.apply(variables, x)`.
 
     Raises:
-      ConversionError: keys that do not fit (with what they look like) or a shape mismatch.
+      ConversionError: keys that do not fit (with what they look like), a shape mismatch,
+        or a `model` with memory levers.
       ConfigError: an activation or parameter rows the model cannot take.
     """
     out = _read(state_dict, _table(model), _shapes(model), None,
