@@ -13,7 +13,7 @@
 # CN_ARGS (more train.py overrides, e.g. a tiny model's conditioning embedding),
 # LIKELIHOOD_STEPS (timesteps of the likelihood; empty: all T, MONAI's),
 # JUMP_N_SAMPLE (RePaint's resamplings, 10), RADII (the balls' radius range, 3,5),
-# SPHERES (balls per volume, 2).
+# SPHERES (balls per volume, 2), JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LDM=${1:?usage: bash benchmarks/editing.sh LDM_WORKDIR [OUT]}
@@ -29,6 +29,9 @@ JUMP_N_SAMPLE=${JUMP_N_SAMPLE:-10}
 RADII=${RADII:-3,5}
 SPHERES=${SPHERES:-2}
 mkdir -p "$OUT"
+# Compiled programs persist here: a rerun (or a run after a dry run of the same settings
+# on another checkpoint of the same stage-2 run) skips compilation, most of a CPU run.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jit_cache}
 COMMON=(--num "$NUM" --steps "$STEPS" --out "$OUT")
 
 # 2-4. Inpainting, SDEdit, anomaly maps on the plain LDM (first: they take minutes).

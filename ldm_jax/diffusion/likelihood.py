@@ -66,9 +66,10 @@ def make_likelihood(unet, scheduler, *, steps: int | None = None,
         original_input_range, scaled_input_range: the t = 0 term's bin width, MONAI's
             defaults (LatentDiffusionInferer always uses them).
         decoder_term: False leaves out the t = 0 term (the KL terms of t >= 1 only; not
-            MONAI's). On latents that term is a near-binary ~27.6 nats per element whose
-            prediction misses its 1/255 bin inside (-0.999, 0.999) and ~0 beyond, where the
-            edge bins are open: it marks in-range latents, not unlikely ones.
+            MONAI's). With the fixed-small variance (clamped to 1e-20 at t = 0) that term
+            is near-binary: ~27.6 nats (log 1e12) per element whose prediction misses its
+            1/255 bin, ~0 where it hits; beyond +-0.999 the edge bins are open to one
+            side, so large latents miss less often. Not a graded measure on latents.
     `noise` (B, X, Y, Z, C): the one Gaussian draw, else drawn from `key`.
 
     Raises:
