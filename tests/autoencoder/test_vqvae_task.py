@@ -93,7 +93,7 @@ def test_vqvae_4x_config_is_valid_and_described():
     task = make_task(prepare_config(load_config("configs/vqvae_4x.py")))
     text = task.describe()
     assert "latent: 16x16x8 x 8 channels" in text and "one of 256 codes" in text
-    assert "no dead-code restarts (MONAI)" in text
+    assert "dead-code restarts every 1 step(s) below EMA cluster size 1" in text
 
 
 # ---------------------------------------------------------------- codebook usage, restarts
