@@ -12,7 +12,7 @@
 # STEP (LDM checkpoint, latest), CN_STEPS (2000), CN_MINUTES (12), CN_LR (1e-4),
 # CN_ARGS (more train.py overrides, e.g. a tiny model's conditioning embedding),
 # LIKELIHOOD_STEPS (timesteps of the likelihood; empty: all T, MONAI's),
-# JUMP_N_SAMPLE (RePaint's resamplings, 10), RADII (the balls' radius range, 3,5),
+# JUMP_LENGTH, JUMP_N_SAMPLE (RePaint's, 10 and 10), RADII (the balls' radius range, 3,5),
 # SPHERES (balls per volume, 2), JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,7 @@ STEP=${STEP:-latest}
 CN_STEPS=${CN_STEPS:-2000}
 CN_MINUTES=${CN_MINUTES:-12}
 CN_LR=${CN_LR:-1e-4}
+JUMP_LENGTH=${JUMP_LENGTH:-10}
 JUMP_N_SAMPLE=${JUMP_N_SAMPLE:-10}
 RADII=${RADII:-3,5}
 SPHERES=${SPHERES:-2}
@@ -36,7 +37,7 @@ COMMON=(--num "$NUM" --steps "$STEPS" --out "$OUT")
 
 # 2-4. Inpainting, SDEdit, anomaly maps on the plain LDM (first: they take minutes).
 [ -f "$OUT/editing_inpaint.json" ] || $PY -m benchmarks.editing inpaint --workdir "$LDM" \
-  --step "$STEP" --jump_length 10 --jump_n_sample "$JUMP_N_SAMPLE" "${COMMON[@]}"
+  --step "$STEP" --jump_length "$JUMP_LENGTH" --jump_n_sample "$JUMP_N_SAMPLE" "${COMMON[@]}"
 [ -f "$OUT/editing_sdedit.json" ] || $PY -m benchmarks.editing sdedit --workdir "$LDM" \
   --step "$STEP" --strengths 0,0.1,0.25,0.5,0.75,1 "${COMMON[@]}"
 LS=()
