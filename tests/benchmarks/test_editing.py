@@ -124,3 +124,13 @@ def test_tables_print_the_parts_that_exist(tmp_path):
     assert "PSNR to the sample rises NO" in md
     assert "ControlNet" not in md and "Inpainting" not in md
     assert editing.tables(str(tmp_path), ("anomaly",)) == ""
+
+
+def test_held_out_volumes_extend_the_validation_set():
+    from tests.tiny import tiny_config
+
+    cfg = tiny_config()  # 2 validation volumes
+    six = editing.held_out_volumes(cfg, 6)
+    assert six.shape == (6, 16, 16, 8, 1) and cfg.data.num_val_volumes == 2  # not changed
+    np.testing.assert_array_equal(editing.held_out_volumes(cfg, 2), six[:2])
+    assert len({v.tobytes() for v in six}) == 6 and all(v.max() > 0.1 for v in six)
