@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.autoencoder.task import AutoencoderTask
-from ldm_jax.models.maisi.finetune import build_autoencoder_from_config, load_init, replace_params
+from ldm_jax.models.maisi.finetune import build_autoencoder_from_config, replace_params
+from ldm_jax.models.maisi.init_from import load_init
 
 
 class MaisiAutoencoderTask(AutoencoderTask):

@@ -157,7 +157,7 @@ class DiffusionTask:
         if unet_cfg.get("kind", "monai") != "maisi":
             raise ConfigError(f"unet.init_from={path} needs unet.kind='maisi' (MAISI's "
                               "diffusion UNet files; docs/maisi.md, \"Fine-tuning\")")
-        from ldm_jax.models.maisi.finetune import load_init
+        from ldm_jax.models.maisi.init_from import load_init
         self.init_params, scale = load_init(path, self.unet, "unet.init_from")
         return scale
 
