@@ -3,6 +3,7 @@
 # networks written by MONAI's own classes stand in for the released files (the commands
 # are the same with autoencoder_v1.pt / diff_unet_3d_rflow-ct.pt and the configs' sizes).
 #   bash benchmarks/maisi_finetune.sh [OUT]     (default runs/maisi_tiny)
+# Not yet run to its end on the shared 2-core CPU (its first compile was starved).
 set -euo pipefail
 OUT=${1:-runs/maisi_tiny}
 mkdir -p "$OUT"
