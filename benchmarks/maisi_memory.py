@@ -15,7 +15,8 @@ a GPU's measured peak. Network: NV-Generate-CTMR's `config_network_rflow.json`
 
 Time: one decode of a `--time-latent` cube (4 channels) by our jitted decode (compile
 excluded) and by MONAI's `AutoencoderKlMaisi.decode_stage_2_outputs` with the released
-constructor arguments (num_splits 4 on dim 1, norm_float16) and the same weights, float32,
+constructor arguments (num_splits 4 on dim 1) and the same weights, float32 (norm_float16
+off on both: MONAI's fails on a CPU without autocast),
 median of `--repeats`, process CPU seconds and wall seconds, on the same machine in the
 same process. Prints one line per measurement and writes them all to `--json`.
 """
@@ -72,8 +73,12 @@ def cpu_time(ae, latent, repeats):
     from ldm_jax.diffusion.maisi import RELEASED_NETWORKS, _decoder
     from ldm_jax.models.maisi.convert import autoencoder_maisi_to_monai
 
+    # norm_float16 off on both sides: MONAI's half-precision norm output meets float32
+    # conv biases on a CPU without autocast ("Input type (c10::Half) and bias type (float)").
     definition = {k: v for k, v in RELEASED_NETWORKS["rflow"]["autoencoder_def"].items()
                   if k != "_target_"}
+    definition["norm_float16"] = False
+    ae = ae.clone(norm_float16=False)
     x = np.zeros((1, 4 * ae.factor, 4 * ae.factor, 4 * ae.factor, 1), np.float32)
     params = ae.init({"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(1)},
                      x)["params"]
