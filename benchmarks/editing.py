@@ -4,6 +4,7 @@ r"""Issue 29's measurements of editing with a trained LDM (benchmarks/EDITING.md
     python -m benchmarks.editing inpaint --workdir runs/ldm --out runs/editing
     python -m benchmarks.editing sdedit --workdir runs/ldm --out runs/editing
     python -m benchmarks.editing anomaly --workdir runs/ldm --out runs/editing
+    python -m benchmarks.editing residual --workdir runs/ldm --out runs/editing
     python -m benchmarks.editing tables --out runs/editing     # Markdown of the JSONs
     bash benchmarks/editing.sh AE_WORKDIR LDM_WORKDIR [OUT]    # all of it, ControlNet trained
 
@@ -42,6 +43,10 @@ and OUT/editing_PART.png and prints its Markdown table.
   autoencoder's own reconstruction error |AE(x) - x| (the trivial baseline); per volume
   and pooled over all voxels. With `--clean_scores` also total_kl of the volumes without
   spheres.
+- residual: the same volumes with the same spheres; per-voxel AUROC of the
+  reconstruction-based map (`editing.anomaly`, `ldm-jax edit --mode anomaly`: |mean of
+  `--repeats` SDEdits - input|) at each `--strengths`, and of one SDEdit alone, against
+  the autoencoder's reconstruction error.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import sys
 
 import numpy as np
 
-PARTS = ("controlnet", "inpaint", "sdedit", "anomaly")
+PARTS = ("controlnet", "inpaint", "sdedit", "anomaly", "residual")
 
 
 # ----------------------------------------------------------------------------------------
@@ -439,13 +444,9 @@ def sdedit_part(pipe, workdir, a, log=print) -> dict:
     return record
 
 
-def anomaly_part(pipe, workdir, a, log=print) -> dict:
-    """Anomaly maps of volumes with inserted spheres (module docstring)."""
-    import jax
-
-    from ldm_jax.diffusion import editing
-
-    lo, hi = _data_range(pipe)
+def volumes_with_spheres(pipe, a):
+    """The held-out volumes, the same with `a.spheres` balls each (seeded by `a.seed`), the
+    ball masks and the balls: (vols, with_spheres, truth (N, X, Y, Z) bool, balls)."""
     vols = held_out_volumes(pipe.autoencoder.config, a.num)
     rs = np.random.default_rng(int(a.seed))
     r_lo, r_hi = (float(x) for x in a.radii.split(","))
@@ -456,7 +457,71 @@ def anomaly_part(pipe, workdir, a, log=print) -> dict:
         sph.append(w)
         truth.append(m)
         balls.append([{"centre": list(c), "radius": r} for c, r in bs])
-    sph, truth = np.stack(sph), np.stack(truth)
+    return vols, np.stack(sph), np.stack(truth), balls
+
+
+def residual_part(pipe, workdir, a, log=print) -> dict:
+    """Reconstruction-based anomaly maps of the anomaly part's volumes (module docstring)."""
+    import jax
+
+    from ldm_jax.diffusion import editing
+
+    lo, hi = _data_range(pipe)
+    vols, sph, truth, _ = volumes_with_spheres(pipe, a)
+    rng = jax.random.PRNGKey(int(a.seed))
+    strengths = [float(x) for x in a.strengths.split(",")]
+    maps = {("AE", 0): []}
+    maps.update({(s, n): [] for s in strengths for n in (1, a.repeats)})
+    for k, b in enumerate(_batches(len(vols), a.batch_size)):
+        rec = editing.sdedit(pipe, sph[b], rng, k, strength=0.0, steps=1)[0]
+        maps[("AE", 0)] += list(np.abs(rec - sph[b]).sum(-1))
+        for s in strengths:
+            m1 = editing.anomaly(pipe, sph[b], rng, k, strength=s, num_repeats=1,
+                                 steps=a.steps)[0]
+            mn = editing.anomaly(pipe, sph[b], rng, k, strength=s, num_repeats=a.repeats,
+                                 steps=a.steps)[0]
+            maps[(s, 1)] += list(m1[..., 0])
+            maps[(s, a.repeats)] += list(mn[..., 0])
+        log(f"residual: volumes {b[0]}..{b[-1]} done")
+    rows = []
+    for (s, n), ms in maps.items():
+        ms = np.stack(ms)
+        per = [auroc(m, t) for m, t in zip(ms, truth)]
+        rows.append({"strength": None if s == "AE" else s, "repeats": n,
+                     "method": "reconstruction error |AE(x) - x|" if s == "AE" else
+                     f"diffusion residual, strength {s:g}, mean of {n}",
+                     "auroc_per_volume": per, "mean_auroc": float(np.mean(per)),
+                     "pooled_auroc": auroc(ms, truth), "maps": ms})
+        log(f"residual: {rows[-1]['method']}: AUROC {rows[-1]['mean_auroc']:.3f} (pooled "
+            f"{rows[-1]['pooled_auroc']:.3f})")
+    shown = min(2, len(vols))
+    best = max(rows[1:], key=lambda r: r["mean_auroc"])
+    pics, names = [], []
+    for i in range(shown):
+        pics += [(sph[i] - lo) / (hi - lo), truth[i].astype(np.float32)]
+        pics += [np.clip(m / (float(np.percentile(m, 99.5)) or 1.0), 0, 1)
+                 for m in (rows[0]["maps"][i], best["maps"][i])]
+        names += [f"v{i} with spheres", f"v{i} sphere voxels", f"v{i} |AE(x) - x|",
+                  f"v{i} residual s {best['strength']:g} x{best['repeats']}"]
+    _picture(pics, names, os.path.join(a.out, "editing_residual.png"),
+             "residual anomaly map: volume, truth, AE error, diffusion residual (/ 99.5th pct)")
+    for r in rows:
+        r.pop("maps")
+    return {**_settings(pipe, workdir, a), "spheres_per_volume": int(a.spheres),
+            "radii": [float(x) for x in a.radii.split(",")],
+            "sphere_fraction": float(truth.mean()), "repeats": int(a.repeats),
+            "strengths": strengths, "rows": rows}
+
+
+def anomaly_part(pipe, workdir, a, log=print) -> dict:
+    """Anomaly maps of volumes with inserted spheres (module docstring)."""
+    import jax
+
+    from ldm_jax.diffusion import editing
+
+    lo, hi = _data_range(pipe)
+    vols, sph, truth, balls = volumes_with_spheres(pipe, a)
+    r_lo, r_hi = (float(x) for x in a.radii.split(","))
     rng = jax.random.PRNGKey(int(a.seed))
     steps = a.likelihood_steps
     kl, kl1, total, total_clean, err = [], [], [], [], []
@@ -590,6 +655,15 @@ def tables(out_dir, parts=PARTS) -> str:
                f"| pooled | | {n['pooled_auroc_likelihood']:.3f} | "
                f"{n['pooled_auroc_likelihood_t_ge_1']:.3f} | "
                f"{n['pooled_auroc_reconstruction_error']:.3f} | | |", ""]
+    r = load("residual")
+    if r:
+        md += [f"### Anomaly: reconstruction-based maps of the same volumes ({r['num']} held-out"
+               f" volumes, {r['spheres_per_volume']} spheres each, DDIM {r['steps']} steps)", "",
+               "| map | mean per-volume AUROC | pooled AUROC | lowest volume |",
+               "|---|---|---|---|"]
+        md += [f"| {x['method']} | {x['mean_auroc']:.3f} | {x['pooled_auroc']:.3f} | "
+               f"{min(x['auroc_per_volume']):.3f} |" for x in r["rows"]]
+        md.append("")
     return "\n".join(md)
 
 
@@ -633,6 +707,12 @@ def parser():
                    help="timesteps evaluated (default all T, MONAI's)")
     n.add_argument("--clean_scores", action="store_true",
                    help="also total_kl of the volumes without spheres (one more pass)")
+    r = sub.add_parser("residual", help="reconstruction-based anomaly maps: AUROC")
+    _common(r)
+    r.add_argument("--spheres", type=int, default=2, help="balls per volume")
+    r.add_argument("--radii", default="3,5", help="radius range, voxels")
+    r.add_argument("--strengths", default="0.5,0.75,0.9")
+    r.add_argument("--repeats", type=int, default=4, help="SDEdits averaged")
     t = sub.add_parser("tables", help="print the Markdown tables of OUT's JSONs")
     t.add_argument("--out", default="runs/editing")
     return p
@@ -663,7 +743,8 @@ def main(argv=None):
         import ldm_jax
 
         pipe = ldm_jax.load_pipeline(a.workdir, a.step)
-        fn = {"inpaint": inpaint_part, "sdedit": sdedit_part, "anomaly": anomaly_part}[a.part]
+        fn = {"inpaint": inpaint_part, "sdedit": sdedit_part, "anomaly": anomaly_part,
+              "residual": residual_part}[a.part]
         out = fn(pipe, a.workdir, a)
     _save(a.out, a.part, out)
     print(tables(a.out, (a.part,)))

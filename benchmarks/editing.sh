@@ -35,7 +35,7 @@ mkdir -p "$OUT"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jit_cache}
 COMMON=(--num "$NUM" --steps "$STEPS" --out "$OUT")
 
-# 2-4. Inpainting, SDEdit, anomaly maps on the plain LDM (first: they take minutes).
+# 2-4. Inpainting, SDEdit, anomaly maps (likelihood, residual) on the plain LDM (first: they take minutes).
 [ -f "$OUT/editing_inpaint.json" ] || $PY -m benchmarks.editing inpaint --workdir "$LDM" \
   --step "$STEP" --jump_length "$JUMP_LENGTH" --jump_n_sample "$JUMP_N_SAMPLE" "${COMMON[@]}"
 [ -f "$OUT/editing_sdedit.json" ] || $PY -m benchmarks.editing sdedit --workdir "$LDM" \
@@ -44,6 +44,8 @@ LS=()
 [ -z "${LIKELIHOOD_STEPS:-}" ] || LS=(--likelihood_steps "$LIKELIHOOD_STEPS")
 [ -f "$OUT/editing_anomaly.json" ] || $PY -m benchmarks.editing anomaly --workdir "$LDM" \
   --step "$STEP" --spheres "$SPHERES" --radii "$RADII" "${LS[@]}" "${COMMON[@]}"
+[ -f "$OUT/editing_residual.json" ] || $PY -m benchmarks.editing residual --workdir "$LDM" \
+  --step "$STEP" --spheres "$SPHERES" --radii "$RADII" "${COMMON[@]}"
 
 # 1. ControlNet: docs/editing.md's training command on the frozen UNet (foreground masks of
 #    the built-in volumes, encoded on the fly), then the paired Dice on held-out masks.

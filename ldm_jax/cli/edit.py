@@ -1,4 +1,5 @@
-r"""Edit given volumes with a trained latent diffusion model: inpaint, SDEdit, likelihood.
+r"""Edit given volumes with a trained latent diffusion model: inpaint, SDEdit, likelihood
+and anomaly maps.
 
   ldm-jax edit --workdir runs/ldm --input VOLS --output edits/ --mode inpaint \
       (--box x0:x1,y0:y1,z0:z1 | --mask MASK.nii.gz) [--jump_length 10 --jump_n_sample 10] \
@@ -6,6 +7,8 @@ r"""Edit given volumes with a trained latent diffusion model: inpaint, SDEdit, l
   ldm-jax edit --workdir runs/ldm --input VOLS --output edits/ --mode sdedit --strength 0.5
   ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode likelihood \
       [--num_inference_steps 1000]
+  ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode anomaly \
+      [--strength 0.75 --num_repeats 4]
   ldm-jax edit --workdir runs/controlnet ... --mode inpaint|sdedit --condition FILE|DIR
 
 VOLS is a file, folder or glob of volumes of the autoencoder's data.volume_size,
@@ -16,12 +19,18 @@ step), the rest is the input's voxels exactly; --blend_width W feathers the seam
 voxels inside the mask. sdedit: the latents are noised to --strength (0: the input's
 reconstruction, 1: a new sample) and denoised. likelihood (DDPM models): MONAI's
 variational bound per latent voxel, resampled to the volume (nearest), as NAME_kl.nii.gz,
-and MONAI's total_kl score. A ControlNet run (inpaint, sdedit) needs --condition: one
+and MONAI's total_kl score. anomaly: the input SDEdited --num_repeats times at --strength
+(default 0.75), the mean of those is its "pseudo-healthy" version, and |mean - input| per
+voxel is the map (Pinaya et al. 2022; `ldm_jax.diffusion.editing.anomaly`), its mean the
+score. A ControlNet run (inpaint, sdedit) needs --condition: one
 NIfTI/.npy condition for every input, or a folder with NAME.nii.gz / NAME.npy per input
 NAME, as `ldm-jax sample --condition` takes them. Writes, in --output:
   NAME.nii.gz / NAME.npy       the edited volume (inpaint, sdedit), or NAME_kl.nii.gz
   latents/NAME.npy             its unscaled latents, or the latent-grid map (likelihood)
-  edits.json                   settings, checkpoints, per input its score (likelihood)
+  NAME_anomaly.nii.gz          anomaly: the map, intensity units (X, Y, Z)
+  NAME_healthy.nii.gz / .npy   anomaly: the pseudo-healthy volume (no latents)
+  edits.json                   settings, checkpoints, per input its score (likelihood,
+                               anomaly)
   provenance.jsonl             what made each output; reruns complete, others are refused
 Batch k of --batch_size inputs draws from fold_in(PRNGKey(seed), k).
 """
@@ -34,7 +43,10 @@ import sys
 
 import numpy as np
 
-MODES = ("inpaint", "sdedit", "likelihood")
+MODES = ("inpaint", "sdedit", "likelihood", "anomaly")
+# --strength when not given: SDEdit a middle edit; anomaly maps need the model to redraw
+# what it does not know (benchmarks/EDITING.md, "Anomaly": AUROC against strength).
+DEFAULT_STRENGTH = {"sdedit": 0.5, "anomaly": 0.75}
 
 
 def _define(fv):
@@ -57,8 +69,10 @@ def _define(fv):
                          "the known region only).", flag_values=fv)
     flags.DEFINE_float("blend_width", 0.0, "inpaint: feathered seam inside the mask, voxels.",
                        flag_values=fv)
-    flags.DEFINE_float("strength", 0.5, "sdedit: 0 reconstruction .. 1 new sample.",
-                       flag_values=fv)
+    flags.DEFINE_float("strength", None, "sdedit, anomaly: 0 reconstruction .. 1 new "
+                       "sample (default sdedit 0.5, anomaly 0.75).", flag_values=fv)
+    flags.DEFINE_integer("num_repeats", 4, "anomaly: SDEdit draws averaged into the "
+                         "pseudo-healthy volume.", flag_values=fv)
     flags.DEFINE_integer("num_inference_steps", 50, "Denoising steps (likelihood: timesteps "
                          "evaluated; default there all of them).", flag_values=fv)
     flags.DEFINE_enum("scheduler", None, ["ddim", "ddpm", "rflow"], "Sampler (as sample's).",
@@ -89,25 +103,28 @@ def _check(mode, mask, box, strength, batch_size, blend_width, steps, present):
         for flag in ("mask", "box", "jump_n_sample", "blend_width"):
             if flag in present:
                 raise ConfigError(f"--{flag} is for --mode inpaint; drop it.")
-    if mode != "sdedit" and "strength" in present:
-        raise ConfigError("--strength is for --mode sdedit; drop it.")
-    if mode == "likelihood" and "condition" in present:
-        raise ConfigError("--condition is for --mode inpaint or sdedit (the likelihood is the "
-                          "plain UNet's); drop it.")
+    if mode not in DEFAULT_STRENGTH and "strength" in present:
+        raise ConfigError("--strength is for --mode sdedit or anomaly; drop it.")
+    if mode != "anomaly" and "num_repeats" in present:
+        raise ConfigError("--num_repeats is for --mode anomaly; drop it.")
+    if mode in ("likelihood", "anomaly") and "condition" in present:
+        raise ConfigError(f"--condition is for --mode inpaint or sdedit (the {mode} map is "
+                          "the plain UNet's); drop it.")
     if int(batch_size) < 1:
         raise ConfigError(f"--batch_size={batch_size} must be >= 1.")
     if not float(blend_width) >= 0:
         raise ConfigError(f"--blend_width={blend_width} must be >= 0 voxels.")
     if int(steps) < 1:
         raise ConfigError(f"--num_inference_steps={steps} must be >= 1.")
-    if mode == "sdedit":
+    if mode in DEFAULT_STRENGTH:
         from ldm_jax.diffusion.img2img import start_index
         start_index(1, strength)
 
 
 def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
-         jump_n_sample=1, blend_width=0.0, strength=0.5, steps=50, scheduler=None, eta=0.0,
-         guidance_scale=1.0, class_label=None, seed=0, step="best", format="nifti",
+         jump_n_sample=1, blend_width=0.0, strength=None, num_repeats=4, steps=50,
+         scheduler=None, eta=0.0, guidance_scale=1.0, class_label=None, seed=0, step="best",
+         format="nifti",
          batch_size=4, ema=True, overwrite=False, progress=True, autoencoder_workdir=None,
          condition=None, conditioning_scale=1.0, present=(), log=print) -> dict:
     """Edits every volume of `input` into `output` (the module docstring); returns the
@@ -121,8 +138,12 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
     from ldm_jax.data.pointcloud import volumes as pc
     from ldm_jax.diffusion import editing
     from ldm_jax.diffusion.pipeline import load_pipeline
-    from ldm_jax.errors import NonFiniteResultError
+    from ldm_jax.errors import ConfigError, NonFiniteResultError
 
+    if strength is None:
+        strength = DEFAULT_STRENGTH.get(mode, 0.5)
+    if mode == "anomaly" and int(num_repeats) < 1:
+        raise ConfigError(f"--num_repeats={num_repeats} must be >= 1 (SDEdit draws averaged).")
     _check(mode, mask, box, strength, batch_size, blend_width, steps, present)
     pipe = load_pipeline(workdir, step, use_ema=ema, autoencoder_workdir=autoencoder_workdir)
     cfg = pipe.autoencoder.config
@@ -135,12 +156,11 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
         m = box_mask(vols.shape[1:4], box) if box else vf.read_latent(mask)[0][..., 0]
         masks = check_mask(m, vols.shape[1:4], "--box" if box else "--mask")
     conds = cond_files = None
+    if mode in ("likelihood", "anomaly") and pipe.controlnet is not None:
+        raise ConfigError(f"{workdir} is a ControlNet run; the {mode} map is the plain "
+                          "UNet's: give its run, --workdir "
+                          f"{pipe.unet_checkpoint['workdir']}.")
     if mode == "likelihood":
-        if pipe.controlnet is not None:
-            from ldm_jax.errors import ConfigError
-            raise ConfigError(f"{workdir} is a ControlNet run; the likelihood is the plain "
-                              "UNet's: give its run, --workdir "
-                              f"{pipe.unet_checkpoint['workdir']}.")
         editing.likelihood_function(pipe, steps if "num_inference_steps" in present else None)
     else:
         pipe.check_request(steps, scheduler, class_label)
@@ -156,8 +176,10 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
                         mask_sha256=None if mask is None else vf.sha256(mask), box=box,
                         jump_length=int(jump_length), jump_n_sample=int(jump_n_sample),
                         blend_width=float(blend_width))
-    if mode == "sdedit":
+    if mode in DEFAULT_STRENGTH:
         settings["strength"] = float(strength)
+    if mode == "anomaly":
+        settings["num_repeats"] = int(num_repeats)
     if pipe.controlnet is not None:
         from ldm_jax.diffusion.condition import sha256
         settings.update(condition=os.path.abspath(condition),
@@ -173,6 +195,9 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
     suffix = "_kl" if mode == "likelihood" else ""
 
     def files_of(name):
+        if mode == "anomaly":  # the map, then the pseudo-healthy volume; no latents
+            return [name + "_anomaly" + vf.SUFFIXES["nifti"]] + [
+                name + "_healthy" + vf.SUFFIXES[f] for f in fmts]
         vol = [name + suffix + vf.SUFFIXES[f] for f in (["nifti"] if suffix else fmts)]
         return vol + [f"latents/{name}{suffix}.npy"]
 
@@ -211,6 +236,11 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
                 elif mode == "sdedit":
                     out, lat = editing.sdedit(pipe, vols[b], rng, k, strength=strength,
                                               **common)
+                elif mode == "anomaly":
+                    a_args = {n: common[n] for n in ("steps", "scheduler", "eta",
+                                                     "guidance_scale", "class_label")}
+                    out, lat, score = editing.anomaly(pipe, vols[b], rng, k, strength=strength,
+                                                      num_repeats=num_repeats, **a_args)
                 else:
                     out, lat, score = editing.likelihood(
                         pipe, vols[b], rng, k, steps=steps if "num_inference_steps" in present
@@ -227,11 +257,17 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
                     v, z = out[i], lat[i]
                     wanted = files_of(name)
                     writers = {}
-                    for f in wanted[:-1]:
+                    # anomaly: the map (v) then the pseudo-healthy volume (z); else the
+                    # volume (v) in each format then its latents (z)
+                    vols_of = [(wanted[0], v)] + [(f, z) for f in wanted[1:]] \
+                        if mode == "anomaly" else [(f, v) for f in wanted[:-1]]
+                    for f, x in vols_of:
                         fmt = "npy" if f.endswith(".npy") else "nifti"
-                        writers[f] = lambda t, fmt=fmt, v=v, a=affines[j]: vf.write(t, fmt, v, a)
-                    writers[wanted[-1]] = lambda t, z=z: vf.write_npy(t, z)
-                    row = {} if score is None else {"total_kl": float(score[i])}
+                        writers[f] = lambda t, fmt=fmt, x=x, a=affines[j]: vf.write(t, fmt, x, a)
+                    if mode != "anomaly":
+                        writers[wanted[-1]] = lambda t, z=z: vf.write_npy(t, z)
+                    key = "anomaly_score" if mode == "anomaly" else "total_kl"
+                    row = {} if score is None else {key: float(score[i])}
                     outs.write(name, writers, sources[name], row)
                     bar.update(1)
         finally:
@@ -255,7 +291,8 @@ def _body(fv):
     present = {name for name in fv if fv[name].present}
     edit(fv.workdir, fv.input, fv.output, mode=fv.mode, mask=fv.mask, box=fv.box,
          jump_length=fv.jump_length, jump_n_sample=fv.jump_n_sample,
-         blend_width=fv.blend_width, strength=fv.strength, steps=fv.num_inference_steps,
+         blend_width=fv.blend_width, strength=fv.strength, num_repeats=fv.num_repeats,
+         steps=fv.num_inference_steps,
          scheduler=fv.scheduler, eta=fv.eta, guidance_scale=fv.guidance_scale,
          class_label=fv.class_label, seed=fv.seed, step=fv.step,
          format=fv.format, batch_size=fv.batch_size, ema=fv.ema, overwrite=fv.overwrite,

@@ -69,6 +69,22 @@ def test_inpaint_sdedit_likelihood(ldm_workdir, inputs, tmp_path):
     kl = np.asarray(nib.load(os.path.join(lk, "v0_kl.nii.gz")).dataobj)
     assert kl.shape == (16, 16, 8) and (kl >= 0).all()
 
+    an = str(tmp_path / "an")
+    assert _run(ldm_workdir, inputs, an, "--mode=anomaly", "--num_repeats=2") == 0
+    with open(os.path.join(an, "edits.json")) as f:
+        rec = json.load(f)
+    assert rec["strength"] == 0.75 and rec["num_repeats"] == 2
+    amap = np.asarray(nib.load(os.path.join(an, "v2_anomaly.nii.gz")).dataobj)
+    healthy = np.asarray(nib.load(os.path.join(an, "v2_healthy.nii.gz")).dataobj)
+    import ldm_jax
+    from ldm_jax.data.pointcloud import volumes as pc
+    cfg = ldm_jax.load_pipeline(ldm_workdir, "best").autoencoder.config
+    given = pc.load_input(os.path.join(inputs, "v2.nii.gz"), cfg)[0][..., 0]  # preprocessed
+    assert amap.shape == healthy.shape == (16, 16, 8)
+    np.testing.assert_allclose(amap, np.abs(healthy - given), atol=1e-5)
+    np.testing.assert_allclose(rec["outputs"]["v2"]["anomaly_score"], amap.mean(), rtol=1e-5)
+    assert not os.path.exists(os.path.join(an, "latents"))
+
 
 @pytest.mark.parametrize("extra,msg", [
     (("--mode=inpaint",), "needs one of --mask FILE or --box"),
@@ -76,6 +92,9 @@ def test_inpaint_sdedit_likelihood(ldm_workdir, inputs, tmp_path):
     (("--mode=sdedit", "--strength=2"), "--strength=2.0 must be in"),
     (("--mode=sdedit", "--box=1:2,1:2,1:2"), "--box is for --mode inpaint"),
     (("--mode=inpaint", "--box=0:16,0:16,0:8"), "covers the whole volume"),
+    (("--mode=anomaly", "--num_repeats=0"), "--num_repeats=0 must be >= 1"),
+    (("--mode=sdedit", "--num_repeats=2"), "--num_repeats is for --mode anomaly"),
+    (("--mode=likelihood", "--strength=0.5"), "--strength is for --mode sdedit or anomaly"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(ldm_workdir, inputs, tmp_path, capsys,
                                                   extra, msg):

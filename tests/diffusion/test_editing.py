@@ -127,6 +127,22 @@ def test_likelihood_map_on_the_volume_grid(pipe):
     np.testing.assert_array_equal(maps[:, ::2, ::2, ::2, 0], lat)  # nearest
 
 
+def test_anomaly_map_is_the_distance_to_the_mean_sdedit(pipe):
+    vols = _volumes(2)
+    rng = jax.random.PRNGKey(5)
+    maps, healthy, scores = editing.anomaly(pipe, vols, rng, 1, strength=0.6, num_repeats=2,
+                                            steps=4)
+    key = jax.random.fold_in(rng, 1)
+    draws = [editing.sdedit(pipe, vols, key, k, strength=0.6, steps=4)[0] for k in range(2)]
+    assert np.abs(draws[0] - draws[1]).max() > 0  # the repeats differ
+    np.testing.assert_allclose(healthy, (draws[0] + draws[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(maps, np.abs(healthy - vols).sum(-1, keepdims=True),
+                               atol=1e-6)
+    np.testing.assert_allclose(scores, maps.reshape(2, -1).mean(1), rtol=1e-6)
+    with pytest.raises(ConfigError, match="--num_repeats=0"):
+        editing.anomaly(pipe, vols, rng, num_repeats=0, steps=4)
+
+
 def test_a_controlnet_steers_inpainting_and_sdedit(ae_workdir):
     """A zero-initialised ControlNet copied from the UNet adds nothing; a perturbed one
     changes the result, and its condition is checked."""
