@@ -444,6 +444,18 @@ def sdedit_part(pipe, workdir, a, log=print) -> dict:
     return record
 
 
+def sphere_value(volume, how: str, threshold: float = 0.1) -> float:
+    """The balls' intensity: "max" (the volume's largest) or "pNN" (the NN-th percentile of
+    its voxels above `threshold`, the foreground; p50: a typical filament voxel, so that
+    brightness alone does not give the balls away)."""
+    if how == "max":
+        return float(np.max(volume))
+    if how.startswith("p") and how[1:].replace(".", "", 1).isdigit():
+        fg = np.asarray(volume)[np.asarray(volume) > threshold]
+        return float(np.percentile(fg, float(how[1:]))) if fg.size else float(np.max(volume))
+    raise ValueError(f"--sphere_intensity {how!r}: 'max' or 'pNN' (a foreground percentile)")
+
+
 def volumes_with_spheres(pipe, a):
     """The held-out volumes, the same with `a.spheres` balls each (seeded by `a.seed`), the
     ball masks and the balls: (vols, with_spheres, truth (N, X, Y, Z) bool, balls)."""
@@ -453,7 +465,7 @@ def volumes_with_spheres(pipe, a):
     sph, truth, balls = [], [], []
     for v in vols:
         bs = sphere_centres(v.shape[:3], rs.uniform(r_lo, r_hi, a.spheres), rs)
-        w, m = insert_spheres(v, bs, float(v.max()))
+        w, m = insert_spheres(v, bs, sphere_value(v, a.sphere_intensity))
         sph.append(w)
         truth.append(m)
         balls.append([{"centre": list(c), "radius": r} for c, r in bs])
@@ -470,7 +482,7 @@ def residual_part(pipe, workdir, a, log=print) -> dict:
     vols, sph, truth, _ = volumes_with_spheres(pipe, a)
     rng = jax.random.PRNGKey(int(a.seed))
     strengths = [float(x) for x in a.strengths.split(",")]
-    maps = {("AE", 0): []}
+    maps = {("intensity", 0): list(sph[..., 0]), ("AE", 0): []}
     maps.update({(s, n): [] for s in strengths for n in (1, a.repeats)})
     for k, b in enumerate(_batches(len(vols), a.batch_size)):
         rec = editing.sdedit(pipe, sph[b], rng, k, strength=0.0, steps=1)[0]
@@ -487,20 +499,21 @@ def residual_part(pipe, workdir, a, log=print) -> dict:
     for (s, n), ms in maps.items():
         ms = np.stack(ms)
         per = [auroc(m, t) for m, t in zip(ms, truth)]
-        rows.append({"strength": None if s == "AE" else s, "repeats": n,
-                     "method": "reconstruction error |AE(x) - x|" if s == "AE" else
-                     f"diffusion residual, strength {s:g}, mean of {n}",
+        rows.append({"strength": s if isinstance(s, float) else None, "repeats": n,
+                     "method": {"AE": "autoencoder reconstruction error, abs(AE(x) - x)",
+                                "intensity": "the input's intensity itself"}.get(
+                                    s, f"diffusion residual, strength {s}, mean of {n}"),
                      "auroc_per_volume": per, "mean_auroc": float(np.mean(per)),
                      "pooled_auroc": auroc(ms, truth), "maps": ms})
         log(f"residual: {rows[-1]['method']}: AUROC {rows[-1]['mean_auroc']:.3f} (pooled "
             f"{rows[-1]['pooled_auroc']:.3f})")
     shown = min(2, len(vols))
-    best = max(rows[1:], key=lambda r: r["mean_auroc"])
+    best = max(rows[2:], key=lambda r: r["mean_auroc"])
     pics, names = [], []
     for i in range(shown):
         pics += [(sph[i] - lo) / (hi - lo), truth[i].astype(np.float32)]
         pics += [np.clip(m / (float(np.percentile(m, 99.5)) or 1.0), 0, 1)
-                 for m in (rows[0]["maps"][i], best["maps"][i])]
+                 for m in (rows[1]["maps"][i], best["maps"][i])]
         names += [f"v{i} with spheres", f"v{i} sphere voxels", f"v{i} |AE(x) - x|",
                   f"v{i} residual s {best['strength']:g} x{best['repeats']}"]
     _picture(pics, names, os.path.join(a.out, "editing_residual.png"),
@@ -508,6 +521,7 @@ def residual_part(pipe, workdir, a, log=print) -> dict:
     for r in rows:
         r.pop("maps")
     return {**_settings(pipe, workdir, a), "spheres_per_volume": int(a.spheres),
+            "sphere_intensity": a.sphere_intensity,
             "radii": [float(x) for x in a.radii.split(",")],
             "sphere_fraction": float(truth.mean()), "repeats": int(a.repeats),
             "strengths": strengths, "rows": rows}
@@ -549,6 +563,7 @@ def anomaly_part(pipe, workdir, a, log=print) -> dict:
     record = {**_settings(pipe, workdir, a), "likelihood_steps": steps,
               "timesteps_evaluated": int(steps or pipe.config.scheduler.num_train_timesteps),
               "spheres_per_volume": int(a.spheres), "radii": [r_lo, r_hi],
+              "sphere_intensity": a.sphere_intensity,
               "sphere_fraction": float(truth.mean()),
               "mean_auroc_likelihood": mean["auroc_likelihood"],
               "mean_auroc_likelihood_t_ge_1": mean["auroc_likelihood_t_ge_1"],
@@ -639,7 +654,8 @@ def tables(out_dir, parts=PARTS) -> str:
     if n:
         md += [f"### Anomaly: per-voxel AUROC for inserted spheres ({n['num']} held-out volumes,"
                f" {n['spheres_per_volume']} spheres of radius {n['radii'][0]:g}-"
-               f"{n['radii'][1]:g}, {n['sphere_fraction']:.1%} of the voxels; likelihood over "
+               f"{n['radii'][1]:g} at intensity {n.get('sphere_intensity', 'max')}, "
+               f"{n['sphere_fraction']:.1%} of the voxels; likelihood over "
                f"{n['timesteps_evaluated']} timesteps)", "",
                "| volume | sphere voxels | AUROC likelihood map (MONAI's) | AUROC likelihood, "
                "t >= 1 | AUROC reconstruction error | total_kl | total_kl without spheres |",
@@ -658,7 +674,8 @@ def tables(out_dir, parts=PARTS) -> str:
     r = load("residual")
     if r:
         md += [f"### Anomaly: reconstruction-based maps of the same volumes ({r['num']} held-out"
-               f" volumes, {r['spheres_per_volume']} spheres each, DDIM {r['steps']} steps)", "",
+               f" volumes, {r['spheres_per_volume']} spheres each at intensity "
+               f"{r.get('sphere_intensity', 'max')}, DDIM {r['steps']} steps)", "",
                "| map | mean per-volume AUROC | pooled AUROC | lowest volume |",
                "|---|---|---|---|"]
         md += [f"| {x['method']} | {x['mean_auroc']:.3f} | {x['pooled_auroc']:.3f} | "
@@ -703,6 +720,7 @@ def parser():
     _common(n)
     n.add_argument("--spheres", type=int, default=2, help="balls per volume")
     n.add_argument("--radii", default="3,5", help="radius range, voxels")
+    n.add_argument("--sphere_intensity", default="max", help="'max' or 'pNN' (sphere_value)")
     n.add_argument("--likelihood_steps", type=int, default=None,
                    help="timesteps evaluated (default all T, MONAI's)")
     n.add_argument("--clean_scores", action="store_true",
@@ -711,6 +729,7 @@ def parser():
     _common(r)
     r.add_argument("--spheres", type=int, default=2, help="balls per volume")
     r.add_argument("--radii", default="3,5", help="radius range, voxels")
+    r.add_argument("--sphere_intensity", default="max", help="'max' or 'pNN' (sphere_value)")
     r.add_argument("--strengths", default="0.5,0.75,0.9")
     r.add_argument("--repeats", type=int, default=4, help="SDEdits averaged")
     t = sub.add_parser("tables", help="print the Markdown tables of OUT's JSONs")

@@ -13,7 +13,8 @@
 # CN_ARGS (more train.py overrides, e.g. a tiny model's conditioning embedding),
 # LIKELIHOOD_STEPS (timesteps of the likelihood; empty: all T, MONAI's),
 # JUMP_LENGTH, JUMP_N_SAMPLE (RePaint's, 10 and 10), RADII (the balls' radius range, 3,5),
-# SPHERES (balls per volume, 2), JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
+# SPHERES (balls per volume, 2), SPHERE_INTENSITY (max, or pNN: a foreground percentile),
+# JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LDM=${1:?usage: bash benchmarks/editing.sh LDM_WORKDIR [OUT]}
@@ -29,6 +30,7 @@ JUMP_LENGTH=${JUMP_LENGTH:-10}
 JUMP_N_SAMPLE=${JUMP_N_SAMPLE:-10}
 RADII=${RADII:-3,5}
 SPHERES=${SPHERES:-2}
+SPHERE_INTENSITY=${SPHERE_INTENSITY:-max}
 mkdir -p "$OUT"
 # Compiled programs persist here: a rerun (or a run after a dry run of the same settings
 # on another checkpoint of the same stage-2 run) skips compilation, most of a CPU run.
@@ -43,9 +45,11 @@ COMMON=(--num "$NUM" --steps "$STEPS" --out "$OUT")
 LS=()
 [ -z "${LIKELIHOOD_STEPS:-}" ] || LS=(--likelihood_steps "$LIKELIHOOD_STEPS")
 [ -f "$OUT/editing_anomaly.json" ] || $PY -m benchmarks.editing anomaly --workdir "$LDM" \
-  --step "$STEP" --spheres "$SPHERES" --radii "$RADII" "${LS[@]}" "${COMMON[@]}"
+  --step "$STEP" --spheres "$SPHERES" --radii "$RADII" \
+  --sphere_intensity "$SPHERE_INTENSITY" "${LS[@]}" "${COMMON[@]}"
 [ -f "$OUT/editing_residual.json" ] || $PY -m benchmarks.editing residual --workdir "$LDM" \
-  --step "$STEP" --spheres "$SPHERES" --radii "$RADII" "${COMMON[@]}"
+  --step "$STEP" --spheres "$SPHERES" --radii "$RADII" \
+  --sphere_intensity "$SPHERE_INTENSITY" "${COMMON[@]}"
 
 # 1. ControlNet: docs/editing.md's training command on the frozen UNet (foreground masks of
 #    the built-in volumes, encoded on the fly), then the paired Dice on held-out masks.

@@ -8,7 +8,7 @@ and anomaly maps.
   ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode likelihood \
       [--num_inference_steps 1000]
   ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode anomaly \
-      [--strength 0.75 --num_repeats 4]
+      [--strength 0.9 --num_repeats 4]
   ldm-jax edit --workdir runs/controlnet ... --mode inpaint|sdedit --condition FILE|DIR
 
 VOLS is a file, folder or glob of volumes of the autoencoder's data.volume_size,
@@ -20,7 +20,7 @@ voxels inside the mask. sdedit: the latents are noised to --strength (0: the inp
 reconstruction, 1: a new sample) and denoised. likelihood (DDPM models): MONAI's
 variational bound per latent voxel, resampled to the volume (nearest), as NAME_kl.nii.gz,
 and MONAI's total_kl score. anomaly: the input SDEdited --num_repeats times at --strength
-(default 0.75), the mean of those is its "pseudo-healthy" version, and |mean - input| per
+(default 0.9), the mean of those is its "pseudo-healthy" version, and |mean - input| per
 voxel is the map (Pinaya et al. 2022; `ldm_jax.diffusion.editing.anomaly`), its mean the
 score. A ControlNet run (inpaint, sdedit) needs --condition: one
 NIfTI/.npy condition for every input, or a folder with NAME.nii.gz / NAME.npy per input
@@ -46,7 +46,7 @@ import numpy as np
 MODES = ("inpaint", "sdedit", "likelihood", "anomaly")
 # --strength when not given: SDEdit a middle edit; anomaly maps need the model to redraw
 # what it does not know (benchmarks/EDITING.md, "Anomaly": AUROC against strength).
-DEFAULT_STRENGTH = {"sdedit": 0.5, "anomaly": 0.75}
+DEFAULT_STRENGTH = {"sdedit": 0.5, "anomaly": 0.9}
 
 
 def _define(fv):
@@ -70,7 +70,7 @@ def _define(fv):
     flags.DEFINE_float("blend_width", 0.0, "inpaint: feathered seam inside the mask, voxels.",
                        flag_values=fv)
     flags.DEFINE_float("strength", None, "sdedit, anomaly: 0 reconstruction .. 1 new "
-                       "sample (default sdedit 0.5, anomaly 0.75).", flag_values=fv)
+                       "sample (default sdedit 0.5, anomaly 0.9).", flag_values=fv)
     flags.DEFINE_integer("num_repeats", 4, "anomaly: SDEdit draws averaged into the "
                          "pseudo-healthy volume.", flag_values=fv)
     flags.DEFINE_integer("num_inference_steps", 50, "Denoising steps (likelihood: timesteps "

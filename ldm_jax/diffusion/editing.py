@@ -182,7 +182,7 @@ def likelihood(pipe, volumes, rng, index: int = 0, *, steps: int | None = None,
     return to_image_grid(lat, factor)[..., None], lat, np.asarray(total)
 
 
-def anomaly(pipe, volumes, rng, index: int = 0, *, strength: float = 0.75,
+def anomaly(pipe, volumes, rng, index: int = 0, *, strength: float = 0.9,
             num_repeats: int = 4, steps: int = 50, scheduler: str | None = None,
             eta: float = 0.0, guidance_scale: float = 1.0, class_label: int | None = None,
             context=None):

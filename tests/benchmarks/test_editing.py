@@ -42,6 +42,16 @@ def test_insert_spheres_sets_the_ball_voxels_only():
     assert v[8, 8, 8, 0] == 0  # the input is not changed in place
 
 
+def test_sphere_value_max_or_foreground_percentile():
+    v = np.zeros((4, 4, 4), np.float32)
+    v[0, 0, :] = [0.2, 0.4, 0.6, 1.0]  # the foreground (> 0.1)
+    assert editing.sphere_value(v, "max") == 1.0
+    assert editing.sphere_value(v, "p50") == pytest.approx(0.5)
+    assert editing.sphere_value(v, "p0") == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="'max' or 'pNN'"):
+        editing.sphere_value(v, "median")
+
+
 def test_sphere_centres_fit_inside_and_apart():
     rng = np.random.default_rng(1)
     balls = editing.sphere_centres((32, 32, 32), [5.0, 4.0, 3.0], rng)
