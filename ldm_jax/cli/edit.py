@@ -8,7 +8,7 @@ and anomaly maps.
   ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode likelihood \
       [--num_inference_steps 1000]
   ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode anomaly \
-      [--strength 0.9 --num_repeats 4]
+      [--strength 0.5 --num_repeats 1]
   ldm-jax edit --workdir runs/controlnet ... --mode inpaint|sdedit --condition FILE|DIR
 
 VOLS is a file, folder or glob of volumes of the autoencoder's data.volume_size,
@@ -20,7 +20,7 @@ voxels inside the mask. sdedit: the latents are noised to --strength (0: the inp
 reconstruction, 1: a new sample) and denoised. likelihood (DDPM models): MONAI's
 variational bound per latent voxel, resampled to the volume (nearest), as NAME_kl.nii.gz,
 and MONAI's total_kl score. anomaly: the input SDEdited --num_repeats times at --strength
-(default 0.9), the mean of those is its "pseudo-healthy" version, and |mean - input| per
+(default 0.5), the mean of those is its "pseudo-healthy" version, and |mean - input| per
 voxel is the map (Pinaya et al. 2022; `ldm_jax.diffusion.editing.anomaly`), its mean the
 score. A ControlNet run (inpaint, sdedit) needs --condition: one
 NIfTI/.npy condition for every input, or a folder with NAME.nii.gz / NAME.npy per input
@@ -44,9 +44,7 @@ import sys
 import numpy as np
 
 MODES = ("inpaint", "sdedit", "likelihood", "anomaly")
-# --strength when not given: SDEdit a middle edit; anomaly maps need the model to redraw
-# what it does not know (benchmarks/EDITING.md, "Anomaly": AUROC against strength).
-DEFAULT_STRENGTH = {"sdedit": 0.5, "anomaly": 0.9}
+STRENGTH_MODES = ("sdedit", "anomaly")
 
 
 def _define(fv):
@@ -69,9 +67,9 @@ def _define(fv):
                          "the known region only).", flag_values=fv)
     flags.DEFINE_float("blend_width", 0.0, "inpaint: feathered seam inside the mask, voxels.",
                        flag_values=fv)
-    flags.DEFINE_float("strength", None, "sdedit, anomaly: 0 reconstruction .. 1 new "
-                       "sample (default sdedit 0.5, anomaly 0.9).", flag_values=fv)
-    flags.DEFINE_integer("num_repeats", 4, "anomaly: SDEdit draws averaged into the "
+    flags.DEFINE_float("strength", 0.5, "sdedit, anomaly: 0 reconstruction .. 1 new "
+                       "sample.", flag_values=fv)
+    flags.DEFINE_integer("num_repeats", 1, "anomaly: SDEdit draws averaged into the "
                          "pseudo-healthy volume.", flag_values=fv)
     flags.DEFINE_integer("num_inference_steps", 50, "Denoising steps (likelihood: timesteps "
                          "evaluated; default there all of them).", flag_values=fv)
@@ -103,7 +101,7 @@ def _check(mode, mask, box, strength, batch_size, blend_width, steps, present):
         for flag in ("mask", "box", "jump_n_sample", "blend_width"):
             if flag in present:
                 raise ConfigError(f"--{flag} is for --mode inpaint; drop it.")
-    if mode not in DEFAULT_STRENGTH and "strength" in present:
+    if mode not in STRENGTH_MODES and "strength" in present:
         raise ConfigError("--strength is for --mode sdedit or anomaly; drop it.")
     if mode != "anomaly" and "num_repeats" in present:
         raise ConfigError("--num_repeats is for --mode anomaly; drop it.")
@@ -116,13 +114,13 @@ def _check(mode, mask, box, strength, batch_size, blend_width, steps, present):
         raise ConfigError(f"--blend_width={blend_width} must be >= 0 voxels.")
     if int(steps) < 1:
         raise ConfigError(f"--num_inference_steps={steps} must be >= 1.")
-    if mode in DEFAULT_STRENGTH:
+    if mode in STRENGTH_MODES:
         from ldm_jax.diffusion.img2img import start_index
         start_index(1, strength)
 
 
 def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
-         jump_n_sample=1, blend_width=0.0, strength=None, num_repeats=4, steps=50,
+         jump_n_sample=1, blend_width=0.0, strength=0.5, num_repeats=1, steps=50,
          scheduler=None, eta=0.0, guidance_scale=1.0, class_label=None, seed=0, step="best",
          format="nifti",
          batch_size=4, ema=True, overwrite=False, progress=True, autoencoder_workdir=None,
@@ -140,8 +138,6 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
     from ldm_jax.diffusion.pipeline import load_pipeline
     from ldm_jax.errors import ConfigError, NonFiniteResultError
 
-    if strength is None:
-        strength = DEFAULT_STRENGTH.get(mode, 0.5)
     if mode == "anomaly" and int(num_repeats) < 1:
         raise ConfigError(f"--num_repeats={num_repeats} must be >= 1 (SDEdit draws averaged).")
     _check(mode, mask, box, strength, batch_size, blend_width, steps, present)
@@ -176,7 +172,7 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
                         mask_sha256=None if mask is None else vf.sha256(mask), box=box,
                         jump_length=int(jump_length), jump_n_sample=int(jump_n_sample),
                         blend_width=float(blend_width))
-    if mode in DEFAULT_STRENGTH:
+    if mode in STRENGTH_MODES:
         settings["strength"] = float(strength)
     if mode == "anomaly":
         settings["num_repeats"] = int(num_repeats)

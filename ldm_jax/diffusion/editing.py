@@ -182,8 +182,8 @@ def likelihood(pipe, volumes, rng, index: int = 0, *, steps: int | None = None,
     return to_image_grid(lat, factor)[..., None], lat, np.asarray(total)
 
 
-def anomaly(pipe, volumes, rng, index: int = 0, *, strength: float = 0.9,
-            num_repeats: int = 4, steps: int = 50, scheduler: str | None = None,
+def anomaly(pipe, volumes, rng, index: int = 0, *, strength: float = 0.5,
+            num_repeats: int = 1, steps: int = 50, scheduler: str | None = None,
             eta: float = 0.0, guidance_scale: float = 1.0, class_label: int | None = None,
             context=None):
     """Reconstruction-based anomaly map: the distance of each voxel to the model's
@@ -193,8 +193,8 @@ def anomaly(pipe, volumes, rng, index: int = 0, *, strength: float = 0.9,
 
     Each volume is SDEdited `num_repeats` times at `strength` (`sdedit`, repeat k drawing
     from fold_in(fold_in(rng, index), k)); the mean of the repeats is the pseudo-healthy
-    volume, and the map is |mean - input| summed over channels. Averaging the repeats keeps
-    what every denoising agrees on, so one sample's own filaments do not light up.
+    volume, and the map is |mean - input| summed over channels. benchmarks/EDITING.md
+    ("Anomaly") measures it against the autoencoder's reconstruction error.
 
     Args:
         volumes: (B, X, Y, Z, C) float32 in the data's intensity range.

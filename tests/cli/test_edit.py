@@ -73,7 +73,7 @@ def test_inpaint_sdedit_likelihood(ldm_workdir, inputs, tmp_path):
     assert _run(ldm_workdir, inputs, an, "--mode=anomaly", "--num_repeats=2") == 0
     with open(os.path.join(an, "edits.json")) as f:
         rec = json.load(f)
-    assert rec["strength"] == 0.9 and rec["num_repeats"] == 2
+    assert rec["strength"] == 0.5 and rec["num_repeats"] == 2
     amap = np.asarray(nib.load(os.path.join(an, "v2_anomaly.nii.gz")).dataobj)
     healthy = np.asarray(nib.load(os.path.join(an, "v2_healthy.nii.gz")).dataobj)
     import ldm_jax
