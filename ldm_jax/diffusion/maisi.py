@@ -255,13 +255,14 @@ def load_models(autoencoder: str, diffusion_unet: str, controlnet: Optional[str]
             dict(defs["controlnet_def"], dtype=dtype))
     except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"--network={network}: {str(e).splitlines()[0]}") from None
+    # the released file the user most likely means, for the messages below
+    example = RELEASED_FILES["ddpm-ct" if network == "ddpm" else "rflow-ct"]
     paths = {"--autoencoder": autoencoder, "--diffusion_unet": diffusion_unet}
     if controlnet is not None:
         paths["--controlnet"] = controlnet
     for flag, path in paths.items():
         if not os.path.isfile(os.path.expanduser(path)):
-            name = {"--autoencoder": "autoencoder_v1.pt", "--diffusion_unet":
-                    "diff_unet_3d_rflow-ct.pt", "--controlnet": "controlnet_3d_rflow-ct.pt"}[flag]
+            name = example[flag.lstrip("-")]
             raise ConfigError(f"{flag} {path}: no such file. Expected MAISI's weight file "
                               f"(e.g. {name}); copy it there or pass its path "
                               "(docs/maisi.md lists the files).")
@@ -271,13 +272,13 @@ def load_models(autoencoder: str, diffusion_unet: str, controlnet: Optional[str]
     except ConversionError as e:
         raise _refuse("--autoencoder", autoencoder, "AutoencoderKlMaisi weights (a state dict or "
                       "{'unet_state_dict': ...})", network, str(e),
-                      " (e.g. autoencoder_v1.pt)") from None
+                      f" (e.g. {example['autoencoder']})") from None
     try:
         unet_params, scale_factor = load_maisi_unet(paths["--diffusion_unet"], unet)
     except ConversionError as e:
         raise _refuse("--diffusion_unet", diffusion_unet, "a MAISI diffusion UNet file "
                       "({'unet_state_dict': ..., 'scale_factor': ...})", network, str(e),
-                      " (e.g. diff_unet_3d_rflow-ct.pt)") from None
+                      f" (e.g. {example['diffusion_unet']})") from None
     cn_params = None
     if controlnet is not None:
         try:
@@ -285,7 +286,7 @@ def load_models(autoencoder: str, diffusion_unet: str, controlnet: Optional[str]
         except ConversionError as e:
             raise _refuse("--controlnet", controlnet, "a MAISI ControlNet file "
                           "({'controlnet_state_dict': ...})", network, str(e),
-                          " (e.g. controlnet_3d_rflow-ct.pt)") from None
+                          f" (e.g. {example['controlnet']})") from None
     if not (math.isfinite(scale_factor) and scale_factor > 0):
         raise ConfigError(f"--diffusion_unet {diffusion_unet}: scale_factor {scale_factor} is "
                           "not a positive number; the file is damaged or not MAISI's.")
