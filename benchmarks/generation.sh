@@ -2,7 +2,8 @@
 # The generation benchmark of benchmarks/GENERATION.md, end to end on the built-in filaments
 # at 32^3 (CPU sizes): stage 1, extraction, stage 2, sampling, baselines, evaluation.
 #   bash benchmarks/generation.sh [WORK=runs/gen] [STAGE1=runs/quick]
-#   STEPS1=3000 ADV_WARMUP=1000 STEPS2=4000 bash benchmarks/generation.sh runs/gen runs/q3k_adv
+#   STEPS1=3000 ADV_WARMUP=4000 STEPS2=3000 SAMPLER=ddpm bash benchmarks/generation.sh runs/gen runs/q3k
+# SAMPLER: ddim (50 steps, default) or ddpm (all 1000 steps, MONAI's tutorial; ~20x slower).
 # Every step is one of the README's commands; rerunning skips what exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,10 +43,15 @@ $PY train.py "${S2[@]}" --workdir "$W/ldm" --config.train.num_steps="$STEPS2"
 $PY train.py "${S2[@]}" --workdir "$W/ldm_untrained" --config.train.num_steps=1 \
   --config.train.learning_rate=0 --config.eval.num_samples=0
 
-# 4. Samples: 8 volumes, DDIM 50 steps, each model's EMA weights.
+# 4. Samples: 8 volumes, each model's EMA weights, DDIM 50 steps or DDPM 1000 (SAMPLER).
+case ${SAMPLER:-ddim} in
+  ddim) SAMPLE=(--num_inference_steps 50) ;;
+  ddpm) SAMPLE=(--scheduler ddpm --num_inference_steps 1000) ;;
+  *) echo "SAMPLER=${SAMPLER}: ddim or ddpm" >&2; exit 2 ;;
+esac
 for run in ldm ldm_untrained; do
   [ -f "$W/samples_$run/samples.json" ] || $PY -m ldm_jax sample --workdir "$W/$run" \
-    --num_samples 8 --num_inference_steps 50 --output "$W/samples_$run" --step latest --noprogress
+    --num_samples 8 "${SAMPLE[@]}" --output "$W/samples_$run" --step latest --noprogress
 done
 # Baseline: Gaussian latents N(0, 1) / scale_factor, decoded.
 [ -f "$W/samples_gauss/latents/sample_0007.npy" ] || $PY - "$W" <<'EOF'
