@@ -281,8 +281,10 @@ class DiffusionTask:
         if self.val_contexts is not None:
             source += (f"; contexts {'x'.join(map(str, self.val_contexts.shape[1:]))} (S x D) "
                        f"from {self.config.conditioning.context_dir}")
-        return format_unet_plan(self.config, self.latent_shape, self.padded_shape,
-                                extra=f"scale_factor {self.scale_factor:.6g}; latents: {source}")
+        extra = f"scale_factor {self.scale_factor:.6g}; latents: {source}"
+        if self.config.unet.get("init_from"):  # MAISI's UNet from a weight file
+            extra += f"; UNet weights from {self.config.unet.init_from}"
+        return format_unet_plan(self.config, self.latent_shape, self.padded_shape, extra=extra)
 
     def quick_run_hint(self, seconds, first_seconds, steps):
         return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "

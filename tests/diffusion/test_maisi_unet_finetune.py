@@ -63,6 +63,7 @@ def test_starts_from_the_file_and_feeds_the_config_inputs(ae_workdir, monai_file
     path, m = monai_file
     task = make_task(maisi_unet_config(ae_workdir, path))
     assert type(task.unet) is MaisiUNetFixedInputs
+    assert f"UNet weights from {path}" in task.describe()  # the log names the file
     assert task.scale_factor == pytest.approx(0.8)  # the file's (latents.scale_factor unset)
     state = jax.jit(task.init_state)(jax.random.PRNGKey(0))
     want = unet_maisi_from_monai(m.state_dict(), task.unet)
