@@ -1,0 +1,87 @@
+"""benchmarks.conditioning's pure functions: the row scores, summaries and tables (no
+model)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import conditioning as bc
+from ldm_jax.metrics import conditioning as cm
+
+
+def _truth(seed=0, shape=(8, 8, 12, 1)):
+    rs = np.random.RandomState(seed)
+    v = np.zeros(shape, np.float32)
+    for _ in range(10):
+        v[rs.randint(shape[0]), rs.randint(shape[1]), rs.randint(2, shape[2] - 4), 0] = 0.8
+    return v
+
+
+def _project(v):
+    return cm.minmax(np.asarray(v).sum(axis=3, keepdims=True)).astype(np.float32)
+
+
+def test_parse_model():
+    assert bc.parse_model("concat, cue=runs/a@300") == ("concat, cue", "runs/a", 300)
+    assert bc.parse_model("runs/b/") == ("b", "runs/b/", "latest")
+    assert bc.parse_model("x=runs/c@best", "latest") == ("x", "runs/c", "best")
+    assert bc.parse_model("runs/d", 7) == ("d", "runs/d", 7)
+    assert bc.slug("concat, depth cue") == "concat__depth_cue"
+
+
+def test_score_volume_of_the_truth_and_a_shift():
+    t = _truth()
+    c = _project(t[None])[0]
+    perfect = bc.score_volume(np.stack([t, t]), t, c, _project, axis=2, threshold=0.1,
+                              data_range=1.0)
+    assert perfect["cons_r"] == pytest.approx(1.0)
+    assert perfect["dice"] == 1.0 and perfect["dice_mean"] == 1.0
+    assert perfect["depth_vox"] == 0.0 and perfect["depth_cov"] == 1.0
+    assert perfect["div_std"] == 0.0 and math.isinf(perfect["psnr"])
+    # Shifted by 2 in z: the same projection (consistent), depth error 2, no Dice overlap.
+    s = np.roll(t, 2, axis=2)
+    out = bc.score_volume(np.stack([s, t]), t, c, _project, axis=2, threshold=0.1,
+                          data_range=1.0)
+    assert out["cons_r"] == pytest.approx(1.0)
+    assert out["depth_vox"] == pytest.approx(1.0)  # mean over the K=2 samples: (2 + 0) / 2
+    assert out["dice"] == pytest.approx(0.5)
+    assert out["div_dice"] == pytest.approx(0.0)
+    # The mean of the two: foreground 0.4 at both depths -> centroid 1 voxel off.
+    assert out["depth_vox_mean"] == pytest.approx(1.0)
+    # No condition: no consistency scores.
+    assert "cons_r" not in bc.score_volume(t[None], t, None, None, axis=2, threshold=0.1,
+                                           data_range=1.0)
+
+
+def test_summarise_and_tables():
+    per = [{"dice": 0.5, "depth_vox": 1.0, "cons_r": 0.9},
+           {"dice": 0.7, "depth_vox": float("nan"), "cons_r": 0.95}]
+    s = bc.summarise(per, voxel_nm=20.0)
+    assert s["dice"]["mean"] == pytest.approx(0.6) and s["dice"]["n"] == 2
+    assert s["depth_vox"] == {"mean": 1.0, "std": 0.0, "n": 1, "nan": 1}
+    assert s["depth_nm"]["mean"] == 20.0
+    base = [{"dice": 0.6, "depth_vox": 3.0, "cons_r": 0.8},
+            {"dice": 0.6, "depth_vox": 2.0, "cons_r": 0.8}]
+    rows = [{"name": "model", "kind": "model", "per_volume": per, "summary": s},
+            {"name": "bp", "kind": "baseline", "per_volume": base,
+             "summary": bc.summarise(base, 20.0)}]
+    md = bc.markdown_table(rows)
+    assert "| model | 0.925 |" in md and "| bp |" in md
+    assert "Dice" in md and "pairwise PSNR" not in md  # absent columns are left out
+    paired = bc.paired_table(rows, "bp")
+    line = next(x for x in paired.splitlines() if x.startswith("| model"))
+    # dice: (-0.1, +0.1) -> mean 0, 1 win of 2; depth: only volume 0 finite, 1 < 3: a win.
+    assert "+0 (1/2)" in line and "-2 (1/1)" in line
+    assert bc.paired_table(rows, "nobody") == ""
+
+
+def test_condition_on_grid():
+    proj = np.arange(6, dtype=np.float32).reshape(2, 3, 1, 1)
+    g = bc.condition_on_grid(proj, (2, 3, 4))
+    assert g.shape == (2, 3, 4, 1) and np.all(g[:, :, 3] == proj[:, :, 0])
+    coarse = np.arange(8, dtype=np.float32).reshape(2, 2, 2, 1)
+    g = bc.condition_on_grid(coarse, (4, 4, 4))
+    assert g[3, 3, 3, 0] == 7 and g[0, 1, 0, 0] == 0
+    with pytest.raises(ValueError):
+        bc.condition_on_grid(coarse, (3, 4, 4))
