@@ -41,7 +41,8 @@ every row is scored on the same volumes (paired).
 Scores (ldm_jax.metrics.conditioning; per volume, then the mean over volumes, NaNs left
 out and counted):
 (a) consistency: Pearson r and PSNR with both min-max normalised to [0, 1] (dB) between
-    compute_condition(sample) (noise-free) and the condition, mean over the K samples;
+    compute_condition(sample) (noise-free) and the condition, mean over the K samples (a
+    blank sample, whose condition is constant, counts r = 0);
 (b) agreement with the truth: PSNR (dB, the data's range), foreground Dice (above
     `--threshold`), depth error (voxels; nm at `--voxel_nm`) of the depth centroid of
     each column along the projection axis (z for coarse) over the true foreground
@@ -138,7 +139,8 @@ def score_volume(samples, truth, condition, cond_fn, *, axis: int, threshold: fl
     if condition is not None:
         got = np.asarray(cond_fn(s), np.float32)
         want = np.repeat(np.asarray(condition, np.float32)[None], k, axis=0)
-        out["cons_r"] = _nanmean(cm.pearson(got, want))  # NaN: a blank sample
+        # A sample whose condition is constant (blank) has no correlation: it counts 0.
+        out["cons_r"] = float(np.mean(np.nan_to_num(cm.pearson(got, want), nan=0.0)))
         out["cons_psnr"] = float(np.mean(cm.psnr_minmax(got, want)))
     kw = dict(axis=axis, threshold=threshold)
     out["psnr"] = float(np.mean(cm.psnr(s, t, data_range)))

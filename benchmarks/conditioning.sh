@@ -56,9 +56,11 @@ for task in $TASKS; do
       train uncond configs/diffusion/projection.py --config.conditioning.aligned=''
       MODELS=(--model "concat, depth cue=$M/proj_cue" --model "concat, no cue=$M/proj_nocue"
               --model "pooled (original)=$M/proj_pooled" --model "unconditional=$M/uncond")
-      REF=(--reference "$M/proj_cue")
+      # Baselines from both conditions (rows tagged proj_cue / proj_nocue); the first one
+      # is also the condition the unconditional model is scored against.
+      REF=(--reference "$M/proj_cue" --reference "$M/proj_nocue")
       ORDER=(--order "concat, depth cue" --order "concat, no cue" --order "pooled (original)"
-             --order "unconditional")
+             --order "unconditional" --versus "back-projection, Dice-fitted scale (proj_cue)")
       ;;
     coarse)
       train coarse configs/diffusion/coarse.py

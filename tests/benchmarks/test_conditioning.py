@@ -49,6 +49,10 @@ def test_score_volume_of_the_truth_and_a_shift():
     assert out["div_dice"] == pytest.approx(0.0)
     # The mean of the two: foreground 0.4 at both depths -> centroid 1 voxel off.
     assert out["depth_vox_mean"] == pytest.approx(1.0)
+    # A blank sample counts r = 0 (not left out).
+    blank = bc.score_volume(np.stack([t, 0 * t]), t, c, _project, axis=2, threshold=0.1,
+                            data_range=1.0)
+    assert blank["cons_r"] == pytest.approx(0.5)
     # No condition: no consistency scores.
     assert "cons_r" not in bc.score_volume(t[None], t, None, None, axis=2, threshold=0.1,
                                            data_range=1.0)
