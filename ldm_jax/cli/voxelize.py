@@ -4,6 +4,8 @@ r"""Point clouds (localisations in nm) -> NIfTI volumes, for training or viewing
       [--method gaussian --sigma 15] [--columns "x [nm],y [nm],z [nm]"] [--scale 1] \
       [--dataset locs] [--shape X,Y,Z | --fov x0,y0,z0,x1,y1,z1] [--margin 0] [--overwrite]
   ldm-jax voxelize --demo_clouds 8 --output clouds/     # built-in SMLM-like CSVs
+  ldm-jax voxelize --input locs2d.csv --output images/ --voxel_size 100 --projection z
+      # 2D images (e.g. condition images): NAME.npy (X, Y) float32 + NAME.png preview
 
 Inputs: a directory, a glob (quote it) or one file of .csv/.tsv/.txt/.npy/.npz/.h5/.hdf5
 localisation tables (HDF5 and .npz files may hold several clouds; see
@@ -15,6 +17,12 @@ A rerun completes the folder: volumes voxelised with the same settings from the 
 are reused, missing ones are made, voxelize.json lists every volume in the folder; volumes
 made otherwise are kept and the run refuses unless --overwrite (OUTPUT/provenance.jsonl
 records each).
+
+--projection x|y|z writes 2D images instead: the 3D render summed along that axis (z gives
+(X, Y), the axis order of a 2D condition image; see docs/conditioning.md) as OUTPUT/NAME.npy
+(float32) and OUTPUT/NAME.png (an 8-bit preview scaled to the image's maximum). With z a
+2D table (x, y only) is read with z = 0 and rendered on one z slice: its x, y columns by
+name when it has no z column, or by --columns X,Y (two names or indices).
 """
 
 from __future__ import annotations
@@ -47,10 +55,25 @@ def numbers(text, name, count=3, cast=float):
     return vals
 
 
+def _columns(fv):
+    """--columns: three (x, y, z), or two (x, y: a 2D table) with --projection z."""
+    from ldm_jax.data import DataError
+    from ldm_jax.data.pointcloud.spec import parse_columns
+    if not fv.columns:
+        return None
+    cols = tuple(c.strip() for c in fv.columns.split(","))
+    if len(cols) != 2:
+        return parse_columns(fv.columns)
+    if getattr(fv, "projection", None) != "z":
+        raise DataError(f"--columns={fv.columns!r} names two columns (x, y): a 2D table is "
+                        "rendered as a 2D image with --projection z; else give x,y,z.")
+    return cols
+
+
 def spec_from_flags(fv):
-    """A CloudSpec from the command-line flags."""
+    """A CloudSpec from the command-line flags (columns: see `_columns`)."""
     from ldm_jax.data.pointcloud.grid import triple
-    from ldm_jax.data.pointcloud.spec import CloudSpec, parse_columns, parse_fov
+    from ldm_jax.data.pointcloud.spec import CloudSpec, parse_fov
 
     return CloudSpec(
         voxel_size=triple(numbers(fv.voxel_size, "voxel_size"), "--voxel_size"),
@@ -59,16 +82,51 @@ def spec_from_flags(fv):
         margin=float(fv.margin),
         method=fv.method,
         sigma=triple(numbers(fv.sigma, "sigma"), "--sigma"),
-        columns=parse_columns(fv.columns) if fv.columns else None,
+        columns=_columns(fv),
         scale=triple(numbers(fv.scale, "scale"), "--scale"),
         dataset=fv.dataset or None,
         max_gib=float(fv.max_gib),
     )
 
 
-def voxelize_files(input, output, spec, *, overwrite=False, skip_bad_files=False,
-                   progress=True, log=print) -> dict:
+def read_points(spec, ref, projection=None):
+    """(N, 3) nm of a cloud. With `projection` "z" a 2D table is read with z = 0: by the
+    two columns of `spec.columns`, or, with columns found by name and no z column among
+    them, by the columns x, y."""
+    from ldm_jax.data import BadFileError, DataError
+    from ldm_jax.data.pointcloud import io as pio
+    cols = spec.columns
+    if projection == "z" and cols is None:
+        try:
+            pio.check_columns(ref)
+        except BadFileError:
+            raise
+        except DataError as e:
+            try:
+                cols = tuple(pio.check_columns(ref, ("x", "y", "x"))[:2])
+            except DataError:
+                raise DataError(f"{e} (--projection z reads a 2D table by its x, y columns, "
+                                "or by --columns X,Y.)") from None
+    if cols is None or len(cols) == 3:
+        return spec.read(ref)
+    pts = pio.read_cloud(ref, (*cols, cols[0]), spec.scale)
+    pts[:, 2] = 0.0
+    return pts
+
+
+def _write_png(path, img):
+    """An 8-bit greyscale preview of a 2D image >= 0, scaled to its maximum; rows are X."""
+    from PIL import Image
+    top = float(img.max())
+    u8 = np.round(img * (255.0 / top) if top > 0 else img * 0).astype(np.uint8)
+    Image.fromarray(u8).save(path, format="PNG")
+
+
+def voxelize_files(input, output, spec, *, projection=None, overwrite=False,
+                   skip_bad_files=False, progress=True, log=print) -> dict:
     """Voxelises every cloud in `input` into OUTPUT/NAME.nii.gz; returns the manifest.
+    With `projection` ("x", "y" or "z"): the volume summed along that axis, as
+    OUTPUT/NAME.npy (2D float32) and OUTPUT/NAME.png (preview); see `read_points`.
 
     A rerun completes the folder (`ldm_jax.outputs.Outputs`): volumes voxelised with the
     same settings from the same files are reused, missing ones are made, and
@@ -89,7 +147,10 @@ def voxelize_files(input, output, spec, *, overwrite=False, skip_bad_files=False
     refs = pio.list_clouds(files, spec.dataset)
     made_by = {"spec": {k: v for k, v in dataclasses.asdict(spec).items()
                         if k not in ("max_gib", "smlm")}}  # max_gib only refuses
-    items = [(ref.name, [ref.name + ".nii.gz"], vf.source_of(ref.path, entry=str(ref)))
+    suffixes = [".npy", ".png"] if projection else [".nii.gz"]
+    if projection:
+        made_by["projection"] = projection
+    items = [(ref.name, [ref.name + s for s in suffixes], vf.source_of(ref.path, entry=str(ref)))
              for ref in refs]
     by_name = {ref.name: (ref, src) for ref, (_, _, src) in zip(refs, items)}
     bad = []
@@ -101,21 +162,29 @@ def voxelize_files(input, output, spec, *, overwrite=False, skip_bad_files=False
                              file=sys.stdout):
                 ref, src = by_name[name]
                 try:
-                    pts = spec.read(ref)
+                    pts = read_points(spec, ref, projection)
                 except BadFileError as e:
                     if not skip_bad_files:
                         raise
                     bad.append(str(e))
                     continue
                 vol, grid, n_in = spec.voxelize(pts, str(ref))
+                if projection:
+                    vol = vol.sum(axis="xyz".index(projection), dtype=np.float32)
                 row = {"input": os.path.abspath(str(ref)), "points": int(len(pts)),
-                       "points_in_grid": n_in, "shape": list(grid.shape),
+                       "points_in_grid": n_in, "shape": list(vol.shape),
                        "voxel_size_nm": list(grid.voxel_size),
                        "origin_nm": list(grid.origin), "method": spec.method,
                        "max": float(vol.max())}
-                outs.write(name, {name + ".nii.gz": lambda t: save_volume(
-                    t, vol, grid.affine, f"ldm_jax {spec.method} voxel "
-                    f"{grid.voxel_size[0]:g} nm, {n_in} points")}, src, row)
+                if projection:
+                    row["projection"] = projection
+                    files = {name + ".npy": lambda t: vf.write_npy(t, vol),
+                             name + ".png": lambda t: _write_png(t, vol)}
+                else:
+                    files = {name + ".nii.gz": lambda t: save_volume(
+                        t, vol, grid.affine, f"ldm_jax {spec.method} voxel "
+                        f"{grid.voxel_size[0]:g} nm, {n_in} points")}
+                outs.write(name, files, src, row)
                 if n_in < len(pts):
                     log(f"{name}: {len(pts) - n_in} of {len(pts)} points are outside the grid "
                         "and left out.")
@@ -164,7 +233,12 @@ def _define(fv):
     flags.DEFINE_string("sigma", "10", "Gaussian sigma in nm (one number or x,y,z), e.g. the "
                         "localisation precision.", flag_values=fv)
     flags.DEFINE_string("columns", None, "x,y,z column names or 0-based indices (default: found "
-                        "by name, else the first three).", flag_values=fv)
+                        "by name, else the first three); x,y (a 2D table) with --projection z.",
+                        flag_values=fv)
+    flags.DEFINE_enum("projection", None, ["x", "y", "z"], "Write 2D images: the render summed "
+                      "along this axis, as NAME.npy (float32; z gives (X, Y)) and NAME.png "
+                      "(preview). With z a 2D table (x, y only) is rendered with z = 0.",
+                      flag_values=fv)
     flags.DEFINE_string("scale", "1", "nm per file unit (one number or x,y,z); Picasso's x, y "
                         "are camera pixels: e.g. 130,130,1.", flag_values=fv)
     flags.DEFINE_string("dataset", None, "HDF5 dataset or group / .npz key (default: 'locs' if "
@@ -195,16 +269,20 @@ def _body(fv):
     cli.check_range("demo_clouds", fv.demo_clouds, 0)
     spec = spec_from_flags(fv)
     if fv.demo_clouds:
+        if fv.projection:
+            raise DataError("--demo_clouds writes clouds, --projection renders images; run "
+                            "them one after the other.")
         if fv.input:
             raise DataError("--demo_clouds writes built-in clouds; leave out --input.")
-        written = write_demo_clouds(fv.output, fv.demo_clouds, numbers(fv.demo_shape, "demo_shape", 3, int),
-                                    spec.voxel_size, seed=fv.seed, overwrite=fv.overwrite)
+        written = write_demo_clouds(fv.output, fv.demo_clouds,
+                                    numbers(fv.demo_shape, "demo_shape", 3, int), spec.voxel_size,
+                                    seed=fv.seed, overwrite=fv.overwrite)
         print(f"Wrote {len(written)} cloud(s) (of {fv.demo_clouds}; existing kept) to "
               f"{os.path.abspath(fv.output)}.")
         return
     if not fv.input:
         raise DataError("--input is required (or --demo_clouds N to write built-in clouds).")
-    voxelize_files(fv.input, fv.output, spec, overwrite=fv.overwrite,
+    voxelize_files(fv.input, fv.output, spec, projection=fv.projection, overwrite=fv.overwrite,
                    skip_bad_files=fv.skip_bad_files, progress=fv.progress)
 
 

@@ -13,6 +13,19 @@ One on the volume grid is resampled to the condition grid per axis by an integer
 becomes the fraction of foreground voxels per cell), nearest (repeat) when it is finer.
 Files: NIfTI (`.nii`, `.nii.gz`; 3D, or 4D with channels last) or `.npy` ((X, Y, Z) or
 (X, Y, Z, C)); any numeric or boolean dtype, read as float32.
+
+2D condition images (e.g. a widefield image, a projection of the volume): a 2D NIfTI or
+`.npy`, or a greyscale image, `.png` (8- or 16-bit) or `.tif` / `.tiff` (8/16/32-bit
+integer or float; a multi-page TIFF is read as (X, Y, pages)). `read_condition` returns
+them as stored, 2D; suffixes match in any case. Axis order: an image's array
+`np.asarray(PIL.Image.open(f))` is (rows, columns) and is taken as (X, Y) of the volume in
+nibabel's order, as `.npy` is: rows are X, columns are Y. So a projection written from a
+volume round-trips: `np.save("p.npy", vol.sum(axis=2))` or
+`Image.fromarray(vol.sum(axis=2).astype(np.float32)).save("p.tif")` reads back as
+`vol.sum(axis=2)` (a viewer shows X downwards, Y to the right). Colour (RGB, RGBA,
+palette) images are refused: save the one channel that is the condition as a greyscale
+image (or as `.npy`). In a folder, files with the same name and different suffixes
+(NAME.npy and its NAME.png preview) count once: the first suffix of `SUFFIXES`.
 """
 
 from __future__ import annotations
@@ -25,7 +38,11 @@ import numpy as np
 
 from ldm_jax.errors import ConfigError
 
-SUFFIXES = (".nii.gz", ".nii", ".npy")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+SUFFIXES = (".nii.gz", ".nii", ".npy") + IMAGE_SUFFIXES
+# PIL modes of a greyscale image (1-bit, 8-bit, 16-bit, 32-bit integer, 32-bit float).
+_GREY = ("1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;32", "I;32L", "I;32B",
+         "F;32", "F;32B")
 
 
 def _xp(a):
@@ -89,21 +106,47 @@ def to_grid(c: np.ndarray, *, volume_grid, condition_grid, channels: int, where:
     return resample(c, cg)
 
 
+def _read_image(path: str):
+    """(array, None) of a greyscale image file (a multi-page TIFF: pages on the last
+    axis), or (None, the PIL mode) of a colour image."""
+    from PIL import Image
+    with Image.open(path) as img:
+        pages = []
+        for i in range(getattr(img, "n_frames", 1)):
+            img.seek(i)
+            if img.mode not in _GREY:
+                return None, img.mode
+            pages.append(np.asarray(img))
+    return (pages[0] if len(pages) == 1 else np.stack(pages, axis=-1)), None
+
+
 def read_condition(path: str, flag: str = "--condition", error=ConfigError) -> np.ndarray:
-    """The array of one condition file (NIfTI or .npy), as stored. Raises `error` for a
-    missing, unreadable or other kind of file (one line naming `flag` and the file)."""
+    """The array of one condition file (NIfTI, .npy, or a greyscale .png / .tif / .tiff
+    image), as stored: any number of axes (a 2D image is (X, Y), see the module's
+    docstring). Raises `error` for a missing, unreadable, colour image or other kind of
+    file (one line naming `flag` and the file)."""
     if not os.path.isfile(path):
         raise error(f"{flag}: {path} is not a file.")
+    low, mode = path.lower(), None
     try:
-        if path.endswith(".npy"):
+        if low.endswith(".npy"):
             return np.load(path, allow_pickle=False)
-        if path.endswith((".nii", ".nii.gz")):
+        if low.endswith((".nii", ".nii.gz")):
             import nibabel as nib
             return np.asanyarray(nib.load(path).dataobj)
+        if low.endswith(IMAGE_SUFFIXES):
+            arr, mode = _read_image(path)
+            if arr is not None:
+                return arr
     except Exception as e:  # noqa: BLE001 -- any reader failure is a bad file
         raise error(f"{flag}: {path} is not a readable condition file ({type(e).__name__}: "
                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}).") from None
-    raise error(f"{flag}: {path} is not a condition file; use NIfTI (.nii, .nii.gz) or .npy.")
+    if mode is not None:
+        raise error(f"{flag}: {path} is a colour ({mode}) image; a condition image is "
+                    "greyscale: save the one channel that is the condition as a greyscale "
+                    "PNG/TIFF (e.g. Image.open(f).convert('L')) or as .npy.")
+    raise error(f"{flag}: {path} is not a condition file; use NIfTI (.nii, .nii.gz), .npy "
+                f"or a greyscale image ({', '.join(IMAGE_SUFFIXES)}).")
 
 
 def sha256(path: str) -> str:
@@ -116,8 +159,17 @@ def sha256(path: str) -> str:
 
 
 def _in_folder(folder: str) -> list[str]:
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if n.endswith(SUFFIXES) and not n.startswith("."))
+    """The condition files in `folder` in name order, one per name: of NAME.npy and
+    NAME.png (say), the first suffix in `SUFFIXES`."""
+    best = {}  # stem -> (rank of the suffix, file name)
+    for n in os.listdir(folder):
+        rank = next((i for i, s in enumerate(SUFFIXES) if n.lower().endswith(s)), None)
+        if rank is None or n.startswith("."):
+            continue
+        stem = n[:-len(SUFFIXES[rank])]
+        if stem not in best or rank < best[stem][0]:
+            best[stem] = (rank, n)
+    return sorted(os.path.join(folder, n) for _, n in best.values())
 
 
 def condition_files(path: str, *, count: int | None = None,
@@ -125,9 +177,10 @@ def condition_files(path: str, *, count: int | None = None,
                     error=ConfigError) -> list[str]:
     """The condition file of each of `count` outputs (or of each input in `names`).
 
-    `path` a file: that file for all. A folder: with `names`, NAME.nii.gz / NAME.nii /
-    NAME.npy for each name (matched as inputs are); with `count`, its condition files in
-    name order, the i-th for output i (at least `count` of them). Raises `error` naming
+    `path` a file: that file for all. A folder: with `names`, NAME + the first suffix of
+    `SUFFIXES` found (NAME.nii.gz, NAME.nii, NAME.npy, NAME.png, ...) for each name
+    (matched as inputs are); with `count`, its condition files in name order (one per
+    name, `_in_folder`), the i-th for output i (at least `count` of them). Raises `error` naming
     the missing files or the count it has against the count it needs."""
     path = os.path.expanduser(str(path))
     n = len(names) if names is not None else int(count)
