@@ -108,9 +108,34 @@ def get_config():
     # one NAME.npy per latent (NAME = its file name without suffix), float32
     # (S, unet.cross_attention_dim) or (cross_attention_dim,) as S = 1; one S for all.
     cond.context_dir = ml_collections.config_dict.placeholder(str)
-    # Label -> "no class" and context -> zeros (the null context), together, with this
-    # probability while training.
+    # Label -> "no class", context and aligned condition -> zeros (the null condition),
+    # together, with this probability while training.
     cond.drop_prob = 0.1
+    # Aligned condition computed from each training volume (ldm_jax.diffusion.aligned;
+    # docs/conditioning.md): "" (none) | "projection" (2D image along an axis) | "coarse"
+    # (a downsampled volume). Sample with --condition FILE.
+    cond.aligned = ""
+    # "concat": lifted to the UNet's input grid and concatenated (MONAI's
+    # DiffusionInferer mode="concat") | "pooled": a 2D CNN -> 8 numbers added to the time
+    # embedding (the original project's design, kept for comparison; projections only).
+    cond.aligned_mode = "concat"
+    proj = cond.projection = ml_collections.ConfigDict()
+    proj.axis = 2  # the projected axis (0, 1, 2 = X, Y, Z)
+    proj.reduce = "sum"  # "sum" | "max" | "mean"
+    # Depth-dependent point-spread, the depth cue: "none" | "defocus" | "astigmatic"
+    # (3D SMLM's cylindrical lens); sigma0 psf_sigma, focal offset astigmatism and
+    # depth_of_focus, all in voxels (ldm_jax.diffusion.aligned has the formulas).
+    proj.psf = "none"
+    proj.psf_sigma = 1.0
+    proj.astigmatism = 4.0
+    proj.depth_of_focus = 4.0
+    proj.blur = 0.0  # depth-independent Gaussian blur after projecting (pixels)
+    proj.normalize = True  # min-max to [0, 1] per image (also applied to --condition images)
+    proj.noise = 0.0  # Gaussian read noise std after normalising (training only)
+    coarse = cond.coarse = ml_collections.ConfigDict()
+    coarse.factor = ml_collections.FieldReference(4, field_type=object)  # int or (fx, fy, fz)
+    coarse.blur = 0.0  # Gaussian sigma in coarse voxels
+    coarse.noise = 0.0  # Gaussian noise std, data intensity units (training only)
 
     # --- ControlNet (MONAI's ControlNet; docs/editing.md). Set unet_workdir to train one
     # on that stage-2 run's frozen UNet instead of a UNet: unet, scheduler, latents'

@@ -93,10 +93,10 @@ def define_seed_flag(fv: flags.FlagValues, help: str = "Random seed.") -> None:
 def define_condition_flags(fv: flags.FlagValues) -> None:
     """--condition FILE|DIR and --conditioning_scale: the aligned input of conditioned
     models (a ControlNet's), read by `ldm_jax.diffusion.condition`."""
-    flags.DEFINE_string("condition", None, "Condition volume(s) of a conditioned model "
-                        "(ControlNet runs): a NIfTI/.npy file for all, or a folder with one "
-                        "per sample (sample: name order; edit: named as the input).",
-                        flag_values=fv)
+    flags.DEFINE_string("condition", None, "Aligned input of a conditioned model (ControlNet "
+                        "runs; models trained with conditioning.aligned, e.g. a 2D projection "
+                        "PNG/TIFF/.npy): a file for all, or a folder with one per sample "
+                        "(sample: name order; edit: named as the input).", flag_values=fv)
     flags.DEFINE_float("conditioning_scale", 1.0, "Multiplies the ControlNet's residuals "
                        "(MONAI's conditioning_scale; 1 as trained).", flag_values=fv)
 

@@ -23,10 +23,14 @@ by the stage-1 autoencoder from its checkpoint. Writes, in --output:
 --context (models trained with unet.with_conditioning): a .npy float32 (S, D) or (D,)
 context for every sample, or (num_samples, S, D) one per sample; without it such a model
 samples with the null context (zeros), i.e. unconditionally.
---condition (ControlNet runs, then required): a NIfTI or .npy condition volume for every
-sample, or a folder whose condition files, in name order, go one to each sample; on the
-volume grid (data.volume_size) or the ControlNet's condition grid, with its channels
-(ldm_jax.diffusion.condition says how a volume-grid file is resampled).
+--condition (ControlNet runs and models trained with conditioning.aligned, then
+required): a condition for every sample, or a folder whose condition files, in name
+order, go one to each sample. ControlNet: a NIfTI or .npy volume on the volume grid
+(data.volume_size) or the ControlNet's condition grid (ldm_jax.diffusion.condition says
+how a volume-grid file is resampled). Aligned models (docs/conditioning.md): a 2D image
+(PNG, TIFF, .npy, NIfTI) for a projection model, a coarse volume, or a volume on the
+volume grid whose condition is computed; the sheet shows each sample beside its
+condition and its own projection (or coarse version).
 --autoencoder_workdir: where the stage-1 run is now if it moved since stage 2 was trained
 (the run's own latents.autoencoder_workdir by default).
 Batch k is drawn from fold_in(PRNGKey(seed), k) and written as soon as it is decoded. A
@@ -158,10 +162,11 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
     pipe.controlnet_args(n, conds, conditioning_scale)  # refuses a missing/unwanted condition
     out_dir = vf.prepare_output_dir(output)
     sampler = scheduler or ("rflow" if pipe.config.scheduler.name == "rflow" else "ddim")
+    space = ("voxel space (no autoencoder)" if pipe.autoencoder.workdir is None else
+             f"autoencoder step {pipe.autoencoder.step} of {pipe.autoencoder.workdir}")
     log(f"Stage-2 checkpoint step {pipe.step} of {os.path.abspath(workdir)} "
-        f"({'EMA' if ema else 'raw'} weights); autoencoder step {pipe.autoencoder.step} of "
-        f"{pipe.autoencoder.workdir}; latents {'x'.join(map(str, pipe.latent_shape))}, "
-        f"scale_factor {pipe.scale_factor:.6g}.")
+        f"({'EMA' if ema else 'raw'} weights); {space}; latents "
+        f"{'x'.join(map(str, pipe.latent_shape))}, scale_factor {pipe.scale_factor:.6g}.")
     if contexts is not None and context is None:
         log("This model cross-attends to a context; without --context it samples with the "
             "null context (zeros): unconditional samples.")
@@ -219,7 +224,9 @@ def sample(workdir, output, *, num_samples=8, steps=50, scheduler=None, eta=0.0,
                  "condition_files": None if condition is None else cond_files,
                  "condition_sha256": None if condition is None else cond_digests}
         shown = None  # the conditions on the volume grid, beside the samples on the sheet
-        if conds is not None:
+        if conds is not None and pipe.aligned is not None:  # raw: the sheet adds each
+            shown = {names[i]: conds[i] for i in range(n)}  # sample's own projection
+        elif conds is not None:
             from ldm_jax.diffusion.condition import resample
             shown = {names[i]: resample(conds[i], pipe.autoencoder.config.data.volume_size)
                      for i in range(n)}
@@ -290,7 +297,11 @@ def _write_summary(out_dir, records, made_by, extra, pipe, workdir, shown=None):
         vols.append(vf.read_latent(os.path.join(out_dir, files[0]))[0])
     s = made_by["sampling"]
     sheet, labels = vols, names
-    if shown:
+    if shown and pipe.aligned is not None and all(name in shown for name in names):
+        sheet, _ = pipe.sheet_with_conditions(vols, [shown[name] for name in names])
+        labels = [x for name in names for x in (f"{name} condition", name,
+                                                f"{name}'s own {pipe.aligned}")]
+    elif shown:
         sheet = [v for name, vol in zip(names, vols) for v in (shown[name], vol)
                  ] if all(name in shown for name in names) else vols
         labels = [x for name in names for x in (f"{name} condition", name)] \

@@ -24,9 +24,11 @@ def diffusion_problems(config) -> list[str]:
     lat = config.get("latents")
     # A ControlNet run takes the autoencoder from its UNet's run.
     controlnet = bool((config.get("controlnet") or {}).get("unet_workdir"))
-    if not controlnet and (lat is None or not lat.get("autoencoder_workdir")):
+    voxel = "data" in config  # voxel space: no autoencoder (ldm_jax.diffusion.voxel_space)
+    if not controlnet and not voxel and (lat is None or not lat.get("autoencoder_workdir")):
         problems.append("latents.autoencoder_workdir is not set; give the stage-1 workdir, "
-                        "e.g. --config.latents.autoencoder_workdir=runs/balanced")
+                        "e.g. --config.latents.autoencoder_workdir=runs/balanced (or train "
+                        "in voxel space: configs/diffusion/projection.py)")
     elif lat is not None and lat.get("encode", "sample") not in ENCODINGS:
         problems.append(f"latents.encode={lat.encode!r} is not known; use 'sample' or 'mu'.")
     if lat is not None and lat.get("scale_factor") is not None and not float(
@@ -53,7 +55,9 @@ def diffusion_problems(config) -> list[str]:
                             "(labels are matched to extracted latents by file name); extract "
                             "them with ldm-jax extract and set "
                             "--config.latents.dir=LATENTS")
-    problems += context_problems(config) + controlnet_problems(config)
+    from ldm_jax.diffusion.aligned import aligned_problems
+    problems += context_problems(config) + controlnet_problems(config) + aligned_problems(
+        config, config.data.volume_size if "data" in config else None)
     decay = float(config.train.get("ema_decay", 0.0))
     if not 0.0 <= decay < 1.0:
         problems.append(f"train.ema_decay must be in [0, 1) (0: no averaging), got {decay}")

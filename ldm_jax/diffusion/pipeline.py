@@ -46,6 +46,9 @@ class Pipeline:
         self.context_dim = (int(config.unet.cross_attention_dim)
                             if config.unet.get("with_conditioning") else None)
         self._samplers = {}  # (sampler, steps, guidance, eta) -> jitted loop
+        from ldm_jax.diffusion.aligned import kind_of
+        self.aligned = kind_of(config)  # "projection" | "coarse" | None
+        self.volume_grid = tuple(int(s) for s in autoencoder.config.data.volume_size)
         self.controlnet = self.controlnet_params = None
         self.unet_checkpoint = None  # a ControlNet run's: {"workdir", "step"} of its UNet
 
@@ -70,6 +73,80 @@ class Pipeline:
         f = self.controlnet.condition_factor
         return tuple(int(s) * f for s in self.latent_shape[:3])
 
+    # ------------------------------------------------------------------ aligned conditions
+    def aligned_grid(self) -> tuple:
+        """(X', Y', Z') of an aligned-condition model's condition (1 on a projection's
+        axis)."""
+        from ldm_jax.diffusion.aligned import condition_grid
+        return condition_grid(self.config.conditioning, self.volume_grid)
+
+    def aligned_for(self, n: int, condition) -> np.ndarray:
+        """An aligned condition as the model's (n, X', Y', Z', C) float32. Takes one for
+        all samples or one per sample: on the condition grid, a projection as a 2D image
+        (n1, n2[, C]) (min-max normalised here when the model's are), or a volume on the
+        volume grid (its condition is computed, noise-free). Raises ConfigError (one line:
+        the shapes it takes) for anything else or non-finite values."""
+        from ldm_jax.diffusion import aligned as aligned_lib
+
+        cfg, c_in = self.config.conditioning, int(self.autoencoder.in_channels)
+        grid, vg = self.aligned_grid(), self.volume_grid
+        c = np.asarray(condition, np.float32)
+        proj = self.aligned == "projection"
+        axis = int(cfg.projection.get("axis", 2)) if proj else None
+        plane = tuple(g for i, g in enumerate(grid) if i != axis) if proj else None
+
+        def one(a):  # (..spatial..[, C]) of one sample -> (*grid, C) or None
+            if proj and a.shape[:2] == plane and a.ndim in (2, 3):
+                a = np.expand_dims(a if a.ndim == 3 else a[..., None], axis)
+                if bool(cfg.projection.get("normalize", True)):
+                    a = aligned_lib._normalize(a[None], (1, 2, 3))[0]
+                return a
+            a = a[..., None] if a.ndim == 3 else a
+            if a.ndim == 4 and a.shape[:3] == grid:
+                return a
+            if a.ndim == 4 and a.shape[:3] == vg:
+                return aligned_lib.compute_condition(a[None], cfg)[0]
+            return None
+
+        out = one(c)
+        out = None if out is None else np.broadcast_to(out[None], (int(n), *out.shape))
+        if out is None and c.ndim >= 3 and c.shape[0] == int(n):
+            rows = [one(a) for a in c]
+            out = None if any(r is None for r in rows) else np.stack(rows)
+        if out is None or out.shape[-1] != c_in:
+            shapes = ([f"a 2D image {plane}"] if proj else []) + [
+                f"{grid} (the condition grid)", f"{vg} (the volume grid)"]
+            raise ConfigError(
+                f"the condition has shape {tuple(c.shape)}; this model "
+                f"({aligned_lib.describe(cfg, vg)}) takes {' or '.join(shapes)} with {c_in} channel(s), one for every sample "
+                f"or {n} (one per sample).")
+        if not np.isfinite(out).all():
+            raise ConfigError("the condition holds NaN or Inf values; a condition must be "
+                              "finite.")
+        return np.ascontiguousarray(out, np.float32)
+
+    def _aligned_to_model(self, c):
+        from ldm_jax.diffusion import aligned as aligned_lib
+        if aligned_lib.mode_of(self.config) == "pooled":
+            return aligned_lib.pooled_input(c, self.config.conditioning)
+        return aligned_lib.lift(c, self.config.conditioning, self.latent_shape[:3], self.pad)
+
+    def sheet_with_conditions(self, volumes, conditions):
+        """(volumes for a sheet, names): per sample its condition on the volume grid (a
+        projection repeated along its axis), the sample, and the sample's own condition
+        (noise-free) the same way, for `save_sheet`."""
+        from ldm_jax.diffusion import aligned as aligned_lib
+        from ldm_jax.diffusion.condition import resample
+
+        vols, names = [], []
+        for i, (v, c) in enumerate(zip(volumes, conditions)):
+            own = aligned_lib.compute_condition(np.asarray(v, np.float32)[None],
+                                                self.config.conditioning)[0]
+            vols += [resample(np.asarray(c), self.volume_grid), np.asarray(v),
+                     resample(own, self.volume_grid)]
+            names += [f"condition {i}", f"sample {i}", f"sample {i}'s own"]
+        return vols, names
+
     def read_conditions(self, path, *, count=None, names=None):
         """(conditions (n, *condition_grid(), C_cond) float32, files) for `count` samples
         or the inputs `names` from `--condition` `path` (a file for all, or a folder:
@@ -78,6 +155,16 @@ class Pipeline:
         without a ControlNet, a missing file, another shape or channel count."""
         from ldm_jax.diffusion import condition as cond_lib
 
+        if self.aligned is not None:
+            files = cond_lib.condition_files(path, count=count, names=names)
+            cache = {}
+            for f in files:
+                if f not in cache:
+                    try:
+                        cache[f] = self.aligned_for(1, cond_lib.read_condition(f))[0]
+                    except ConfigError as e:
+                        raise ConfigError(f"--condition {f}: {e}") from None
+            return np.stack([cache[f] for f in files]), files
         grid = self.condition_grid()
         files = cond_lib.condition_files(path, count=count, names=names)
         arr = cond_lib.load_conditions(
@@ -92,6 +179,14 @@ class Pipeline:
         condition, or a condition `condition_for` refuses."""
         import jax.numpy as jnp
 
+        if self.aligned is not None:
+            if condition is None:
+                from ldm_jax.diffusion.aligned import describe
+                raise ConfigError(
+                    "this model is conditioned on "
+                    f"{describe(self.config.conditioning, self.volume_grid)}: give it "
+                    "(--condition FILE|DIR: a 2D image, NIfTI or .npy; docs/conditioning.md).")
+            return {"aligned_condition": jnp.asarray(self.aligned_for(int(n), condition))}
         if self.controlnet is None:
             if condition is not None:
                 raise ConfigError("a condition was given, but no ControlNet is attached to the "
@@ -195,7 +290,8 @@ class Pipeline:
                 self.unet, sampler_for(self.config.scheduler, scheduler),
                 shape=(*self.padded_shape, self.latent_shape[-1]), steps=int(steps),
                 guidance_scale=guidance_scale, null_label=self.null_label, eta=eta,
-                controlnet=self.controlnet)
+                controlnet=self.controlnet,
+                aligned=None if self.aligned is None else self._aligned_to_model)
         return self._samplers[key]
 
     def sample_batch(self, rng, index: int, size: int, *, steps: int = 50,
@@ -284,8 +380,9 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
     workdir is a stage-1 run, or the autoencoder is another model).
     """
     from ldm_jax import checkpoint as ckpt
+    from ldm_jax.diffusion.aligned import build_unet_for
     from ldm_jax.diffusion.latent_space import load_frozen_autoencoder
-    from ldm_jax.models import build_unet
+    from ldm_jax.diffusion.voxel_space import VoxelSpace, is_voxel_space
 
     workdir = os.path.abspath(os.path.expanduser(str(workdir)))
     if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
@@ -317,7 +414,7 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
             str(autoencoder_workdir)))
     if dtype is not None:
         cfg.unet.dtype = str(dtype)
-    ae = load_frozen_autoencoder(cfg)
+    ae = VoxelSpace(cfg) if is_voxel_space(cfg) else load_frozen_autoencoder(cfg)
     trained = cfg.latents.get("latent_shape")
     if trained and int(trained[-1]) != int(ae.latent_channels):
         from ldm_jax import options
@@ -327,7 +424,9 @@ def load_pipeline(workdir, step="best", *, use_ema: bool = True,
             f"channel latents, but this diffusion model was trained on {trained[-1]}-channel "
             "ones" + (f": point {fix} at the stage-1 run it was trained with." if fix else
                       "; use the stage-1 run it was trained with."))
-    pipe = Pipeline(cfg, build_unet(cfg.unet), params, ae, step=step)
+    unet = build_unet_for(cfg, ae.config.data.volume_size,
+                          trained or ae.latent_shape(), int(ae.in_channels))
+    pipe = Pipeline(cfg, unet, params, ae, step=step)
     if cn_params is not None:
         from ldm_jax.models.controlnet import build_controlnet
         pipe.attach_controlnet(build_controlnet(cfg.controlnet, cfg.unet), cn_params)

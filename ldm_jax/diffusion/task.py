@@ -91,19 +91,24 @@ class DiffusionTask:
     # not change the state. latents.scale_factor is not fixed: it is recomputed when unset.
     resume_fixed = ("unet", "scheduler", "latents.autoencoder_workdir",
                     "latents.autoencoder_step", "latents.dir", "latents.encode",
-                    "latents.latent_shape", "conditioning")
+                    "latents.latent_shape", "conditioning", "data.volume_size",
+                    "data.b_min", "data.b_max")
     resume_free = ("unet.remat", "unet.dtype", "unet.init_from")
 
     def __init__(self, config, autoencoder="load"):
         """`autoencoder`: "load" (from config.latents), an `Autoencoder`, or None for a
         shapes-only task (benchmarks: latents.latent_shape and scale 1, no data)."""
-        from ldm_jax.models import build_unet, unet_padded_shape
+        from ldm_jax.diffusion import aligned as aligned_lib
+        from ldm_jax.diffusion.voxel_space import VoxelSpace, is_voxel_space
+        from ldm_jax.models import unet_padded_shape
         from ldm_jax.schedulers import build_scheduler
 
         self.config = config
         lat = config.latents
+        self.voxel_space = is_voxel_space(config)
         if isinstance(autoencoder, str) and autoencoder == "load":
-            autoencoder = load_frozen_autoencoder(config)
+            autoencoder = (VoxelSpace(config) if self.voxel_space
+                           else load_frozen_autoencoder(config))
         self.ae = autoencoder
         if autoencoder is None:
             self._init_shapes_only(config)
@@ -135,10 +140,24 @@ class DiffusionTask:
                         "ldm_latent_shape); samples are cropped back.",
                         "x".join(map(str, self.latent_shape[:3])),
                         "x".join(map(str, self.padded_shape)))
-        self.unet = build_unet(config.unet)
+        self.aligned = aligned_lib.kind_of(config)
+        self.volume_grid = tuple(int(s) for s in self.ae.config.data.volume_size)
+        self.val_aligned = None
+        if self.aligned is not None:
+            from ldm_jax.config import raise_problems
+            raise_problems(aligned_lib.aligned_problems(config, self.volume_grid))
+            if not self.on_the_fly:
+                raise ConfigError(
+                    f"conditioning.aligned={self.aligned!r} computes each condition from its "
+                    "training volume, which extracted latents (latents.dir) do not carry; "
+                    "train on the fly: --config.latents.dir=''")
+        self.unet = aligned_lib.build_unet_for(config, self.volume_grid, self.latent_shape,
+                                               int(self.ae.in_channels))
         self.scheduler = build_scheduler(config.scheduler)
         self.sched_state = self.scheduler.create_state()
         self.tx = make_optimizer(config.train.learning_rate, config.train)
+        if self.voxel_space and lat.get("scale_factor") is None:
+            lat.scale_factor = 1.0  # volumes are mapped to [-1, 1] (voxel_space)
         file_scale = self._read_init(config.unet)
         if lat.get("scale_factor") is None and file_scale is not None:
             lat.scale_factor = file_scale  # the latents the file's UNet was trained on
@@ -168,6 +187,7 @@ class DiffusionTask:
             raise ConfigError("a shapes-only diffusion task needs latents.latent_shape")
         self.on_the_fly, self.sample_z, self.num_classes = False, False, int(
             config.get("conditioning", {}).get("num_classes", 0) or 0)
+        self.aligned, self.voxel_space = None, False
         self.with_context = bool(config.unet.get("with_conditioning", False))
         self.latent_shape = tuple(config.latents.latent_shape)
         self.padded_shape = tuple(unet_padded_shape(self.latent_shape[:3], config.unet))
@@ -239,12 +259,15 @@ class DiffusionTask:
             from ldm_jax import data as data_lib
             batches = data_lib.make_eval_batches(self.ae.config, batch_size=1)
             limit = int(self.config.train.get("num_eval_batches", 0) or 0) or len(batches)
-            zs = []
+            zs, cs = [], []
             for i, b in enumerate(batches):
                 if i >= min(limit, batches.num_volumes):
                     break
                 zs.append(self._encode_np(b["image"], None)[0])
+                if self.aligned is not None:
+                    cs.append(self.raw_condition(np.asarray(b["image"], np.float32))[0])
             self.val_latents = zs
+            self.val_aligned = np.stack(cs) if cs else None
         return self.val_latents
 
     # ------------------------------------------------------------------ trainer contract
@@ -267,6 +290,8 @@ class DiffusionTask:
         batch = {"latent": np.stack(self._val_latents())}
         if self.val_contexts is not None:
             batch["context"] = self.val_contexts
+        if self.val_aligned is not None:
+            batch["aligned"] = self.val_aligned
         return [batch]
 
     def describe(self) -> str:
@@ -281,6 +306,13 @@ class DiffusionTask:
         if self.val_contexts is not None:
             source += (f"; contexts {'x'.join(map(str, self.val_contexts.shape[1:]))} (S x D) "
                        f"from {self.config.conditioning.context_dir}")
+        if self.voxel_space:
+            source = (f"voxel space (no autoencoder): {self.ae.config.data.source} volumes "
+                      f"{'x'.join(map(str, self.volume_grid))} mapped to [-1, 1]")
+        if self.aligned is not None:
+            from ldm_jax.diffusion import aligned as aligned_lib
+            source += (f"; conditioned ({aligned_lib.mode_of(self.config)}) on the "
+                       + aligned_lib.describe(self.config.conditioning, self.volume_grid))
         extra = f"scale_factor {self.scale_factor:.6g}; latents: {source}"
         if self.config.unet.get("init_from"):  # MAISI's UNet from a weight file
             extra += f"; UNet weights from {self.config.unet.init_from}"
@@ -299,7 +331,13 @@ class DiffusionTask:
         labels = jnp.zeros((1,), jnp.int32) if self.num_classes else None
         # The params do not depend on the context length S.
         context = self.null_context(1) if self.with_context else None
-        params = self.unet.init(p_rng, x, t, context=context, class_labels=labels)["params"]
+        aligned = None
+        if self.aligned is not None:
+            from ldm_jax.diffusion.aligned import condition_grid
+            grid = condition_grid(self.config.conditioning, self.volume_grid)
+            aligned = self.model_condition(jnp.zeros((1, *grid, self.ae.in_channels)))
+        params = self.unet.init(p_rng, *self.unet_inputs(x, aligned), t, context=context,
+                                class_labels=labels, **self.unet_kwargs(aligned))["params"]
         if getattr(self, "init_params", None) is not None:  # unet.init_from
             from ldm_jax.models.maisi.finetune import replace_params
             params = replace_params(params, self.init_params, "unet.init_from")
@@ -324,18 +362,44 @@ class DiffusionTask:
         return jnp.zeros((batch, length, int(self.config.unet.cross_attention_dim)),
                          jnp.float32)
 
-    def _loss(self, params, z, noise, t, labels, context=None, controlnet=None):
+    # ------------------------------------------------------------------ aligned conditions
+    def raw_condition(self, images, key=None):
+        """Volumes (B, X, Y, Z, C) in data units -> their aligned condition (B, X', Y',
+        Z', C) (`ldm_jax.diffusion.aligned.compute_condition`; noise drawn with `key`)."""
+        from ldm_jax.diffusion.aligned import compute_condition
+        return compute_condition(images, self.config.conditioning, key)
+
+    def model_condition(self, c):
+        """A raw condition (B, X', Y', Z', C) -> what the UNet takes: lifted and padded to
+        its input grid (concat) or the 2D image (pooled). Traceable."""
+        from ldm_jax.diffusion import aligned as aligned_lib
+        if aligned_lib.mode_of(self.config) == "pooled":
+            return aligned_lib.pooled_input(c, self.config.conditioning)
+        return aligned_lib.lift(c, self.config.conditioning, self.latent_shape[:3], self.pad)
+
+    def unet_inputs(self, x, aligned):
+        """The UNet's positional input: (x,) or (x ++ the lifted condition,) (concat)."""
+        if aligned is None or aligned.ndim != x.ndim:
+            return (x,)
+        return (jnp.concatenate([x, aligned.astype(x.dtype)], axis=-1),)
+
+    def unet_kwargs(self, aligned):
+        """{"condition": the 2D image} for the pooled-embedding UNet, else {}."""
+        return {"condition": aligned} if aligned is not None and aligned.ndim == 4 else {}
+
+    def _loss(self, params, z, noise, t, labels, context=None, controlnet=None, aligned=None):
         """The denoising loss of the UNet `params`; `controlnet`: None or `fn(x_t, t) ->
-        (down residuals, mid residual)` added to the UNet's (MONAI's ControlNet)."""
+        (down residuals, mid residual)` added to the UNet's (MONAI's ControlNet);
+        `aligned`: None or the model condition (`model_condition`)."""
         x_t = self.scheduler.add_noise(self.sched_state, z, noise, t)
         target = self.scheduler.training_target(self.sched_state, z, noise, t)
-        extra = {}
+        extra = self.unet_kwargs(aligned)
         if controlnet is not None:
             down, mid = controlnet(x_t, t)
-            extra = {"down_block_additional_residuals": down,
-                     "mid_block_additional_residual": mid}
-        pred = self.unet.apply({"params": params}, x_t, t, context=context,
-                               class_labels=labels, **extra)
+            extra.update(down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid)
+        pred = self.unet.apply({"params": params}, *self.unet_inputs(x_t, aligned), t,
+                               context=context, class_labels=labels, **extra)
         pred = pred[..., :target.shape[-1]].astype(jnp.float32)  # learned variances: mean part
         err = jnp.square(pred - target) if self.config.loss.get("type", "mse") == "mse" \
             else jnp.abs(pred - target)
@@ -365,8 +429,16 @@ class DiffusionTask:
         noise = jax.random.normal(k_noise, z.shape, jnp.float32)
         t = self.scheduler.sample_timesteps(k_t, z)
         labels, context = self.conditions(batch, k_drop, z.shape[0])
+        aligned = None
+        if self.aligned is not None:
+            # The same rows as labels/contexts are dropped (one uniform draw from k_drop).
+            drop = jax.random.uniform(k_drop, (z.shape[0],)) < float(
+                self.config.conditioning.get("drop_prob", 0.0))
+            c = self.raw_condition(batch["image"].astype(jnp.float32),
+                                   jax.random.fold_in(k_drop, 1))
+            aligned = self.model_condition(jnp.where(drop[:, None, None, None, None], 0.0, c))
         loss, grads = jax.value_and_grad(self._loss)(state.params, z, noise, t, labels,
-                                                     context)
+                                                     context, None, aligned)
         return self._apply_update(state, rng, loss, grads)
 
     def _apply_update(self, state, rng, loss, grads):
@@ -395,15 +467,19 @@ class DiffusionTask:
         T = int(self.config.scheduler.num_train_timesteps)
         return np.round(np.linspace(0, T - 1, k)).astype(np.int32)
 
-    def eval_loss(self, params, latents, contexts=None):
+    def eval_loss(self, params, latents, contexts=None, aligned=None):
         """Mean denoising loss of `latents` (N, x, y, z, C, unscaled) over the fixed
         timesteps, with fixed noise (PRNGKey(0)): a curve comparable across steps. Class
         models: unconditional (the "no class" label); context models: conditional on
-        `contexts` (N, S, D)."""
+        `contexts` (N, S, D); aligned-condition models: conditional on `aligned` (N, X',
+        Y', Z', C), the raw conditions."""
         if self.with_context and contexts is None:
             raise ValueError("this UNet cross-attends: eval_loss needs the contexts")
+        if self.aligned is not None and aligned is None:
+            raise ValueError("this UNet is conditioned on aligned images: eval_loss needs them")
         if self._eval_fn is None:
-            def fn(params, z, context):
+            def fn(params, z, context, c):
+                c = None if c is None else self.model_condition(c)
                 z = jnp.pad(z * self.scale_factor, ((0, 0), *self.pad, (0, 0)))
                 noise = jax.random.normal(jax.random.PRNGKey(0), z.shape, jnp.float32)
                 labels = (jnp.full((z.shape[0],), self.num_classes, jnp.int32)
@@ -412,12 +488,13 @@ class DiffusionTask:
                 # the compile ~num_timesteps times larger).
                 losses = jax.lax.map(
                     lambda t: self._loss(params, z, noise, jnp.full((z.shape[0],), t), labels,
-                                         context),
+                                         context, None, c),
                     jnp.asarray(self.eval_timesteps(), jnp.int32))
                 return jnp.mean(losses)
             self._eval_fn = jax.jit(fn)
         ctx = None if contexts is None else jnp.asarray(contexts, jnp.float32)
-        return float(self._eval_fn(params, jnp.asarray(latents, jnp.float32), ctx))
+        c = None if aligned is None else jnp.asarray(aligned, jnp.float32)
+        return float(self._eval_fn(params, jnp.asarray(latents, jnp.float32), ctx, c))
 
     def evaluate(self, state, batches, put, image_path):
         """val_loss (EMA params) and a sheet of `eval.num_samples` decoded samples drawn
@@ -425,8 +502,10 @@ class DiffusionTask:
         first validation contexts (repeated when there are fewer)."""
         contexts = (np.concatenate([b["context"] for b in batches]) if self.with_context
                     else None)
+        aligned = (np.concatenate([b["aligned"] for b in batches]) if self.aligned is not None
+                   else None)
         val = self.eval_loss(state.ema_params, np.concatenate([b["latent"] for b in batches]),
-                             contexts)
+                             contexts, aligned)
         n = int(self.config.eval.get("num_samples", 2))
         if n > 0 and jax.process_index() == 0:
             from ldm_jax.diffusion.pipeline import Pipeline
@@ -434,13 +513,19 @@ class DiffusionTask:
                 self._pipeline = Pipeline(self.config, self.unet, None, self.ae)
             pipe = self._pipeline
             pipe.params = jax.device_get(state.ema_params)
+            rows = np.arange(n)
             vols = pipe.sample(n, jax.random.PRNGKey(int(self.config.eval.get("seed", 0))),
                                steps=int(self.config.eval.get("sampling_steps", 25)),
                                context=None if contexts is None
-                               else contexts[np.arange(n) % len(contexts)])
+                               else contexts[rows % len(contexts)],
+                               condition=None if aligned is None
+                               else aligned[rows % len(aligned)])
             from ldm_jax.diffusion.pipeline import save_sheet
             os.makedirs(os.path.dirname(image_path), exist_ok=True)
-            save_sheet(vols, image_path, self.ae.config.data,
+            names = None
+            if aligned is not None:
+                vols, names = pipe.sheet_with_conditions(vols, aligned[rows % len(aligned)])
+            save_sheet(vols, image_path, self.ae.config.data, names=names,
                        title=f"step {int(state.step)}: {n} samples (EMA weights, "
                              f"{int(self.config.eval.get('sampling_steps', 25))} steps, fixed seed)")
         return {"val_loss": val}

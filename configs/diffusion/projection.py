@@ -1,0 +1,54 @@
+"""Voxel-space diffusion conditioned on a 2D projection: from what the microscope sees to
+3D (docs/conditioning.md). No autoencoder: the UNet works on the built-in filament volumes
+(32x32x16, CPU-trainable) mapped to [-1, 1]; each training volume's sum projection along z
+through an astigmatic point-spread (the depth cue of 3D SMLM) is broadcast along z, given
+its z coordinate and concatenated to the UNet's input. The UNet is the original project's
+voxel-space one: channels (16, 32, 64), no attention in the levels, DDPM 1000 steps.
+
+    python train.py --config configs/diffusion/projection.py --workdir runs/projection
+    ldm-jax sample --workdir runs/projection --condition proj.png --num_samples 4 \
+        --output samples/
+"""
+
+from configs import default as stage1
+from configs.diffusion import default
+
+
+def get_config():
+    config = default.get_config()
+    lat = config.latents
+    lat.autoencoder_workdir = None  # voxel space (ldm_jax.diffusion.voxel_space)
+    lat.scale_factor = 1.0
+    data = config.data = stage1.get_config().data
+    data.volume_size = (32, 32, 16)
+    data.num_train_volumes = 256
+    data.num_val_volumes = 8
+
+    unet = config.unet
+    unet.in_channels = unet.out_channels = 1
+    unet.num_channels = (16, 32, 64)
+    unet.attention_levels = (False, False, False)
+    unet.num_head_channels = (0, 0, 64)  # the middle block's attention
+    unet.norm_num_groups = 8
+    unet.num_res_blocks = 1
+    unet.dtype = "float32"  # CPU
+
+    cond = config.conditioning
+    cond.aligned = "projection"
+    cond.aligned_mode = "concat"
+    cond.projection.axis = 2
+    cond.projection.psf = "astigmatic"
+    cond.projection.psf_sigma = 1.0
+    cond.projection.astigmatism = 4.0  # voxels, a quarter of the depth
+    cond.projection.depth_of_focus = 4.0
+    cond.projection.noise = 0.02
+
+    train = config.train
+    train.num_steps = 3000
+    train.batch_size = 8
+    train.learning_rate = 2.5e-4
+    train.log_every_steps = 50
+    train.eval_every_steps = 500
+    train.save_every_steps = 250
+    config.eval.num_samples = 2
+    return config
