@@ -96,16 +96,17 @@ class Pipeline:
         plane = tuple(g for i, g in enumerate(grid) if i != axis) if proj else None
 
         def one(a):  # (..spatial..[, C]) of one sample -> (*grid, C) or None
-            if proj and a.shape[:2] == plane and a.ndim in (2, 3):
+            v = a[..., None] if a.ndim == 3 else a
+            if v.ndim == 4 and v.shape[:3] == vg:  # a volume: its condition
+                return aligned_lib.compute_condition(v[None], cfg)[0]
+            if v.ndim == 4 and v.shape[:3] == grid:
+                return v
+            if proj and a.shape[:2] == plane and (a.ndim == 2 or (
+                    a.ndim == 3 and a.shape[2] == c_in)):  # a 2D image (n1, n2[, C])
                 a = np.expand_dims(a if a.ndim == 3 else a[..., None], axis)
                 if bool(cfg.projection.get("normalize", True)):
                     a = aligned_lib._normalize(a[None], (1, 2, 3))[0]
                 return a
-            a = a[..., None] if a.ndim == 3 else a
-            if a.ndim == 4 and a.shape[:3] == grid:
-                return a
-            if a.ndim == 4 and a.shape[:3] == vg:
-                return aligned_lib.compute_condition(a[None], cfg)[0]
             return None
 
         out = one(c)

@@ -363,6 +363,29 @@ class DiffusionTask:
                          jnp.float32)
 
     # ------------------------------------------------------------------ aligned conditions
+    def write_val_conditions(self, conditions, folder):
+        """Once per workdir: the validation volumes' conditions as `--condition` files,
+        val_NNNN.npy (a projection as its 2D image (n1, n2), else (X', Y', Z', C)) and,
+        for projections, val_NNNN.png (8-bit, min-max); files already there are kept."""
+        from ldm_jax.diffusion.aligned import pooled_input
+        os.makedirs(folder, exist_ok=True)
+        for i, c in enumerate(np.asarray(conditions, np.float32)):
+            path = os.path.join(folder, f"val_{i:04d}.npy")
+            if os.path.exists(path):
+                continue
+            if self.aligned == "projection":
+                img = pooled_input(c[None], self.config.conditioning)[0]
+                img = img[..., 0] if img.shape[-1] == 1 else img
+                np.save(path + ".tmp.npy", img)
+                if img.ndim == 2:
+                    from PIL import Image
+                    lo, hi = float(img.min()), float(img.max())
+                    u8 = np.round(255 * (img - lo) / max(hi - lo, 1e-12)).astype(np.uint8)
+                    Image.fromarray(u8).save(path[:-4] + ".png")
+            else:
+                np.save(path + ".tmp.npy", c)
+            os.replace(path + ".tmp.npy", path)
+
     def raw_condition(self, images, key=None):
         """Volumes (B, X, Y, Z, C) in data units -> their aligned condition (B, X', Y',
         Z', C) (`ldm_jax.diffusion.aligned.compute_condition`; noise drawn with `key`)."""
@@ -507,6 +530,9 @@ class DiffusionTask:
         val = self.eval_loss(state.ema_params, np.concatenate([b["latent"] for b in batches]),
                              contexts, aligned)
         n = int(self.config.eval.get("num_samples", 2))
+        if aligned is not None and jax.process_index() == 0:
+            self.write_val_conditions(aligned, os.path.join(
+                os.path.dirname(os.path.dirname(image_path)), "conditions"))
         if n > 0 and jax.process_index() == 0:
             from ldm_jax.diffusion.pipeline import Pipeline
             if self._pipeline is None:
