@@ -14,7 +14,7 @@
 # (OUT/TASK/rows/NAME.json; delete one to redo it).
 # Environment: PY (python), STEPS (training steps per model, 3000), TRAIN_ARGS (more
 # train.py overrides for every model), NOCUE_ARGS (what makes the no-cue model: the
-# depth-independent point-spread), NUM (held-out volumes, 8), SAMPLES (per condition, 4),
+# depth-independent blur of the in-focus width: psf none, blur 1.0), NUM (held-out volumes, 8), SAMPLES (per condition, 4),
 # SEED (0), SAMPLE_STEPS (50), SCHEDULER (ddim), GUIDANCE (1.0), TASKS ("projection
 # coarse"), EVAL_ARGS (more benchmarks/conditioning.py flags, e.g. --condition_noise),
 # JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
@@ -30,7 +30,7 @@ SAMPLE_STEPS=${SAMPLE_STEPS:-50}
 SCHEDULER=${SCHEDULER:-ddim}
 GUIDANCE=${GUIDANCE:-1.0}
 TASKS=${TASKS:-projection coarse}
-NOCUE_ARGS=${NOCUE_ARGS:---config.conditioning.projection.psf=none}
+NOCUE_ARGS=${NOCUE_ARGS:---config.conditioning.projection.psf=none --config.conditioning.projection.blur=1.0}
 mkdir -p "$OUT/models"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jit_cache}
 M=$OUT/models

@@ -119,8 +119,8 @@ class Pipeline:
                 f"{grid} (the condition grid)", f"{vg} (the volume grid)"]
             raise ConfigError(
                 f"the condition has shape {tuple(c.shape)}; this model "
-                f"({aligned_lib.describe(cfg, vg)}) takes {' or '.join(shapes)} with {c_in} channel(s), one for every sample "
-                f"or {n} (one per sample).")
+                f"({aligned_lib.describe(cfg, vg)}) takes {' or '.join(shapes)} with {c_in} "
+                f"channel(s), one for every sample or {n} (one per sample).")
         if not np.isfinite(out).all():
             raise ConfigError("the condition holds NaN or Inf values; a condition must be "
                               "finite.")
