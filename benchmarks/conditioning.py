@@ -35,8 +35,9 @@ every row is scored on the same volumes (paired).
   default the first back-projection / trilinear row): mean difference and wins per volume.
 - picture: OUT/conditioning_TASK.png for held-out volume `--volume`: its condition
   (a projection smeared along its axis, a coarse volume repeated to the grid), the truth,
-  each baseline, and per model sample 0, the mean of the K samples and sample 0's own
-  condition (`ldm_jax.visualize.samples_image`: three mid-slices and the max over Z).
+  the first baseline row of each condition, and per model sample 0, the mean of the K
+  samples and sample 0's own condition (`ldm_jax.visualize.samples_image`: three
+  mid-slices and the max over Z).
 
 Scores (ldm_jax.metrics.conditioning; per volume, then the mean over volumes, NaNs left
 out and counted):
@@ -586,8 +587,11 @@ def picture_part(a):
     if ref is not None:
         vols.insert(0, condition_on_grid(ref[1]["conditions"][a.volume], truth.shape[:3]))
         names.insert(0, f"condition ({ref[0]['name']})")
-    for r, s in loaded:  # the baselines first, under the truth
-        if r["kind"] == "baseline":
+    seen = set()
+    for r, s in loaded:  # the baselines first, under the truth: one per condition
+        key = json.dumps(r.get("condition"), sort_keys=True, default=str)
+        if r["kind"] == "baseline" and key not in seen:
+            seen.add(key)
             vols.append(s["samples"][a.volume][0])
             names.append(r["name"])
     for r, s in loaded:
