@@ -13,9 +13,9 @@
 # that finished training (OUT/models/NAME/trained) and the rows already scored
 # (OUT/TASK/rows/NAME.json; delete one to redo it).
 # Environment: PY (python), STEPS (training steps per model, 3000), TRAIN_ARGS (more
-# train.py overrides for every model), NOCUE_ARGS (what makes the no-cue model: the
-# depth-independent blur of the in-focus width: psf none, blur 1.0), NUM (held-out volumes, 8), SAMPLES (per condition, 4),
-# SEED (0), SAMPLE_STEPS (50), SCHEDULER (ddim), GUIDANCE (1.0), TASKS ("projection
+# train.py overrides for every model), NOCUE_ARGS (what makes the no-cue model: a
+# depth-independent blur of the in-focus width: psf none, blur 1.0), NUM (held-out
+# volumes, 8), SAMPLES (per condition, 4), SEED (0), SAMPLE_STEPS (50), SCHEDULER (ddim), GUIDANCE (1.0), TASKS ("projection
 # coarse"), EVAL_ARGS (more benchmarks/conditioning.py flags, e.g. --condition_noise),
 # JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
 set -euo pipefail
