@@ -67,9 +67,9 @@ class Pipeline:
         """(X', Y', Z') of the attached ControlNet's condition: the latent shape times its
         condition_factor (unpadded). Raises ConfigError when none is attached."""
         if self.controlnet is None:
-            raise ConfigError("this model takes no condition (no ControlNet: train one with "
-                              "controlnet.unet_workdir, or Pipeline.attach_controlnet); drop "
-                              "--condition.")
+            raise ConfigError("this model takes no condition (it was trained without "
+                              "conditioning.aligned and has no ControlNet; models that take "
+                              "one: docs/conditioning.md, docs/editing.md); drop --condition.")
         f = self.controlnet.condition_factor
         return tuple(int(s) * f for s in self.latent_shape[:3])
 
@@ -120,7 +120,8 @@ class Pipeline:
             raise ConfigError(
                 f"the condition has shape {tuple(c.shape)}; this model "
                 f"({aligned_lib.describe(cfg, vg)}) takes {' or '.join(shapes)} with {c_in} "
-                f"channel(s), one for every sample or {n} (one per sample).")
+                "channel(s)" + (f", one for every sample or {n} stacked (one per sample)."
+                                if int(n) > 1 else " (a folder gives one per sample)."))
         if not np.isfinite(out).all():
             raise ConfigError("the condition holds NaN or Inf values; a condition must be "
                               "finite.")
@@ -161,8 +162,9 @@ class Pipeline:
             cache = {}
             for f in files:
                 if f not in cache:
+                    arr = cond_lib.read_condition(f)  # its errors name the flag and file
                     try:
-                        cache[f] = self.aligned_for(1, cond_lib.read_condition(f))[0]
+                        cache[f] = self.aligned_for(1, arr)[0]
                     except ConfigError as e:
                         raise ConfigError(f"--condition {f}: {e}") from None
             return np.stack([cache[f] for f in files]), files
@@ -185,8 +187,10 @@ class Pipeline:
                 from ldm_jax.diffusion.aligned import describe
                 raise ConfigError(
                     "this model is conditioned on "
-                    f"{describe(self.config.conditioning, self.volume_grid)}: give it "
-                    "(--condition FILE|DIR: a 2D image, NIfTI or .npy; docs/conditioning.md).")
+                    f"{describe(self.config.conditioning, self.volume_grid)}: pass "
+                    "--condition FILE|DIR (a 2D image, NIfTI or .npy; the training run's "
+                    "WORKDIR/conditions/ holds ready ones of held-out volumes; "
+                    "docs/conditioning.md).")
             return {"aligned_condition": jnp.asarray(self.aligned_for(int(n), condition))}
         if self.controlnet is None:
             if condition is not None:
