@@ -48,7 +48,8 @@ class Pipeline:
         self._samplers = {}  # (sampler, steps, guidance, eta) -> jitted loop
         from ldm_jax.diffusion.aligned import kind_of
         self.aligned = kind_of(config)  # "projection" | "coarse" | None
-        self.volume_grid = tuple(int(s) for s in autoencoder.config.data.volume_size)
+        self.volume_grid = (None if autoencoder is None else  # shapes-only pipelines
+                            tuple(int(s) for s in autoencoder.config.data.volume_size))
         self.controlnet = self.controlnet_params = None
         self.unet_checkpoint = None  # a ControlNet run's: {"workdir", "step"} of its UNet
 
