@@ -29,7 +29,10 @@ every row is scored on the same volumes (paired).
   further `--reference`): projection: `back_projection` (the condition smeared along its
   axis) at two scales fitted on `--fit_volumes` TRAINING volumes (least squares: the
   best PSNR; best mean Dice), coarse: `trilinear_upsample` of the condition; and the truth
-  itself ("truth": the ceiling of consistency under noise). Same files.
+  itself ("truth": the ceiling of consistency under noise); with `--regress_steps N`
+  (projection) a 2D CNN trained N steps with MSE to predict the volume from its
+  condition (`benchmarks.condition_regression`: about E[volume | image], what the
+  condition can say). Same files.
 - tables: OUT/conditioning_TASK.json (every row) and OUT/conditioning_TASK.md: the table
   of means over the volumes, and the paired table against `--versus` (a row name;
   default the first back-projection / trilinear row): mean difference and wins per volume.
@@ -485,6 +488,11 @@ def baseline_part(a):
                 preds[f"back-projection, {label}{tag}"] = (cm.back_projection(
                     conds, axis, vols.shape[1 + axis], scale), {"scale": scale,
                                                                 "objective": obj})
+            name = f"regression (2D CNN, MSE){tag}"
+            if a.regress_steps > 0 and not _row_exists(a, name):
+                from benchmarks.condition_regression import train_regressor
+                predict = train_regressor(data_cfg, cond_cfg, a.regress_steps, seed=a.seed)
+                preds[name] = (predict(conds), {"steps": a.regress_steps})
         else:
             preds[f"trilinear{tag}"] = (cm.trilinear_upsample(conds, vols.shape[1:4]), {})
         preds[f"truth{tag}"] = (vols, {})
@@ -641,6 +649,9 @@ def parser():
                    help="give the models conditions with the config's noise (fixed seeds)")
     p.add_argument("--fit_volumes", type=int, default=32,
                    help="training volumes the back-projection scales are fitted on")
+    p.add_argument("--regress_steps", type=int, default=0,
+                   help="projection: also train the supervised 2D CNN baseline "
+                        "(benchmarks/condition_regression.py) for this many steps; 0: no")
     p.add_argument("--force", action="store_true", help="redo rows that exist")
     p.add_argument("--versus", default=None, help="the row of the paired table")
     p.add_argument("--order", action="append", help="row names in table order")
