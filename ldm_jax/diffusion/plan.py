@@ -25,9 +25,12 @@ def unet_param_count(unet_cfg, padded_shape, channels: int) -> int:
     return int(sum(math.prod(p.shape) for p in jax.tree.leaves(shapes["params"])))
 
 
-def format_unet_plan(config, latent_shape, padded_shape, extra: str = "") -> str:
+def format_unet_plan(config, latent_shape, padded_shape, extra: str = "",
+                     condition_channels: int = 0) -> str:
     """Text table of the UNet on latents `latent_shape` (x, y, z, C) padded to
-    `padded_shape` (x, y, z). Raises ConfigError for an invalid UNet section."""
+    `padded_shape` (x, y, z), with `condition_channels` more input channels (an aligned
+    condition concatenated to the input). Raises ConfigError for an invalid UNet
+    section."""
     from ldm_jax.models import validate_unet
 
     u = config.unet
@@ -40,6 +43,7 @@ def format_unet_plan(config, latent_shape, padded_shape, extra: str = "") -> str
     lines = [f"diffusion UNet on latents {'x'.join(map(str, latent_shape[:3]))} x {c}"
              + ("" if tuple(padded_shape) == tuple(latent_shape[:3]) else
                 f" (padded symmetrically to {'x'.join(map(str, padded_shape))})")
+             + (f" + {condition_channels} condition channel(s)" if condition_channels else "")
              + f", dtype {u.get('dtype', 'float32')}"]
     lines.append("  level  shape          channels  attention")
     for i, (n_c, a) in enumerate(zip(ch, att)):
@@ -56,7 +60,7 @@ def format_unet_plan(config, latent_shape, padded_shape, extra: str = "") -> str
                  + (f"{s.schedule} {s.beta_start}->{s.beta_end}, " if s.name != "rflow" else "")
                  + f"prediction {s.get('prediction_type', 'epsilon') if s.name != 'rflow' else 'velocity (x0 - noise)'}")
     try:
-        n = unet_param_count(u, padded_shape, c)
+        n = unet_param_count(u, padded_shape, c + int(condition_channels))
         lines.append(f"parameters: diffusion UNet {n:,} ({n * 4 / 2**20:.1f} MiB float32)")
     except ImportError as e:
         lines.append(f"parameters: unavailable ({e})")

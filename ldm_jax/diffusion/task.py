@@ -316,7 +316,16 @@ class DiffusionTask:
         extra = f"scale_factor {self.scale_factor:.6g}; latents: {source}"
         if self.config.unet.get("init_from"):  # MAISI's UNet from a weight file
             extra += f"; UNet weights from {self.config.unet.init_from}"
-        return format_unet_plan(self.config, self.latent_shape, self.padded_shape, extra=extra)
+        return format_unet_plan(self.config, self.latent_shape, self.padded_shape, extra=extra,
+                                condition_channels=self._condition_channels())
+
+    def _condition_channels(self) -> int:
+        """Input channels an aligned condition adds to the UNet (concat mode), else 0."""
+        from ldm_jax.diffusion import aligned as aligned_lib
+        if self.aligned is None or aligned_lib.mode_of(self.config) != "concat":
+            return 0
+        return aligned_lib.lifted_channels(self.config.conditioning, self.volume_grid,
+                                           self.latent_shape[:3], int(self.ae.in_channels))
 
     def quick_run_hint(self, seconds, first_seconds, steps):
         return (f"CPU only: the first step (compiling it) took {first_seconds:.0f} s, then "

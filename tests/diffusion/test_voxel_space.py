@@ -107,6 +107,20 @@ def test_voxel_space_trains_and_writes_checkpoints(proj_run):
     assert "voxel space" in task.describe() and "astigmatic" in task.describe()
 
 
+def test_plan_counts_the_condition_channels(proj_run):
+    """`ldm-jax plan` and the trainer's plan of a voxel-space projection model: the volume
+    grid as the UNet's, the 2 condition channels, and the parameters the model has."""
+    import math
+
+    from ldm_jax.cli.plan import diffusion_plan
+
+    _, task, state = proj_run
+    n = sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))
+    for text in (task.describe(), diffusion_plan(voxel_config("projection"))):
+        assert "x".join(map(str, VOLUME)) + " x 1 + 2 condition channel(s)" in text, text
+        assert f"diffusion UNet {n:,} " in text, text
+
+
 def test_voxel_space_resume_is_exact(proj_run, tmp_path):
     _, task, straight = proj_run
     with changed(task.config.eval, num_samples=0), changed(task.config.train, num_steps=2) as t:
