@@ -58,7 +58,8 @@ def format_unet_plan(config, latent_shape, padded_shape, extra: str = "",
     s = config.scheduler
     lines.append(f"scheduler: {s.name}, {s.num_train_timesteps} steps, "
                  + (f"{s.schedule} {s.beta_start}->{s.beta_end}, " if s.name != "rflow" else "")
-                 + f"prediction {s.get('prediction_type', 'epsilon') if s.name != 'rflow' else 'velocity (x0 - noise)'}")
+                 + "prediction " + (s.get("prediction_type", "epsilon") if s.name != "rflow"
+                                    else "velocity (x0 - noise)"))
     try:
         n = unet_param_count(u, padded_shape, c + int(condition_channels))
         lines.append(f"parameters: diffusion UNet {n:,} ({n * 4 / 2**20:.1f} MiB float32)")
