@@ -119,6 +119,9 @@ def get_config():
     # DiffusionInferer mode="concat") | "pooled": a 2D CNN -> 8 numbers added to the time
     # embedding (the original project's design, kept for comparison; projections only).
     cond.aligned_mode = "concat"
+    # Paired condition files instead (with extracted latents, latents.dir): a folder with
+    # NAME.png / .tif / .npy / .nii.gz per latent NAME, each as `--condition` takes one.
+    cond.aligned_dir = ml_collections.config_dict.placeholder(str)
     proj = cond.projection = ml_collections.ConfigDict()
     proj.axis = 2  # the projected axis (0, 1, 2 = X, Y, Z)
     proj.reduce = "sum"  # "sum" | "max" | "mean"

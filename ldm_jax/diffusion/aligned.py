@@ -233,6 +233,41 @@ def compute_condition(volumes, cond_cfg, key=None):
     raise ConfigError(f"conditioning.aligned={kind!r} is not known; use one of {list(KINDS)}")
 
 
+def condition_from_array(a, cond_cfg, volume_grid: Sequence[int], channels: int):
+    """One sample's condition (*condition grid, C) float32 from an array read from a file,
+    or None when its shape is none of: a volume on `volume_grid` ((X, Y, Z[, C]): its
+    condition is computed, noise-free), an array on the condition grid, or for a
+    projection a 2D image (n1, n2[, C]) (min-max normalised when the config's are)."""
+    vg = tuple(int(v) for v in volume_grid)
+    grid = condition_grid(cond_cfg, vg)
+    a = np.asarray(a, np.float32)
+    v = a[..., None] if a.ndim == 3 else a
+    if v.ndim == 4 and v.shape[:3] == vg:
+        return np.asarray(compute_condition(v[None], cond_cfg)[0], np.float32)
+    if v.ndim == 4 and v.shape[:3] == grid:
+        return v
+    if str(cond_cfg.aligned) == "projection":
+        axis = int(cond_cfg.projection.get("axis", 2))
+        plane = tuple(g for i, g in enumerate(grid) if i != axis)
+        if a.shape[:2] == plane and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == channels)):
+            a = np.expand_dims(a if a.ndim == 3 else a[..., None], axis)
+            if bool(cond_cfg.projection.get("normalize", True)):
+                a = _normalize(a[None], (1, 2, 3))[0]
+            return a
+    return None
+
+
+def accepted_shapes(cond_cfg, volume_grid: Sequence[int]) -> str:
+    """The shapes `condition_from_array` takes, in words."""
+    vg = tuple(int(v) for v in volume_grid)
+    grid = condition_grid(cond_cfg, vg)
+    plane = tuple(g for i, g in enumerate(grid)
+                  if i != int(cond_cfg.projection.get("axis", 2)))
+    shapes = ([f"a 2D image {plane}"] if str(cond_cfg.aligned) == "projection" else []) + [
+        f"{grid} (the condition grid)", f"{vg} (the volume grid)"]
+    return " or ".join(shapes)
+
+
 # ---------------------------------------------------------------------- to the UNet grid
 
 def _axis_plan(cond_grid, unet_grid, proj_axis):

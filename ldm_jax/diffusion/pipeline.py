@@ -50,6 +50,10 @@ class Pipeline:
         self.aligned = kind_of(config)  # "projection" | "coarse" | None
         self.volume_grid = (None if autoencoder is None else  # shapes-only pipelines
                             tuple(int(s) for s in autoencoder.config.data.volume_size))
+        if autoencoder is not None and config.latents.get("dir"):
+            # extracted latents: the volumes they were extracted from (DiffusionTask's)
+            self.volume_grid = tuple(int(s) * int(f) for s, f in
+                                     zip(self.latent_shape[:3], autoencoder.factor))
         self.controlnet = self.controlnet_params = None
         self.unet_checkpoint = None  # a ControlNet run's: {"workdir", "step"} of its UNet
 
@@ -90,25 +94,11 @@ class Pipeline:
         from ldm_jax.diffusion import aligned as aligned_lib
 
         cfg, c_in = self.config.conditioning, int(self.autoencoder.in_channels)
-        grid, vg = self.aligned_grid(), self.volume_grid
+        vg = self.volume_grid
         c = np.asarray(condition, np.float32)
-        proj = self.aligned == "projection"
-        axis = int(cfg.projection.get("axis", 2)) if proj else None
-        plane = tuple(g for i, g in enumerate(grid) if i != axis) if proj else None
 
-        def one(a):  # (..spatial..[, C]) of one sample -> (*grid, C) or None
-            v = a[..., None] if a.ndim == 3 else a
-            if v.ndim == 4 and v.shape[:3] == vg:  # a volume: its condition
-                return aligned_lib.compute_condition(v[None], cfg)[0]
-            if v.ndim == 4 and v.shape[:3] == grid:
-                return v
-            if proj and a.shape[:2] == plane and (a.ndim == 2 or (
-                    a.ndim == 3 and a.shape[2] == c_in)):  # a 2D image (n1, n2[, C])
-                a = np.expand_dims(a if a.ndim == 3 else a[..., None], axis)
-                if bool(cfg.projection.get("normalize", True)):
-                    a = aligned_lib._normalize(a[None], (1, 2, 3))[0]
-                return a
-            return None
+        def one(a):
+            return aligned_lib.condition_from_array(a, cfg, vg, c_in)
 
         out = one(c)
         out = None if out is None else np.broadcast_to(out[None], (int(n), *out.shape))
@@ -116,11 +106,10 @@ class Pipeline:
             rows = [one(a) for a in c]
             out = None if any(r is None for r in rows) else np.stack(rows)
         if out is None or out.shape[-1] != c_in:
-            shapes = ([f"a 2D image {plane}"] if proj else []) + [
-                f"{grid} (the condition grid)", f"{vg} (the volume grid)"]
             raise ConfigError(
                 f"the condition has shape {tuple(c.shape)}; this model "
-                f"({aligned_lib.describe(cfg, vg)}) takes {' or '.join(shapes)} with {c_in} "
+                f"({aligned_lib.describe(cfg, vg)}) takes "
+                f"{aligned_lib.accepted_shapes(cfg, vg)} with {c_in} "
                 "channel(s)" + (f", one for every sample or {n} stacked (one per sample)."
                                 if int(n) > 1 else " (a folder gives one per sample)."))
         if not np.isfinite(out).all():

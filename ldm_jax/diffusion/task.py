@@ -142,15 +142,34 @@ class DiffusionTask:
                         "x".join(map(str, self.padded_shape)))
         self.aligned = aligned_lib.kind_of(config)
         self.volume_grid = tuple(int(s) for s in self.ae.config.data.volume_size)
-        self.val_aligned = None
+        self.val_aligned = self.train_aligned = None
+        aligned_dir = str((config.get("conditioning") or {}).get("aligned_dir") or "")
+        if aligned_dir and self.aligned is None:
+            raise ConfigError(
+                f"conditioning.aligned_dir={aligned_dir!r} gives condition files, but the "
+                "model is not conditioned on them; set --config.conditioning.aligned="
+                "projection or coarse (the kind of the files)")
         if self.aligned is not None:
             from ldm_jax.config import raise_problems
+            if not self.on_the_fly:  # the volumes the latents were extracted from
+                self.volume_grid = tuple(int(s) * int(f) for s, f in
+                                         zip(self.latent_shape[:3], self.ae.factor))
             raise_problems(aligned_lib.aligned_problems(config, self.volume_grid))
-            if not self.on_the_fly:
+            if self.on_the_fly and aligned_dir:
+                raise ConfigError(
+                    f"conditioning.aligned_dir={aligned_dir!r} pairs condition files with "
+                    "extracted latents, but this run encodes its volumes on the fly (and "
+                    "computes each condition from its volume); extract the volumes with "
+                    "ldm-jax extract and set --config.latents.dir, or drop "
+                    "--config.conditioning.aligned_dir")
+            if not self.on_the_fly and not aligned_dir:
                 raise ConfigError(
                     f"conditioning.aligned={self.aligned!r} computes each condition from its "
                     "training volume, which extracted latents (latents.dir) do not carry; "
-                    "train on the fly: --config.latents.dir=''")
+                    "train on the fly (--config.latents.dir='') or give one condition file "
+                    "per latent: --config.conditioning.aligned_dir=DIR")
+            if aligned_dir:
+                self._read_aligned_files(aligned_dir)
         self.unet = aligned_lib.build_unet_for(config, self.volume_grid, self.latent_shape,
                                                int(self.ae.in_channels))
         self.scheduler = build_scheduler(config.scheduler)
@@ -223,6 +242,34 @@ class DiffusionTask:
         if contexts is not None:
             self.train_contexts, self.val_contexts = split(contexts)
 
+    def _read_aligned_files(self, folder):
+        """The paired condition of each latent NAME: FOLDER/NAME.png|.tif|.npy|.nii.gz
+        (`ldm_jax.diffusion.condition.condition_files`), each as `--condition` takes it
+        (`aligned.condition_from_array`); split as the latents. Raises DataError naming
+        the missing files or the file of a wrong shape."""
+        from ldm_jax.diffusion import aligned as aligned_lib
+        from ldm_jax.diffusion import condition as cond_lib
+        from ldm_jax.errors import DataError
+
+        flag = "conditioning.aligned_dir"
+        files = cond_lib.condition_files(folder, names=self.names, flag=flag, error=DataError)
+        cfg, channels = self.config.conditioning, int(self.ae.in_channels)
+        conds = []
+        for f in files:
+            c = aligned_lib.condition_from_array(cond_lib.read_condition(f, flag, DataError), cfg,
+                                                 self.volume_grid, channels)
+            if c is None or c.shape[-1] != channels or not np.isfinite(c).all():
+                raise DataError(
+                    f"{flag}: {f} is not a condition of its latent's volume: this model "
+                    f"({aligned_lib.describe(cfg, self.volume_grid)}) takes "
+                    f"{aligned_lib.accepted_shapes(cfg, self.volume_grid)} with {channels} "
+                    "channel(s), finite")
+            conds.append(c)
+        conds = np.stack(conds).astype(np.float32)
+        n_val = len(self.names) - len(self.train_latents)  # _read_folder's split
+        self.train_aligned, self.val_aligned = (
+            (conds[n_val:], conds[:n_val]) if n_val else (conds, conds[:1]))
+
     def _encode_np(self, x, key):
         mu, sigma = self.ae.encode(jnp.asarray(x))
         if self.sample_z and key is not None:
@@ -284,7 +331,8 @@ class DiffusionTask:
                                               seed=int(self.config.train.seed))
         from ldm_jax.data.latents import make_latent_loader
         return make_latent_loader(self.train_latents, self.labels, self.train_contexts,
-                                  batch_size=batch_size, seed=int(self.config.train.seed))
+                                  batch_size=batch_size, seed=int(self.config.train.seed),
+                                  conditions=self.train_aligned)
 
     def eval_batches(self, batch_size):
         batch = {"latent": np.stack(self._val_latents())}
@@ -466,8 +514,11 @@ class DiffusionTask:
             # The same rows as labels/contexts are dropped (one uniform draw from k_drop).
             drop = jax.random.uniform(k_drop, (z.shape[0],)) < float(
                 self.config.conditioning.get("drop_prob", 0.0))
-            c = self.raw_condition(batch["image"].astype(jnp.float32),
-                                   jax.random.fold_in(k_drop, 1))
+            if "condition" in batch:  # a paired file (conditioning.aligned_dir)
+                c = batch["condition"].astype(jnp.float32)
+            else:
+                c = self.raw_condition(batch["image"].astype(jnp.float32),
+                                       jax.random.fold_in(k_drop, 1))
             aligned = self.model_condition(jnp.where(drop[:, None, None, None, None], 0.0, c))
         loss, grads = jax.value_and_grad(self._loss)(state.params, z, noise, t, labels,
                                                      context, None, aligned)

@@ -315,3 +315,68 @@ def test_projection_conditioning_in_latent_space(ae_workdir, tmp_path):
     assert np.load(os.path.join(out, "latents", "sample_0000.npy")).shape == (8, 8, 4, 2)
     np.save(tmp_path / "small.npy", _image(0))  # the latent grid's size: refused
     assert _sample(wd, str(tmp_path / "r"), f"--condition={tmp_path / 'small.npy'}") == 2
+
+
+def _paired_config(ae_workdir, latents_dir, folder):
+    from tests.diffusion.test_diffusion import tiny_diffusion_config
+    c = tiny_diffusion_config(ae_workdir, latents_dir)
+    c.conditioning.aligned = "projection"
+    c.conditioning.aligned_dir = folder
+    c.train.num_steps = c.train.save_every_steps = c.train.eval_every_steps = 2
+    c.eval.num_samples, c.eval.sampling_steps = 1, 2
+    return c
+
+
+def test_paired_condition_files_with_extracted_latents(ae_workdir, latents_dir, tmp_path):
+    """conditioning.aligned_dir: one 8-bit PNG (the z projection) per extracted latent
+    NAME, read as --condition reads it, split as the latents, fed to the training step,
+    written as the held-out conditions; a missing or misshapen file is one DataError."""
+    from ldm_jax.diffusion.aligned import compute_condition
+    from ldm_jax.errors import DataError
+
+    vols = os.path.join(os.path.dirname(latents_dir), "vols")
+    folder = tmp_path / "conds"
+    folder.mkdir()
+    names = sorted(f[:-4] for f in os.listdir(vols) if f.endswith(".npy"))
+    c = _paired_config(ae_workdir, latents_dir, str(folder))
+    expected = {}
+    for n in names:
+        v = np.load(os.path.join(vols, n + ".npy"))[..., None]
+        img = compute_condition(v[None], c.conditioning)[0, :, :, 0, 0]
+        Image.fromarray(np.round(255 * img).astype(np.uint8)).save(folder / f"{n}.png")
+        expected[n] = np.round(255 * img) / 255
+    task = make_task(c)
+    assert task.volume_grid == (16, 16, 8)
+    by_name = dict(zip(task.names, np.concatenate([task.val_aligned, task.train_aligned])))
+    for n in names:
+        np.testing.assert_allclose(by_name[n][:, :, 0, 0], expected[n], atol=1e-6)
+    batch = next(iter(task.train_loader(2)))
+    assert batch["condition"].shape == (2, 16, 16, 1, 1)
+    wd = str(tmp_path / "run")
+    state = trainer.train(task, wd, progress=False)
+    assert int(state.step) == 2 and int(state.skipped_steps) == 0
+    assert len(os.listdir(os.path.join(wd, "conditions"))) >= 2
+    out = str(tmp_path / "s")
+    assert _sample(wd, out, f"--condition={folder / (names[1] + '.png')}") == 0
+    _check_written(out)
+    os.remove(folder / f"{names[0]}.png")
+    with pytest.raises(DataError, match=names[0]):
+        make_task(c)
+    np.save(folder / f"{names[0]}.npy", np.zeros((8, 8), np.float32))  # the latent grid
+    with pytest.raises(DataError, match=r"\(16, 16\)"):
+        make_task(c)
+
+
+def test_paired_condition_files_refusals(ae_workdir, latents_dir, tmp_path):
+    from ldm_jax.errors import ConfigError
+
+    c = _paired_config(ae_workdir, None, str(tmp_path))  # on the fly: computed instead
+    with pytest.raises(ConfigError, match="latents.dir"):
+        make_task(c)
+    c = _paired_config(ae_workdir, latents_dir, str(tmp_path))
+    c.conditioning.aligned = ""
+    with pytest.raises(ConfigError, match="conditioning.aligned=projection"):
+        make_task(c)
+    c = _paired_config(ae_workdir, latents_dir, None)
+    with pytest.raises(ConfigError, match="aligned_dir=DIR"):
+        make_task(c)
