@@ -16,7 +16,9 @@
 # train.py overrides for every model), NOCUE_ARGS (what makes the no-cue model: a
 # depth-independent blur of the in-focus width: psf none, blur 1.0), NUM (held-out
 # volumes, 8), SAMPLES (per condition, 4), SEED (0), SAMPLE_STEPS (50), SCHEDULER (ddim), GUIDANCE (1.0), TASKS ("projection
-# coarse"), EVAL_ARGS (more benchmarks/conditioning.py flags, e.g. --condition_noise),
+# coarse"; "smlm": the depth-cue projection model on voxelised built-in SMLM clouds,
+# SMLM_ARGS, scored into OUT/smlm), EVAL_ARGS (more benchmarks/conditioning.py flags, e.g. --condition_noise),
+# BASELINE_ARGS (baseline-part flags, e.g. --regress_steps 1500: the supervised 2D CNN),
 # JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,7 @@ SAMPLE_STEPS=${SAMPLE_STEPS:-50}
 SCHEDULER=${SCHEDULER:-ddim}
 GUIDANCE=${GUIDANCE:-1.0}
 TASKS=${TASKS:-projection coarse}
+SMLM_ARGS=${SMLM_ARGS:---config.data.source=synthetic_smlm --config.data.pointcloud_voxel_size=20.0 --config.data.pointcloud_sigma=20.0 --config.data.a_max=1.0}
 NOCUE_ARGS=${NOCUE_ARGS:---config.conditioning.projection.psf=none --config.conditioning.projection.blur=1.0}
 mkdir -p "$OUT/models"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jit_cache}
@@ -69,14 +72,24 @@ for task in $TASKS; do
       REF=(--reference "$M/coarse")
       ORDER=(--order "concat" --order "unconditional")
       ;;
-    *) echo "unknown task $task (projection | coarse)" >&2; exit 2 ;;
+    smlm)  # projection -> 3D on voxelised SMLM clouds (configs/smlm_4x.py's rendering)
+      # shellcheck disable=SC2086
+      train proj_smlm configs/diffusion/projection.py $SMLM_ARGS
+      MODELS=(--model "concat, depth cue=$M/proj_smlm")
+      REF=(--reference "$M/proj_smlm")
+      ORDER=(--order "concat, depth cue" --versus "back-projection, Dice-fitted scale")
+      ;;
+    *) echo "unknown task $task (projection | coarse | smlm)" >&2; exit 2 ;;
   esac
-  COMMON=(--task "$task" --out "$OUT" --num "$NUM" --samples "$SAMPLES" --seed "$SEED"
+  EVAL_OUT=$OUT
+  [ "$task" = smlm ] && { EVAL_OUT=$OUT/smlm; task=projection; }
+  COMMON=(--task "$task" --out "$EVAL_OUT" --num "$NUM" --samples "$SAMPLES" --seed "$SEED"
           --steps "$SAMPLE_STEPS" --scheduler "$SCHEDULER" --guidance "$GUIDANCE")
   # shellcheck disable=SC2086
   $PY -m benchmarks.conditioning sample "${COMMON[@]}" "${MODELS[@]}" "${REF[@]}" ${EVAL_ARGS:-}
   # shellcheck disable=SC2086
-  $PY -m benchmarks.conditioning baseline "${COMMON[@]}" "${REF[@]}" ${EVAL_ARGS:-}
+  $PY -m benchmarks.conditioning baseline "${COMMON[@]}" "${REF[@]}" ${EVAL_ARGS:-} \
+    ${BASELINE_ARGS:-}
   $PY -m benchmarks.conditioning tables "${COMMON[@]}" "${ORDER[@]}"
   $PY -m benchmarks.conditioning picture "${COMMON[@]}"
 done
