@@ -2,7 +2,9 @@
 of configs/diffusion/projection.py on `configs/balanced_4x.py`'s latents. The 2D image is
 folded into channels over the latent grid (4x4 pixels per latent voxel: 16 channels) plus
 the z coordinate, and concatenated to the UNet's input (MONAI's 3D LDM tutorial UNet).
-Latents are encoded on the fly (the condition needs each volume).
+Latents are encoded on the fly (each condition is computed from its volume); with
+measured images, extract the latents and pair one file per latent instead
+(`--config.latents.dir=L --config.conditioning.aligned_dir=D`, docs/conditioning.md).
 
     python train.py --config configs/balanced_4x.py --workdir runs/balanced_4x      # stage 1
     python train.py --config configs/diffusion/projection_latent.py --workdir runs/proj_ldm
