@@ -202,8 +202,8 @@ def condition_files(path: str, *, count: int | None = None,
         (out.append(found[0]) if found else missing.append(name))
     if missing:
         raise error(f"{flag}={path!r} has no condition for {len(missing)} input(s), e.g. "
-                    f"{missing[0]}{SUFFIXES[0]}; give one file per input, named as the input "
-                    "(or one file for all).")
+                    f"{missing[0]} ({'/'.join(SUFFIXES)}); give one file per input, named as "
+                    "the input" + (" (or one file for all)." if flag == "--condition" else "."))
     return out
 
 

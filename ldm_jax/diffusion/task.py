@@ -252,6 +252,10 @@ class DiffusionTask:
         from ldm_jax.errors import DataError
 
         flag = "conditioning.aligned_dir"
+        if not os.path.isdir(os.path.expanduser(folder)):
+            raise DataError(f"{flag}={folder!r} is not a folder; give a folder with one "
+                            "condition file per latent, named as the latent (NAME.png, .tif, "
+                            ".npy or .nii.gz)")
         files = cond_lib.condition_files(folder, names=self.names, flag=flag, error=DataError)
         cfg, channels = self.config.conditioning, int(self.ae.in_channels)
         conds = []
@@ -361,6 +365,9 @@ class DiffusionTask:
             from ldm_jax.diffusion import aligned as aligned_lib
             source += (f"; conditioned ({aligned_lib.mode_of(self.config)}) on the "
                        + aligned_lib.describe(self.config.conditioning, self.volume_grid))
+            if self.train_aligned is not None:
+                source += (f", read from the paired files in "
+                           f"{self.config.conditioning.aligned_dir} (used as read: no noise)")
         extra = f"scale_factor {self.scale_factor:.6g}; latents: {source}"
         if self.config.unet.get("init_from"):  # MAISI's UNet from a weight file
             extra += f"; UNet weights from {self.config.unet.init_from}"

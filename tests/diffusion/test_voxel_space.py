@@ -359,9 +359,14 @@ def test_paired_condition_files_with_extracted_latents(ae_workdir, latents_dir, 
     out = str(tmp_path / "s")
     assert _sample(wd, out, f"--condition={folder / (names[1] + '.png')}") == 0
     _check_written(out)
+    assert f"paired files in {folder}" in task.describe()
+    c1 = _paired_config(ae_workdir, latents_dir, str(folder / f"{names[1]}.png"))
+    with pytest.raises(DataError, match="is not a folder"):  # one file for all: no pairing
+        make_task(c1)
     os.remove(folder / f"{names[0]}.png")
-    with pytest.raises(DataError, match=names[0]):
+    with pytest.raises(DataError, match=names[0]) as e:
         make_task(c)
+    assert "one file for all" not in str(e.value)
     np.save(folder / f"{names[0]}.npy", np.zeros((8, 8), np.float32))  # the latent grid
     with pytest.raises(DataError, match=r"\(16, 16\)"):
         make_task(c)
