@@ -17,7 +17,8 @@
 # depth-independent blur of the in-focus width: psf none, blur 1.0), NUM (held-out
 # volumes, 8), SAMPLES (per condition, 4), SEED (0), SAMPLE_STEPS (50), SCHEDULER (ddim), GUIDANCE (1.0), TASKS ("projection
 # coarse"; "smlm": the depth-cue projection model on voxelised built-in SMLM clouds,
-# SMLM_ARGS, scored into OUT/smlm), EVAL_ARGS (more benchmarks/conditioning.py flags, e.g. --condition_noise),
+# SMLM_ARGS, scored into OUT/smlm), CUE_GUIDANCE (2.0: the depth-cue model is scored once
+# more at this classifier-free guidance scale; empty: not), EVAL_ARGS (more benchmarks/conditioning.py flags, e.g. --condition_noise),
 # BASELINE_ARGS (baseline-part flags, e.g. --regress_steps 1500: the supervised 2D CNN),
 # JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
 set -euo pipefail
@@ -32,6 +33,7 @@ SAMPLE_STEPS=${SAMPLE_STEPS:-50}
 SCHEDULER=${SCHEDULER:-ddim}
 GUIDANCE=${GUIDANCE:-1.0}
 TASKS=${TASKS:-projection coarse}
+CUE_GUIDANCE=${CUE_GUIDANCE-2.0}
 SMLM_ARGS=${SMLM_ARGS:---config.data.source=synthetic_smlm --config.data.pointcloud_voxel_size=20.0 --config.data.pointcloud_sigma=20.0 --config.data.a_max=1.0}
 NOCUE_ARGS=${NOCUE_ARGS:---config.conditioning.projection.psf=none --config.conditioning.projection.blur=1.0}
 mkdir -p "$OUT/models"
@@ -62,7 +64,8 @@ for task in $TASKS; do
       # Baselines from both conditions (rows tagged proj_cue / proj_nocue); the first one
       # is also the condition the unconditional model is scored against.
       REF=(--reference "$M/proj_cue" --reference "$M/proj_nocue")
-      ORDER=(--order "concat, depth cue" --order "concat, no cue" --order "pooled (original)"
+      ORDER=(--order "concat, depth cue" --order "concat, depth cue, guidance $CUE_GUIDANCE"
+             --order "concat, no cue" --order "pooled (original)"
              --order "unconditional" --versus "back-projection, Dice-fitted scale (proj_cue)")
       ;;
     coarse)
@@ -77,7 +80,8 @@ for task in $TASKS; do
       train proj_smlm configs/diffusion/projection.py $SMLM_ARGS
       MODELS=(--model "concat, depth cue=$M/proj_smlm")
       REF=(--reference "$M/proj_smlm")
-      ORDER=(--order "concat, depth cue" --versus "back-projection, Dice-fitted scale")
+      ORDER=(--order "concat, depth cue" --order "concat, depth cue, guidance $CUE_GUIDANCE"
+             --versus "back-projection, Dice-fitted scale")
       ;;
     *) echo "unknown task $task (projection | coarse | smlm)" >&2; exit 2 ;;
   esac
@@ -87,6 +91,12 @@ for task in $TASKS; do
           --steps "$SAMPLE_STEPS" --scheduler "$SCHEDULER" --guidance "$GUIDANCE")
   # shellcheck disable=SC2086
   $PY -m benchmarks.conditioning sample "${COMMON[@]}" "${MODELS[@]}" "${REF[@]}" ${EVAL_ARGS:-}
+  if [ -n "$CUE_GUIDANCE" ] && [ "$task" = projection ]; then
+    cue=${MODELS[1]#*=}
+    # shellcheck disable=SC2086
+    $PY -m benchmarks.conditioning sample "${COMMON[@]}" --guidance "$CUE_GUIDANCE" \
+      --model "concat, depth cue, guidance $CUE_GUIDANCE=$cue" "${REF[@]}" ${EVAL_ARGS:-}
+  fi
   # shellcheck disable=SC2086
   $PY -m benchmarks.conditioning baseline "${COMMON[@]}" "${REF[@]}" ${EVAL_ARGS:-} \
     ${BASELINE_ARGS:-}

@@ -61,13 +61,15 @@ def get_config():
     # at most x1.
     # configs/diffusion/monai_3d_ldm.py keeps the tutorial's "epsilon".
     sched.prediction_type = "v_prediction"
-    sched.variance_type = "fixed_small"  # ddpm: "fixed_small" | "fixed_large" | "learned" | "learned_range"
+    # ddpm: "fixed_small" | "fixed_large" | "learned" | "learned_range"
+    sched.variance_type = "fixed_small"
     # Clip the predicted x0 while sampling (ddpm/ddim). MONAI's default is True; off here
     # because latents are not confined to [-1, 1].
     sched.clip_sample = False
     sched.clip_sample_min = -1.0
     sched.clip_sample_max = 1.0
-    sched.set_alpha_to_one = True  # ddim: alpha_prod of the step before 0 is 1 (else alphas_cumprod[0])
+    # ddim: alpha_prod of the step before 0 is 1 (else alphas_cumprod[0])
+    sched.set_alpha_to_one = True
     sched.steps_offset = 0  # ddim/rflow: added to every inference timestep
     # Rectified flow (MONAI RFlowScheduler names and defaults).
     sched.use_discrete_timesteps = True  # integer timesteps in training
@@ -130,6 +132,9 @@ def get_config():
     # depth_of_focus, all in voxels (ldm_jax.diffusion.aligned has the formulas).
     proj.psf = "none"
     proj.psf_sigma = 1.0
+    # Depth of the focal plane, voxels from the volume's middle: 0 blurs a plane above it
+    # as one below (the sign of a depth unread); beyond the volume every depth blurs apart.
+    proj.focal_plane = 0.0
     proj.astigmatism = 4.0
     proj.depth_of_focus = 4.0
     proj.blur = 0.0  # depth-independent Gaussian blur after projecting (pixels)

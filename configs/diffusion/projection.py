@@ -1,13 +1,14 @@
 """Voxel-space diffusion conditioned on a 2D projection: from what the microscope sees to
 3D (docs/conditioning.md). No autoencoder: the UNet works on the built-in filament volumes
 (32x32x16, CPU-trainable) mapped to [-1, 1]; each training volume's sum projection along z
-through an astigmatic point-spread (the depth cue of 3D SMLM) is broadcast along z, given
+through an astigmatic point-spread focused below the volume (the depth cue of 3D SMLM;
+every depth blurs differently) is broadcast along z, given
 its z coordinate and concatenated to the UNet's input. The UNet is the original project's
 voxel-space design (no attention in the levels, DDPM 1000 steps) at half its widths.
 
     python train.py --config configs/diffusion/projection.py --workdir runs/projection
     ldm-jax sample --workdir runs/projection --condition proj.png --num_samples 4 \
-        --output samples/
+        --guidance_scale 2 --output samples/
 """
 
 from configs import default as stage1
@@ -43,9 +44,12 @@ def get_config():
     cond.aligned_mode = "concat"
     cond.projection.axis = 2
     cond.projection.psf = "astigmatic"
-    cond.projection.psf_sigma = 1.0
-    cond.projection.astigmatism = 4.0  # voxels, a quarter of the depth
-    cond.projection.depth_of_focus = 4.0
+    # Focus below the volume: the blur grows with depth on both axes, so no plane above focus
+    # looks like one below it (how much depth each cue carries: benchmarks/CONDITIONING.md).
+    cond.projection.psf_sigma = 0.7
+    cond.projection.astigmatism = 3.0
+    cond.projection.depth_of_focus = 3.0
+    cond.projection.focal_plane = -10.0
     cond.projection.noise = 0.02
 
     train = config.train

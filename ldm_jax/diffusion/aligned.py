@@ -8,9 +8,11 @@ from each training volume after its random crop and flips, so it stays aligned):
   plane at depth u by sigma0 * sqrt(1 + (u / d)^2), "astigmatic" by sigma_x(u) = sigma0 *
   sqrt(1 + ((u - g) / d)^2) and sigma_y(u) = sigma0 * sqrt(1 + ((u + g) / d)^2) (the
   cylindrical-lens model of 3D SMLM, Huang et al. 2008, Science 319:810), u in voxels
-  from the volume's middle plane, sigma0 = `psf_sigma`, g = `astigmatism`, d =
-  `depth_of_focus`. Then a depth-independent `blur`, min-max normalisation per volume
-  and channel (`normalize`) and Gaussian read noise (`noise`, in normalised units).
+  from the focal plane (`focal_plane` voxels from the volume's middle plane; 0: the
+  middle, where a plane above and one below blur alike), sigma0 = `psf_sigma`, g =
+  `astigmatism`, d = `depth_of_focus`. Then a depth-independent `blur`, min-max
+  normalisation per volume and channel (`normalize`) and Gaussian read noise (`noise`,
+  in normalised units).
   A plain sum of an isotropic volume carries no depth: the point-spread is the depth cue.
   The condition grid is the volume grid with 1 on the projection axis.
 - "coarse": the block mean by `conditioning.coarse.factor` (an int or one per axis), a
@@ -140,7 +142,7 @@ def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
 def psf_sigmas(p, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """(sigma of the first in-plane axis, of the second), each (depth,) float64 voxels, of
     a plane at each depth index under `p.psf` (see the module docstring)."""
-    u = np.arange(depth) - (depth - 1) / 2.0
+    u = np.arange(depth) - (depth - 1) / 2.0 - float(p.get("focal_plane", 0.0))
     s0, d = float(p.get("psf_sigma", 1.0)), float(p.get("depth_of_focus", 4.0))
     kind = str(p.get("psf", "none"))
     if kind == "none":
@@ -346,7 +348,9 @@ def describe(cond_cfg, volume_grid) -> str:
     if str(cond_cfg.aligned) == "projection":
         p = cond_cfg.projection
         psf = str(p.get("psf", "none"))
-        cue = "no depth cue" if psf == "none" else f"{psf} point-spread (depth cue)"
+        focus = float(p.get("focal_plane", 0.0))
+        where = f", focus {focus:g} voxels from the middle" if focus else ""
+        cue = "no depth cue" if psf == "none" else f"{psf} point-spread (depth cue{where})"
         return (f"{p.get('reduce', 'sum')} projection along axis {p.get('axis', 2)} ({grid}), "
                 f"{cue}, noise {p.get('noise', 0.0)}")
     c = cond_cfg.coarse

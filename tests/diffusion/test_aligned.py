@@ -143,6 +143,24 @@ def test_defocus_psf_is_symmetric_in_depth():
     assert _second_moments(middle[0, :, :, 0, 0])[0] < a  # sharper in focus
 
 
+def test_focal_plane_beyond_the_volume_orders_every_depth():
+    """With the focus below the volume the blur grows with depth on both axes (no plane
+    above focus mimics one below it); the spots' widths follow the formula at u - f."""
+    cfg = cond_cfg(psf="astigmatic", psf_sigma=0.7, astigmatism=3.0, depth_of_focus=3.0,
+                   focal_plane=-10.0, normalize=False)
+    sx, sy = aligned.psf_sigmas(cfg.projection, 9)
+    assert np.all(np.diff(sx) > 0) and np.all(np.diff(sy) > 0)
+    u = np.arange(9) - 4.0 + 10.0
+    np.testing.assert_allclose(sx, 0.7 * np.sqrt(1 + ((u - 3.0) / 3.0) ** 2))
+    widths = [sum(_second_moments(aligned.compute_condition(_spot(k), cfg)[0, :, :, 0, 0]))
+              for k in (1, 4, 7)]
+    assert widths[0] < widths[1] < widths[2], widths
+    assert "focus -10 voxels from the middle" in aligned.describe(cfg, (17, 17, 9))
+    # At the middle focus (the default) planes at +-u blur alike (the ambiguity it removes).
+    s0x, s0y = aligned.psf_sigmas(cond_cfg(psf="astigmatic").projection, 9)
+    np.testing.assert_allclose(s0x, s0y[::-1])
+
+
 def test_noise_only_with_a_key():
     v = _vol()
     cfg = cond_cfg(noise=0.1)
