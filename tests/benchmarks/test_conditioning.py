@@ -119,3 +119,29 @@ def test_regression_baseline_refuses_other_axes():
     cfg.conditioning.projection.axis = 0
     with pytest.raises(SystemExit, match="axis 2"):
         train_regressor(cfg, cfg.conditioning, 1)
+
+
+def test_cue_probe_scores_the_truth_perfectly_and_applies_the_cue():
+    """benchmarks.cue_probe on tiny volumes: the truth row is perfect (the predictions are
+    scored against their own volumes), and the cue's fields reach the conditions."""
+    from benchmarks import cue_probe
+    from tests.diffusion.test_voxel_space import voxel_config
+
+    res = cue_probe.probe(voxel_config("projection"), {}, steps=2, num=2, fit_volumes=4)
+    assert set(res) == {"back-projection", "regression", "truth"}
+    assert res["truth"] == {"dice": 1.0, "depth_vox": 0.0, "covered": 1.0}
+    assert 0.0 <= res["back-projection"]["dice"] < 1.0
+    cfg = voxel_config("projection")
+    cue_probe.probe(cfg, {"focal_plane": -6.0}, steps=0, num=2, fit_volumes=4)
+    assert cfg.conditioning.projection.focal_plane == -6.0
+
+
+def test_cue_probe_parses_cues():
+    from benchmarks.cue_probe import parse_cue
+
+    assert parse_cue("middle=") == ("middle", {})
+    assert parse_cue("b=focal_plane=-10,psf=defocus") == ("b", {"focal_plane": -10.0,
+                                                                 "psf": "defocus"})
+    for bad in ("nofields", "=x=1", "a=focal_plane"):
+        with pytest.raises(SystemExit, match="--cue"):
+            parse_cue(bad)
