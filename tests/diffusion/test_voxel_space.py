@@ -39,6 +39,7 @@ def voxel_config(kind="projection"):
         c.conditioning.aligned = ""
     c.conditioning.projection.astigmatism = 1.0
     c.conditioning.projection.depth_of_focus = 1.0
+    c.conditioning.projection.focal_plane = -3.0  # just below the 4 planes, as the config's
     t = c.train
     t.num_steps, t.batch_size, t.learning_rate, t.ema_decay = 4, 2, 3e-3, 0.5
     t.log_every_steps, t.eval_every_steps, t.save_every_steps = 1, 4, 2
