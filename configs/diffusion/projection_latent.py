@@ -22,9 +22,12 @@ def get_config():
     cond = config.conditioning
     cond.aligned = "projection"
     cond.projection.psf = "astigmatic"
-    # Voxels, for a 32-deep volume (the quick CPU run's 32^3); scale both with the depth.
-    cond.projection.astigmatism = 8.0
-    cond.projection.depth_of_focus = 8.0
+    # Voxels, for a 32-deep volume (the quick CPU run's 32^3): configs/diffusion/projection.py's
+    # cue scaled with the depth, focused below the volume (benchmarks/CONDITIONING.md).
+    cond.projection.psf_sigma = 0.7
+    cond.projection.astigmatism = 6.0
+    cond.projection.depth_of_focus = 6.0
+    cond.projection.focal_plane = -20.0
     cond.projection.noise = 0.02
     config.latents.dir = None  # on the fly: conditions are computed from the volumes
     config.train.batch_size = 4
