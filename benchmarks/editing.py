@@ -332,6 +332,14 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
     # never an input (not to the encoder, not to the blend's seam).
     holed = vols.copy()
     holed[:, hole] = lo
+    cn_pipe = None
+    if getattr(a, "inpainting_controlnet", None):
+        import ldm_jax
+        cn_pipe = ldm_jax.load_pipeline(a.inpainting_controlnet, a.inpainting_controlnet_step)
+        if editing.controlnet_kind(cn_pipe) != "inpainting":
+            raise SystemExit(f"--inpainting_controlnet {a.inpainting_controlnet} is not an "
+                             "inpainting ControlNet run (controlnet.condition.kind)")
+        fills = {"inpainting ControlNet": [], **fills}
     for k, b in enumerate(_batches(len(vols), a.batch_size)):
         v = holed[b]
         for name, jn in (("replace-known", 1), ("RePaint", a.jump_n_sample)):
@@ -341,6 +349,10 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
             dec = pipe.decode(lat)
             fills[name] += list(out)
             fills[name + ", blend 2"] += [blend(d, x, hole, 2.0) for d, x in zip(dec, v)]
+        if cn_pipe is not None:  # its condition: the blanked input and the hole
+            fills["inpainting ControlNet"] += list(editing.inpaint(
+                cn_pipe, v, hole, rng, k, steps=a.steps, jump_length=a.jump_length,
+                jump_n_sample=1, blend_width=0.0)[0])
         unc = pipe.decode(pipe.sample_batch(rng, k, len(b), steps=a.steps))
         fills["unconditional fill"] += [blend(u, x, hole, 0.0) for u, x in zip(unc, v)]
         fills["border extension"] += [border_extension(x, hole, a.sigma) for x in v]
@@ -367,7 +379,7 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
         log(f"inpaint {name:32s} PSNR hole {methods[name]['psnr_hole']:.2f} dB, band "
             f"{methods[name]['psnr_border_band']:.2f}, Dice {methods[name]['dice_hole']:.3f}, "
             f"max |delta| outside {methods[name]['max_abs_outside']:.3g}")
-    for gen in ("replace-known", "RePaint"):
+    for gen in [g for g in ("inpainting ControlNet", "replace-known", "RePaint") if g in fills]:
         for base in ("unconditional fill", "border extension"):
             methods[gen][f"wins_vs_{base}"] = int(sum(
                 r1["psnr_hole"] > r2["psnr_hole"] for r1, r2 in zip(
@@ -377,14 +389,17 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
               "hole_fraction": float(hole.mean()), "threshold": thr,
               "jump_length": int(a.jump_length), "jump_n_sample": int(a.jump_n_sample),
               "sigma": float(a.sigma), "data_range": [lo, hi], "methods": methods, "rows": rows}
+    if cn_pipe is not None:
+        record["inpainting_controlnet"] = {"workdir": os.path.abspath(a.inpainting_controlnet),
+                                           "step": int(cn_pipe.step)}
     shown = min(2, len(vols))
     pics, names = [], []
     for i in range(shown):
-        pics += [vols[i], holed[i]] + [fills[m][i] for m in ("replace-known", "RePaint",
-                                                           "unconditional fill",
-                                                           "border extension")]
-        names += [f"v{i} truth", f"v{i} input (hole {box})", f"v{i} replace-known",
-                  f"v{i} RePaint", f"v{i} unconditional fill", f"v{i} border extension"]
+        shown_fills = [m for m in ("inpainting ControlNet", "replace-known", "RePaint",
+                                   "unconditional fill", "border extension") if m in fills]
+        pics += [vols[i], holed[i]] + [fills[m][i] for m in shown_fills]
+        names += [f"v{i} truth", f"v{i} input (hole {box})"] + [f"v{i} {m}"
+                                                                for m in shown_fills]
     _picture(pics, names, os.path.join(a.out, "editing_inpaint.png"),
              "inpainting the box hole: truth, input, fills (blend width 0)", (lo, hi))
     return record
@@ -713,6 +728,9 @@ def parser():
     i.add_argument("--jump_length", type=int, default=10)
     i.add_argument("--jump_n_sample", type=int, default=10)
     i.add_argument("--sigma", type=float, default=2.0, help="border extension's blur, voxels")
+    i.add_argument("--inpainting_controlnet", default=None,
+                   help="an inpainting ControlNet run on --workdir's UNet: one more fill")
+    i.add_argument("--inpainting_controlnet_step", default="best")
     s = sub.add_parser("sdedit", help="SDEdit strength sweep")
     _common(s)
     s.add_argument("--strengths", default="0,0.1,0.25,0.5,0.75,1")

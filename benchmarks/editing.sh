@@ -2,7 +2,7 @@
 # The editing benchmark of benchmarks/EDITING.md (issue 29), end to end on a trained
 # stage-2 run (its stage 1 is the autoencoder that run names):
 #   bash benchmarks/editing.sh LDM_WORKDIR [OUT=runs/editing]
-# inpainting, the SDEdit sweep and anomaly maps on the plain LDM (parts 2-4), then trains a
+# trains an inpainting ControlNet (part 0), then the SDEdit sweep and anomaly maps on the plain LDM (parts 2-4), then trains a
 # ControlNet on the frozen LDM (docs/editing.md's command; at most CN_STEPS steps and
 # CN_MINUTES of wall clock: SIGTERM saves a checkpoint) and measures the paired mask Dice
 # ControlNet vs plain (part 1); then the Markdown tables (OUT/editing_tables.md). Each
@@ -10,6 +10,7 @@
 # whose JSON exists.
 # Environment: PY (python), NUM (held-out volumes per part, 8), STEPS (DDIM steps, 50),
 # STEP (LDM checkpoint, latest), CN_STEPS (2000), CN_MINUTES (12), CN_LR (1e-4),
+# IN_MINUTES (20: the inpainting ControlNet's limit; CN_STEPS, CN_LR, CN_ARGS apply too),
 # CN_ARGS (more train.py overrides, e.g. a tiny model's conditioning embedding),
 # LIKELIHOOD_STEPS (timesteps of the likelihood; empty: all T, MONAI's),
 # JUMP_LENGTH, JUMP_N_SAMPLE (RePaint's, 10 and 10), RADII (the balls' radius range, 3,5),
@@ -25,6 +26,7 @@ STEPS=${STEPS:-50}
 STEP=${STEP:-latest}
 CN_STEPS=${CN_STEPS:-2000}
 CN_MINUTES=${CN_MINUTES:-12}
+IN_MINUTES=${IN_MINUTES:-20}
 CN_LR=${CN_LR:-1e-4}
 JUMP_LENGTH=${JUMP_LENGTH:-10}
 JUMP_N_SAMPLE=${JUMP_N_SAMPLE:-10}
@@ -37,9 +39,26 @@ mkdir -p "$OUT"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jit_cache}
 COMMON=(--num "$NUM" --steps "$STEPS" --out "$OUT")
 
-# 2-4. Inpainting, SDEdit, anomaly maps (likelihood, residual) on the plain LDM (first: they take minutes).
+# 0. An inpainting ControlNet on the frozen UNet (docs/editing.md's command: random boxes
+#    of the built-in volumes blanked, encoded on the fly), at most IN_MINUTES.
+if [ ! -f "$OUT/inpaint_cn/trained" ]; then
+  rc=0
+  timeout -s TERM "${IN_MINUTES}m" $PY train.py \
+    --config configs/diffusion/controlnet_inpaint_4x.py --workdir "$OUT/inpaint_cn" \
+    --config.controlnet.unet_workdir="$LDM" --config.controlnet.unet_step="$STEP" \
+    --config.train.batch_size=8 --config.train.learning_rate="$CN_LR" \
+    --config.train.num_steps="$CN_STEPS" --config.train.ema_decay=0.99 \
+    --config.train.log_every_steps=50 --config.train.eval_every_steps=500 \
+    --config.train.save_every_steps=250 --noprogress ${CN_ARGS:-} || rc=$?
+  [ "$rc" = 0 ] || [ "$rc" = 124 ] || exit "$rc"
+  tail -n 1 "$OUT/inpaint_cn/metrics.jsonl" > "$OUT/inpaint_cn/trained"
+fi
+
+# 2-4. Inpainting (with the inpainting ControlNet as one more fill), SDEdit, anomaly maps
+#    (likelihood, residual) on the plain LDM (first: they take minutes).
 [ -f "$OUT/editing_inpaint.json" ] || $PY -m benchmarks.editing inpaint --workdir "$LDM" \
-  --step "$STEP" --jump_length "$JUMP_LENGTH" --jump_n_sample "$JUMP_N_SAMPLE" "${COMMON[@]}"
+  --step "$STEP" --jump_length "$JUMP_LENGTH" --jump_n_sample "$JUMP_N_SAMPLE" \
+  --inpainting_controlnet "$OUT/inpaint_cn" --inpainting_controlnet_step latest "${COMMON[@]}"
 [ -f "$OUT/editing_sdedit.json" ] || $PY -m benchmarks.editing sdedit --workdir "$LDM" \
   --step "$STEP" --strengths 0,0.1,0.25,0.5,0.75,1 "${COMMON[@]}"
 LS=()

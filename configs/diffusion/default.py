@@ -158,12 +158,15 @@ def get_config():
     cn.conditioning_embedding_num_channels = (16, 32, 96, 256)
     cn.conditioning_scale = 1.0  # multiplies the residuals (MONAI's; 1 in training)
     # The condition of each training volume: "foreground_mask" (computed from the volume:
-    # 1 where it is above `threshold`, on the fly only) or "files" (a folder `dir` with
-    # NAME.nii.gz / NAME.npy per latent in latents.dir). Either is resampled to the
-    # condition grid (ldm_jax.diffusion.condition).
+    # 1 where it is above `threshold`, on the fly only), "inpainting" (below, on the fly
+    # only) or "files" (a folder `dir` with NAME.nii.gz / NAME.npy per latent in
+    # latents.dir). Each is resampled to the condition grid (ldm_jax.diffusion.condition).
     cn.condition = ml_collections.ConfigDict()
     cn.condition.kind = "foreground_mask"
     cn.condition.threshold = 0.1  # data intensity units (after preprocessing)
+    # "inpainting": the volume with one random box blanked, and the box (C + 1 channels);
+    # each box side per axis is uniform in box_fraction of the axis.
+    cn.condition.box_fraction = (0.25, 0.75)
     cn.condition.dir = ml_collections.config_dict.placeholder(str)
 
     # --- Loss. ---

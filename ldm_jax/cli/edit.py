@@ -24,7 +24,9 @@ and MONAI's total_kl score. anomaly: the input SDEdited --num_repeats times at -
 voxel is the map (Pinaya et al. 2022; `ldm_jax.diffusion.editing.anomaly`), its mean the
 score. A ControlNet run (inpaint, sdedit) needs --condition: one
 NIfTI/.npy condition for every input, or a folder with NAME.nii.gz / NAME.npy per input
-NAME, as `ldm-jax sample --condition` takes them. Writes, in --output:
+NAME, as `ldm-jax sample --condition` takes them; an inpainting ControlNet run
+(controlnet.condition.kind=inpainting) builds its condition in --mode inpaint from each
+input and the mask. Writes, in --output:
   NAME.nii.gz / NAME.npy       the edited volume (inpaint, sdedit), or NAME_kl.nii.gz
   latents/NAME.npy             its unscaled latents, or the latent-grid map (likelihood)
   NAME_anomaly.nii.gz          anomaly: the map, intensity units (X, Y, Z)
@@ -162,7 +164,9 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
         pipe.check_request(steps, scheduler, class_label)
         if condition is not None:
             conds, cond_files = pipe.read_conditions(condition, names=names)
-        pipe.controlnet_args(len(names), conds, conditioning_scale)  # refuses before --output
+        if not (mode == "inpaint" and conds is None
+                and editing.controlnet_kind(pipe) == "inpainting"):  # built from --mask
+            pipe.controlnet_args(len(names), conds, conditioning_scale)  # refuses before --output
     out_dir = vf.prepare_output_dir(output, [str(f) for f in files])
     settings = {"mode": mode, "seed": int(seed), "steps": int(steps), "scheduler": scheduler,
                 "eta": float(eta), "guidance_scale": float(guidance_scale),
@@ -178,7 +182,7 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
         settings["num_repeats"] = int(num_repeats)
     if pipe.controlnet is not None:
         from ldm_jax.diffusion.condition import sha256
-        settings.update(condition=os.path.abspath(condition),
+        settings.update(condition=None if condition is None else os.path.abspath(condition),
                         conditioning_scale=float(conditioning_scale),
                         unet_checkpoint=pipe.unet_checkpoint)
     made_by = {"diffusion_checkpoint": {"workdir": os.path.abspath(workdir), "step": pipe.step,

@@ -82,6 +82,52 @@ def foreground_mask(volumes, threshold: float):
     return (xp.max(volumes, axis=-1, keepdims=True) > float(threshold)).astype(xp.float32)
 
 
+def inpainting_condition(volumes, masks):
+    """(B, X, Y, Z, C) volumes and (B, X, Y, Z[, 1]) masks (non-zero: the hole) ->
+    (B, X, Y, Z, C + 1) float32: the volume with the hole set to 0, then the mask (the
+    masked image and mask of diffusers' inpainting pipelines). numpy or jax (traceable)."""
+    xp = _xp(volumes)
+    m = (masks if masks.ndim == volumes.ndim else masks[..., None]) != 0
+    m = m.astype(xp.float32)
+    return xp.concatenate([volumes.astype(xp.float32) * (1.0 - m), m], axis=-1)
+
+
+def random_boxes(rng, batch: int, grid: Sequence[int], min_fraction: float,
+                 max_fraction: float):
+    """(batch, *grid, 1) float32 jax masks, 1 inside one box per volume: per axis a side
+    uniform in [min_fraction, max_fraction] of the axis (rounded, at least 1 voxel) at a
+    uniform position inside the volume. Traceable; `rng` a jax PRNG key."""
+    import jax
+    import jax.numpy as jnp
+
+    grid = tuple(int(g) for g in grid)
+    k_size, k_pos = jax.random.split(rng)
+    g = jnp.asarray(grid, jnp.float32)
+    frac = jax.random.uniform(k_size, (batch, 3), minval=float(min_fraction),
+                              maxval=float(max_fraction))
+    size = jnp.clip(jnp.round(frac * g), 1, g)
+    start = jnp.floor(jax.random.uniform(k_pos, (batch, 3)) * (g - size + 1))
+    m = jnp.ones((batch, *grid), jnp.float32)
+    for a, s in enumerate(grid):
+        i = jnp.arange(s, dtype=jnp.float32)
+        inside = (i >= start[:, a:a + 1]) & (i < start[:, a:a + 1] + size[:, a:a + 1])
+        m = m * inside.reshape(batch, *[s if b == a else 1 for b in range(3)])
+    return m[..., None]
+
+
+def centre_box(grid: Sequence[int], fraction: float = 0.5) -> np.ndarray:
+    """(*grid, 1) float32: 1 in the centred box of `fraction` of each axis (the
+    validation hole of an inpainting ControlNet run)."""
+    m = np.zeros(tuple(int(g) for g in grid), np.float32)
+    sl = []
+    for g in grid:
+        n = max(1, int(round(float(fraction) * int(g))))
+        lo = (int(g) - n) // 2
+        sl.append(slice(lo, lo + n))
+    m[tuple(sl)] = 1.0
+    return m[..., None]
+
+
 def to_grid(c: np.ndarray, *, volume_grid, condition_grid, channels: int, where: str,
             error=ConfigError) -> np.ndarray:
     """One condition (X, Y, Z[, C]) on the volume or the condition grid -> (*condition_grid,

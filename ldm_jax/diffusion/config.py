@@ -15,7 +15,7 @@ ENCODINGS = ("sample", "mu")
 
 LOSSES = ("mse", "l1")
 
-CONDITION_KINDS = ("foreground_mask", "files")  # controlnet.condition.kind
+CONDITION_KINDS = ("foreground_mask", "inpainting", "files")  # controlnet.condition.kind
 
 
 def diffusion_problems(config) -> list[str]:
@@ -97,9 +97,16 @@ def controlnet_problems(config) -> list[str]:
     on_the_fly = not (config.get("latents") or {}).get("dir")
     if kind not in CONDITION_KINDS:
         return [f"controlnet.condition.kind={kind!r} is not known; use 'foreground_mask' "
-                "(computed from each volume) or 'files' (controlnet.condition.dir)"]
-    if kind == "foreground_mask" and not on_the_fly:
-        return ["controlnet.condition.kind='foreground_mask' computes each condition from its "
+                "or 'inpainting' (computed from each volume) or 'files' "
+                "(controlnet.condition.dir)"]
+    if kind == "inpainting":
+        lo, hi = (float(f) for f in cond.get("box_fraction", (0.25, 0.75)))
+        if not 0 < lo <= hi <= 1:
+            return [f"controlnet.condition.box_fraction=({lo}, {hi}) must satisfy 0 < min <= "
+                    "max <= 1 (the hole's side per axis as a fraction of the volume), e.g. "
+                    "--config.controlnet.condition.box_fraction='(0.25,0.75)'"]
+    if kind in ("foreground_mask", "inpainting") and not on_the_fly:
+        return [f"controlnet.condition.kind={kind!r} computes each condition from its "
                 "training volume, which extracted latents (latents.dir) do not carry; train on "
                 "the fly (--config.latents.dir='') or pair files with the latents "
                 "(--config.controlnet.condition.kind=files --config.controlnet.condition.dir=DIR)"]

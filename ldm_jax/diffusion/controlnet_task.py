@@ -17,6 +17,10 @@ The condition of each training volume (`controlnet.condition.kind`):
 - "foreground_mask": computed inside the step from the volume (after its random crop and
   flips), 1 where it is above `threshold`; it needs the volume, so latents are encoded on
   the fly: extracted latents (`latents.dir`) carry no volume and are refused.
+- "inpainting": computed inside the step too: the volume with a random box set to 0, and
+  the box (C + 1 channels; `box_fraction` the range of its side per axis); validation
+  blanks the centre half of each axis. `ldm_jax.diffusion.editing.inpaint` builds the
+  same condition from the volume and its mask.
 - "files": `controlnet.condition.dir` holds NAME.nii.gz / NAME.nii / NAME.npy per
   extracted latent NAME (matched by name, as contexts are); it needs `latents.dir`: on
   the fly the stage-1 pipeline crops and flips at random, so a file would not stay
@@ -106,6 +110,11 @@ class ControlNetTask(DiffusionTask):
             raise ConfigError("controlnet.condition.kind='foreground_mask' makes 1-channel "
                               "conditions; set --config.controlnet."
                               "conditioning_embedding_in_channels=1")
+        c_in = int(self.ae.in_channels) + 1
+        if self.kind == "inpainting" and self.cond_channels != c_in:
+            raise ConfigError(f"controlnet.condition.kind='inpainting' makes {c_in}-channel "
+                              "conditions (the volume's channels and the mask); set "
+                              f"--config.controlnet.conditioning_embedding_in_channels={c_in}")
         if self.kind == "files":
             self._read_conditions()
 
@@ -131,13 +140,34 @@ class ControlNetTask(DiffusionTask):
         m = cond_lib.foreground_mask(images, float(self.config.controlnet.condition.threshold))
         return cond_lib.resample(m, self.cond_grid)
 
-    def _condition_of(self, batch):
-        """The padded condition (B, X', Y', Z', C) float32 of a training batch."""
+    def inpainting_condition(self, images, masks):
+        """(B, X, Y, Z, C) volumes and (B, X, Y, Z, 1) holes -> (B, *condition grid, C + 1)
+        float32: the volume blanked in the hole and the hole (`condition.
+        inpainting_condition`), resampled. Traceable."""
+        return cond_lib.resample(cond_lib.inpainting_condition(images, masks), self.cond_grid)
+
+    def _condition_of(self, batch, rng):
+        """The padded condition (B, X', Y', Z', C) float32 of a training batch (`rng`
+        draws the inpainting kind's boxes)."""
         if "condition" in batch:
             c = batch["condition"].astype(jnp.float32)
+        elif self.kind == "inpainting":
+            images = batch["image"].astype(jnp.float32)
+            lo, hi = self.config.controlnet.condition.get("box_fraction", (0.25, 0.75))
+            holes = cond_lib.random_boxes(rng, images.shape[0], images.shape[1:4], lo, hi)
+            c = self.inpainting_condition(images, holes)
         else:
             c = self.mask_condition(batch["image"].astype(jnp.float32))
         return jnp.pad(c, ((0, 0), *self.cond_pad, (0, 0)))
+
+    def _val_condition(self, images):
+        """The condition of validation volumes (B, X, Y, Z, C) numpy: the mask, or for the
+        inpainting kind the volume with its centre box (half of each axis) blanked."""
+        if self.kind == "inpainting":
+            hole = np.broadcast_to(cond_lib.centre_box(images.shape[1:4]),
+                                   (*images.shape[:4], 1))
+            return np.asarray(self.inpainting_condition(images, hole))
+        return np.asarray(self.mask_condition(images))
 
     def _val_latents(self):
         """Validation latents as stage 2's, with their conditions (`val_conditions`)."""
@@ -150,7 +180,7 @@ class ControlNetTask(DiffusionTask):
                 if i >= min(limit, batches.num_volumes):
                     break
                 zs.append(self._encode_np(b["image"], None)[0])
-                cs.append(np.asarray(self.mask_condition(np.asarray(b["image"], np.float32)))[0])
+                cs.append(self._val_condition(np.asarray(b["image"], np.float32))[0])
             self.val_latents, self.val_conditions = zs, np.stack(cs)
         return self.val_latents
 
@@ -173,8 +203,10 @@ class ControlNetTask(DiffusionTask):
 
     def describe(self) -> str:
         cn = self.config.controlnet
-        what = (f"foreground > {cn.condition.threshold} of each volume" if self.kind ==
-                "foreground_mask" else f"files in {cn.condition.dir}")
+        what = {"foreground_mask": f"foreground > {cn.condition.threshold} of each volume",
+                "inpainting": "each volume with a random box blanked (side per axis "
+                              f"{tuple(cn.condition.box_fraction)} of it), and the box"
+                }.get(self.kind, f"files in {cn.condition.dir}")
         return (super().describe() + f"\nControlNet on the frozen UNet of {cn.unet_workdir} "
                 f"(step {cn.unet_step}, EMA weights): condition {self.cond_grid} x "
                 f"{self.cond_channels} (latent x {self.controlnet.condition_factor}), {what}")
@@ -205,8 +237,9 @@ class ControlNetTask(DiffusionTask):
         t = self.scheduler.sample_timesteps(k_t, z)
         labels, context = self.conditions(batch, k_drop, z.shape[0])
         # Gradients of the ControlNet's params only: the UNet's are a constant.
+        cond = self._condition_of(batch, jax.random.fold_in(k_noise, 1))
         loss, grads = jax.value_and_grad(self._cn_loss)(
-            state.params, unet_params, z, noise, t, labels, context, self._condition_of(batch))
+            state.params, unet_params, z, noise, t, labels, context, cond)
         return self._apply_update(state, rng, loss, grads)
 
     # ------------------------------------------------------------------ evaluation

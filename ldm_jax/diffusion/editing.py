@@ -71,6 +71,26 @@ def _controlnet_args(pipe, n, condition, conditioning_scale):
     return pipe.controlnet, args or {}
 
 
+def controlnet_kind(pipe) -> str | None:
+    """The condition kind a ControlNet run was trained on (`controlnet.condition.kind`:
+    "foreground_mask", "inpainting", "files"), None without a ControlNet."""
+    if pipe.controlnet is None:
+        return None
+    cn = pipe.config.get("controlnet") or {}
+    return str((cn.get("condition") or {}).get("kind", "foreground_mask"))
+
+
+def inpainting_condition(pipe, volumes, masks) -> np.ndarray:
+    """An inpainting ControlNet's condition of `volumes` (B, X, Y, Z, C) and their holes
+    `masks` (B, X, Y, Z) non-zero inside: (B, *condition grid, C + 1) float32, the
+    volume blanked in the hole and the hole, as its training built them."""
+    from ldm_jax.diffusion.condition import inpainting_condition as cond
+    from ldm_jax.diffusion.condition import resample
+
+    v = np.asarray(volumes, np.float32)
+    return np.asarray(resample(cond(v, np.asarray(masks) != 0), pipe.condition_grid()))
+
+
 def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,
             scheduler: str | None = None, jump_length: int = 1, jump_n_sample: int = 1,
             eta: float = 0.0, guidance_scale: float = 1.0, class_label: int | None = None,
@@ -84,7 +104,8 @@ def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,
         rng, index: the batch draws from fold_in(rng, index).
         jump_length, jump_n_sample: RePaint's resampling (1, 1: replace the known region).
         blend_width: voxels of the feathered seam inside the mask (`inpainting.blend`).
-        condition: the ControlNet's condition, for a run that has one.
+        condition: the ControlNet's condition, for a run that has one; for an inpainting
+            ControlNet run (`controlnet_kind`) None builds it from `volumes` and `masks`.
         Other keywords: as `Pipeline.sample_latents`.
     Returns (volumes (B, X, Y, Z, C_out), unscaled latents (B, x, y, z, C)), float32
     numpy; outside each mask the volumes are the input's voxels exactly.
@@ -102,6 +123,8 @@ def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,
                           "volume or one for all.")
     m = np.stack([check_mask(mm, v.shape[1:4]) for mm in m])
     labels, ctx = _conditions(pipe, v.shape[0], class_label, context, steps, scheduler)
+    if condition is None and controlnet_kind(pipe) == "inpainting":
+        condition = inpainting_condition(pipe, v, m)
     cn, cn_args = _controlnet_args(pipe, v.shape[0], condition, conditioning_scale)
     lm = np.stack([latent_mask(mm, pipe.latent_shape[:3]) for mm in m])
     lm = jnp.pad(jnp.asarray(lm), ((0, 0), *pipe.pad, (0, 0)))  # padding: known zeros

@@ -58,3 +58,27 @@ def test_condition_files(tmp_path):
     (tmp_path / "broken.npy").write_bytes(b"nope")
     with pytest.raises(ConfigError, match="not a readable condition file"):
         cond.read_condition(str(tmp_path / "broken.npy"))
+
+
+def test_random_boxes_and_inpainting_condition():
+    """One box per volume, its side within box_fraction of each axis; the condition
+    blanks the box and appends it; the centre box is the middle half."""
+    import jax
+
+    m = np.asarray(cond.random_boxes(jax.random.PRNGKey(3), 64, (16, 12, 8), 0.25, 0.5))
+    assert m.shape == (64, 16, 12, 8, 1) and set(np.unique(m)) <= {0.0, 1.0}
+    for box in m[..., 0]:
+        idx = np.argwhere(box)
+        lo, hi = idx.min(0), idx.max(0) + 1
+        assert box.sum() == np.prod(hi - lo)  # one solid box
+        side = (hi - lo) / np.array([16, 12, 8])
+        assert np.all(side >= 0.25 - 1 / 16) and np.all(side <= 0.5 + 1 / 16)
+    sizes = {tuple(np.argwhere(b).max(0) - np.argwhere(b).min(0)) for b in m[..., 0]}
+    assert len(sizes) > 10  # sizes and places vary
+    v = np.random.default_rng(0).random((2, 16, 12, 8, 1)).astype(np.float32)
+    c = cond.inpainting_condition(v, m[:2])
+    assert c.shape == (2, 16, 12, 8, 2)
+    np.testing.assert_array_equal(c[..., 1], m[:2, ..., 0])
+    np.testing.assert_array_equal(c[..., 0], np.where(m[:2, ..., 0] > 0, 0, v[..., 0]))
+    box = cond.centre_box((16, 12, 8))[..., 0]
+    assert box[4:12, 3:9, 2:6].all() and box.sum() == 8 * 6 * 4
