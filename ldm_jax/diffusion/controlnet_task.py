@@ -59,6 +59,24 @@ def adopt_unet_run(config, saved: dict) -> None:
     for k in ADOPTED_LATENTS:
         if k in saved.get("latents", {}):
             config.latents[k] = saved["latents"][k]
+    # Encode on the fly as the UNet saw its latents: on sampled z a ControlNet on a UNet
+    # of mean latents starts at ~3x the loss (benchmarks/EDITING.md, inpainting).
+    config.latents.encode = unet_encoding(saved.get("latents", {}))
+
+
+def unet_encoding(saved_latents: dict) -> str:
+    """"sample" or "mu": how the latents a stage-2 run trained on were encoded (its
+    `latents.encode` on the fly; an extracted folder's `latents.json` encoding, else
+    `ldm-jax extract`'s default, the mean)."""
+    folder = saved_latents.get("dir")
+    if not folder:
+        return str(saved_latents.get("encode", "sample"))
+    try:
+        import json
+        with open(os.path.join(str(folder), "latents.json")) as f:
+            return str(json.load(f)["encoding"]["mode"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "mu"
 
 
 class ControlNetTask(DiffusionTask):

@@ -299,3 +299,20 @@ def test_inpainting_controlnet_trains_and_fills_from_the_mask(ae_workdir, unet_w
     np.testing.assert_array_equal(got[keep], seen[keep])
     assert not np.array_equal(got[~keep], seen[~keep])  # the box was filled
     assert _json(os.path.join(out, "edits.json"))["condition"] is None
+
+
+def test_controlnet_encodes_as_its_unet_saw_latents(tmp_path):
+    """On the fly a ControlNet encodes latents as its UNet's run did: that run's
+    latents.encode, or an extracted folder's encoding (the mean when unrecorded)."""
+    import ml_collections
+
+    from ldm_jax.diffusion.controlnet_task import adopt_unet_run, unet_encoding
+    assert unet_encoding({"encode": "sample"}) == "sample"
+    assert unet_encoding({"encode": "mu"}) == "mu"
+    assert unet_encoding({"dir": str(tmp_path / "none")}) == "mu"
+    with open(tmp_path / "latents.json", "w") as f:
+        json.dump({"encoding": {"mode": "sample"}}, f)
+    assert unet_encoding({"dir": str(tmp_path), "encode": "mu"}) == "sample"
+    c = ml_collections.ConfigDict({"latents": {"encode": "sample"}})
+    adopt_unet_run(c, {"latents": {"dir": str(tmp_path / "none"), "scale_factor": 1.5}})
+    assert c.latents.encode == "mu" and c.latents.scale_factor == 1.5
