@@ -221,10 +221,13 @@ class ControlNetTask(DiffusionTask):
 
     def describe(self) -> str:
         cn = self.config.controlnet
-        what = {"foreground_mask": f"foreground > {cn.condition.threshold} of each volume",
-                "inpainting": "each volume with a random box blanked (side per axis "
-                              f"{tuple(cn.condition.box_fraction)} of it), and the box"
-                }.get(self.kind, f"files in {cn.condition.dir}")
+        if self.kind == "foreground_mask":
+            what = f"foreground > {cn.condition.threshold} of each volume"
+        elif self.kind == "inpainting":
+            what = ("each volume with a random box blanked (side per axis "
+                    f"{tuple(cn.condition.get('box_fraction', (0.25, 0.75)))} of it), and the box")
+        else:
+            what = f"files in {cn.condition.dir}"
         return (super().describe() + f"\nControlNet on the frozen UNet of {cn.unet_workdir} "
                 f"(step {cn.unet_step}, EMA weights): condition {self.cond_grid} x "
                 f"{self.cond_channels} (latent x {self.controlnet.condition_factor}), {what}")
