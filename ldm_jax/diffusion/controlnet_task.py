@@ -86,7 +86,9 @@ class ControlNetTask(DiffusionTask):
     volumes cannot be resampled to, DataError for missing or bad condition files."""
 
     resume_fixed = DiffusionTask.resume_fixed + ("controlnet",)
-    resume_free = DiffusionTask.resume_free + ("controlnet.unet_workdir",)
+    # latents.encode: adopted from the UNet's run (`adopt_unet_run`), so a run begun on
+    # another encoding resumes with its UNet's; the state does not depend on it.
+    resume_free = DiffusionTask.resume_free + ("controlnet.unet_workdir", "latents.encode")
 
     def __init__(self, config, autoencoder="load"):
         from ldm_jax import checkpoint as ckpt

@@ -316,3 +316,14 @@ def test_controlnet_encodes_as_its_unet_saw_latents(tmp_path):
     c = ml_collections.ConfigDict({"latents": {"encode": "sample"}})
     adopt_unet_run(c, {"latents": {"dir": str(tmp_path / "none"), "scale_factor": 1.5}})
     assert c.latents.encode == "mu" and c.latents.scale_factor == 1.5
+
+
+def test_a_controlnet_run_on_another_encoding_resumes(cn_run):
+    """latents.encode is adopted from the UNet's run, so a ControlNet run saved with
+    another encoding resumes (the change is listed, not refused)."""
+    from ldm_jax.trainer.resume import resume_changes
+    task = cn_run[1]
+    saved = json.loads(task.config.to_json())
+    saved["latents"]["encode"] = "sample" if task.config.latents.encode == "mu" else "mu"
+    refused, accepted = resume_changes(task, saved)
+    assert not refused and [k for k, _, _ in accepted] == ["latents.encode"]
