@@ -340,6 +340,8 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
             raise SystemExit(f"--inpainting_controlnet {a.inpainting_controlnet} is not an "
                              "inpainting ControlNet run (controlnet.condition.kind)")
         fills = {"inpainting ControlNet": [], **fills}
+        if int(a.draws) > 1:
+            fills = {f"inpainting ControlNet, mean of {int(a.draws)}": [], **fills}
     for k, b in enumerate(_batches(len(vols), a.batch_size)):
         v = holed[b]
         for name, jn in (("replace-known", 1), ("RePaint", a.jump_n_sample)):
@@ -350,9 +352,16 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
             fills[name] += list(out)
             fills[name + ", blend 2"] += [blend(d, x, hole, 2.0) for d, x in zip(dec, v)]
         if cn_pipe is not None:  # its condition: the blanked input and the hole
-            fills["inpainting ControlNet"] += list(editing.inpaint(
-                cn_pipe, v, hole, rng, k, steps=a.steps, jump_length=a.jump_length,
-                jump_n_sample=1, blend_width=0.0)[0])
+            def cn_fill(key):
+                return editing.inpaint(cn_pipe, v, hole, key, k, steps=a.steps,
+                                       jump_length=a.jump_length, jump_n_sample=1,
+                                       blend_width=0.0)[0]
+            fills["inpainting ControlNet"] += list(cn_fill(rng))
+            if int(a.draws) > 1:  # draw d from fold_in(rng, 1000 + d): the conditional mean
+                mean = np.mean([cn_fill(jax.random.fold_in(rng, 1000 + d))
+                                for d in range(int(a.draws))], 0)  # pasted: outside exact
+                fills[f"inpainting ControlNet, mean of {int(a.draws)}"] += [
+                    blend(m, x, hole, 0.0) for m, x in zip(mean, v)]
         unc = pipe.decode(pipe.sample_batch(rng, k, len(b), steps=a.steps))
         fills["unconditional fill"] += [blend(u, x, hole, 0.0) for u, x in zip(unc, v)]
         fills["border extension"] += [border_extension(x, hole, a.sigma) for x in v]
@@ -379,7 +388,8 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
         log(f"inpaint {name:32s} PSNR hole {methods[name]['psnr_hole']:.2f} dB, band "
             f"{methods[name]['psnr_border_band']:.2f}, Dice {methods[name]['dice_hole']:.3f}, "
             f"max |delta| outside {methods[name]['max_abs_outside']:.3g}")
-    for gen in [g for g in ("inpainting ControlNet", "replace-known", "RePaint") if g in fills]:
+    for gen in [g for g in fills if g.startswith(("inpainting ControlNet", "replace-known",
+                                                  "RePaint")) and "blend" not in g]:
         for base in ("unconditional fill", "border extension"):
             methods[gen][f"wins_vs_{base}"] = int(sum(
                 r1["psnr_hole"] > r2["psnr_hole"] for r1, r2 in zip(
@@ -731,6 +741,8 @@ def parser():
     i.add_argument("--inpainting_controlnet", default=None,
                    help="an inpainting ControlNet run on --workdir's UNet: one more fill")
     i.add_argument("--inpainting_controlnet_step", default="best")
+    i.add_argument("--draws", type=int, default=1,
+                   help="inpainting ControlNet draws; > 1 adds the row of their mean")
     s = sub.add_parser("sdedit", help="SDEdit strength sweep")
     _common(s)
     s.add_argument("--strengths", default="0,0.1,0.25,0.5,0.75,1")

@@ -13,6 +13,7 @@
 # IN_MINUTES (20: the inpainting ControlNet's limit; CN_STEPS, CN_LR, CN_ARGS apply too),
 # CN_ARGS (more train.py overrides, e.g. a tiny model's conditioning embedding),
 # LIKELIHOOD_STEPS (timesteps of the likelihood; empty: all T, MONAI's),
+# DRAWS (inpainting ControlNet draws averaged into one more row, 8),
 # JUMP_LENGTH, JUMP_N_SAMPLE (RePaint's, 10 and 10), RADII (the balls' radius range, 3,5),
 # SPHERES (balls per volume, 2), SPHERE_INTENSITY (max, or pNN: a foreground percentile),
 # JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
@@ -27,6 +28,7 @@ STEP=${STEP:-latest}
 CN_STEPS=${CN_STEPS:-2000}
 CN_MINUTES=${CN_MINUTES:-12}
 IN_MINUTES=${IN_MINUTES:-20}
+DRAWS=${DRAWS:-8}
 CN_LR=${CN_LR:-1e-4}
 JUMP_LENGTH=${JUMP_LENGTH:-10}
 JUMP_N_SAMPLE=${JUMP_N_SAMPLE:-10}
@@ -58,7 +60,8 @@ fi
 #    (likelihood, residual) on the plain LDM (first: they take minutes).
 [ -f "$OUT/editing_inpaint.json" ] || $PY -m benchmarks.editing inpaint --workdir "$LDM" \
   --step "$STEP" --jump_length "$JUMP_LENGTH" --jump_n_sample "$JUMP_N_SAMPLE" \
-  --inpainting_controlnet "$OUT/inpaint_cn" --inpainting_controlnet_step latest "${COMMON[@]}"
+  --inpainting_controlnet "$OUT/inpaint_cn" --inpainting_controlnet_step latest \
+  --draws "$DRAWS" "${COMMON[@]}"
 [ -f "$OUT/editing_sdedit.json" ] || $PY -m benchmarks.editing sdedit --workdir "$LDM" \
   --step "$STEP" --strengths 0,0.1,0.25,0.5,0.75,1 "${COMMON[@]}"
 LS=()
