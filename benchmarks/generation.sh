@@ -4,6 +4,8 @@
 #   bash benchmarks/generation.sh [WORK=runs/gen] [STAGE1=runs/quick]
 #   STEPS1=3000 ADV_WARMUP=4000 STEPS2=3000 SAMPLER=ddpm bash benchmarks/generation.sh runs/gen runs/q3k
 # SAMPLER: ddim (50 steps, default) or ddpm (all 1000 steps, MONAI's tutorial; ~20x slower).
+# TRAIN: training crops extracted for stage 2 (256; GENERATION.md's 2x row: TRAIN=1024
+# STEPS2=18000 SAMPLER=ddpm).
 # Every step is one of the README's commands; rerunning skips what exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,7 @@ PY=${PY:-python}
 STEPS1=${STEPS1:-1000}
 ADV_WARMUP=${ADV_WARMUP:-1000}
 STEPS2=${STEPS2:-1250}
+TRAIN=${TRAIN:-256}
 mkdir -p "$W"
 
 # 1. Stage 1: docs/training.md's quick CPU run (the main job's model, configs/balanced_4x.py,
@@ -22,10 +25,10 @@ $PY train.py --config configs/balanced_4x.py --workdir "$AE" --noprogress \
   --config.data.volume_size='(32,32,32)' --config.train.num_steps="$STEPS1" \
   --config.loss.adv_warmup_steps="$ADV_WARMUP" --config.autoencoder.dtype=float32
 
-# 2. Volumes on disk (256 training crops in raw units, 16 held-out in model units), then
+# 2. Volumes on disk (TRAIN training crops in raw units, 16 held-out in model units), then
 #    latents of the training ones.
 [ -d "$W/data/val" ] || $PY -m benchmarks.generation_data --config configs/balanced_4x.py \
-  --volume 32,32,32 --train 256 --val 16 --out "$W/data"
+  --volume 32,32,32 --train "$TRAIN" --val 16 --out "$W/data"
 [ -f "$W/latents/latents.json" ] || $PY -m ldm_jax extract --workdir "$AE" \
   --input "$W/data/train" --output "$W/latents" --step latest --noprogress
 
