@@ -29,7 +29,11 @@ and OUT/editing_PART.png and prints its Markdown table.
   same seed) and the blurred border extension (`border_extension`). Scores: PSNR, L1 and
   foreground Dice of the hole against the truth, PSNR of the hole's 3-voxel border band,
   max |delta| outside the hole (the known region: 0 by construction); the autoencoder's
-  reconstruction pasted into the hole is the reference (it sees the truth).
+  reconstruction pasted into the hole is the reference (it sees the truth). An inpainting
+  UNet as --workdir (`conditioning.aligned="inpainting"`, configs/diffusion/
+  inpainting_4x.py) fills with its condition (the blanked input and the hole) in the
+  replace-known and RePaint rows, and its null condition (zeros) draws the unconditional
+  fill; `--draws K` adds the mean of K of its replace-known fills.
 - sdedit: the volumes at each `--strengths`; distance (PSNR, L1) to the input's
   reconstruction (strength 0), to the input, and to the strength-1 output (the model's
   unconditional sample from the same seed), and the foreground fraction against the
@@ -325,47 +329,54 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
     hole = box_mask(vols.shape[1:4], box)
     band = border_band(hole, 3)
     rng = jax.random.PRNGKey(int(a.seed))
-    fills = {k: [] for k in ("replace-known", "replace-known, blend 2", "RePaint",
-                             "RePaint, blend 2", "unconditional fill", "border extension",
-                             "reconstruction (sees the truth)")}
+    # An inpainting UNet as --workdir (conditioning.aligned="inpainting"): its fills are
+    # the replace-known and RePaint rows; its null condition (zeros) the unconditional.
+    pre = "inpainting UNet, " if pipe.aligned == "inpainting" else ""
+    null = (np.zeros((*vols.shape[1:4], vols.shape[-1] + 1), np.float32) if pre else None)
+    fills = {k: [] for k in (pre + "replace-known", pre + "replace-known, blend 2",
+                             pre + "RePaint", pre + "RePaint, blend 2", "unconditional fill",
+                             "border extension", "reconstruction (sees the truth)")}
     # The methods see the volume with the hole blanked (b_min): the truth inside it is
     # never an input (not to the encoder, not to the blend's seam).
     holed = vols.copy()
     holed[:, hole] = lo
-    cn_pipe = None
+    draw_pipe, draw_name = (pipe, "inpainting UNet") if pre else (None, None)
     if getattr(a, "inpainting_controlnet", None):
         import ldm_jax
-        cn_pipe = ldm_jax.load_pipeline(a.inpainting_controlnet, a.inpainting_controlnet_step)
-        if editing.controlnet_kind(cn_pipe) != "inpainting":
+        draw_pipe = ldm_jax.load_pipeline(a.inpainting_controlnet, a.inpainting_controlnet_step)
+        if editing.controlnet_kind(draw_pipe) != "inpainting":
             raise SystemExit(f"--inpainting_controlnet {a.inpainting_controlnet} is not an "
                              "inpainting ControlNet run (controlnet.condition.kind)")
-        fills = {"inpainting ControlNet": [], **fills}
-        if int(a.draws) > 1:
-            fills = {f"inpainting ControlNet, mean of {int(a.draws)}": [], **fills}
+        draw_name = "inpainting ControlNet"
+        fills = {draw_name: [], **fills}
+    if draw_pipe is not None and int(a.draws) > 1:
+        fills = {f"{draw_name}, mean of {int(a.draws)}": [], **fills}
     for k, b in enumerate(_batches(len(vols), a.batch_size)):
         v = holed[b]
-        for name, jn in (("replace-known", 1), ("RePaint", a.jump_n_sample)):
+        for name, jn in ((pre + "replace-known", 1), (pre + "RePaint", a.jump_n_sample)):
             out, lat = editing.inpaint(pipe, v, hole, rng, k, steps=a.steps,
                                        jump_length=a.jump_length, jump_n_sample=jn,
-                                       blend_width=0.0)
+                                       blend_width=0.0, guidance_scale=a.guidance_scale)
             dec = pipe.decode(lat)
             fills[name] += list(out)
             fills[name + ", blend 2"] += [blend(d, x, hole, 2.0) for d, x in zip(dec, v)]
-        if cn_pipe is not None:  # its condition: the blanked input and the hole
-            def cn_fill(key):
-                return editing.inpaint(cn_pipe, v, hole, key, k, steps=a.steps,
+        if draw_pipe is not None:  # its condition: the blanked input and the hole
+            def fill(key):
+                return editing.inpaint(draw_pipe, v, hole, key, k, steps=a.steps,
                                        jump_length=a.jump_length, jump_n_sample=1,
-                                       blend_width=0.0)[0]
-            fills["inpainting ControlNet"] += list(cn_fill(rng))
+                                       blend_width=0.0, guidance_scale=a.guidance_scale)[0]
+            if draw_pipe is not pipe:
+                fills[draw_name] += list(fill(rng))
             if int(a.draws) > 1:  # draw d from fold_in(rng, 1000 + d): the conditional mean
-                mean = np.mean([cn_fill(jax.random.fold_in(rng, 1000 + d))
+                mean = np.mean([fill(jax.random.fold_in(rng, 1000 + d))
                                 for d in range(int(a.draws))], 0)  # pasted: outside exact
-                fills[f"inpainting ControlNet, mean of {int(a.draws)}"] += [
+                fills[f"{draw_name}, mean of {int(a.draws)}"] += [
                     blend(m, x, hole, 0.0) for m, x in zip(mean, v)]
-        unc = pipe.decode(pipe.sample_batch(rng, k, len(b), steps=a.steps))
+        unc = pipe.decode(pipe.sample_batch(rng, k, len(b), steps=a.steps, condition=null))
         fills["unconditional fill"] += [blend(u, x, hole, 0.0) for u, x in zip(unc, v)]
         fills["border extension"] += [border_extension(x, hole, a.sigma) for x in v]
-        rec = editing.sdedit(pipe, vols[b], rng, k, strength=0.0, steps=a.steps)[0]
+        rec = editing.sdedit(pipe, vols[b], rng, k, strength=0.0, steps=a.steps,
+                             condition=null)[0]  # strength 0: the model is not called
         fills["reconstruction (sees the truth)"] += [blend(r, x, hole, 0.0)
                                                      for r, x in zip(rec, v)]
         log(f"inpaint: volumes {b[0]}..{b[-1]} done")
@@ -388,8 +399,8 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
         log(f"inpaint {name:32s} PSNR hole {methods[name]['psnr_hole']:.2f} dB, band "
             f"{methods[name]['psnr_border_band']:.2f}, Dice {methods[name]['dice_hole']:.3f}, "
             f"max |delta| outside {methods[name]['max_abs_outside']:.3g}")
-    for gen in [g for g in fills if g.startswith(("inpainting ControlNet", "replace-known",
-                                                  "RePaint")) and "blend" not in g]:
+    for gen in [g for g in fills if g.startswith(("inpainting ", "replace-known", "RePaint"))
+                and "blend" not in g]:
         for base in ("unconditional fill", "border extension"):
             methods[gen][f"wins_vs_{base}"] = int(sum(
                 r1["psnr_hole"] > r2["psnr_hole"] for r1, r2 in zip(
@@ -398,14 +409,19 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
     record = {**_settings(pipe, workdir, a), "box": box, "hole_voxels": int(hole.sum()),
               "hole_fraction": float(hole.mean()), "threshold": thr,
               "jump_length": int(a.jump_length), "jump_n_sample": int(a.jump_n_sample),
-              "sigma": float(a.sigma), "data_range": [lo, hi], "methods": methods, "rows": rows}
-    if cn_pipe is not None:
+              "sigma": float(a.sigma), "guidance_scale": float(a.guidance_scale),
+              "data_range": [lo, hi], "methods": methods, "rows": rows}
+    if draw_pipe is not None and draw_pipe is not pipe:
         record["inpainting_controlnet"] = {"workdir": os.path.abspath(a.inpainting_controlnet),
-                                           "step": int(cn_pipe.step)}
+                                           "step": int(draw_pipe.step)}
+    if pre:
+        record["inpainting_unet"] = {"workdir": os.path.abspath(workdir), "step": int(pipe.step),
+                                     "unconditional": "the null condition (zeros)"}
     shown = min(2, len(vols))
     pics, names = [], []
     for i in range(shown):
-        shown_fills = [m for m in ("inpainting ControlNet", "replace-known", "RePaint",
+        shown_fills = [m for m in ("inpainting ControlNet", pre + "replace-known",
+                                   f"{draw_name}, mean of {int(a.draws)}", pre + "RePaint",
                                    "unconditional fill", "border extension") if m in fills]
         pics += [vols[i], holed[i]] + [fills[m][i] for m in shown_fills]
         names += [f"v{i} truth", f"v{i} input (hole {box})"] + [f"v{i} {m}"
@@ -741,8 +757,12 @@ def parser():
     i.add_argument("--inpainting_controlnet", default=None,
                    help="an inpainting ControlNet run on --workdir's UNet: one more fill")
     i.add_argument("--inpainting_controlnet_step", default="best")
+    i.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="classifier-free guidance of the inpainting model's fills (an "
+                   "inpainting UNet trained with condition dropout)")
     i.add_argument("--draws", type=int, default=1,
-                   help="inpainting ControlNet draws; > 1 adds the row of their mean")
+                   help="inpainting ControlNet (or inpainting UNet, as --workdir) draws; "
+                   "> 1 adds the row of their mean")
     s = sub.add_parser("sdedit", help="SDEdit strength sweep")
     _common(s)
     s.add_argument("--strengths", default="0,0.1,0.25,0.5,0.75,1")

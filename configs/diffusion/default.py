@@ -115,7 +115,8 @@ def get_config():
     cond.drop_prob = 0.1
     # Aligned condition computed from each training volume (ldm_jax.diffusion.aligned;
     # docs/conditioning.md): "" (none) | "projection" (2D image along an axis) | "coarse"
-    # (a downsampled volume). Sample with --condition FILE.
+    # (a downsampled volume) | "inpainting" (the volume with a box blanked, and the box;
+    # docs/editing.md). Sample with --condition FILE.
     cond.aligned = ""
     # "concat": lifted to the UNet's input grid and concatenated (MONAI's
     # DiffusionInferer mode="concat") | "pooled": a 2D CNN -> 8 numbers added to the time
@@ -144,6 +145,8 @@ def get_config():
     coarse.factor = ml_collections.FieldReference(4, field_type=object)  # int or (fx, fy, fz)
     coarse.blur = 0.0  # Gaussian sigma in coarse voxels
     coarse.noise = 0.0  # Gaussian noise std, data intensity units (training only)
+    inpainting = cond.inpainting = ml_collections.ConfigDict()
+    inpainting.box_fraction = (0.25, 0.75)  # training boxes' side per axis, (min, max)
 
     # --- ControlNet (MONAI's ControlNet; docs/editing.md). Set unet_workdir to train one
     # on that stage-2 run's frozen UNet instead of a UNet: unet, scheduler, latents'

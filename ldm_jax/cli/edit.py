@@ -25,8 +25,9 @@ voxel is the map (Pinaya et al. 2022; `ldm_jax.diffusion.editing.anomaly`), its 
 score. A ControlNet run (inpaint, sdedit) needs --condition: one
 NIfTI/.npy condition for every input, or a folder with NAME.nii.gz / NAME.npy per input
 NAME, as `ldm-jax sample --condition` takes them; an inpainting ControlNet run
-(controlnet.condition.kind=inpainting) builds its condition in --mode inpaint from each
-input and the mask. Writes, in --output:
+(controlnet.condition.kind=inpainting) or inpainting UNet (conditioning.aligned=
+inpainting) builds its condition in --mode inpaint from each input and the mask.
+Writes, in --output:
   NAME.nii.gz / NAME.npy       the edited volume (inpaint, sdedit), or NAME_kl.nii.gz
   latents/NAME.npy             its unscaled latents, or the latent-grid map (likelihood)
   NAME_anomaly.nii.gz          anomaly: the map, intensity units (X, Y, Z)
@@ -158,14 +159,18 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
         raise ConfigError(f"{workdir} is a ControlNet run; the {mode} map is the plain "
                           "UNet's: give its run, --workdir "
                           f"{pipe.unet_checkpoint['workdir']}.")
+    if mode == "anomaly" and pipe.aligned is not None:
+        raise ConfigError(f"{workdir} is conditioned on aligned images (conditioning.aligned="
+                          f"{pipe.aligned!r}); anomaly maps take an unconditioned stage-2 run: "
+                          "pass the workdir of a run without conditioning.aligned.")
     if mode == "likelihood":
         editing.likelihood_function(pipe, steps if "num_inference_steps" in present else None)
     else:
         pipe.check_request(steps, scheduler, class_label)
         if condition is not None:
             conds, cond_files = pipe.read_conditions(condition, names=names)
-        if not (mode == "inpaint" and conds is None
-                and editing.controlnet_kind(pipe) == "inpainting"):  # built from --mask
+        if not (mode == "inpaint" and conds is None  # built from the inputs and --mask
+                and "inpainting" in (editing.controlnet_kind(pipe), pipe.aligned)):
             pipe.controlnet_args(len(names), conds, conditioning_scale)  # refuses before --output
     out_dir = vf.prepare_output_dir(output, [str(f) for f in files])
     settings = {"mode": mode, "seed": int(seed), "steps": int(steps), "scheduler": scheduler,

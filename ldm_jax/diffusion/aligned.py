@@ -17,7 +17,14 @@ from each training volume after its random crop and flips, so it stays aligned):
   The condition grid is the volume grid with 1 on the projection axis.
 - "coarse": the block mean by `conditioning.coarse.factor` (an int or one per axis), a
   Gaussian `blur` (sigma in coarse voxels) and Gaussian `noise` (intensity units).
-A condition is float32, channels-last (B, X', Y', Z', C) with the data's channels C.
+- "inpainting": the volume with a box set to 0, and the box (C + 1 channels on the volume
+  grid: the masked image and mask of diffusers' inpainting UNets, the 9-channel input of
+  Stable Diffusion's inpainting model). In training one box per volume, its side per axis
+  uniform in `conditioning.inpainting.box_fraction` of the axis at a uniform position;
+  without a key (validation, a volume given as `--condition`) the centred half of each
+  axis. `ldm-jax edit --mode inpaint` builds it from each input and its mask.
+A condition is float32, channels-last (B, X', Y', Z', C) with the data's channels C
+(`condition_channels`: C + 1 for "inpainting").
 
 `lift` brings a condition to the UNet's input grid (the latent grid; voxel space: the
 volume grid), per axis: a finer condition is folded into channels (space-to-depth, so
@@ -38,7 +45,7 @@ import numpy as np
 
 from ldm_jax.errors import ConfigError
 
-KINDS = ("projection", "coarse")
+KINDS = ("projection", "coarse", "inpainting")
 MODES = ("concat", "pooled")  # pooled: the original design's 2D CNN vector (projections)
 REDUCES = ("sum", "max", "mean")
 PSFS = ("none", "defocus", "astigmatic")
@@ -52,7 +59,8 @@ def _xp(a):
 
 
 def kind_of(config) -> str | None:
-    """The aligned condition kind of a stage-2 config ("projection" | "coarse") or None."""
+    """The aligned condition kind of a stage-2 config ("projection" | "coarse" |
+    "inpainting") or None."""
     cond = config.get("conditioning") or {}
     return str(cond.get("aligned") or "") or None
 
@@ -76,8 +84,8 @@ def aligned_problems(config, volume_grid=None) -> list[str]:
         return []
     cond = config.conditioning
     if kind not in KINDS:
-        return [f"conditioning.aligned={kind!r} is not known; use 'projection', 'coarse' or "
-                "'' (none)"]
+        return [f"conditioning.aligned={kind!r} is not known; use 'projection', 'coarse', "
+                "'inpainting' or '' (none)"]
     problems = []
     mode = mode_of(config)
     if mode not in MODES:
@@ -86,7 +94,12 @@ def aligned_problems(config, volume_grid=None) -> list[str]:
     if mode == "pooled" and kind != "projection":
         problems.append("conditioning.aligned_mode='pooled' (a 2D CNN embedding) takes 2D "
                         "projections only; use --config.conditioning.aligned_mode=concat")
-    if kind == "projection":
+    if kind == "inpainting":
+        lo, hi = box_fraction(cond)
+        if not 0 < lo <= hi <= 1:
+            problems.append(f"conditioning.inpainting.box_fraction=({lo}, {hi}) must satisfy "
+                            "0 < min <= max <= 1 (the box's side per axis, a fraction of it)")
+    elif kind == "projection":
         p = cond.projection
         if int(p.get("axis", 2)) not in (0, 1, 2):
             problems.append(f"conditioning.projection.axis must be 0, 1 or 2, got {p.axis}")
@@ -117,10 +130,23 @@ def aligned_problems(config, volume_grid=None) -> list[str]:
     return problems
 
 
+def box_fraction(cond_cfg) -> tuple[float, float]:
+    """(min, max) side of the "inpainting" kind's training boxes, a fraction per axis."""
+    lo, hi = (cond_cfg.get("inpainting") or {}).get("box_fraction", (0.25, 0.75))
+    return float(lo), float(hi)
+
+
+def condition_channels(cond_cfg, channels: int) -> int:
+    """Channels of the raw condition of volumes with `channels` channels."""
+    return int(channels) + (str(cond_cfg.aligned) == "inpainting")
+
+
 def condition_grid(cond_cfg, volume_grid: Sequence[int]) -> tuple:
     """(X', Y', Z') of the condition of a volume of `volume_grid` (see the module)."""
     g = [int(v) for v in volume_grid]
     kind = str(cond_cfg.aligned)
+    if kind == "inpainting":
+        return tuple(g)
     if kind == "projection":
         g[int(cond_cfg.projection.get("axis", 2))] = 1
         return tuple(g)
@@ -232,6 +258,16 @@ def compute_condition(volumes, cond_cfg, key=None):
     if kind == "coarse":
         c = cond_cfg.coarse
         return _noise(coarsen(volumes, c), float(c.get("noise", 0.0)), key)
+    if kind == "inpainting":
+        from ldm_jax.diffusion import condition as cond_lib
+        if key is None:
+            hole = cond_lib.centre_box(volumes.shape[1:4])
+            hole = _xp(volumes).broadcast_to(_xp(volumes).asarray(hole),
+                                             (*volumes.shape[:4], 1))
+        else:
+            hole = cond_lib.random_boxes(key, volumes.shape[0], volumes.shape[1:4],
+                                         *box_fraction(cond_cfg))
+        return cond_lib.inpainting_condition(volumes, hole)
     raise ConfigError(f"conditioning.aligned={kind!r} is not known; use one of {list(KINDS)}")
 
 
@@ -239,11 +275,18 @@ def condition_from_array(a, cond_cfg, volume_grid: Sequence[int], channels: int)
     """One sample's condition (*condition grid, C) float32 from an array read from a file,
     or None when its shape is none of: a volume on `volume_grid` ((X, Y, Z[, C]): its
     condition is computed, noise-free), an array on the condition grid, or for a
-    projection a 2D image (n1, n2[, C]) (min-max normalised when the config's are)."""
+    projection a 2D image (n1, n2[, C]) (min-max normalised when the config's are). For
+    "inpainting" (condition grid = volume grid) C + 1 channels are a condition (the
+    blanked volume and its mask), C a volume (its centre half is blanked)."""
     vg = tuple(int(v) for v in volume_grid)
     grid = condition_grid(cond_cfg, vg)
     a = np.asarray(a, np.float32)
     v = a[..., None] if a.ndim == 3 else a
+    if str(cond_cfg.aligned) == "inpainting" and v.ndim == 4 and v.shape[:3] == vg:
+        if v.shape[3] == condition_channels(cond_cfg, channels):
+            return v
+        return (np.asarray(compute_condition(v[None], cond_cfg)[0], np.float32)
+                if v.shape[3] == int(channels) else None)
     if v.ndim == 4 and v.shape[:3] == vg:
         return np.asarray(compute_condition(v[None], cond_cfg)[0], np.float32)
     if v.ndim == 4 and v.shape[:3] == grid:
@@ -263,6 +306,9 @@ def accepted_shapes(cond_cfg, volume_grid: Sequence[int]) -> str:
     """The shapes `condition_from_array` takes, in words."""
     vg = tuple(int(v) for v in volume_grid)
     grid = condition_grid(cond_cfg, vg)
+    if str(cond_cfg.aligned) == "inpainting":
+        return (f"{vg} with the data's channels (a volume: its centre half is blanked) or "
+                "one channel more (the blanked volume, then the mask: 1 in the hole)")
     plane = tuple(g for i, g in enumerate(grid)
                   if i != int(cond_cfg.projection.get("axis", 2)))
     shapes = ([f"a 2D image {plane}"] if str(cond_cfg.aligned) == "projection" else []) + [
@@ -298,7 +344,8 @@ def lifted_channels(cond_cfg, volume_grid, unet_grid, channels: int) -> int:
     axis = int(cond_cfg.projection.get("axis", 2)) if str(cond_cfg.aligned) == "projection" \
         else -1
     plan = _axis_plan(grid, unet_grid, axis)
-    return int(channels) * math.prod(k for how, k in plan if how == "fold") + (axis >= 0)
+    folded = math.prod(k for how, k in plan if how == "fold")
+    return condition_channels(cond_cfg, channels) * folded + (axis >= 0)
 
 
 def lift(c, cond_cfg, unet_grid: Sequence[int], pad=None):
@@ -353,6 +400,10 @@ def describe(cond_cfg, volume_grid) -> str:
         cue = "no depth cue" if psf == "none" else f"{psf} point-spread (depth cue{where})"
         return (f"{p.get('reduce', 'sum')} projection along axis {p.get('axis', 2)} ({grid}), "
                 f"{cue}, noise {p.get('noise', 0.0)}")
+    if str(cond_cfg.aligned) == "inpainting":
+        lo, hi = box_fraction(cond_cfg)
+        return (f"volume with a box blanked and the box ({grid}; training boxes {lo:g}-{hi:g} "
+                "of each axis)")
     c = cond_cfg.coarse
     return (f"coarse volume ({grid}, block mean by {c.get('factor', 4)}), blur "
             f"{c.get('blur', 0.0)}, noise {c.get('noise', 0.0)}")

@@ -104,8 +104,10 @@ def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,
         rng, index: the batch draws from fold_in(rng, index).
         jump_length, jump_n_sample: RePaint's resampling (1, 1: replace the known region).
         blend_width: voxels of the feathered seam inside the mask (`inpainting.blend`).
-        condition: the ControlNet's condition, for a run that has one; for an inpainting
-            ControlNet run (`controlnet_kind`) None builds it from `volumes` and `masks`.
+        condition: the ControlNet's or aligned-condition model's condition, for a run
+            that has one; for an inpainting ControlNet run (`controlnet_kind`) or an
+            inpainting UNet (`conditioning.aligned="inpainting"`) None builds it from
+            `volumes` and `masks`.
         Other keywords: as `Pipeline.sample_latents`.
     Returns (volumes (B, X, Y, Z, C_out), unscaled latents (B, x, y, z, C)), float32
     numpy; outside each mask the volumes are the input's voxels exactly.
@@ -125,6 +127,9 @@ def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,
     labels, ctx = _conditions(pipe, v.shape[0], class_label, context, steps, scheduler)
     if condition is None and controlnet_kind(pipe) == "inpainting":
         condition = inpainting_condition(pipe, v, m)
+    if condition is None and pipe.aligned == "inpainting":
+        from ldm_jax.diffusion.condition import inpainting_condition as cond
+        condition = np.asarray(cond(v, m), np.float32)
     cn, cn_args = _controlnet_args(pipe, v.shape[0], condition, conditioning_scale)
     lm = np.stack([latent_mask(mm, pipe.latent_shape[:3]) for mm in m])
     lm = jnp.pad(jnp.asarray(lm), ((0, 0), *pipe.pad, (0, 0)))  # padding: known zeros
@@ -134,7 +139,8 @@ def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,
         pipe.unet, sampler_for(pipe.config.scheduler, scheduler),
         shape=(*pipe.padded_shape, pipe.latent_shape[-1]), steps=steps,
         jump_length=jump_length, jump_n_sample=jump_n_sample, guidance_scale=guidance_scale,
-        null_label=pipe.null_label, eta=eta, controlnet=cn))
+        null_label=pipe.null_label, eta=eta, controlnet=cn,
+        aligned=None if pipe.aligned is None else pipe.aligned_to_model))
     z = fn(pipe.params, jax.random.fold_in(rng, int(index)), encode(pipe, v), lm, labels, ctx,
            **cn_args)
     decoded, lat = _finish(pipe, z)
@@ -161,7 +167,8 @@ def sdedit(pipe, volumes, rng, index: int = 0, *, strength: float = 0.5, steps: 
     fn = _cached(pipe, key, lambda: make_sdedit(
         pipe.unet, sampler_for(pipe.config.scheduler, scheduler),
         shape=(*pipe.padded_shape, pipe.latent_shape[-1]), steps=steps, strength=strength,
-        guidance_scale=guidance_scale, null_label=pipe.null_label, eta=eta, controlnet=cn))
+        guidance_scale=guidance_scale, null_label=pipe.null_label, eta=eta, controlnet=cn,
+        aligned=None if pipe.aligned is None else pipe.aligned_to_model))
     z = fn(pipe.params, jax.random.fold_in(rng, int(index)), encode(pipe, v), labels, ctx,
            **cn_args)
     return _finish(pipe, z)
@@ -169,11 +176,15 @@ def sdedit(pipe, volumes, rng, index: int = 0, *, strength: float = 0.5, steps: 
 
 def likelihood_function(pipe, steps: int | None = None, decoder_term: bool = True):
     """The jitted `likelihood.make_likelihood` of this run's DDPM (made once; without the
-    t = 0 term when not `decoder_term`). Raises ConfigError for a rectified-flow run or
-    steps outside [1, T]."""
+    t = 0 term when not `decoder_term`). Raises ConfigError for a rectified-flow run,
+    steps outside [1, T] or a model conditioned on aligned images."""
     from ldm_jax.diffusion.likelihood import make_likelihood
     from ldm_jax.diffusion.sampling import sampler_for
 
+    if pipe.aligned is not None:
+        raise ConfigError("likelihood maps take an unconditioned stage-2 run; this one is "
+                          f"conditioned on aligned images (conditioning.aligned={pipe.aligned!r})"
+                          "; pass the workdir of a run without conditioning.aligned.")
     if steps is not None:
         pipe.check_request(steps, "ddpm")
     return _cached(pipe, ("likelihood", steps, bool(decoder_term)), lambda: make_likelihood(

@@ -32,25 +32,25 @@ def start_index(steps: int, strength: float) -> int:
 
 def make_sdedit(unet, scheduler, *, shape, steps: int, strength: float,
                 guidance_scale: float = 1.0, null_label: int | None = None,
-                eta: float = 0.0, controlnet=None):
+                eta: float = 0.0, controlnet=None, aligned=None):
     """A jitted `fn(params, key, z0, class_labels=None, context=None, cn_params=None,
-    condition=None, conditioning_scale=1.0) -> latents` (B, *shape) float32, scaled and
-    padded like `z0` (the input's latents).
+    condition=None, conditioning_scale=1.0, aligned_condition=None) -> latents` (B,
+    *shape) float32, scaled and padded like `z0` (the input's latents).
 
-    Args: as `sampling.make_sampler`, plus `strength` in [0, 1] and `controlnet` (as
-    `inpainting.make_inpainter`'s). Raises ConfigError for a strength outside [0, 1],
+    Args: as `sampling.make_sampler`, plus `strength` in [0, 1] and `controlnet`,
+    `aligned` (as `inpainting.make_inpainter`'s). Raises ConfigError for a strength outside [0, 1],
     steps out of range, guidance for an unconditional model.
     """
     from ldm_jax.diffusion.sampling import bind_controlnet, check_guidance, guided_model_fn
 
     state = scheduler.set_timesteps_for(scheduler.create_state(), int(steps), (1, *shape))
     start = start_index(int(steps), strength)
-    g = check_guidance(unet, guidance_scale, null_label)
+    g = check_guidance(unet, guidance_scale, null_label, aligned is not None)
     kwargs = {"eta": float(eta)} if type(scheduler).__name__ == "DDIMScheduler" else {}
     n = state.num_inference_steps
 
     def run(params, key, z0, class_labels=None, context=None, cn_params=None, condition=None,
-            conditioning_scale=1.0):
+            conditioning_scale=1.0, aligned_condition=None):
         z0 = jnp.asarray(z0, jnp.float32)
         if start == n:
             return z0
@@ -63,7 +63,8 @@ def make_sdedit(unet, scheduler, *, shape, steps: int, strength: float,
             x = scheduler.add_noise(state, z0, eps, t)
         model_fn = guided_model_fn(unet, params, g, null_label, class_labels, context,
                                    bind_controlnet(controlnet, cn_params, condition,
-                                                   conditioning_scale))
+                                                   conditioning_scale),
+                                   aligned_condition, aligned)
 
         def body(i, carry):
             x, k = carry

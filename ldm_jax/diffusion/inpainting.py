@@ -74,10 +74,11 @@ def _alpha_prod(state, t):
 
 def make_inpainter(unet, scheduler, *, shape, steps: int, jump_length: int = 1,
                    jump_n_sample: int = 1, guidance_scale: float = 1.0,
-                   null_label: int | None = None, eta: float = 0.0, controlnet=None):
+                   null_label: int | None = None, eta: float = 0.0, controlnet=None,
+                   aligned=None):
     """A jitted `fn(params, key, z0, mask, class_labels=None, context=None,
-    cn_params=None, condition=None, conditioning_scale=1.0) -> latents` (B, *shape)
-    float32 (scaled and padded, like `z0`).
+    cn_params=None, condition=None, conditioning_scale=1.0, aligned_condition=None) ->
+    latents` (B, *shape) float32 (scaled and padded, like `z0`).
 
     Args:
         unet, scheduler: the flax DiffusionModelUNet and a DDPM / DDIM (any variant) or,
@@ -87,6 +88,9 @@ def make_inpainter(unet, scheduler, *, shape, steps: int, jump_length: int = 1,
         guidance_scale, null_label, eta: as `make_sampler`.
         controlnet: None or a `ControlNet` module steering the UNet (its params and
             condition (B, X', Y', Z', C_cond) passed at call time).
+        aligned: None or, for an aligned-condition UNet (e.g. an inpainting UNet,
+            `conditioning.aligned="inpainting"`), `make_sampler`'s `aligned`: the raw
+            conditions (B, X', Y', Z', C') are passed at call time.
     Call: z0 (B, *shape) the input's scaled, padded latents; mask (B, X, Y, Z, 1) or
     (X, Y, Z, 1) float, 1 where latents are generated. One program per (B, settings).
 
@@ -103,7 +107,7 @@ def make_inpainter(unet, scheduler, *, shape, steps: int, jump_length: int = 1,
                           "model; for rectified flow use --jump_n_sample 1 (replace the "
                           "known region).")
     state = scheduler.set_timesteps_for(scheduler.create_state(), int(steps), (1, *shape))
-    g = check_guidance(unet, guidance_scale, null_label)
+    g = check_guidance(unet, guidance_scale, null_label, aligned is not None)
     kwargs = {"eta": float(eta)} if type(scheduler).__name__ == "DDIMScheduler" else {}
     idx = jnp.asarray([i for i, _ in moves], jnp.int32)
     up = jnp.asarray([u for _, u in moves])
@@ -117,11 +121,12 @@ def make_inpainter(unet, scheduler, *, shape, steps: int, jump_length: int = 1,
         return jnp.where(i == 0, state.timesteps[0], _reached(scheduler, state, jnp.maximum(i - 1, 0)))
 
     def run(params, key, z0, mask, class_labels=None, context=None, cn_params=None,
-            condition=None, conditioning_scale=1.0):
+            condition=None, conditioning_scale=1.0, aligned_condition=None):
         m = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), z0.shape[:-1] + (1,))
         model_fn = guided_model_fn(unet, params, g, null_label, class_labels, context,
                                    bind_controlnet(controlnet, cn_params, condition,
-                                                   conditioning_scale))
+                                                   conditioning_scale),
+                                   aligned_condition, aligned)
         k0, key = jax.random.split(key)
         x = jax.random.normal(k0, z0.shape, jnp.float32)
 

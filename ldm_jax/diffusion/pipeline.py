@@ -105,7 +105,7 @@ class Pipeline:
         if out is None and c.ndim >= 3 and c.shape[0] == int(n):
             rows = [one(a) for a in c]
             out = None if any(r is None for r in rows) else np.stack(rows)
-        if out is None or out.shape[-1] != c_in:
+        if out is None or out.shape[-1] != aligned_lib.condition_channels(cfg, c_in):
             raise ConfigError(
                 f"the condition has shape {tuple(c.shape)}; this model "
                 f"({aligned_lib.describe(cfg, vg)}) takes "
@@ -117,7 +117,7 @@ class Pipeline:
                               "finite.")
         return np.ascontiguousarray(out, np.float32)
 
-    def _aligned_to_model(self, c):
+    def aligned_to_model(self, c):
         from ldm_jax.diffusion import aligned as aligned_lib
         if aligned_lib.mode_of(self.config) == "pooled":
             return aligned_lib.pooled_input(c, self.config.conditioning)
@@ -131,6 +131,13 @@ class Pipeline:
         from ldm_jax.diffusion.condition import resample
 
         vols, names = [], []
+        if self.aligned == "inpainting":  # the blanked input, the sample, the sample pasted
+            for i, (v, c) in enumerate(zip(volumes, conditions)):
+                v, c = np.asarray(v, np.float32), np.asarray(c, np.float32)
+                known = c[..., :-1]
+                vols += [known, v, np.where(c[..., -1:] != 0, v[..., :known.shape[-1]], known)]
+                names += [f"input {i} (hole blanked)", f"sample {i}", f"sample {i} in the hole"]
+            return vols, names
         for i, (v, c) in enumerate(zip(volumes, conditions)):
             own = aligned_lib.compute_condition(np.asarray(v, np.float32)[None],
                                                 self.config.conditioning)[0]
@@ -286,7 +293,7 @@ class Pipeline:
                 shape=(*self.padded_shape, self.latent_shape[-1]), steps=int(steps),
                 guidance_scale=guidance_scale, null_label=self.null_label, eta=eta,
                 controlnet=self.controlnet,
-                aligned=None if self.aligned is None else self._aligned_to_model)
+                aligned=None if self.aligned is None else self.aligned_to_model)
         return self._samplers[key]
 
     def sample_batch(self, rng, index: int, size: int, *, steps: int = 50,

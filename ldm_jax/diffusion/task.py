@@ -262,7 +262,8 @@ class DiffusionTask:
         for f in files:
             c = aligned_lib.condition_from_array(cond_lib.read_condition(f, flag, DataError), cfg,
                                                  self.volume_grid, channels)
-            if c is None or c.shape[-1] != channels or not np.isfinite(c).all():
+            if (c is None or c.shape[-1] != aligned_lib.condition_channels(cfg, channels)
+                    or not np.isfinite(c).all()):
                 raise DataError(
                     f"{flag}: {f} is not a condition of its latent's volume: this model "
                     f"({aligned_lib.describe(cfg, self.volume_grid)}) takes "
@@ -397,9 +398,11 @@ class DiffusionTask:
         context = self.null_context(1) if self.with_context else None
         aligned = None
         if self.aligned is not None:
-            from ldm_jax.diffusion.aligned import condition_grid
-            grid = condition_grid(self.config.conditioning, self.volume_grid)
-            aligned = self.model_condition(jnp.zeros((1, *grid, self.ae.in_channels)))
+            from ldm_jax.diffusion.aligned import condition_channels, condition_grid
+            cfg = self.config.conditioning
+            grid = condition_grid(cfg, self.volume_grid)
+            aligned = self.model_condition(
+                jnp.zeros((1, *grid, condition_channels(cfg, self.ae.in_channels))))
         params = self.unet.init(p_rng, *self.unet_inputs(x, aligned), t, context=context,
                                 class_labels=labels, **self.unet_kwargs(aligned))["params"]
         if getattr(self, "init_params", None) is not None:  # unet.init_from

@@ -16,7 +16,7 @@ def cond_cfg(kind="projection", **fields):
     from configs.diffusion import default
     c = default.get_config().conditioning
     c.aligned = kind
-    if kind in ("projection", "coarse"):
+    if kind in ("projection", "coarse", "inpainting"):
         c[kind].update(fields)
     return c
 
@@ -185,6 +185,44 @@ def test_coarse_is_the_block_mean(factor, grid):
     assert aligned.condition_grid(cond_cfg("coarse", factor=factor), (8, 8, 4)) == grid
 
 
+# ------------------------------------------------------------------ inpainting
+
+
+def test_inpainting_condition_is_the_blanked_volume_and_its_box():
+    import jax
+    v = _vol((3, 8, 8, 4, 1)) + 0.5  # no zeros: a blanked voxel is one in the box
+    cfg = cond_cfg("inpainting", box_fraction=(0.25, 0.75))
+    c = aligned.compute_condition(v, cfg)  # no key: the centred half of each axis
+    assert isinstance(c, np.ndarray) and c.shape == (3, 8, 8, 4, 2)
+    box = np.zeros((8, 8, 4), bool)
+    box[2:6, 2:6, 1:3] = True
+    np.testing.assert_array_equal(c[..., 1], np.broadcast_to(box, (3, 8, 8, 4)))
+    np.testing.assert_array_equal(c[..., 0], np.where(box, 0.0, v[..., 0]))
+    r = np.asarray(aligned.compute_condition(jnp.asarray(v), cfg, jax.random.PRNGKey(3)))
+    for vol, cc in zip(v, r):
+        m = cc[..., 1] != 0
+        np.testing.assert_array_equal(cc[..., 0], np.where(m, 0.0, vol[..., 0]))
+        sides = [np.ptp(np.nonzero(m)[a]) + 1 for a in range(3)]  # one box per volume
+        assert m.sum() == np.prod(sides)
+        assert all(round(0.25 * n) <= s <= round(0.75 * n) for s, n in zip(sides, (8, 8, 4)))
+    assert len({cc[..., 1].tobytes() for cc in r}) > 1  # drawn per volume
+    assert aligned.condition_grid(cfg, (8, 8, 4)) == (8, 8, 4)
+    assert aligned.condition_channels(cfg, 1) == 2
+    assert aligned.lifted_channels(cfg, (8, 8, 4), (2, 2, 1), 1) == 2 * 64
+    assert "box blanked" in aligned.describe(cfg, (8, 8, 4))
+
+
+def test_inpainting_condition_from_a_file():
+    cfg = cond_cfg("inpainting")
+    v = _vol((1, 8, 8, 4, 1))[0]
+    np.testing.assert_array_equal(aligned.condition_from_array(v, cfg, (8, 8, 4), 1),
+                                  aligned.compute_condition(v[None], cfg)[0])
+    c = aligned.compute_condition(_vol((1, 8, 8, 4, 1), seed=1), cfg)[0]
+    np.testing.assert_array_equal(aligned.condition_from_array(c, cfg, (8, 8, 4), 1), c)
+    assert aligned.condition_from_array(np.zeros((8, 8, 4, 3)), cfg, (8, 8, 4), 1) is None
+    assert "one channel more" in aligned.accepted_shapes(cfg, (8, 8, 4))
+
+
 # ------------------------------------------------------------------ config checks
 
 
@@ -193,6 +231,7 @@ def test_problems_are_one_line_each():
     assert aligned.aligned_problems(stage2("projection", psf="astigmatic")) == []
     assert aligned.aligned_problems(stage2("coarse", factor=2), (8, 8, 4)) == []
     assert aligned.aligned_problems(stage2("coarse", factor=(4, 2, 1)), (8, 8, 4)) == []
+    assert aligned.aligned_problems(stage2("inpainting")) == []
 
     def one(config, grid=None):
         p = aligned.aligned_problems(config, grid)
@@ -214,6 +253,7 @@ def test_problems_are_one_line_each():
     assert "psf_sigma must be > 0" in one(stage2("projection", psf="defocus", psf_sigma=0.0))
     assert "noise must be >= 0" in one(stage2("projection", noise=-1.0))
     assert "coarse.blur must be >= 0" in one(stage2("coarse", blur=-1.0), (8, 8, 4))
+    assert "0 < min <= max <= 1" in one(stage2("inpainting", box_fraction=(0.5, 0.25)))
 
 
 # ------------------------------------------------------------------ lift
