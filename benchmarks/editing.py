@@ -5,6 +5,7 @@ r"""Issue 29's measurements of editing with a trained LDM (benchmarks/EDITING.md
     python -m benchmarks.editing sdedit --workdir runs/ldm --out runs/editing
     python -m benchmarks.editing anomaly --workdir runs/ldm --out runs/editing
     python -m benchmarks.editing residual --workdir runs/ldm --out runs/editing
+    python -m benchmarks.editing patched --workdir runs/inpaint_unet --out runs/editing
     python -m benchmarks.editing tables --out runs/editing     # Markdown of the JSONs
     bash benchmarks/editing.sh AE_WORKDIR LDM_WORKDIR [OUT]    # all of it, ControlNet trained
 
@@ -51,6 +52,10 @@ and OUT/editing_PART.png and prints its Markdown table.
   reconstruction-based map (`editing.anomaly`, `ldm-jax edit --mode anomaly`: |mean of
   `--repeats` SDEdits - input|) at each `--strengths`, and of one SDEdit alone, against
   the autoencoder's reconstruction error.
+- patched: the same volumes with the same spheres, an inpainting model as --workdir
+  (configs/diffusion/inpainting_4x.py): per-voxel AUROC of the inpainting-based map
+  (`editing.patched_anomaly`: every `--patches` box every `--stride` voxels inpainted
+  from the rest, |fill - input|) against the reconstruction error and the intensity.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ import sys
 
 import numpy as np
 
-PARTS = ("controlnet", "inpaint", "sdedit", "anomaly", "residual")
+PARTS = ("controlnet", "inpaint", "sdedit", "anomaly", "residual", "patched")
 
 
 # ----------------------------------------------------------------------------------------
@@ -633,6 +638,62 @@ def anomaly_part(pipe, workdir, a, log=print) -> dict:
     return record
 
 
+def patched_part(pipe, workdir, a, log=print) -> dict:
+    """Inpainting-based anomaly maps (`editing.patched_anomaly`) of the residual part's
+    volumes and balls (the same seed), with an inpainting model as --workdir, against the
+    autoencoder's reconstruction error and the input's intensity."""
+    import jax
+
+    from ldm_jax.diffusion import editing
+
+    vols, sph, truth, _ = volumes_with_spheres(pipe, a)
+    rng = jax.random.PRNGKey(int(a.seed))
+    null = (np.zeros((*vols.shape[1:4], vols.shape[-1] + 1), np.float32)
+            if pipe.aligned is not None else None)
+    patches = [int(x) for x in a.patches.split(",")]
+    maps = {"the input's intensity itself": list(sph[..., 0]),
+            "autoencoder reconstruction error, abs(AE(x) - x)": []}
+    names = {p: f"patched inpainting, box {p}, stride {a.stride}, mean of {a.repeats}"
+             for p in patches}
+    maps.update({names[p]: [] for p in patches})
+    for k, b in enumerate(_batches(len(vols), a.batch_size)):
+        rec = editing.sdedit(pipe, sph[b], rng, k, strength=0.0, steps=1, condition=null)[0]
+        maps["autoencoder reconstruction error, abs(AE(x) - x)"] += list(
+            np.abs(rec - sph[b]).sum(-1))
+        for p in patches:
+            m = editing.patched_anomaly(pipe, sph[b], rng, k, patch=p, stride=a.stride,
+                                        num_repeats=a.repeats, steps=a.steps)[0]
+            maps[names[p]] += list(m[..., 0])
+        log(f"patched: volumes {b[0]}..{b[-1]} done")
+    rows = []
+    for method, ms in maps.items():
+        ms = np.stack(ms)
+        per = [auroc(m, t) for m, t in zip(ms, truth)]
+        rows.append({"method": method, "auroc_per_volume": per, "mean_auroc": float(np.mean(per)),
+                     "pooled_auroc": auroc(ms, truth), "maps": ms})
+        log(f"patched: {method}: AUROC {rows[-1]['mean_auroc']:.3f} (pooled "
+            f"{rows[-1]['pooled_auroc']:.3f})")
+    lo, hi = _data_range(pipe)
+    best = max(rows[2:], key=lambda r: r["mean_auroc"])
+    pics, labels = [], []
+    for i in range(min(2, len(vols))):
+        pics += [(sph[i] - lo) / (hi - lo), truth[i].astype(np.float32)]
+        pics += [np.clip(m / (float(np.percentile(m, 99.5)) or 1.0), 0, 1)
+                 for m in (rows[1]["maps"][i], best["maps"][i])]
+        labels += [f"v{i} with spheres", f"v{i} sphere voxels", f"v{i} |AE(x) - x|",
+                   f"v{i} {best['method'].split(',')[1].strip()}"]
+    _picture(pics, labels, os.path.join(a.out, "editing_patched.png"),
+             "patched inpainting anomaly map: volume, truth, AE error, map (/ 99.5th pct)")
+    for r in rows:
+        r.pop("maps")
+    return {**_settings(pipe, workdir, a), "spheres_per_volume": int(a.spheres),
+            "sphere_intensity": a.sphere_intensity,
+            "radii": [float(x) for x in a.radii.split(",")],
+            "sphere_fraction": float(truth.mean()), "repeats": int(a.repeats),
+            "patches": patches, "stride": int(a.stride), "rows": rows}
+
+
+
 # ----------------------------------------------------------------------------------------
 # Tables.
 
@@ -712,9 +773,12 @@ def tables(out_dir, parts=PARTS) -> str:
                f"| pooled | | {n['pooled_auroc_likelihood']:.3f} | "
                f"{n['pooled_auroc_likelihood_t_ge_1']:.3f} | "
                f"{n['pooled_auroc_reconstruction_error']:.3f} | | |", ""]
-    r = load("residual")
-    if r:
-        md += [f"### Anomaly: reconstruction-based maps of the same volumes ({r['num']} held-out"
+    for part in ("residual", "patched"):
+        r = load(part)
+        if not r:
+            continue
+        what = "reconstruction-based" if part == "residual" else "inpainting-based"
+        md += [f"### Anomaly: {what} maps of the same volumes ({r['num']} held-out"
                f" volumes, {r['spheres_per_volume']} spheres each at intensity "
                f"{r.get('sphere_intensity', 'max')}, DDIM {r['steps']} steps)", "",
                "| map | mean per-volume AUROC | pooled AUROC | lowest volume |",
@@ -782,6 +846,14 @@ def parser():
     r.add_argument("--sphere_intensity", default="max", help="'max' or 'pNN' (sphere_value)")
     r.add_argument("--strengths", default="0.5,0.75,0.9")
     r.add_argument("--repeats", type=int, default=4, help="SDEdits averaged")
+    q = sub.add_parser("patched", help="inpainting-based anomaly maps (an inpainting model)")
+    _common(q)
+    q.add_argument("--spheres", type=int, default=2, help="balls per volume")
+    q.add_argument("--radii", default="3,5", help="radius range, voxels")
+    q.add_argument("--sphere_intensity", default="max", help="'max' or 'pNN' (sphere_value)")
+    q.add_argument("--patches", default="16", help="box sides, voxels (comma-separated)")
+    q.add_argument("--stride", type=int, default=8, help="box stride, voxels")
+    q.add_argument("--repeats", type=int, default=1, help="fills averaged per box")
     t = sub.add_parser("tables", help="print the Markdown tables of OUT's JSONs")
     t.add_argument("--out", default="runs/editing")
     return p
@@ -813,7 +885,7 @@ def main(argv=None):
 
         pipe = ldm_jax.load_pipeline(a.workdir, a.step)
         fn = {"inpaint": inpaint_part, "sdedit": sdedit_part, "anomaly": anomaly_part,
-              "residual": residual_part}[a.part]
+              "residual": residual_part, "patched": patched_part}[a.part]
         out = fn(pipe, a.workdir, a)
     _save(a.out, a.part, out)
     print(tables(a.out, (a.part,)))

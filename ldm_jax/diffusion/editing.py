@@ -248,3 +248,62 @@ def anomaly(pipe, volumes, rng, index: int = 0, *, strength: float = 0.5,
                        for k in range(int(num_repeats))], axis=0).astype(np.float32)
     maps = np.abs(healthy - v).sum(-1, keepdims=True).astype(np.float32)
     return maps, healthy, maps.reshape(len(v), -1).mean(1)
+
+
+def patch_starts(size: int, patch: int, stride: int) -> list[int]:
+    """Starts of patches of `patch` voxels every `stride` along an axis of `size`, the
+    last flush with the end, so every voxel is covered. Raises ConfigError unless
+    1 <= patch < size and stride >= 1."""
+    if not 1 <= int(patch) < int(size) or int(stride) < 1:
+        raise ConfigError(f"--patch={patch} must be in [1, {int(size) - 1}] (smaller than the "
+                          f"volume's {size} voxels: the rest is the context) and --stride="
+                          f"{stride} >= 1.")
+    starts = list(range(0, int(size) - int(patch) + 1, int(stride)))
+    return starts + ([int(size) - int(patch)] if starts[-1] + int(patch) < int(size) else [])
+
+
+def patched_anomaly(pipe, volumes, rng, index: int = 0, *, patch=16, stride=8,
+                    num_repeats: int = 1, steps: int = 50, scheduler: str | None = None,
+                    eta: float = 0.0, guidance_scale: float = 1.0):
+    """Inpainting-based anomaly map (patched diffusion, Behrendt et al. 2023, "Patched
+    Diffusion Models for Unsupervised Anomaly Detection in Brain MRI", arXiv:2303.03758):
+    each box of `patch` voxels (an int or one per axis) every `stride` voxels is blanked
+    and inpainted from the rest of the volume (`inpaint`, replace-known, the mean of
+    `num_repeats` fills); a voxel's score is |fill - input| summed over channels,
+    averaged over the boxes that cover it. What the context predicts (a filament running
+    through) scores low; what it cannot (an object inside the box) scores high. Needs an
+    inpainting model (an inpainting UNet or ControlNet run: the fill is conditioned on
+    the blanked input).
+
+    Args:
+        volumes: (B, X, Y, Z, C) float32 in the data's intensity range.
+        rng, index: box j, repeat r draws from fold_in(fold_in(fold_in(rng, index), j), r).
+    Returns (maps (B, X, Y, Z, 1), scores (B,) the mean of each map), float32 numpy, in
+    the data's intensity units.
+    Raises ConfigError for a model that is not an inpainting one, patch or stride out of
+    range, num_repeats < 1, or anything `inpaint` refuses.
+    """
+    if "inpainting" not in (pipe.aligned, controlnet_kind(pipe)):
+        raise ConfigError("inpainting-based anomaly maps need an inpainting model (a run of "
+                          "configs/diffusion/inpainting_4x.py or controlnet_inpaint_4x.py).")
+    if int(num_repeats) < 1:
+        raise ConfigError(f"--num_repeats={num_repeats} must be >= 1 (fills averaged).")
+    v = check_volumes(pipe, volumes)
+    grid = v.shape[1:4]
+    p = (int(patch),) * 3 if np.ndim(patch) == 0 else tuple(int(x) for x in patch)
+    s = (int(stride),) * 3 if np.ndim(stride) == 0 else tuple(int(x) for x in stride)
+    starts = [patch_starts(n, pp, ss) for n, pp, ss in zip(grid, p, s)]
+    total = np.zeros((*v.shape[:4], 1), np.float64)
+    count = np.zeros(grid, np.float64)
+    key = jax.random.fold_in(rng, int(index))
+    for j, corner in enumerate(np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3)):
+        box = np.zeros(grid, bool)
+        box[tuple(slice(c, c + pp) for c, pp in zip(corner, p))] = True
+        kj = jax.random.fold_in(key, j)
+        fill = np.mean([inpaint(pipe, v, box, kj, r, steps=steps, scheduler=scheduler,
+                                eta=eta, guidance_scale=guidance_scale)[0]
+                        for r in range(int(num_repeats))], axis=0)
+        total[:, box] += np.abs(fill - v).sum(-1, keepdims=True)[:, box]
+        count[box] += 1
+    maps = (total / count[None, ..., None]).astype(np.float32)
+    return maps, maps.reshape(len(v), -1).mean(1)
