@@ -268,18 +268,18 @@ def patched_anomaly(pipe, volumes, rng, index: int = 0, *, patch=16, stride=8,
     """Inpainting-based anomaly map (patched diffusion, Behrendt et al. 2023, "Patched
     Diffusion Models for Unsupervised Anomaly Detection in Brain MRI", arXiv:2303.03758):
     each box of `patch` voxels (an int or one per axis) every `stride` voxels is blanked
-    and inpainted from the rest of the volume (`inpaint`, replace-known, the mean of
-    `num_repeats` fills); a voxel's score is |fill - input| summed over channels,
-    averaged over the boxes that cover it. What the context predicts (a filament running
-    through) scores low; what it cannot (an object inside the box) scores high. Needs an
-    inpainting model (an inpainting UNet or ControlNet run: the fill is conditioned on
-    the blanked input).
+    and inpainted from the rest of the volume (`inpaint`, replace-known, `num_repeats`
+    fills); the pseudo-healthy volume is the mean of the fills of the boxes that cover a
+    voxel, and the map is |pseudo-healthy - input| summed over channels (as `anomaly`'s).
+    What the context predicts (a filament running through) scores low; what it cannot
+    (an object inside the box) scores high. Needs an inpainting model (an inpainting UNet
+    or ControlNet run: the fill is conditioned on the blanked input).
 
     Args:
         volumes: (B, X, Y, Z, C) float32 in the data's intensity range.
         rng, index: box j, repeat r draws from fold_in(fold_in(fold_in(rng, index), j), r).
-    Returns (maps (B, X, Y, Z, 1), scores (B,) the mean of each map), float32 numpy, in
-    the data's intensity units.
+    Returns (maps (B, X, Y, Z, 1), pseudo-healthy volumes (B, X, Y, Z, C), scores (B,)
+    the mean of each map), float32 numpy, in the data's intensity units.
     Raises ConfigError for a model that is not an inpainting one, patch or stride out of
     range, num_repeats < 1, or anything `inpaint` refuses.
     """
@@ -293,17 +293,17 @@ def patched_anomaly(pipe, volumes, rng, index: int = 0, *, patch=16, stride=8,
     p = (int(patch),) * 3 if np.ndim(patch) == 0 else tuple(int(x) for x in patch)
     s = (int(stride),) * 3 if np.ndim(stride) == 0 else tuple(int(x) for x in stride)
     starts = [patch_starts(n, pp, ss) for n, pp, ss in zip(grid, p, s)]
-    total = np.zeros((*v.shape[:4], 1), np.float64)
+    total = np.zeros(v.shape, np.float64)
     count = np.zeros(grid, np.float64)
     key = jax.random.fold_in(rng, int(index))
     for j, corner in enumerate(np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3)):
         box = np.zeros(grid, bool)
         box[tuple(slice(c, c + pp) for c, pp in zip(corner, p))] = True
         kj = jax.random.fold_in(key, j)
-        fill = np.mean([inpaint(pipe, v, box, kj, r, steps=steps, scheduler=scheduler,
-                                eta=eta, guidance_scale=guidance_scale)[0]
-                        for r in range(int(num_repeats))], axis=0)
-        total[:, box] += np.abs(fill - v).sum(-1, keepdims=True)[:, box]
-        count[box] += 1
-    maps = (total / count[None, ..., None]).astype(np.float32)
-    return maps, maps.reshape(len(v), -1).mean(1)
+        for r in range(int(num_repeats)):
+            total[:, box] += inpaint(pipe, v, box, kj, r, steps=steps, scheduler=scheduler,
+                                     eta=eta, guidance_scale=guidance_scale)[0][:, box]
+        count[box] += int(num_repeats)
+    healthy = (total / count[None, ..., None]).astype(np.float32)
+    maps = np.abs(healthy - v).sum(-1, keepdims=True).astype(np.float32)
+    return maps, healthy, maps.reshape(len(v), -1).mean(1)

@@ -207,14 +207,15 @@ def test_an_inpainting_unet_fills_from_its_condition(ae_workdir):
     with pytest.raises(ConfigError, match="likelihood maps take an unconditioned"):
         editing.likelihood(p, vols, rng)
     # Inpainting-based anomaly map: 8 boxes, each voxel covered once: the fill's error.
-    maps, scores = editing.patched_anomaly(p, vols, rng, patch=(8, 8, 4), stride=(8, 8, 4),
-                                           steps=2)
+    maps, healthy, scores = editing.patched_anomaly(p, vols, rng, patch=(8, 8, 4),
+                                                    stride=(8, 8, 4), steps=2)
     assert maps.shape == (2, 16, 16, 8, 1) and (maps >= 0).all() and maps.max() > 0
     np.testing.assert_allclose(scores, maps.reshape(2, -1).mean(1), rtol=1e-6)
     box = np.zeros((16, 16, 8), bool)
     box[8:, :8, 4:] = True  # box 5 of the (x, y, z) grid, in C order
     fill, _ = editing.inpaint(p, vols, box, jax.random.fold_in(jax.random.fold_in(rng, 0), 5),
                               0, steps=2)
+    np.testing.assert_allclose(healthy[:, box], fill[:, box], atol=1e-6)
     np.testing.assert_allclose(maps[:, box, 0], np.abs(fill - vols)[:, box, 0], atol=1e-6)
     with pytest.raises(ConfigError, match="need an inpainting model"):
         editing.patched_anomaly(tiny_pipeline(ae_workdir), vols, rng)
