@@ -9,6 +9,8 @@ and anomaly maps.
       [--num_inference_steps 1000]
   ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode anomaly \
       [--strength 0.5 --num_repeats 1]
+  ldm-jax edit --workdir runs/inpaint --input VOLS --output maps/ --mode anomaly \
+      [--patch 16 --stride 8 --num_repeats 1]          # an inpainting model
   ldm-jax edit --workdir runs/controlnet ... --mode inpaint|sdedit --condition FILE|DIR
 
 VOLS is a file, folder or glob of volumes of the autoencoder's data.volume_size,
@@ -22,7 +24,11 @@ variational bound per latent voxel, resampled to the volume (nearest), as NAME_k
 and MONAI's total_kl score. anomaly: the input SDEdited --num_repeats times at --strength
 (default 0.5), the mean of those is its "pseudo-healthy" version, and |mean - input| per
 voxel is the map (Pinaya et al. 2022; `ldm_jax.diffusion.editing.anomaly`), its mean the
-score. A ControlNet run (inpaint, sdedit) needs --condition: one
+score; with an inpainting model (conditioning.aligned=inpainting or an inpainting
+ControlNet) each --patch box every --stride voxels is inpainted from the rest of the
+volume instead, --num_repeats times, and the mean of the fills covering a voxel is its
+pseudo-healthy value (patched diffusion, Behrendt et al. 2023;
+`ldm_jax.diffusion.editing.patched_anomaly`). A ControlNet run (inpaint, sdedit) needs --condition: one
 NIfTI/.npy condition for every input, or a folder with NAME.nii.gz / NAME.npy per input
 NAME, as `ldm-jax sample --condition` takes them; an inpainting ControlNet run
 (controlnet.condition.kind=inpainting) or inpainting UNet (conditioning.aligned=
@@ -74,6 +80,10 @@ def _define(fv):
                        "sample.", flag_values=fv)
     flags.DEFINE_integer("num_repeats", 1, "anomaly: SDEdit draws averaged into the "
                          "pseudo-healthy volume.", flag_values=fv)
+    flags.DEFINE_integer("patch", 16, "anomaly with an inpainting model: box side, voxels.",
+                         flag_values=fv)
+    flags.DEFINE_integer("stride", 8, "anomaly with an inpainting model: box stride, voxels.",
+                         flag_values=fv)
     flags.DEFINE_integer("num_inference_steps", 50, "Denoising steps (likelihood: timesteps "
                          "evaluated; default there all of them).", flag_values=fv)
     flags.DEFINE_enum("scheduler", None, ["ddim", "ddpm", "rflow"], "Sampler (as sample's).",
@@ -106,8 +116,9 @@ def _check(mode, mask, box, strength, batch_size, blend_width, steps, present):
                 raise ConfigError(f"--{flag} is for --mode inpaint; drop it.")
     if mode not in STRENGTH_MODES and "strength" in present:
         raise ConfigError("--strength is for --mode sdedit or anomaly; drop it.")
-    if mode != "anomaly" and "num_repeats" in present:
-        raise ConfigError("--num_repeats is for --mode anomaly; drop it.")
+    for flag in ("num_repeats", "patch", "stride"):
+        if mode != "anomaly" and flag in present:
+            raise ConfigError(f"--{flag} is for --mode anomaly; drop it.")
     if mode in ("likelihood", "anomaly") and "condition" in present:
         raise ConfigError(f"--condition is for --mode inpaint or sdedit (the {mode} map is "
                           "the plain UNet's); drop it.")
@@ -123,7 +134,8 @@ def _check(mode, mask, box, strength, batch_size, blend_width, steps, present):
 
 
 def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
-         jump_n_sample=1, blend_width=0.0, strength=0.5, num_repeats=1, steps=50,
+         jump_n_sample=1, blend_width=0.0, strength=0.5, num_repeats=1, patch=16, stride=8,
+         steps=50,
          scheduler=None, eta=0.0, guidance_scale=1.0, class_label=None, seed=0, step="best",
          format="nifti",
          batch_size=4, ema=True, overwrite=False, progress=True, autoencoder_workdir=None,
@@ -155,11 +167,23 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
         m = box_mask(vols.shape[1:4], box) if box else vf.read_latent(mask)[0][..., 0]
         masks = check_mask(m, vols.shape[1:4], "--box" if box else "--mask")
     conds = cond_files = None
-    if mode in ("likelihood", "anomaly") and pipe.controlnet is not None:
+    patched = mode == "anomaly" and "inpainting" in (pipe.aligned,
+                                                     editing.controlnet_kind(pipe))
+    if patched and "strength" in present:
+        raise ConfigError(f"{workdir} is an inpainting model: its anomaly map inpaints boxes "
+                          "(--patch, --stride), no --strength; drop it.")
+    if mode == "anomaly" and not patched and {"patch", "stride"} & set(present):
+        raise ConfigError("--patch and --stride are for an inpainting model's anomaly map "
+                          "(configs/diffusion/inpainting_4x.py); drop them.")
+    if patched:
+        from ldm_jax.diffusion.editing import patch_starts
+        for n in vols.shape[1:4]:
+            patch_starts(n, patch, stride)
+    elif mode in ("likelihood", "anomaly") and pipe.controlnet is not None:
         raise ConfigError(f"{workdir} is a ControlNet run; the {mode} map is the plain "
                           "UNet's: give its run, --workdir "
                           f"{pipe.unet_checkpoint['workdir']}.")
-    if mode == "anomaly" and pipe.aligned is not None:
+    if mode == "anomaly" and pipe.aligned is not None and not patched:
         raise ConfigError(f"{workdir} is conditioned on aligned images (conditioning.aligned="
                           f"{pipe.aligned!r}); anomaly maps take an unconditioned stage-2 run: "
                           "pass the workdir of a run without conditioning.aligned.")
@@ -169,8 +193,9 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
         pipe.check_request(steps, scheduler, class_label)
         if condition is not None:
             conds, cond_files = pipe.read_conditions(condition, names=names)
-        if not (mode == "inpaint" and conds is None  # built from the inputs and --mask
-                and "inpainting" in (editing.controlnet_kind(pipe), pipe.aligned)):
+        if not (conds is None and (patched or (  # built from the inputs and the boxes
+                mode == "inpaint" and "inpainting" in (editing.controlnet_kind(pipe),
+                                                       pipe.aligned)))):
             pipe.controlnet_args(len(names), conds, conditioning_scale)  # refuses before --output
     out_dir = vf.prepare_output_dir(output, [str(f) for f in files])
     settings = {"mode": mode, "seed": int(seed), "steps": int(steps), "scheduler": scheduler,
@@ -185,6 +210,9 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
         settings["strength"] = float(strength)
     if mode == "anomaly":
         settings["num_repeats"] = int(num_repeats)
+    if patched:
+        settings.update(method="patched inpainting", patch=int(patch), stride=int(stride))
+        settings.pop("strength")
     if pipe.controlnet is not None:
         from ldm_jax.diffusion.condition import sha256
         settings.update(condition=None if condition is None else os.path.abspath(condition),
@@ -244,8 +272,15 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
                 elif mode == "anomaly":
                     a_args = {n: common[n] for n in ("steps", "scheduler", "eta",
                                                      "guidance_scale", "class_label")}
-                    out, lat, score = editing.anomaly(pipe, vols[b], rng, k, strength=strength,
-                                                      num_repeats=num_repeats, **a_args)
+                    if patched:
+                        out, lat, score = editing.patched_anomaly(
+                            pipe, vols[b], rng, k, patch=patch, stride=stride,
+                            num_repeats=num_repeats, **{n: a_args[n] for n in (
+                                "steps", "scheduler", "eta", "guidance_scale")})
+                    else:
+                        out, lat, score = editing.anomaly(pipe, vols[b], rng, k,
+                                                          strength=strength,
+                                                          num_repeats=num_repeats, **a_args)
                 else:
                     out, lat, score = editing.likelihood(
                         pipe, vols[b], rng, k, steps=steps if "num_inference_steps" in present
@@ -297,6 +332,7 @@ def _body(fv):
     edit(fv.workdir, fv.input, fv.output, mode=fv.mode, mask=fv.mask, box=fv.box,
          jump_length=fv.jump_length, jump_n_sample=fv.jump_n_sample,
          blend_width=fv.blend_width, strength=fv.strength, num_repeats=fv.num_repeats,
+         patch=fv.patch, stride=fv.stride,
          steps=fv.num_inference_steps,
          scheduler=fv.scheduler, eta=fv.eta, guidance_scale=fv.guidance_scale,
          class_label=fv.class_label, seed=fv.seed, step=fv.step,

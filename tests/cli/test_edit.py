@@ -95,6 +95,8 @@ def test_inpaint_sdedit_likelihood(ldm_workdir, inputs, tmp_path):
     (("--mode=anomaly", "--num_repeats=0"), "--num_repeats=0 must be >= 1"),
     (("--mode=sdedit", "--num_repeats=2"), "--num_repeats is for --mode anomaly"),
     (("--mode=likelihood", "--strength=0.5"), "--strength is for --mode sdedit or anomaly"),
+    (("--mode=sdedit", "--patch=4"), "--patch is for --mode anomaly"),
+    (("--mode=anomaly", "--stride=4"), "are for an inpainting model's anomaly map"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(ldm_workdir, inputs, tmp_path, capsys,
                                                   extra, msg):
@@ -103,3 +105,49 @@ def test_bad_flags_are_one_line_and_write_nothing(ldm_workdir, inputs, tmp_path,
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
     assert not os.path.exists(out)
+
+
+@pytest.fixture(scope="module")
+def inpaint_workdir(ae_workdir, tmp_path_factory):
+    """A tiny inpainting UNet (conditioning.aligned="inpainting"), 2 steps on the fly."""
+    from ldm_jax.cli.train import make_task
+    from ldm_jax.trainer import loop as trainer
+    from tests.diffusion.test_diffusion import tiny_diffusion_config
+    wd = str(tmp_path_factory.mktemp("inpaint_edit"))
+    c = tiny_diffusion_config(ae_workdir)
+    c.conditioning.aligned = "inpainting"
+    c.train.num_steps, c.eval.num_samples = 2, 0
+    trainer.train(make_task(c), wd, progress=False)
+    return wd
+
+
+def test_an_inpainting_unet_inpaints_and_maps_anomalies(inpaint_workdir, inputs, tmp_path,
+                                                         capsys):
+    """--mode inpaint builds its condition from the inputs and the box (no --condition);
+    --mode anomaly inpaints boxes (--patch, --stride); --strength and the likelihood map
+    are refused in one line."""
+    import ldm_jax
+    from ldm_jax.data.pointcloud import volumes as pc
+    out = str(tmp_path / "filled")
+    assert _run(inpaint_workdir, inputs, out, "--mode=inpaint", "--box=4:12,4:12,2:6") == 0
+    cfg = ldm_jax.load_pipeline(inpaint_workdir, "best").autoencoder.config
+    given = pc.load_input(os.path.join(inputs, "v0.nii.gz"), cfg)[0][..., 0]
+    filled = nib.load(os.path.join(out, "v0.nii.gz")).get_fdata()
+    hole = np.zeros(given.shape, bool)
+    hole[4:12, 4:12, 2:6] = True
+    assert np.abs(filled - given)[~hole].max() < 1e-6 and np.abs(filled - given)[hole].max() > 0
+    an = str(tmp_path / "maps")
+    assert _run(inpaint_workdir, inputs, an, "--mode=anomaly", "--patch=4", "--stride=4") == 0
+    with open(os.path.join(an, "edits.json")) as f:
+        rec = json.load(f)
+    assert rec["method"] == "patched inpainting" and rec["patch"] == 4 and "strength" not in rec
+    amap = nib.load(os.path.join(an, "v0_anomaly.nii.gz")).get_fdata()
+    healthy = nib.load(os.path.join(an, "v0_healthy.nii.gz")).get_fdata()
+    np.testing.assert_allclose(amap, np.abs(healthy - given), atol=1e-5)
+    for extra, msg in ((("--mode=anomaly", "--strength=0.5"), "no --strength; drop it"),
+                       (("--mode=likelihood",), "likelihood maps take an unconditioned"),
+                       (("--mode=anomaly", "--patch=8"), "smaller than the volume")):
+        bad = str(tmp_path / "bad")
+        assert _run(inpaint_workdir, inputs, bad, *extra) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and not os.path.exists(bad)
