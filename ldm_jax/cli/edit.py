@@ -29,8 +29,8 @@ ControlNet) each --patch box every --stride voxels is inpainted from the rest of
 volume instead, --num_repeats times, and the mean of the fills covering a voxel is its
 pseudo-healthy value (patched diffusion, Behrendt et al. 2023;
 `ldm_jax.diffusion.editing.patched_anomaly`). A ControlNet run (inpaint, sdedit) needs
---condition: one NIfTI/.npy condition for every input, or a folder with NAME.nii.gz / NAME.npy per input
-NAME, as `ldm-jax sample --condition` takes them; an inpainting ControlNet run
+--condition: one NIfTI/.npy condition for every input, or a folder with NAME.nii.gz /
+NAME.npy per input NAME, as `ldm-jax sample --condition` takes them; an inpainting ControlNet run
 (controlnet.condition.kind=inpainting) or inpainting UNet (conditioning.aligned=
 inpainting) builds its condition in --mode inpaint from each input and the mask.
 Writes, in --output:
