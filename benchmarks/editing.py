@@ -366,17 +366,15 @@ def inpaint_part(pipe, workdir, a, log=print) -> dict:
             fills[name] += list(out)
             fills[name + ", blend 2"] += [blend(d, x, hole, 2.0) for d, x in zip(dec, v)]
         if draw_pipe is not None:  # its condition: the blanked input and the hole
-            def fill(key):
-                return editing.inpaint(draw_pipe, v, hole, key, k, steps=a.steps,
+            def fill(n):  # n > 1: the mean of n fills (`edit --num_repeats`)
+                return editing.inpaint(draw_pipe, v, hole, rng, k, steps=a.steps,
                                        jump_length=a.jump_length, jump_n_sample=1,
-                                       blend_width=0.0, guidance_scale=a.guidance_scale)[0]
+                                       blend_width=0.0, guidance_scale=a.guidance_scale,
+                                       num_repeats=n)[0]
             if draw_pipe is not pipe:
-                fills[draw_name] += list(fill(rng))
-            if int(a.draws) > 1:  # draw d from fold_in(rng, 1000 + d): the conditional mean
-                mean = np.mean([fill(jax.random.fold_in(rng, 1000 + d))
-                                for d in range(int(a.draws))], 0)  # pasted: outside exact
-                fills[f"{draw_name}, mean of {int(a.draws)}"] += [
-                    blend(m, x, hole, 0.0) for m, x in zip(mean, v)]
+                fills[draw_name] += list(fill(1))
+            if int(a.draws) > 1:  # the posterior mean's estimate
+                fills[f"{draw_name}, mean of {int(a.draws)}"] += list(fill(int(a.draws)))
         unc = pipe.decode(pipe.sample_batch(rng, k, len(b), steps=a.steps, condition=null))
         fills["unconditional fill"] += [blend(u, x, hole, 0.0) for u, x in zip(unc, v)]
         fills["border extension"] += [border_extension(x, hole, a.sigma) for x in v]

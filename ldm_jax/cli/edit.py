@@ -3,7 +3,7 @@ and anomaly maps.
 
   ldm-jax edit --workdir runs/ldm --input VOLS --output edits/ --mode inpaint \
       (--box x0:x1,y0:y1,z0:z1 | --mask MASK.nii.gz) [--jump_length 10 --jump_n_sample 10] \
-      [--blend_width 0]
+      [--blend_width 0] [--num_repeats 1]
   ldm-jax edit --workdir runs/ldm --input VOLS --output edits/ --mode sdedit --strength 0.5
   ldm-jax edit --workdir runs/ldm --input VOLS --output maps/ --mode likelihood \
       [--num_inference_steps 1000]
@@ -18,7 +18,8 @@ preprocessed as in training. inpaint: the masked region (non-zero voxels of --ma
 mask for every input, or the --box, voxels end exclusive) is generated in latent space
 (RePaint's resampling with --jump_n_sample > 1; 1 replaces the known region at every
 step), the rest is the input's voxels exactly; --blend_width W feathers the seam over W
-voxels inside the mask. sdedit: the latents are noised to --strength (0: the input's
+voxels inside the mask; --num_repeats N writes the mean of N fills (the posterior mean:
+least squared error, smoother than one fill). sdedit: the latents are noised to --strength (0: the input's
 reconstruction, 1: a new sample) and denoised. likelihood (DDPM models): MONAI's
 variational bound per latent voxel, resampled to the volume (nearest), as NAME_kl.nii.gz,
 and MONAI's total_kl score. anomaly: the input SDEdited --num_repeats times at --strength
@@ -78,8 +79,9 @@ def _define(fv):
                        flag_values=fv)
     flags.DEFINE_float("strength", 0.5, "sdedit, anomaly: 0 reconstruction .. 1 new "
                        "sample.", flag_values=fv)
-    flags.DEFINE_integer("num_repeats", 1, "anomaly: SDEdit draws averaged into the "
-                         "pseudo-healthy volume.", flag_values=fv)
+    flags.DEFINE_integer("num_repeats", 1, "anomaly: draws averaged into the pseudo-healthy "
+                         "volume; inpaint: fills averaged (the posterior mean).",
+                         flag_values=fv)
     flags.DEFINE_integer("patch", 16, "anomaly with an inpainting model: box side, voxels.",
                          flag_values=fv)
     flags.DEFINE_integer("stride", 8, "anomaly with an inpainting model: box stride, voxels.",
@@ -116,9 +118,11 @@ def _check(mode, mask, box, strength, batch_size, blend_width, steps, present):
                 raise ConfigError(f"--{flag} is for --mode inpaint; drop it.")
     if mode not in STRENGTH_MODES and "strength" in present:
         raise ConfigError("--strength is for --mode sdedit or anomaly; drop it.")
-    for flag in ("num_repeats", "patch", "stride"):
+    for flag in ("patch", "stride"):
         if mode != "anomaly" and flag in present:
             raise ConfigError(f"--{flag} is for --mode anomaly; drop it.")
+    if mode not in ("anomaly", "inpaint") and "num_repeats" in present:
+        raise ConfigError("--num_repeats is for --mode anomaly or inpaint; drop it.")
     if mode in ("likelihood", "anomaly") and "condition" in present:
         raise ConfigError(f"--condition is for --mode inpaint or sdedit (the {mode} map is "
                           "the plain UNet's); drop it.")
@@ -153,8 +157,8 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
     from ldm_jax.diffusion.pipeline import load_pipeline
     from ldm_jax.errors import ConfigError, NonFiniteResultError
 
-    if mode == "anomaly" and int(num_repeats) < 1:
-        raise ConfigError(f"--num_repeats={num_repeats} must be >= 1 (SDEdit draws averaged).")
+    if mode in ("anomaly", "inpaint") and int(num_repeats) < 1:
+        raise ConfigError(f"--num_repeats={num_repeats} must be >= 1 (draws averaged).")
     _check(mode, mask, box, strength, batch_size, blend_width, steps, present)
     pipe = load_pipeline(workdir, step, use_ema=ema, autoencoder_workdir=autoencoder_workdir)
     cfg = pipe.autoencoder.config
@@ -205,7 +209,7 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
         settings.update(mask=None if mask is None else os.path.abspath(mask),
                         mask_sha256=None if mask is None else vf.sha256(mask), box=box,
                         jump_length=int(jump_length), jump_n_sample=int(jump_n_sample),
-                        blend_width=float(blend_width))
+                        blend_width=float(blend_width), num_repeats=int(num_repeats))
     if mode in STRENGTH_MODES:
         settings["strength"] = float(strength)
     if mode == "anomaly":
@@ -265,7 +269,8 @@ def edit(workdir, input, output, *, mode, mask=None, box=None, jump_length=10,
                     out, lat = editing.inpaint(pipe, vols[b], masks, rng, k, **common,
                                                jump_length=jump_length,
                                                jump_n_sample=jump_n_sample,
-                                               blend_width=blend_width)
+                                               blend_width=blend_width,
+                                               num_repeats=num_repeats)
                 elif mode == "sdedit":
                     out, lat = editing.sdedit(pipe, vols[b], rng, k, strength=strength,
                                               **common)

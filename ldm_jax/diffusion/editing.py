@@ -95,7 +95,7 @@ def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,
             scheduler: str | None = None, jump_length: int = 1, jump_n_sample: int = 1,
             eta: float = 0.0, guidance_scale: float = 1.0, class_label: int | None = None,
             context=None, blend_width: float = 0.0, condition=None,
-            conditioning_scale: float = 1.0):
+            conditioning_scale: float = 1.0, num_repeats: int = 1):
     """Fill the masked regions of `volumes`; keep the rest exactly.
 
     Args:
@@ -108,15 +108,32 @@ def inpaint(pipe, volumes, masks, rng, index: int = 0, *, steps: int = 50,
             that has one; for an inpainting ControlNet run (`controlnet_kind`) or an
             inpainting UNet (`conditioning.aligned="inpainting"`) None builds it from
             `volumes` and `masks`.
+        num_repeats: > 1 returns the mean of that many fills, fill r drawn from
+            fold_in(fold_in(rng, index), r), and the mean of their latents: an estimate of
+            the model's posterior mean, the fill of least expected squared error (smoother
+            than one draw; benchmarks/EDITING.md measures both).
         Other keywords: as `Pipeline.sample_latents`.
     Returns (volumes (B, X, Y, Z, C_out), unscaled latents (B, x, y, z, C)), float32
     numpy; outside each mask the volumes are the input's voxels exactly.
     Raises ConfigError for volumes or masks of another shape, an empty or full mask, bad
-    jump settings or any request `sample_latents` refuses.
+    jump settings, num_repeats < 1 or any request `sample_latents` refuses.
     """
     from ldm_jax.diffusion.inpainting import blend, check_mask, latent_mask, make_inpainter
     from ldm_jax.diffusion.sampling import sampler_for
 
+    if int(num_repeats) < 1:
+        raise ConfigError(f"--num_repeats={num_repeats} must be >= 1 (fills averaged).")
+    if int(num_repeats) > 1:
+        key = jax.random.fold_in(rng, int(index))
+        fills = [inpaint(pipe, volumes, masks, key, r, steps=steps, scheduler=scheduler,
+                         jump_length=jump_length, jump_n_sample=jump_n_sample, eta=eta,
+                         guidance_scale=guidance_scale, class_label=class_label,
+                         context=context, blend_width=blend_width, condition=condition,
+                         conditioning_scale=conditioning_scale)
+                 for r in range(int(num_repeats))]
+        # float64 sums of equal float32 values are exact: outside the mask the input's voxels
+        return tuple(np.mean([f[i] for f in fills], axis=0, dtype=np.float64)
+                     .astype(np.float32) for i in (0, 1))
     v = check_volumes(pipe, volumes)
     m = np.asarray(masks)
     m = np.broadcast_to(m, (v.shape[0], *m.shape[-3:])) if m.ndim == 3 else m

@@ -136,6 +136,12 @@ def test_an_inpainting_unet_inpaints_and_maps_anomalies(inpaint_workdir, inputs,
     hole = np.zeros(given.shape, bool)
     hole[4:12, 4:12, 2:6] = True
     assert np.abs(filled - given)[~hole].max() < 1e-6 and np.abs(filled - given)[hole].max() > 0
+    mean = str(tmp_path / "mean")
+    assert _run(inpaint_workdir, inputs, mean, "--mode=inpaint", "--box=4:12,4:12,2:6",
+                "--num_repeats=2") == 0
+    averaged = nib.load(os.path.join(mean, "v0.nii.gz")).get_fdata()
+    assert np.abs(averaged - given)[~hole].max() < 1e-6
+    assert np.abs(averaged - filled)[hole].max() > 0
     an = str(tmp_path / "maps")
     assert _run(inpaint_workdir, inputs, an, "--mode=anomaly", "--patch=4", "--stride=4") == 0
     with open(os.path.join(an, "edits.json")) as f:

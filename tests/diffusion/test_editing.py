@@ -198,6 +198,13 @@ def test_an_inpainting_unet_fills_from_its_condition(ae_workdir):
     np.testing.assert_array_equal(out, same)
     other, _ = editing.inpaint(p, vols, mask, rng, steps=3, condition=cond[::-1])
     assert np.abs(other - out)[:, mask].max() > 1e-4
+    # num_repeats: the mean of fills drawn from fold_in(fold_in(rng, index), r).
+    mean, lat = editing.inpaint(p, vols, mask, rng, 1, steps=3, num_repeats=2)
+    draws = [editing.inpaint(p, vols, mask, jax.random.fold_in(rng, 1), r, steps=3)
+             for r in range(2)]
+    np.testing.assert_allclose(mean, (draws[0][0] + draws[1][0]) / 2, atol=1e-6)
+    np.testing.assert_allclose(lat, (draws[0][1] + draws[1][1]) / 2, atol=1e-6)
+    assert np.abs(mean - vols)[:, ~mask].max() == 0.0
     # A volume as the condition: its centre half blanked (what `sample --condition` takes).
     np.testing.assert_array_equal(p.aligned_for(2, vols[0]),
                                   np.broadcast_to(compute_condition(vols[:1], c.conditioning),
