@@ -20,8 +20,8 @@ mask for every input, or the --box, voxels end exclusive) is generated in latent
 step), the rest is the input's voxels exactly; --blend_width W feathers the seam over W
 voxels inside the mask; --num_repeats N writes the mean of N fills (the posterior mean:
 least squared error, smoother than one fill). sdedit: the latents are noised to
---strength (0: the input's reconstruction, 1: a new sample) and denoised. likelihood (DDPM models): MONAI's
-variational bound per latent voxel, resampled to the volume (nearest), as NAME_kl.nii.gz,
+--strength (0: the input's reconstruction, 1: a new sample) and denoised. likelihood
+(DDPM models): MONAI's variational bound per latent voxel, resampled to the volume (nearest), as NAME_kl.nii.gz,
 and MONAI's total_kl score. anomaly: the input SDEdited --num_repeats times at --strength
 (default 0.5), the mean of those is its "pseudo-healthy" version, and |mean - input| per
 voxel is the map (Pinaya et al. 2022; `ldm_jax.diffusion.editing.anomaly`), its mean the
