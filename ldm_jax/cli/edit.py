@@ -21,17 +21,18 @@ step), the rest is the input's voxels exactly; --blend_width W feathers the seam
 voxels inside the mask; --num_repeats N writes the mean of N fills (the posterior mean:
 least squared error, smoother than one fill). sdedit: the latents are noised to
 --strength (0: the input's reconstruction, 1: a new sample) and denoised. likelihood
-(DDPM models): MONAI's variational bound per latent voxel, resampled to the volume (nearest), as NAME_kl.nii.gz,
-and MONAI's total_kl score. anomaly: the input SDEdited --num_repeats times at --strength
-(default 0.5), the mean of those is its "pseudo-healthy" version, and |mean - input| per
-voxel is the map (Pinaya et al. 2022; `ldm_jax.diffusion.editing.anomaly`), its mean the
-score; with an inpainting model (conditioning.aligned=inpainting or an inpainting
-ControlNet) each --patch box every --stride voxels is inpainted from the rest of the
-volume instead, --num_repeats times, and the mean of the fills covering a voxel is its
-pseudo-healthy value (patched diffusion, Behrendt et al. 2023;
-`ldm_jax.diffusion.editing.patched_anomaly`). A ControlNet run (inpaint, sdedit) needs
---condition: one NIfTI/.npy condition for every input, or a folder with NAME.nii.gz /
-NAME.npy per input NAME, as `ldm-jax sample --condition` takes them; an inpainting ControlNet run
+(DDPM models): MONAI's variational bound per latent voxel, resampled to the volume
+(nearest), as NAME_kl.nii.gz, and MONAI's total_kl score. anomaly: the input SDEdited
+--num_repeats times at --strength (default 0.5), the mean of those is its
+"pseudo-healthy" version, and |mean - input| per voxel is the map (Pinaya et al. 2022;
+`ldm_jax.diffusion.editing.anomaly`), its mean the score; with an inpainting model
+(conditioning.aligned=inpainting or an inpainting ControlNet) each --patch box every
+--stride voxels is inpainted from the rest of the volume instead, --num_repeats times,
+and the mean of the fills covering a voxel is its pseudo-healthy value (patched
+diffusion, Behrendt et al. 2023; `ldm_jax.diffusion.editing.patched_anomaly`). A
+ControlNet run (inpaint, sdedit) needs --condition: one NIfTI/.npy condition for every
+input, or a folder with NAME.nii.gz / NAME.npy per input NAME, as `ldm-jax sample
+--condition` takes them; an inpainting ControlNet run
 (controlnet.condition.kind=inpainting) or inpainting UNet (conditioning.aligned=
 inpainting) builds its condition in --mode inpaint from each input and the mask.
 Writes, in --output:
