@@ -654,14 +654,22 @@ def patched_part(pipe, workdir, a, log=print) -> dict:
     names = {p: f"patched inpainting, box {p}, stride {a.stride}, mean of {a.repeats}"
              for p in patches}
     maps.update({names[p]: [] for p in patches})
+    # z: the distance in units of the fills' spread (+ eps): misses where the model is
+    # unsure (a filament may run there) count less than where it is sure (background).
+    eps = [float(x) for x in a.z_eps.split(",")] if a.repeats > 1 else []
+    znames = {(p, e): names[p] + f", z-scored (spread + {e:g})" for p in patches for e in eps}
+    maps.update({n: [] for n in znames.values()})
     for k, b in enumerate(_batches(len(vols), a.batch_size)):
         rec = editing.sdedit(pipe, sph[b], rng, k, strength=0.0, steps=1, condition=null)[0]
         maps["autoencoder reconstruction error, abs(AE(x) - x)"] += list(
             np.abs(rec - sph[b]).sum(-1))
         for p in patches:
-            m = editing.patched_anomaly(pipe, sph[b], rng, k, patch=p, stride=a.stride,
-                                        num_repeats=a.repeats, steps=a.steps)[0]
+            m, healthy, _, spread = editing.patched_anomaly(
+                pipe, sph[b], rng, k, patch=p, stride=a.stride, num_repeats=a.repeats,
+                steps=a.steps, return_spread=True)
             maps[names[p]] += list(m[..., 0])
+            for e in eps:
+                maps[znames[(p, e)]] += list((np.abs(healthy - sph[b]) / (spread + e)).sum(-1))
         log(f"patched: volumes {b[0]}..{b[-1]} done")
     rows = []
     for method, ms in maps.items():
@@ -679,7 +687,7 @@ def patched_part(pipe, workdir, a, log=print) -> dict:
         pics += [np.clip(m / (float(np.percentile(m, 99.5)) or 1.0), 0, 1)
                  for m in (rows[1]["maps"][i], best["maps"][i])]
         labels += [f"v{i} with spheres", f"v{i} sphere voxels", f"v{i} |AE(x) - x|",
-                   f"v{i} {best['method'].split(',')[1].strip()}"]
+                   f"v{i} {best['method'].split(',', 1)[1].strip()[:28]}"]
     _picture(pics, labels, os.path.join(a.out, "editing_patched.png"),
              "patched inpainting anomaly map: volume, truth, AE error, map (/ 99.5th pct)")
     for r in rows:
@@ -852,6 +860,8 @@ def parser():
     q.add_argument("--patches", default="16", help="box sides, voxels (comma-separated)")
     q.add_argument("--stride", type=int, default=8, help="box stride, voxels")
     q.add_argument("--repeats", type=int, default=1, help="fills averaged per box")
+    q.add_argument("--z_eps", default="0.02,0.05,0.1",
+                   help="with --repeats > 1: z-scored maps, |mean - x| / (spread + eps)")
     t = sub.add_parser("tables", help="print the Markdown tables of OUT's JSONs")
     t.add_argument("--out", default="runs/editing")
     return p

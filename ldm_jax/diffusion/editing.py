@@ -281,7 +281,8 @@ def patch_starts(size: int, patch: int, stride: int) -> list[int]:
 
 def patched_anomaly(pipe, volumes, rng, index: int = 0, *, patch=16, stride=8,
                     num_repeats: int = 1, steps: int = 50, scheduler: str | None = None,
-                    eta: float = 0.0, guidance_scale: float = 1.0):
+                    eta: float = 0.0, guidance_scale: float = 1.0,
+                    return_spread: bool = False):
     """Inpainting-based anomaly map (patched diffusion, Behrendt et al. 2023, "Patched
     Diffusion Models for Unsupervised Anomaly Detection in Brain MRI", arXiv:2303.03758):
     each box of `patch` voxels (an int or one per axis) every `stride` voxels is blanked
@@ -296,7 +297,8 @@ def patched_anomaly(pipe, volumes, rng, index: int = 0, *, patch=16, stride=8,
         volumes: (B, X, Y, Z, C) float32 in the data's intensity range.
         rng, index: box j, repeat r draws from fold_in(fold_in(fold_in(rng, index), j), r).
     Returns (maps (B, X, Y, Z, 1), pseudo-healthy volumes (B, X, Y, Z, C), scores (B,)
-    the mean of each map), float32 numpy, in the data's intensity units.
+    the mean of each map), float32 numpy, in the data's intensity units; with
+    `return_spread` also the standard deviation of the fills per voxel (B, X, Y, Z, C).
     Raises ConfigError for a model that is not an inpainting one, patch or stride out of
     range, num_repeats < 1, or anything `inpaint` refuses.
     """
@@ -311,6 +313,7 @@ def patched_anomaly(pipe, volumes, rng, index: int = 0, *, patch=16, stride=8,
     s = (int(stride),) * 3 if np.ndim(stride) == 0 else tuple(int(x) for x in stride)
     starts = [patch_starts(n, pp, ss) for n, pp, ss in zip(grid, p, s)]
     total = np.zeros(v.shape, np.float64)
+    total_sq = np.zeros(v.shape, np.float64)
     count = np.zeros(grid, np.float64)
     key = jax.random.fold_in(rng, int(index))
     for j, corner in enumerate(np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3)):
@@ -318,9 +321,16 @@ def patched_anomaly(pipe, volumes, rng, index: int = 0, *, patch=16, stride=8,
         box[tuple(slice(c, c + pp) for c, pp in zip(corner, p))] = True
         kj = jax.random.fold_in(key, j)
         for r in range(int(num_repeats)):
-            total[:, box] += inpaint(pipe, v, box, kj, r, steps=steps, scheduler=scheduler,
-                                     eta=eta, guidance_scale=guidance_scale)[0][:, box]
+            fill = inpaint(pipe, v, box, kj, r, steps=steps, scheduler=scheduler, eta=eta,
+                           guidance_scale=guidance_scale)[0][:, box].astype(np.float64)
+            total[:, box] += fill
+            total_sq[:, box] += fill ** 2
         count[box] += int(num_repeats)
-    healthy = (total / count[None, ..., None]).astype(np.float32)
+    mean = total / count[None, ..., None]
+    healthy = mean.astype(np.float32)
     maps = np.abs(healthy - v).sum(-1, keepdims=True).astype(np.float32)
-    return maps, healthy, maps.reshape(len(v), -1).mean(1)
+    out = (maps, healthy, maps.reshape(len(v), -1).mean(1))
+    if return_spread:
+        spread = np.sqrt(np.maximum(total_sq / count[None, ..., None] - mean ** 2, 0.0))
+        out += (spread.astype(np.float32),)
+    return out

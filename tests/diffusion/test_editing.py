@@ -224,6 +224,14 @@ def test_an_inpainting_unet_fills_from_its_condition(ae_workdir):
                               0, steps=2)
     np.testing.assert_allclose(healthy[:, box], fill[:, box], atol=1e-6)
     np.testing.assert_allclose(maps[:, box, 0], np.abs(fill - vols)[:, box, 0], atol=1e-6)
+    _, mean2, _, spread = editing.patched_anomaly(p, vols, rng, patch=(8, 8, 4),
+                                                  stride=(8, 8, 4), steps=2, num_repeats=2,
+                                                  return_spread=True)
+    key = jax.random.fold_in(jax.random.fold_in(rng, 0), 5)
+    two = [editing.inpaint(p, vols, box, key, r, steps=2)[0] for r in range(2)]
+    np.testing.assert_allclose(mean2[:, box], ((two[0] + two[1]) / 2)[:, box], atol=1e-6)
+    np.testing.assert_allclose(spread[:, box], (np.abs(two[0] - two[1]) / 2)[:, box],
+                               atol=1e-5)
     with pytest.raises(ConfigError, match="need an inpainting model"):
         editing.patched_anomaly(tiny_pipeline(ae_workdir), vols, rng)
     with pytest.raises(ConfigError, match="smaller than the volume"):
