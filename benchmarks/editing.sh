@@ -17,6 +17,11 @@
 # JUMP_LENGTH, JUMP_N_SAMPLE (RePaint's, 10 and 10), RADII (the balls' radius range, 3,5),
 # SPHERES (balls per volume, 2), SPHERE_INTENSITY (max, or pNN: a foreground percentile),
 # JAX_COMPILATION_CACHE_DIR (OUT/jit_cache).
+# INPAINT_AE=AE_WORKDIR adds an inpainting UNet (configs/diffusion/inpainting_4x.py) on that
+# stage-1 run, trained at most IU_MINUTES (95) / IU_STEPS (20000) steps, then its inpaint
+# part (DRAWS) and its patched anomaly part (SPHERE_INTENSITY, PATCH_REPEATS 4) in
+# OUT/inpaint_unet; LDM_WORKDIR "-" runs only that:
+#   INPAINT_AE=runs/q3k bash benchmarks/editing.sh - runs/editing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LDM=${1:?usage: bash benchmarks/editing.sh LDM_WORKDIR [OUT]}
@@ -36,6 +41,29 @@ RADII=${RADII:-3,5}
 SPHERES=${SPHERES:-2}
 SPHERE_INTENSITY=${SPHERE_INTENSITY:-max}
 mkdir -p "$OUT"
+IU="$OUT/inpaint_unet"
+if [ -n "${INPAINT_AE:-}" ] && [ ! -f "$IU/trained" ]; then
+  rc=0
+  timeout -s TERM "${IU_MINUTES:-95}m" $PY train.py --config configs/diffusion/inpainting_4x.py \
+    --workdir "$IU" --config.latents.autoencoder_workdir="$INPAINT_AE" \
+    --config.latents.autoencoder_step=latest --config.unet.dtype=float32 \
+    --config.train.batch_size=8 --config.train.learning_rate=2.5e-4 \
+    --config.train.num_steps="${IU_STEPS:-20000}" --config.train.log_every_steps=50 \
+    --config.train.eval_every_steps=500 --config.train.save_every_steps=250 \
+    --noprogress || rc=$?
+  [ "$rc" = 0 ] || [ "$rc" = 124 ] || exit "$rc"
+  tail -n 1 "$IU/metrics.jsonl" > "$IU/trained"
+fi
+if [ -n "${INPAINT_AE:-}" ]; then
+  export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jit_cache}
+  [ -f "$IU/editing_inpaint.json" ] || $PY -m benchmarks.editing inpaint --workdir "$IU" \
+    --step latest --draws "$DRAWS" --num "$NUM" --steps "$STEPS" --out "$IU"
+  [ -f "$IU/editing_patched.json" ] || $PY -m benchmarks.editing patched --workdir "$IU" \
+    --step latest --sphere_intensity "$SPHERE_INTENSITY" --repeats "${PATCH_REPEATS:-4}" \
+    --num "$NUM" --steps "$STEPS" --out "$IU"
+  $PY -m benchmarks.editing tables --out "$IU"
+fi
+[ "$LDM" != "-" ] || exit 0
 # Compiled programs persist here: a rerun (or a run after a dry run of the same settings
 # on another checkpoint of the same stage-2 run) skips compilation, most of a CPU run.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$OUT/jit_cache}
