@@ -299,8 +299,10 @@ def _write_summary(out_dir, records, made_by, extra, pipe, workdir, shown=None):
     sheet, labels = vols, names
     if shown and pipe.aligned is not None and all(name in shown for name in names):
         sheet, _ = pipe.sheet_with_conditions(vols, [shown[name] for name in names])
-        labels = [x for name in names for x in (f"{name} condition", name,
-                                                f"{name}'s own {pipe.aligned}")]
+        labels = [x for name in names for x in (
+            (f"{name} input (hole blanked)", name, f"{name} in the hole")
+            if pipe.aligned == "inpainting" else
+            (f"{name} condition", name, f"{name}'s own {pipe.aligned}"))]
     elif shown:
         sheet = [v for name, vol in zip(names, vols) for v in (shown[name], vol)
                  ] if all(name in shown for name in names) else vols
